@@ -1,0 +1,39 @@
+"""`bert-jax <subcommand>`: a thin dispatcher; each subcommand's logic lives in its module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help line). Modules are imported lazily so `--help` is instant.
+SUBCOMMANDS = {
+    "train-vocab": ("bert_jax.vocab", "train a WordPiece vocab.txt with sentencepiece"),
+    "create-data": ("bert_jax.data.create", "create MLM+NSP pretraining instances (array_record)"),
+    "pretrain": ("bert_jax.train", "pretrain BERT from an ml_collections config"),
+    "convert": ("bert_jax.convert", "convert checkpoints between orbax and Hugging Face"),
+    "finetune": ("bert_jax.finetune.__main__", "fine-tune a BERT on a downstream task"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: bert-jax <subcommand> [--help] ...", "", "subcommands:"]
+  lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in SUBCOMMANDS:
+    print(f"error: unknown subcommand {name!r}; expected one of {', '.join(SUBCOMMANDS)}",
+          file=sys.stderr)
+    return 2
+  module = importlib.import_module(SUBCOMMANDS[name][0])
+  return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

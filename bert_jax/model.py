@@ -1,0 +1,198 @@
+"""A functional Flax Linen BERT encoder: params are a plain pytree and `apply` is pure.
+
+The parameter tree mirrors Hugging Face's module names (bert/encoder/layer_0/attention/self/
+query/kernel, ...) so that `convert.py` maps it by a name table. Every parameter carries logical
+axis names (batch, length, embed, heads, kv, mlp, vocab) that `sharding.py` maps onto a mesh.
+Shape suffixes: B batch, T/S query/key length, E hidden, N heads, H head dim, F FFN width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.config import BertConfig
+
+ACT_FNS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT's exact erf GELU
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def kernel_init(config: BertConfig, axes: tuple[str | None, ...]):
+  # BERT's create_initializer: truncated normal, stddev of the untruncated distribution.
+  return nn.with_logical_partitioning(
+      nn.initializers.truncated_normal(config.initializer_range), axes)
+
+
+def zeros_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=zeros_init(("embed",)), name=name)
+
+
+def dense(config: BertConfig, features, axes: tuple[str | None, ...], name: str,
+          contract: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel axes are `axes` and whose bias takes the output axes."""
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features, axis=contract, dtype=config.dtype, param_dtype=config.param_dtype,
+      kernel_init=kernel_init(config, axes), bias_init=zeros_init(axes[-n_out:]), name=name)
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids_BT, token_type_ids_BT):
+    c = self.config
+    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.dtype,
+                              param_dtype=c.param_dtype)
+    word = embed(c.vocab_size, embedding_init=kernel_init(c, ("vocab", "embed")),
+                 name="word_embeddings")
+    position = embed(c.max_position_embeddings, embedding_init=kernel_init(c, (None, "embed")),
+                     name="position_embeddings")
+    token_type = embed(c.type_vocab_size, embedding_init=kernel_init(c, (None, "embed")),
+                       name="token_type_embeddings")
+    positions_T = jnp.arange(input_ids_BT.shape[1])
+    x_BTE = word(input_ids_BT) + position(positions_T)[None] + token_type(token_type_ids_BT)
+    x_BTE = layer_norm(c, "LayerNorm")(x_BTE)
+    return nn.Dropout(c.hidden_dropout_prob)(x_BTE, deterministic=self.deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTE, mask_B11S):
+    c = self.config
+    qkv = lambda name: dense(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"),
+                             name)(x_BTE)
+    q_BTNH, k_BSNH, v_BSNH = qkv("query"), qkv("key"), qkv("value")
+    rate = c.attention_probs_dropout_prob
+    if self.deterministic or rate == 0.0:
+      return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B11S)
+    # jax.nn.dot_product_attention has no dropout on the probabilities; BERT trains with it.
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / jnp.sqrt(c.head_dim)
+    logits_BNTS = jnp.where(mask_B11S, logits_BNTS.astype(jnp.float32),
+                            jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNH.dtype)
+    probs_BNTS = nn.Dropout(rate)(probs_BNTS, deterministic=False)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTE, mask_B11S):
+    c = self.config
+    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S)
+    return BertSelfOutput(c, self.deterministic, name="output")(ctx_BTNH, x_BTE)
+
+
+class BertSelfOutput(nn.Module):
+  """Projects the heads back to E, then dropout, residual and post-LN."""
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, ctx_BTNH, residual_BTE):
+    c = self.config
+    y_BTE = dense(c, c.hidden_size, ("heads", "kv", "embed"), "dense", contract=(-2, -1))(ctx_BTNH)
+    y_BTE = nn.Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
+    return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
+
+
+class BertOutput(nn.Module):
+  """The FFN's second projection, then dropout, residual and post-LN."""
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h_BTF, residual_BTE):
+    c = self.config
+    y_BTE = dense(c, c.hidden_size, ("mlp", "embed"), "dense")(h_BTF)
+    y_BTE = nn.Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
+    return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
+
+
+class BertIntermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BTE):
+    c = self.config
+    h_BTF = dense(c, c.intermediate_size, ("embed", "mlp"), "dense")(x_BTE)
+    return ACT_FNS[c.hidden_act](h_BTF)
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTE, mask_B11S):
+    c = self.config
+    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S)
+    h_BTF = BertIntermediate(c, name="intermediate")(x_BTE)
+    x_BTE = BertOutput(c, self.deterministic, name="output")(h_BTF, x_BTE)
+    return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTE, mask_B11S):
+    c = self.config
+    layer_cls = nn.remat(BertLayer) if c.remat else BertLayer
+    for i in range(c.num_hidden_layers):
+      x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(x_BTE, mask_B11S)
+    return x_BTE
+
+
+class BertPooler(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BTE):
+    c = self.config
+    return jnp.tanh(dense(c, c.hidden_size, ("embed", "mlp"), "dense")(x_BTE[:, 0]))
+
+
+class BertModel(nn.Module):
+  """Returns (sequence_output [B,T,E], pooled_output [B,E]), both in the compute dtype."""
+  config: BertConfig
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               deterministic: bool = True):
+    c = self.config
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    input_ids = nn.with_logical_constraint(input_ids, ("batch", "length"))
+    mask_B11S = attention_mask[:, None, None, :].astype(bool)
+    x_BTE = BertEmbeddings(c, deterministic, name="embeddings")(input_ids, token_type_ids)
+    x_BTE = BertEncoder(c, deterministic, name="encoder")(x_BTE, mask_B11S)
+    pooled_BE = BertPooler(c, name="pooler")(x_BTE) if self.add_pooling_layer else None
+    return x_BTE, pooled_BE
