@@ -1,0 +1,173 @@
+"""BERT WordPiece over a vocab.txt, with token ids identical to transformers' BertTokenizerFast.
+
+The backend is the Rust `tokenizers` package, configured the way BERT tokenises:
+  normalizer: clean text (drop control chars, map whitespace to spaces), put spaces around
+              CJK characters, lower-case and strip accents for uncased vocabularies;
+  pre-tokenizer: split on whitespace and punctuation;
+  model: greedy longest-match WordPiece, `##` continuations, [UNK] for words over 100 chars.
+The special tokens are registered as special added tokens, as transformers does, so a literal
+"[MASK]" in the text maps to the [MASK] id in both.
+
+Vocabulary ids are line numbers. A token listed twice maps to its LATER line (as transformers
+does: bert-base-chinese has 53 duplicates); `vocab_size` counts lines, so it is the size the
+embedding table needs, and `convert_ids_to_tokens` works for every line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordPiece
+
+from bert_jax.errors import UserError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CONTINUATION_PREFIX = "##"
+MAX_INPUT_CHARS_PER_WORD = 100
+# Uncased if fewer than this fraction of the vocab's cased-script entries hold an uppercase
+# letter (bert-base-uncased: 2 of 27,929; bert-base-chinese, used uncased: 8 of 4,000;
+# cased vocabularies: several percent, since A-Z and ##A-##Z alone are 52 entries).
+_UPPERCASE_FRACTION_FOR_CASED = 0.01
+
+
+def read_vocab_lines(vocab_path: str | os.PathLike) -> list[str]:
+  """The vocab's tokens, one per line (id = line number); trailing whitespace trimmed."""
+  path = os.fspath(vocab_path)
+  if not os.path.isfile(path):
+    raise UserError(f"vocab file {path}: not found (expected a vocab.txt, one token per line)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"vocab file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()  # the final newline does not start another token
+  # Trim like the Rust WordPiece file reader that transformers 5 uses (str.rstrip also
+  # removes "\r", so a vocab with Windows line endings reads the same).
+  return [line.rstrip() for line in lines]
+
+
+def infer_lower_case(tokens: Iterable[str]) -> bool:
+  """True when the vocab looks uncased: (almost) no uppercase letters in regular entries."""
+  cased = upper = 0
+  for token in tokens:
+    if token.startswith("[") and token.endswith("]") or token.startswith("<") and token.endswith(">"):
+      continue  # [PAD], [unused1], <S>: markers, not text
+    if any(c.lower() != c.upper() for c in token):
+      cased += 1
+      if any(c.isupper() for c in token):
+        upper += 1
+  return cased == 0 or upper / cased < _UPPERCASE_FRACTION_FOR_CASED
+
+
+class WordPieceTokenizer:
+  """BERT WordPiece; see the module docstring. Build it with `load_tokenizer`."""
+
+  def __init__(self, tokens: Sequence[str], lower_case: bool, vocab_path: str | None = None):
+    self.vocab_path = vocab_path
+    self.lower_case = bool(lower_case)
+    self._id_to_token = list(tokens)
+    # dict insertion keeps the first key position but the LAST value: the later line wins.
+    self.vocab: dict[str, int] = {}
+    for index, token in enumerate(self._id_to_token):
+      self.vocab[token] = index
+    where = vocab_path or "vocab"
+    missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
+    if missing:
+      raise UserError(f"vocab file {where}: missing special token(s) {' '.join(missing)} "
+                      f"(a BERT vocab needs {' '.join(SPECIAL_TOKENS)})")
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        self.vocab[t] for t in SPECIAL_TOKENS)
+    self.continuation_mask = np.array(
+        [t.startswith(CONTINUATION_PREFIX) and len(t) > len(CONTINUATION_PREFIX)
+         for t in self._id_to_token], dtype=bool)
+    self._tokenizer = self._build_backend()
+
+  def _build_backend(self) -> Tokenizer:
+    model = WordPiece(self.vocab, unk_token="[UNK]", continuing_subword_prefix=CONTINUATION_PREFIX,
+                      max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=self.lower_case,
+        lowercase=self.lower_case)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+    return tokenizer
+
+  # -- sizes and lookups -------------------------------------------------------------------
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of vocab lines: the word-embedding rows a model needs."""
+    return len(self._id_to_token)
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+  def is_continuation(self, token_id: int) -> bool:
+    """True for a `##` piece (it continues the previous token's word)."""
+    return bool(self.continuation_mask[token_id])
+
+  def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+    return [self._id_to_token[int(i)] for i in ids]
+
+  def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
+    return [self.vocab.get(t, self.unk_id) for t in tokens]
+
+  # -- encoding ----------------------------------------------------------------------------
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without [CLS]/[SEP]."""
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts at once (parallel in Rust), without [CLS]/[SEP]."""
+    texts = list(texts)
+    if hasattr(self._tokenizer, "encode_batch_fast"):  # tokenizers >= 0.20: skips offsets
+      encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    else:
+      encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and (start, end) character offsets into the original `text`.
+
+    A `##` piece's span covers only its own characters; every piece of an [UNK] word spans
+    the whole word.
+    """
+    encoding = self._tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, [tuple(o) for o in encoding.offsets]
+
+  def tokenize(self, text: str) -> list[str]:
+    """Word pieces of `text` as strings (for a duplicated vocab entry, its text)."""
+    return self.convert_ids_to_tokens(self.encode(text))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Joins pieces with spaces, gluing `##` pieces to the previous one; skips [PAD]."""
+    words: list[str] = []
+    for token_id in ids:
+      token_id = int(token_id)
+      if token_id == self.pad_id:
+        continue
+      token = self._id_to_token[token_id]
+      if self.continuation_mask[token_id] and words:
+        words[-1] += token[len(CONTINUATION_PREFIX):]
+      else:
+        words.append(token)
+    return " ".join(words)
+
+  def __repr__(self) -> str:
+    return (f"WordPieceTokenizer(vocab_path={self.vocab_path!r}, vocab_size={self.vocab_size}, "
+            f"lower_case={self.lower_case})")
+
+
+def load_tokenizer(vocab_path: str | os.PathLike, lower_case: bool | None = None) -> WordPieceTokenizer:
+  """Loads a BERT vocab.txt. `lower_case=None` infers casing from the vocab's entries."""
+  tokens = read_vocab_lines(vocab_path)
+  if lower_case is None:
+    lower_case = infer_lower_case(tokens)
+  return WordPieceTokenizer(tokens, lower_case=lower_case, vocab_path=os.fspath(vocab_path))
