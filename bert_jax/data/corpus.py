@@ -1,0 +1,403 @@
+"""Streaming corpus readers: every source becomes documents, each a list of sentences.
+
+Input specs (`iter_documents(inputs, ...)` takes one or a list):
+  PATH              a file (`.gz` is decompressed on the fly)
+  DIR               every regular file below it, recursively, sorted by path (hidden skipped)
+  GLOB              e.g. `data/*.txt` or `data/**/*.gz`, sorted by path
+  tfds:NAME[/CONFIG][:SPLIT]
+                    a prepared TensorFlow Datasets dataset read with `tfds.data_source`
+                    (array_record; TensorFlow is not needed); one record = one document, its
+                    `text_field` split into paragraphs at newlines and then into sentences
+  sample | sample:en | sample:zh
+                    the small corpus shipped inside the package (`sample` is English)
+
+File formats (`input_format`):
+  bert  one sentence per line, blank line between documents (google-research/bert's format)
+  text  running text, split into sentences (English `.!?`, Chinese `。！？；`). If the file has
+        WikiText article headings (` = Title = `) a document is an article, subsection
+        headings (` = = Sub = = `) are dropped, and blank lines only end paragraphs;
+        otherwise a blank line ends a document.
+  auto  per file: `text` when the name (without `.gz`) ends in `.tokens` or `.raw` or the first
+        64 KiB hold a WikiText article heading; `bert` otherwise.
+
+Robustness: bytes that are not UTF-8 are replaced with U+FFFD and counted (`CorpusStats.
+bad_bytes`, plus a warning per file); a line over 1 MiB is read in 1 MiB pieces; a "sentence"
+over MAX_SENTENCE_CHARS is split at sentence ends, then at spaces or commas, so no single
+string blows up memory or a tokenizer. Missing inputs, globs that match nothing and inputs
+without any text raise UserError naming them. Nothing reads a whole file into memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import os
+import pathlib
+import re
+import warnings
+from typing import IO, Iterable, Iterator
+
+from bert_jax.errors import UserError
+
+FORMATS = ("auto", "bert", "text")
+SAMPLE_LANGUAGES = ("en", "zh")
+MAX_SENTENCE_CHARS = 1000
+_READ_CHUNK_BYTES = 1 << 20
+_SNIFF_BYTES = 64 << 10
+_SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
+
+
+class CorpusWarning(UserWarning):
+  """Something in the input was repaired (e.g. non-UTF-8 bytes replaced)."""
+
+
+@dataclasses.dataclass
+class CorpusStats:
+  """Counters filled while documents stream out; pass one to `iter_documents(stats=...)`."""
+  files: int = 0
+  documents: int = 0
+  sentences: int = 0
+  characters: int = 0
+  bad_bytes: int = 0  # non-UTF-8 bytes replaced with U+FFFD
+  long_lines_split: int = 0  # lines/sentences over MAX_SENTENCE_CHARS that were split
+  files_with_bad_bytes: list[str] = dataclasses.field(default_factory=list)
+
+
+def sample_corpus_path(lang: str = "en") -> str:
+  """Path of the embedded sample corpus (BERT format) for `lang` ("en" or "zh")."""
+  if lang not in SAMPLE_LANGUAGES:
+    raise UserError(f"sample corpus {lang!r}: unknown language; expected one of "
+                    f"{', '.join(SAMPLE_LANGUAGES)}")
+  return str(_SAMPLE_DIR / f"{lang}.txt")
+
+
+# -- resolving input specs ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One readable unit: a file, or a tfds dataset split."""
+  kind: str  # "file" or "tfds"
+  path: str  # file path, or the tfds name (with config)
+  split: str = "train"
+  spec: str = ""  # the user's spec it came from, for error messages
+
+
+def _has_glob_chars(spec: str) -> bool:
+  return any(c in spec for c in "*?[")
+
+
+def _files_under(directory: str) -> list[str]:
+  found = []
+  for root, dirs, files in os.walk(directory):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.join(root, f) for f in files if not f.startswith(".")]
+  return sorted(found)
+
+
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                   split: str = "train") -> list[Source]:
+  """Expands input specs into sources, in order. Raises UserError for anything missing."""
+  specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+  if not specs:
+    raise UserError("--input: no input given (expected a file, directory, glob, tfds:NAME or sample)")
+  sources: list[Source] = []
+  for spec in map(os.fspath, specs):
+    if spec.startswith("tfds:"):
+      name, _, spec_split = spec[len("tfds:"):].partition(":")
+      if not name:
+        raise UserError(f"--input {spec}: expected tfds:NAME[/CONFIG][:SPLIT]")
+      sources.append(Source("tfds", name, spec_split or split, spec))
+    elif spec == "sample" or spec.startswith("sample:"):
+      lang = spec.partition(":")[2] or "en"
+      sources.append(Source("file", sample_corpus_path(lang), split, spec))
+    elif os.path.isdir(spec):
+      files = _files_under(spec)
+      if not files:
+        raise UserError(f"--input {spec}: directory holds no files")
+      sources += [Source("file", f, split, spec) for f in files]
+    elif os.path.isfile(spec):
+      sources.append(Source("file", spec, split, spec))
+    elif _has_glob_chars(spec):
+      files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+      if not files:
+        raise UserError(f"--input {spec}: pattern matches no files")
+      sources += [Source("file", f, split, spec) for f in files]
+    else:
+      raise UserError(f"--input {spec}: no such file or directory")
+  return sources
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+  """UTF-8 decode with U+FFFD for bad bytes; returns the text and the bad-byte count."""
+  try:
+    return data.decode("utf-8"), 0
+  except UnicodeDecodeError:
+    pass
+  parts, bad, pos = [], 0, 0
+  while True:
+    try:
+      parts.append(data[pos:].decode("utf-8"))
+      return "".join(parts), bad
+    except UnicodeDecodeError as e:
+      parts += [data[pos:pos + e.start].decode("utf-8"), "\ufffd"]
+      bad += e.end - e.start
+      pos += e.end
+
+
+def _incomplete_utf8_tail(data: bytes) -> int:
+  """How many trailing bytes start a UTF-8 character that the chunk cut off."""
+  for back in range(1, min(4, len(data)) + 1):
+    byte = data[-back]
+    if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+      need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+      return back if need > back else 0
+  return 0
+
+
+def _open_binary(path: str) -> IO[bytes]:
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_lines(path: str, stats: CorpusStats | None = None) -> Iterator[str]:
+  """Decoded lines of a file (newline removed), in pieces of at most ~1 MiB."""
+  bad_total = 0
+  carry = b""
+  first = True
+  try:
+    with _open_binary(path) as f:
+      while True:
+        chunk = f.readline(_READ_CHUNK_BYTES)
+        if not chunk and not carry:
+          break
+        chunk = carry + chunk
+        carry = b""
+        if chunk.endswith(b"\n"):
+          chunk = chunk[:-1]
+        elif len(chunk) >= _READ_CHUNK_BYTES:  # a piece of a longer line
+          cut = _incomplete_utf8_tail(chunk)
+          if cut:
+            chunk, carry = chunk[:-cut], chunk[-cut:]
+        text, bad = _decode(chunk)
+        bad_total += bad
+        if first:
+          text = text.removeprefix("\ufeff")
+          first = False
+        yield text.removesuffix("\r")
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise UserError(f"--input {path}: cannot read ({e})") from None
+  finally:
+    if stats is not None and bad_total:
+      stats.bad_bytes += bad_total
+      stats.files_with_bad_bytes.append(path)
+  if bad_total:
+    warnings.warn(f"{path}: {bad_total} byte(s) that are not UTF-8 replaced with U+FFFD",
+                  CorpusWarning, stacklevel=2)
+
+
+# -- sentence splitting -----------------------------------------------------------------
+
+# An English end (.!? plus closing quotes/brackets) followed by space, or a Chinese end.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*\s+|[。！？；]+[”’」』）)]*\s*")
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf no vol fig al approx inc ltd co corp "
+    "jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k".split())
+_SOFT_BREAK = re.compile(r"[\s,，、;:]")
+
+
+def _is_false_end(text: str, start: int, end: int) -> bool:
+  """True when the period at text[start] does not end a sentence (abbreviation, initial)."""
+  if end < len(text) and text[end].islower():
+    return True  # "approx. three", "e.g. the", '"Really?" she asked'
+  if text[start] != ".":
+    return False
+  word = text[:start].rsplit(None, 1)[-1] if text[:start].strip() else ""
+  return (len(word) == 1 and word.isupper()) or word.lower() in _ABBREVIATIONS
+
+
+def split_sentences(text: str) -> list[str]:
+  """Splits running text into sentences (English `.!?`, Chinese `。！？；`); never empty strings."""
+  sentences, begin = [], 0
+  for match in _SENTENCE_END.finditer(text):
+    if _is_false_end(text, match.start(), match.end()):
+      continue
+    sentence = text[begin:match.end()].strip()
+    if sentence:
+      sentences.append(sentence)
+    begin = match.end()
+  tail = text[begin:].strip()
+  if tail:
+    sentences.append(tail)
+  return sentences
+
+
+def _chop(sentence: str, limit: int = MAX_SENTENCE_CHARS) -> list[str]:
+  """Cuts an over-long sentence at spaces/commas near the limit (hard cut when there are none)."""
+  pieces = []
+  while len(sentence) > limit:
+    cut = max((m.end() for m in _SOFT_BREAK.finditer(sentence, limit // 2, limit)), default=limit)
+    head, sentence = sentence[:cut].strip(), sentence[cut:].strip()
+    if head:
+      pieces.append(head)
+  if sentence:
+    pieces.append(sentence)
+  return pieces
+
+
+def _bounded(sentences: Iterable[str], stats: CorpusStats | None) -> list[str]:
+  out = []
+  for sentence in sentences:
+    if len(sentence) <= MAX_SENTENCE_CHARS:
+      out.append(sentence)
+      continue
+    if stats is not None:
+      stats.long_lines_split += 1
+    for part in split_sentences(sentence):
+      out += _chop(part)
+  return out
+
+
+# -- formats ----------------------------------------------------------------------------
+
+_TITLE = re.compile(r"^ ?= (?!=)(.*[^=])? = ?$")  # " = Title = "
+_SUBHEADING = re.compile(r"^ ?(= ){2,}.*( =){2,} ?$")  # " = = Sub = = ", " = = = x = = = "
+
+
+def _sniff_format(path: str) -> str:
+  name = path.removesuffix(".gz")
+  if name.endswith((".tokens", ".raw")):
+    return "text"
+  return "text" if _has_wikitext_titles(path) else "bert"
+
+
+def _has_wikitext_titles(path: str) -> bool:
+  try:
+    with _open_binary(path) as f:
+      head = f.read(_SNIFF_BYTES)
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise UserError(f"--input {path}: cannot read ({e})") from None
+  text = head.decode("utf-8", errors="replace")
+  return any(_TITLE.match(line.rstrip("\r")) for line in text.split("\n"))
+
+
+def _bert_documents(lines: Iterable[str], stats: CorpusStats | None) -> Iterator[list[str]]:
+  document: list[str] = []
+  for line in lines:
+    line = line.strip()
+    if line:
+      document.append(line)
+    elif document:
+      yield _bounded(document, stats)
+      document = []
+  if document:
+    yield _bounded(document, stats)
+
+
+def _text_documents(lines: Iterable[str], wikitext: bool,
+                    stats: CorpusStats | None) -> Iterator[list[str]]:
+  document: list[str] = []
+  for line in lines:
+    if wikitext and _TITLE.match(line):
+      if document:
+        yield document
+      document = []
+      continue
+    if wikitext and _SUBHEADING.match(line):
+      continue
+    line = line.strip()
+    if line:
+      document += _bounded(split_sentences(line), stats)
+    elif document and not wikitext:
+      yield document
+      document = []
+  if document:
+    yield document
+
+
+def _file_documents(path: str, input_format: str, stats: CorpusStats | None) -> Iterator[list[str]]:
+  fmt = _sniff_format(path) if input_format == "auto" else input_format
+  lines = iter_lines(path, stats)
+  if fmt == "bert":
+    return _bert_documents(lines, stats)
+  return _text_documents(lines, wikitext=_has_wikitext_titles(path), stats=stats)
+
+
+def _tfds_documents(source: Source, text_field: str,
+                    stats: CorpusStats | None) -> Iterator[list[str]]:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise UserError(f"--input {source.spec}: tensorflow-datasets is not installed "
+                    "(pip install 'bert-jax[tfds]')") from None
+  try:
+    data = tfds.data_source(source.path, split=source.split, download=False)
+  except Exception as e:  # noqa: BLE001 - tfds raises many kinds; all mean "cannot open it"
+    first_line = str(e).strip().split("\n", 1)[0]
+    raise UserError(f"--input {source.spec}: tfds dataset {source.path!r} split {source.split!r} "
+                    f"is not available here ({first_line}); prepare it with "
+                    f"`tfds build {source.path} --file_format=array_record`") from None
+  for index in range(len(data)):
+    record = data[index]
+    if text_field not in record:
+      raise UserError(f"--input {source.spec}: record has no field {text_field!r} "
+                      f"(fields: {', '.join(sorted(record))}); pick one with --text-field")
+    value = record[text_field]
+    if isinstance(value, bytes):
+      value, bad = _decode(value)
+      if stats is not None:
+        stats.bad_bytes += bad
+    sentences = []
+    for paragraph in str(value).split("\n"):
+      sentences += _bounded(split_sentences(paragraph), stats)
+    if sentences:
+      yield sentences
+
+
+def iter_source_documents(source: Source, input_format: str = "auto", text_field: str = "text",
+                          stats: CorpusStats | None = None) -> Iterator[list[str]]:
+  """Documents of one resolved source (see `resolve_inputs`); lets callers shard by source."""
+  if stats is not None:
+    stats.files += 1
+  if source.kind == "tfds":
+    documents = _tfds_documents(source, text_field, stats)
+  else:
+    documents = _file_documents(source.path, input_format, stats)
+  for document in documents:
+    if stats is not None:
+      stats.documents += 1
+      stats.sentences += len(document)
+      stats.characters += sum(map(len, document))
+    yield document
+
+
+def iter_documents(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                   input_format: str = "auto", text_field: str = "text", split: str = "train",
+                   stats: CorpusStats | None = None) -> Iterator[list[str]]:
+  """Streams documents (lists of non-empty, stripped sentences) from every input in order.
+
+  Missing inputs raise UserError at call time; an input spec that yields no text at all
+  raises UserError when the stream reaches its end.
+  """
+  if input_format not in FORMATS:
+    raise UserError(f"--input-format {input_format!r}: expected one of {', '.join(FORMATS)}")
+  sources = resolve_inputs(inputs, split=split)
+  return _stream(sources, input_format, text_field, stats)
+
+
+def _stream(sources: list[Source], input_format: str, text_field: str,
+            stats: CorpusStats | None) -> Iterator[list[str]]:
+  documents_per_spec: dict[str, int] = {}
+  for source in sources:
+    count = documents_per_spec.setdefault(source.spec, 0)
+    for document in iter_source_documents(source, input_format, text_field, stats):
+      count += 1
+      yield document
+    documents_per_spec[source.spec] = count
+  empty = [spec for spec, count in documents_per_spec.items() if count == 0]
+  if empty:
+    raise UserError(f"--input {empty[0]}: no text found (empty file or only blank lines)")
+
