@@ -1,0 +1,438 @@
+"""`bert-jax create-data`: documents -> MLM + NSP instances in array_record shards + manifest.
+
+Determinism whatever --workers: documents are grouped into chunks by a rule that depends only
+on the document stream (CHUNK_DOCUMENTS documents or CHUNK_CHARS characters), and every chunk
+is processed alone with random generators seeded from (seed, split, chunk index). The random
+"next sentence" of an NSP pair comes from another document of the same chunk. Chunks run in a
+process pool, and their records are written in chunk order, so the bytes do not depend on
+scheduling; memory holds a few chunks per worker, however large the corpus.
+
+Writes are atomic: shards are written under `*.tmp` names and renamed at the end, and
+manifest.json is written last, so a directory without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from typing import Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+from bert_jax.data import instances as inst_lib
+from bert_jax.data import masking, records
+from bert_jax.errors import UserError, cli_entry
+
+CHUNK_DOCUMENTS = 1000
+CHUNK_CHARS = 256 << 10
+RECORDS_PER_SHARD = 100_000        # when --num-shards is not given, a new shard every so many
+SPLIT_CODES = {"train": 0, "eval": 1}
+_OWN_FILE_RE = re.compile(r"^((train|eval)-\d{5}(-of-\d{5})?\.array_record|manifest\.json)(\.tmp)?$")
+_CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+
+
+class Job(NamedTuple):
+  split: str
+  index: int
+  documents: list[list[str]]
+
+
+class ChunkResult(NamedTuple):
+  split: str
+  index: int
+  num_documents: int
+  num_tokens: int
+  records: list[bytes]
+
+
+# -- the work on one chunk (runs in a worker process) -------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(params: dict) -> None:
+  from bert_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(params["vocab_path"], params["lower_case"])
+  _WORKER.clear()
+  _WORKER.update(params=params, tok=tok, pool=masking.random_token_pool(
+      tok.vocab_size, (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id)))
+
+
+def _chunk_rngs(seed: int, split: str, index: int) -> tuple[random.Random, np.random.Generator]:
+  entropy = [seed, SPLIT_CODES[split], index]
+  py_seed = np.random.SeedSequence(entropy + [0]).generate_state(2, np.uint64)
+  return random.Random(int(py_seed[0]) << 64 | int(py_seed[1])), \
+      np.random.default_rng(np.random.SeedSequence(entropy + [1]))
+
+
+def _jieba():
+  try:
+    import jieba
+  except ImportError:
+    raise UserError("--whole-word-mask on Chinese text needs the jieba segmenter: "
+                    "pip install 'bert-jax[zh]'") from None
+  jieba.setLogLevel(60)
+  return jieba
+
+
+def chinese_word_continuation(tok, text: str) -> tuple[list[int], np.ndarray]:
+  """Token ids of `text` and, per token, whether it continues the previous token's word,
+  with words from jieba (so the characters of a Chinese word group like ## pieces)."""
+  ids, offsets = tok.encode_with_offsets(text)
+  word_of_char = np.zeros(len(text) + 1, np.int64)
+  position = 0
+  for number, word in enumerate(_jieba().cut(text)):
+    word_of_char[position:position + len(word)] = number
+    position += len(word)
+  words = word_of_char[[start for start, _ in offsets]] if offsets else np.zeros(0, np.int64)
+  continuation = np.zeros(len(ids), bool)
+  continuation[1:] = words[1:] == words[:-1]
+  continuation |= tok.continuation_mask[np.asarray(ids, np.int64)] if ids else False
+  return ids, continuation
+
+
+def _tokenize(tok, documents: list[list[str]], whole_word: bool):
+  flat = [sentence for document in documents for sentence in document]
+  encoded = tok.encode_batch(flat)
+  continuation = None
+  if whole_word:
+    continuation = []
+    for k, (text, ids) in enumerate(zip(flat, encoded)):
+      if _CJK_RE.search(text):
+        encoded[k], cont = chinese_word_continuation(tok, text)
+      else:
+        cont = tok.continuation_mask[np.asarray(ids, np.int64)] if ids else np.zeros(0, bool)
+      continuation.append(cont)
+  per_doc_ids, per_doc_cont, k = [], [], 0
+  for document in documents:
+    per_doc_ids.append(encoded[k:k + len(document)])
+    if continuation is not None:
+      per_doc_cont.append(continuation[k:k + len(document)])
+    k += len(document)
+  return per_doc_ids, (per_doc_cont if whole_word else None)
+
+
+def process_chunk(job: Job) -> ChunkResult:
+  params, tok, pool = _WORKER["params"], _WORKER["tok"], _WORKER["pool"]
+  py_rng, np_rng = _chunk_rngs(params["seed"], job.split, job.index)
+  doc_ids, doc_cont = _tokenize(tok, job.documents, params["whole_word_mask"])
+  chunk = inst_lib.build_chunk(doc_ids, doc_cont)
+  if not chunk.sentence_bounds:
+    return ChunkResult(job.split, job.index, len(job.documents), 0, [])
+  spans = inst_lib.chunk_pairs(chunk, py_rng, max_seq_length=params["max_seq_length"],
+                               short_seq_prob=params["short_seq_prob"],
+                               dupe_factor=params["dupe_factor"])
+  rows = inst_lib.assemble(chunk, spans, cls_id=tok.cls_id, sep_id=tok.sep_id)
+  wide = tok.vocab_size > 65535
+  lengths, len_a = rows.lengths.tolist(), rows.len_a.tolist()
+  labels = spans.is_random_next.tolist()
+  out: list[bytes] = []
+  if params["static_masking"]:
+    m = masking.mask_tokens(np_rng, rows.ids_NL, rows.maskable_NL, rows.continuation_NL,
+                            masked_lm_prob=params["masked_lm_prob"],
+                            max_predictions=params["max_predictions_per_seq"],
+                            mask_id=tok.mask_id, random_pool=pool)
+    counts = m.counts.tolist()
+    for n in range(len(lengths)):
+      out.append(records.encode_record(m.input_ids[n, :lengths[n]], len_a[n],
+                                       m.positions[n, :counts[n]], m.labels[n, :counts[n]],
+                                       labels[n], None, wide))
+  else:
+    empty = np.zeros(0, np.int32)
+    for n in range(len(lengths)):
+      cont = None if rows.continuation_NL is None else rows.continuation_NL[n, :lengths[n]]
+      out.append(records.encode_record(rows.ids_NL[n, :lengths[n]], len_a[n], empty, empty,
+                                       labels[n], cont, wide))
+  return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out)
+
+
+# -- chunking, the pool, the shards -------------------------------------------------------
+
+
+def eval_document(document: list[str], eval_fraction: float) -> bool:
+  """Deterministic hold-out by a hash of the document's text."""
+  if eval_fraction <= 0:
+    return False
+  digest = hashlib.blake2b("\n".join(document).encode("utf-8", "replace"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") < eval_fraction * 2.0**64
+
+
+def make_jobs(documents: Iterable[list[str]], eval_fraction: float) -> Iterator[Job]:
+  pending = {split: ([], 0) for split in SPLIT_CODES}
+  next_index = dict.fromkeys(SPLIT_CODES, 0)
+  for document in documents:
+    split = "eval" if eval_document(document, eval_fraction) else "train"
+    docs, chars = pending[split]
+    docs.append(document)
+    chars += sum(map(len, document))
+    if len(docs) >= CHUNK_DOCUMENTS or chars >= CHUNK_CHARS:
+      yield Job(split, next_index[split], docs)
+      next_index[split] += 1
+      docs, chars = [], 0
+    pending[split] = (docs, chars)
+  for split, (docs, _) in pending.items():
+    if docs:
+      yield Job(split, next_index[split], docs)
+
+
+def _run_jobs(jobs: Iterator[Job], params: dict, workers: int) -> Iterator[ChunkResult]:
+  """Results in job order; at most 2 jobs per worker in flight (bounded memory)."""
+  if workers <= 1:
+    _init_worker(params)
+    for job in jobs:
+      yield process_chunk(job)
+    return
+  method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+  with multiprocessing.get_context(method).Pool(workers, _init_worker, (params,)) as pool:
+    in_flight: collections.deque = collections.deque()
+    for job in jobs:
+      in_flight.append(pool.apply_async(process_chunk, (job,)))
+      if len(in_flight) >= 2 * workers:
+        yield in_flight.popleft().get()
+    while in_flight:
+      yield in_flight.popleft().get()
+
+
+class SplitWriter:
+  """Shards of one split under temporary names; `finish` renames them `-of-` the count."""
+
+  def __init__(self, output_dir: str, split: str, num_shards: int | None):
+    self.output_dir, self.split, self.num_shards = output_dir, split, num_shards
+    self.writers: list = []
+    self.counts: list[int] = []
+    self.num_instances = self.num_documents = self.num_tokens = 0
+
+  def _tmp_path(self, index: int) -> str:
+    return os.path.join(self.output_dir, f"{self.split}-{index:05d}.array_record.tmp")
+
+  def _open(self) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    self.writers.append(ArrayRecordWriter(self._tmp_path(len(self.writers)), records.WRITER_OPTIONS))
+    self.counts.append(0)
+
+  def add(self, result: ChunkResult) -> None:
+    if self.num_shards:
+      while len(self.writers) < self.num_shards:
+        self._open()
+      shard = result.index % self.num_shards
+    else:
+      if not self.writers or self.counts[-1] >= RECORDS_PER_SHARD:
+        self._open()
+      shard = len(self.writers) - 1
+    writer = self.writers[shard]
+    for record in result.records:
+      writer.write(record)
+    self.counts[shard] += len(result.records)
+    self.num_instances += len(result.records)
+    self.num_documents += result.num_documents
+    self.num_tokens += result.num_tokens
+
+  def finish(self) -> list[str]:
+    for writer in self.writers:
+      writer.close()
+    kept = [i for i, count in enumerate(self.counts) if count > 0]
+    names = []
+    for new_index, old_index in enumerate(kept):
+      name = records.shard_name(self.split, new_index, len(kept))
+      os.replace(self._tmp_path(old_index), os.path.join(self.output_dir, name))
+      names.append(name)
+    for old_index, count in enumerate(self.counts):
+      if count == 0:
+        os.remove(self._tmp_path(old_index))
+    return names
+
+
+def prepare_output_dir(output_dir: str) -> None:
+  """Creates the directory; refuses a complete dataset or foreign files; cleans a partial run."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output {output_dir}: exists and is not a directory")
+  os.makedirs(output_dir, exist_ok=True)
+  entries = os.listdir(output_dir)
+  if records.MANIFEST in entries:
+    raise UserError(f"--output {output_dir}: already holds a complete dataset "
+                    f"({records.MANIFEST}); choose another directory or delete it")
+  foreign = [e for e in entries if not _OWN_FILE_RE.match(e)]
+  if foreign:
+    raise UserError(f"--output {output_dir}: not empty ({foreign[0]} ...); expected an empty "
+                    "directory or an incomplete create-data run to clean up")
+  for entry in entries:    # leftovers of an interrupted run
+    path = os.path.join(output_dir, entry)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
+              short_seq_prob, eval_fraction, workers, num_shards) -> None:
+  if max_seq_length < 8:
+    raise UserError(f"--max-seq-length {max_seq_length}: expected at least 8 "
+                    "([CLS] A [SEP] B [SEP] needs room for text)")
+  if max_seq_length > 65535:
+    raise UserError(f"--max-seq-length {max_seq_length}: expected at most 65535")
+  if not 1 <= max_predictions_per_seq <= max_seq_length:
+    raise UserError(f"--max-predictions-per-seq {max_predictions_per_seq}: expected 1.."
+                    f"{max_seq_length} (the sequence length)")
+  if not 0.0 < masked_lm_prob < 1.0:
+    raise UserError(f"--masked-lm-prob {masked_lm_prob}: expected a fraction in (0, 1)")
+  if dupe_factor < 1:
+    raise UserError(f"--dupe-factor {dupe_factor}: expected at least 1")
+  if not 0.0 <= short_seq_prob <= 1.0:
+    raise UserError(f"--short-seq-prob {short_seq_prob}: expected a probability in [0, 1]")
+  if not 0.0 <= eval_fraction < 1.0:
+    raise UserError(f"--eval-fraction {eval_fraction}: expected a fraction in [0, 1)")
+  if workers is not None and workers < 1:
+    raise UserError(f"--workers {workers}: expected at least 1")
+  if num_shards is not None and num_shards < 1:
+    raise UserError(f"--num-shards {num_shards}: expected at least 1")
+
+
+def default_workers() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predictions_per_seq=20,
+                masked_lm_prob=0.15, dupe_factor=10, short_seq_prob=0.1, seed=12345,
+                whole_word_mask=False, workers=None, lower_case=None, input_format="auto",
+                eval_fraction=0.0, num_shards=None, static_masking=True, progress=True,
+                text_field="text") -> dict:
+  """Writes instances to `output_dir` (see the module docstring); returns the manifest."""
+  from bert_jax.data.corpus import CorpusStats, iter_documents
+  from bert_jax.tokenizer import load_tokenizer
+  _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
+            short_seq_prob, eval_fraction, workers, num_shards)
+  workers = workers or default_workers()
+  vocab_path = os.fspath(vocab_path)
+  output_dir = os.fspath(output_dir)
+  tok = load_tokenizer(vocab_path, lower_case)   # validates the vocab before any work
+  stats = CorpusStats()
+  documents = iter_documents(inputs, input_format=input_format, text_field=text_field, stats=stats)
+  created_dir = not os.path.exists(output_dir)
+  prepare_output_dir(output_dir)
+  params = dict(vocab_path=vocab_path, lower_case=tok.lower_case, seed=int(seed),
+                max_seq_length=int(max_seq_length),
+                max_predictions_per_seq=int(max_predictions_per_seq),
+                masked_lm_prob=float(masked_lm_prob), dupe_factor=int(dupe_factor),
+                short_seq_prob=float(short_seq_prob), whole_word_mask=bool(whole_word_mask),
+                static_masking=bool(static_masking))
+  writers = {split: SplitWriter(output_dir, split, num_shards) for split in SPLIT_CODES}
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(unit="doc", desc="create-data", file=sys.stderr, dynamic_ncols=True)
+  started = time.perf_counter()
+  try:
+    for result in _run_jobs(make_jobs(documents, eval_fraction), params, workers):
+      writers[result.split].add(result)
+      if bar is not None:
+        bar.update(result.num_documents)
+        bar.set_postfix(instances=sum(w.num_instances for w in writers.values()), refresh=False)
+    shards = {split: w.finish() for split, w in writers.items()}
+  except BaseException:
+    for w in writers.values():     # leave nothing behind that a rerun would have to explain
+      for index, writer in enumerate(w.writers):
+        writer.close()
+        if os.path.exists(w._tmp_path(index)):
+          os.remove(w._tmp_path(index))
+    if created_dir and not os.listdir(output_dir):
+      os.rmdir(output_dir)
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+  if writers["train"].num_instances == 0:
+    raise UserError(f"--input {', '.join(map(str, _as_list(inputs)))}: produced no instances "
+                    "(no text that the vocab tokenises)")
+  splits = {}
+  for split, w in writers.items():
+    if split == "train" or w.num_instances:
+      splits[split] = dict(num_instances=w.num_instances, num_documents=w.num_documents,
+                           num_tokens=w.num_tokens, shards=shards[split])
+  manifest = dict(
+      format=records.FORMAT_NAME, format_version=records.FORMAT_VERSION,
+      created_by="bert-jax create-data", splits=splits,
+      inputs=[str(i) for i in _as_list(inputs)], input_format=input_format,
+      eval_fraction=float(eval_fraction), num_shards=num_shards,
+      seconds=round(time.perf_counter() - started, 3),
+      corpus=dict(documents=stats.documents, sentences=stats.sentences,
+                  characters=stats.characters, bad_bytes=stats.bad_bytes,
+                  long_lines_split=stats.long_lines_split),
+      vocab=dict(path=os.path.abspath(vocab_path), sha256=_sha256(vocab_path),
+                 size=tok.vocab_size, lower_case=tok.lower_case, pad_id=tok.pad_id,
+                 unk_id=tok.unk_id, cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id),
+      **{k: v for k, v in params.items() if k not in ("vocab_path", "lower_case")})
+  records.write_json_atomic(os.path.join(output_dir, records.MANIFEST), manifest)
+  return manifest
+
+
+def _as_list(inputs) -> list:
+  return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="bert-jax create-data",
+      description="Create masked-LM + next-sentence instances (array_record shards + manifest).")
+  p.add_argument("--input", action="append", required=True,
+                 help="file, directory, glob, tfds:NAME[:SPLIT] or sample[:en|:zh]; repeatable")
+  p.add_argument("--vocab", required=True, help="WordPiece vocab.txt")
+  p.add_argument("--output", required=True, help="output directory (new, or an incomplete run)")
+  p.add_argument("--max-seq-length", type=int, default=128)
+  p.add_argument("--max-predictions-per-seq", type=int, default=20)
+  p.add_argument("--masked-lm-prob", type=float, default=0.15)
+  p.add_argument("--dupe-factor", type=int, default=10,
+                 help="passes over the corpus, each with different pairs and masks")
+  p.add_argument("--short-seq-prob", type=float, default=0.1)
+  p.add_argument("--seed", type=int, default=12345)
+  p.add_argument("--whole-word-mask", action="store_true",
+                 help="mask whole words (## pieces; Chinese words from jieba)")
+  p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+  p.add_argument("--lower-case", action=argparse.BooleanOptionalAction, default=None,
+                 help="default: inferred from the vocab")
+  p.add_argument("--input-format", choices=("auto", "bert", "text"), default="auto")
+  p.add_argument("--text-field", default="text", help="text feature of a tfds dataset")
+  p.add_argument("--eval-fraction", type=float, default=0.0,
+                 help="fraction of documents held out (by hash) as the eval split")
+  p.add_argument("--num-shards", type=int, default=None,
+                 help=f"shards per split (default: one per {RECORDS_PER_SHARD} instances)")
+  p.add_argument("--no-static-masking", dest="static_masking", action="store_false",
+                 help="store unmasked instances; the input pipeline masks them afresh each epoch")
+  p.add_argument("--no-progress", dest="progress", action="store_false")
+  return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  manifest = create_data(
+      args.input, args.vocab, args.output, max_seq_length=args.max_seq_length,
+      max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
+      dupe_factor=args.dupe_factor, short_seq_prob=args.short_seq_prob, seed=args.seed,
+      whole_word_mask=args.whole_word_mask, workers=args.workers, lower_case=args.lower_case,
+      input_format=args.input_format, eval_fraction=args.eval_fraction,
+      num_shards=args.num_shards, static_masking=args.static_masking, progress=args.progress,
+      text_field=args.text_field)
+  counts = ", ".join(f"{split}: {info['num_instances']} instances in {len(info['shards'])} shard(s)"
+                     for split, info in manifest["splits"].items())
+  print(f"wrote {args.output}: {counts}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,159 @@
+"""The on-disk format of create-data: array_record shards of compact instance records, and a
+manifest.json written last (a directory without it is incomplete).
+
+A record is a 8-byte little-endian header followed by raw arrays (no pickle):
+  version u8 | flags u8 | len_a u16 | len_b u16 | num_predictions u16
+  input_ids        [len_a + len_b + 3]   u16 (i32 with FLAG_WIDE_IDS)
+  masked positions [num_predictions]     u16
+  masked ids       [num_predictions]     u16 / i32
+  continuation     packbits([len_a + len_b + 3]) (only with FLAG_CONTINUATION: unmasked data
+                   for dynamic whole-word masking)
+Segment ids follow from len_a: 0 for [CLS] A [SEP], 1 for B [SEP].
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import struct
+from typing import Iterator
+
+import numpy as np
+
+from bert_jax.errors import UserError
+
+RECORD_VERSION = 1
+FORMAT_NAME = "bert-jax-instances"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FLAG_WIDE_IDS = 1
+FLAG_RANDOM_NEXT = 2
+FLAG_CONTINUATION = 4
+_HEADER = struct.Struct("<BBHHH")
+SHARD_RE = re.compile(r"^(train|eval)-(\d{5})-of-(\d{5})\.array_record$")
+# array_record groups records for compression; a group of 1 keeps random access cheap for grain.
+WRITER_OPTIONS = "group_size:1"
+
+
+def encode_record(ids: np.ndarray, len_a: int, positions: np.ndarray, labels: np.ndarray,
+                  is_random_next: int, continuation: np.ndarray | None, wide: bool) -> bytes:
+  """One instance as bytes; `ids` holds its len_a + len_b + 3 real tokens."""
+  dtype = np.int32 if wide else np.uint16
+  flags = (FLAG_WIDE_IDS if wide else 0) | (FLAG_RANDOM_NEXT if is_random_next else 0)
+  tail = b""
+  if continuation is not None:
+    flags |= FLAG_CONTINUATION
+    tail = np.packbits(continuation.astype(bool)).tobytes()
+  len_b = len(ids) - len_a - 3
+  return b"".join((_HEADER.pack(RECORD_VERSION, flags, len_a, len_b, len(positions)),
+                   ids.astype(dtype).tobytes(), positions.astype(np.uint16).tobytes(),
+                   labels.astype(dtype).tobytes(), tail))
+
+
+def decode_record(data: bytes) -> dict[str, np.ndarray]:
+  """The inverse of encode_record: unpadded int32 arrays (+ `continuation` bool if stored)."""
+  version, flags, len_a, len_b, num_pred = _HEADER.unpack_from(data)
+  if version != RECORD_VERSION:
+    raise UserError(f"instance record version {version}: this bert-jax reads version {RECORD_VERSION}")
+  dtype = np.dtype(np.int32 if flags & FLAG_WIDE_IDS else np.uint16)
+  length = len_a + len_b + 3
+  offset = _HEADER.size
+  ids = np.frombuffer(data, dtype, length, offset)
+  offset += length * dtype.itemsize
+  positions = np.frombuffer(data, np.uint16, num_pred, offset)
+  offset += num_pred * 2
+  labels = np.frombuffer(data, dtype, num_pred, offset)
+  offset += num_pred * dtype.itemsize
+  segment_ids = np.zeros(length, np.int32)
+  segment_ids[len_a + 2:] = 1
+  out = {
+      "input_ids": ids.astype(np.int32),
+      "segment_ids": segment_ids,
+      "masked_lm_positions": positions.astype(np.int32),
+      "masked_lm_ids": labels.astype(np.int32),
+      "next_sentence_label": np.int32(1 if flags & FLAG_RANDOM_NEXT else 0),
+  }
+  if flags & FLAG_CONTINUATION:
+    bits = np.frombuffer(data, np.uint8, (length + 7) // 8, offset)
+    out["continuation"] = np.unpackbits(bits, count=length).astype(bool)
+  return out
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+  """manifest.json of a create-data directory, validated; UserError names what is wrong."""
+  data_dir = os.fspath(data_dir)
+  if not os.path.isdir(data_dir):
+    raise UserError(f"data directory {data_dir}: not found (expected the --output of "
+                    "`bert-jax create-data`)")
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise UserError(f"data directory {data_dir}: no {MANIFEST}, so it is incomplete or not "
+                    "create-data output (re-run `bert-jax create-data`)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      man = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable JSON manifest ({e})") from None
+  if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
+    raise UserError(f"{path}: field 'format' should be {FORMAT_NAME!r}")
+  if man.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"{path}: field 'format_version' is {man.get('format_version')!r}; this "
+                    f"bert-jax reads version {FORMAT_VERSION}")
+  for split, info in man.get("splits", {}).items():
+    for name in info.get("shards", []):
+      if not os.path.isfile(os.path.join(data_dir, name)):
+        raise UserError(f"{path}: split {split!r} lists shard {name}, which is missing")
+  return man
+
+
+def shard_paths(data_dir: str | os.PathLike, split: str = "train") -> list[str]:
+  """Absolute shard paths of one split, from the manifest."""
+  man = read_manifest(data_dir)
+  if split not in man["splits"]:
+    raise UserError(f"data directory {os.fspath(data_dir)}: no split {split!r} (it has "
+                    f"{', '.join(sorted(man['splits'])) or 'none'})")
+  return [os.path.join(os.fspath(data_dir), name) for name in man["splits"][split]["shards"]]
+
+
+def iter_shard(path: str) -> Iterator[bytes]:
+  from array_record.python.array_record_module import ArrayRecordReader
+  reader = ArrayRecordReader(path)
+  try:
+    total = reader.num_records()
+    step = 1024
+    for begin in range(0, total, step):
+      yield from reader.read(begin, min(begin + step, total))
+  finally:
+    reader.close()
+
+
+def read_instances(path: str | os.PathLike, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
+  """Instances of a create-data directory (one split, in shard order) or of one shard file."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    paths = shard_paths(path, split)
+  elif os.path.isfile(path):
+    paths = [path]
+  else:
+    matches = sorted(glob.glob(path))
+    if not matches:
+      raise UserError(f"instances {path}: not found (expected a create-data directory or "
+                      "an .array_record shard)")
+    paths = matches
+  for shard in paths:
+    for data in iter_shard(shard):
+      yield decode_record(data)
