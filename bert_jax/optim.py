@@ -1,0 +1,159 @@
+"""Optimisers and learning-rate schedules for pretraining.
+
+- AdamW as BERT's original AdamWeightDecay (no bias correction: update = m / (sqrt(v) + eps)
+  with m, v the raw moving averages) or the bias-corrected form, by `cfg.optim.bias_correction`.
+- LAMB (NVIDIA's large-batch recipe): bias-corrected Adam direction, weight decay, then a
+  per-tensor trust ratio ||w|| / ||update||; both decay and trust ratio skip LayerNorm and biases
+  (as the original LAMB's exclude_from_layer_adaptation and apex's default).
+- Global-norm clipping (1.0) of the raw gradients before the optimiser, as BERT does.
+- Warmup then polynomial decay over the GLOBAL step, continuous across phases (the paper) or
+  re-warmed per phase (NVIDIA). The step is passed as the `global_step` extra argument of
+  `update`, so a skipped (non-finite) step still advances the schedule; without it the
+  optimiser falls back to its own update count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bert_jax.errors import UserError
+from bert_jax.phases import Phase
+
+NO_DECAY_SUBSTRINGS = ("LayerNorm", "layer_norm")
+
+
+def _dict_keys(path) -> list[str]:
+  # Boxed (nn.Partitioned) trees add a `.value` attribute key: only dict keys name params.
+  return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def decay_mask(params: Any) -> Any:
+  """True for parameters that get weight decay: every one but LayerNorm scales/biases and
+  biases (including the MLM output bias)."""
+  def decays(path, _):
+    keys = _dict_keys(path)
+    if keys and keys[-1] == "bias":
+      return False
+    return not any(s in k for k in keys for s in NO_DECAY_SUBSTRINGS)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def _warmup_poly(step, peak: float, warmup: int, total: int, end: float, power: float):
+  """Linear warmup 0 -> peak over `warmup` steps, then polynomial decay peak -> end reached at
+  `total` (and held after)."""
+  step = jnp.asarray(step, jnp.float32)
+  warm = peak * step / max(warmup, 1)
+  progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+  decay = end + (peak - end) * (1.0 - progress) ** power
+  return jnp.where(step < warmup, warm, decay)
+
+
+def make_schedule(cfg: Any, phases: Sequence[Phase]) -> optax.Schedule:
+  """Learning rate as a function of the global step (0-based: the value used by update s)."""
+  o = cfg.optim
+  end, power = float(o.end_learning_rate), float(o.decay_power)
+  kind = str(o.schedule)
+  if kind == "continuous":
+    peak, warmup = float(o.learning_rate), int(o.warmup_steps)
+    total = phases[-1].end_step
+    return lambda step: _warmup_poly(step, peak, warmup, total, end, power)
+  if kind == "per_phase":
+    def schedule(step):
+      step = jnp.asarray(step)
+      lr = jnp.asarray(0.0, jnp.float32)
+      for p in phases:  # few phases: a select per phase
+        here = _warmup_poly(step - p.start_step, p.learning_rate, p.warmup_steps, p.num_steps,
+                            end, power)
+        in_phase = (step >= p.start_step) & ((step < p.end_step) | (p is phases[-1]))
+        lr = jnp.where(in_phase, here, lr)
+      return lr
+    return schedule
+  raise UserError(f"config.optim.schedule={kind!r}: expected 'continuous' or 'per_phase'")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+class ScaleByAdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_bert_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                       bias_correction: bool = False) -> optax.GradientTransformation:
+  """Adam's direction m / (sqrt(v) + eps): raw moments (BERT's AdamWeightDecay) or
+  bias-corrected ones. Moments are kept in float32 whatever the gradient dtype."""
+  def init(params):
+    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+    return ScaleByAdamState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
+                            jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)),
+                      state.nu, grads)
+    count = optax.safe_increment(state.count)
+    if bias_correction:
+      c1 = 1 - b1 ** count.astype(jnp.float32)
+      c2 = 1 - b2 ** count.astype(jnp.float32)
+      direction = jax.tree.map(lambda m, v: (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
+    else:
+      direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+    return direction, ScaleByAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+class ScheduleState(NamedTuple):
+  count: jax.Array
+
+
+def scale_by_global_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+  """Multiplies updates by -schedule(global_step); `global_step` comes from update's extra
+  arguments (the train state's step), else from this transform's own count."""
+  def init(params):
+    del params
+    return ScheduleState(jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, global_step=None, **extra_args):
+    del params, extra_args
+    step = state.count if global_step is None else global_step
+    lr = schedule(step)
+    updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+    return updates, ScheduleState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(cfg: Any, phases: Sequence[Phase]
+                   ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+  """(optimizer, schedule) from cfg.optim. Call `optimizer.update(grads, opt_state, params,
+  global_step=step)` to follow the global step."""
+  o = cfg.optim
+  schedule = make_schedule(cfg, phases)
+  name = str(o.name)
+  parts = []
+  if float(o.clip_norm) > 0:
+    parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
+  if name == "adamw":
+    parts.append(scale_by_bert_adam(float(o.b1), float(o.b2), float(o.eps),
+                                    bool(o.bias_correction)))
+    parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
+  elif name == "lamb":
+    # LAMB is defined with bias-corrected moments (NVIDIA's recipe): configs set
+    # optim.bias_correction=True for it; False keeps BERT's raw moments.
+    parts.append(scale_by_bert_adam(float(o.b1), float(o.b2), float(o.eps),
+                                    bool(o.bias_correction)))
+    parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
+    parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
+  else:
+    raise UserError(f"config.optim.name={name!r}: expected 'adamw' or 'lamb'")
+  parts.append(scale_by_global_step_schedule(schedule))
+  return optax.chain(*parts), schedule

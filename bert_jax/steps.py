@@ -1,0 +1,296 @@
+"""Pure pretraining steps: train state creation (directly sharded), train_step, eval_step.
+
+Loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and averaged over
+the real predictions of the whole global batch, plus NSP cross-entropy averaged over sequences;
+both in float32. MLM logits are computed only at the gathered positions (never [B,T,V]).
+
+Gradient accumulation scans over micro-batches inside the jitted step. Each micro-batch's loss
+is normalised by the *global* batch's prediction count, so the summed gradients equal one big
+batch's (to float rounding).
+
+The dropout rng of step s is fold_in(rng, s) (and fold_in(., i) for micro-batch i): stateless,
+so a resumed run is bit-exact, and independent of the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from bert_jax.config import BertConfig
+from bert_jax.errors import UserError
+from bert_jax.heads import BertForPreTraining
+from bert_jax.optim import make_optimizer
+from bert_jax.phases import make_phases
+from bert_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated, state_shardings
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
+              "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
+NAN_POLICIES = ("skip", "stop")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar: the global step (number of updates attempted)
+  params: Any           # float32 master weights {"bert": ..., "cls": ...}
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------- state
+
+def _init_inputs(model_config: BertConfig):
+  seq = min(8, model_config.max_position_embeddings)
+  ids = jnp.zeros((1, seq), jnp.int32)
+  return ids, ids, jnp.ones((1, seq), jnp.int32)
+
+
+def _merge_given(random_params: Any, given: Any, shardings: Any) -> Any:
+  """random_params with the leaves present in `given` replaced (placed with the target
+  sharding; safe with several processes since every process holds the full host value)."""
+  flat_random = traverse_util.flatten_dict(random_params)
+  flat_given = traverse_util.flatten_dict(flax.core.unfreeze(given))
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  unused = sorted("/".join(k) for k in flat_given if k not in flat_random)
+  if unused:
+    log.warning("init params not in the model (ignored): %s", ", ".join(unused[:10]))
+  missing = sorted("/".join(k) for k in flat_random if k not in flat_given)
+  if missing:
+    log.info("params kept from random init: %s", ", ".join(missing[:10]))
+  out = {}
+  for key, leaf in flat_random.items():
+    if key not in flat_given:
+      out[key] = leaf
+      continue
+    value = np.asarray(flat_given[key], dtype=leaf.dtype)
+    if value.shape != leaf.shape:
+      raise UserError(f"init params: {'/'.join(key)} has shape {value.shape}; the model "
+                      f"expects {leaf.shape} (check the model config against the checkpoint)")
+    out[key] = jax.make_array_from_callback(value.shape, flat_shardings[key],
+                                            lambda idx, v=value: v[idx])
+  return traverse_util.unflatten_dict(out)
+
+
+def _host_rng(rng):
+  """Key data as a host array: jit can place it replicated on any mesh, one or many processes."""
+  if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  if isinstance(rng, jax.Array) and jax.process_count() > 1:
+    rng = np.asarray(rng)
+  return rng
+
+
+def create_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh, rng,
+                       init_params: Any = None):
+  """-> (state, shardings, optimizer, schedule). Params are initialised directly sharded;
+  `init_params` (plain pytree) replaces the random values where given."""
+  phases = make_phases(cfg)
+  optimizer, schedule = make_optimizer(cfg, phases)
+  model = BertForPreTraining(model_config)
+  inputs = _init_inputs(model_config)
+
+  def boxed_params(key):
+    return model.init({"params": key}, *inputs)["params"]
+
+  def boxed_state(key):
+    params = boxed_params(key)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+  rng = _host_rng(rng)
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    shardings = state_shardings(mesh, jax.eval_shape(boxed_state, rng))
+    params = jax.jit(lambda k: nn.unbox(boxed_params(k)), in_shardings=replicated(mesh),
+                     out_shardings=shardings.params)(rng)
+  if init_params is not None:
+    params = _merge_given(params, init_params, shardings.params)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
+  return TrainState(step=step, params=params, opt_state=opt_state), shardings, optimizer, schedule
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _loss_sums(model: BertForPreTraining, params, batch: Mapping[str, jax.Array],
+               deterministic: bool, rngs: dict | None) -> dict[str, jax.Array]:
+  """Sums (not means) of the MLM / NSP losses and hits over this (micro-)batch, in float32."""
+  mlm_logits_BPV, nsp_logits_B2 = model.apply(
+      {"params": params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+      masked_positions=batch["masked_lm_positions"], deterministic=deterministic, rngs=rngs)
+  ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
+  w_BP = batch["masked_lm_weights"].astype(jnp.float32)
+  mlm_nll_BP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits_BPV, ids_BP)
+  mlm_hit_BP = (jnp.argmax(mlm_logits_BPV, -1) == ids_BP).astype(jnp.float32)
+  labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
+  nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
+  nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
+  return dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),
+              mlm_weight=jnp.sum(w_BP), nsp_loss_sum=jnp.sum(nsp_nll_B),
+              nsp_hits=jnp.sum(nsp_hit_B), num_sequences=jnp.asarray(labels_B.shape[0],
+                                                                     jnp.float32))
+
+
+def _means(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  mlm_den = jnp.maximum(sums["mlm_weight"], 1e-6)
+  nsp_den = jnp.maximum(sums["num_sequences"], 1.0)
+  mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_den, sums["nsp_loss_sum"] / nsp_den
+  return dict(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, mlm_accuracy=sums["mlm_hits"] / mlm_den,
+              nsp_loss=nsp_loss, nsp_accuracy=sums["nsp_hits"] / nsp_den,
+              mlm_weight=sums["mlm_weight"], num_sequences=sums["num_sequences"])
+
+
+def _split_micro(x, grad_accum: int):
+  """[B, ...] -> [A, B/A, ...] with micro-batch i = rows i, i+A, ...: each device keeps its own
+  contiguous rows and holds a slice of every micro-batch (no resharding in the scan)."""
+  x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
+# ----------------------------------------------------------------------------- train step
+
+def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum: int = 1,
+                    nan_policy: str = "skip") -> Callable:
+  """-> train_step(state, batch, rng) -> (state, metrics), pure.
+
+  `rng` is the run's base key; the step uses fold_in(rng, state.step). A non-finite loss or
+  gradient leaves params and opt_state unchanged (the step still advances, metrics report
+  finite=0) under both policies; under "stop" the loop ends the run on finite=0.
+  """
+  if nan_policy not in NAN_POLICIES:
+    raise UserError(f"config.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
+  if grad_accum < 1:
+    raise UserError(f"grad_accum={grad_accum}: expected a positive integer")
+  model = BertForPreTraining(model_config)
+  deterministic = (model_config.hidden_dropout_prob == 0.0
+                   and model_config.attention_probs_dropout_prob == 0.0)
+
+  def micro_loss(params, micro, key, mlm_den, nsp_den):
+    sums = _loss_sums(model, params, micro, deterministic, {"dropout": key})
+    # Normalised by the global batch's counts, so micro-batch gradients simply add up.
+    loss = sums["mlm_loss_sum"] / mlm_den + sums["nsp_loss_sum"] / nsp_den
+    return loss, sums
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    mlm_den = jnp.maximum(jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)), 1e-6)
+    nsp_den = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    if grad_accum == 1:
+      grads, sums = grad_fn(state.params, batch, step_rng, mlm_den, nsp_den)
+    else:
+      micros = {k: _split_micro(v, grad_accum) for k, v in batch.items()}
+
+      def body(carry, xs):
+        micro, i = xs
+        g, s = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), mlm_den, nsp_den)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      sums0 = {k: jnp.zeros([], jnp.float32) for k in
+               ("mlm_loss_sum", "mlm_hits", "mlm_weight", "nsp_loss_sum", "nsp_hits",
+                "num_sequences")}
+      (grads, sums), _ = jax.lax.scan(body, (zeros, sums0),
+                                      (micros, jnp.arange(grad_accum)))
+    metrics = _means(sums)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+    def apply(_):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                            global_step=state.step)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    def keep(_):
+      return state.params, state.opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply, keep, None)
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+@functools.lru_cache(maxsize=None)
+def _model_accepts_mesh_context(mesh: jax.sharding.Mesh) -> bool:
+  """Whether BertForPreTraining traces under an active mesh (its with_logical_constraint calls
+  then shard activations). flax 0.12's DenseGeneral re-applies a 3-axis kernel constraint to
+  the flattened 2-D kernel during apply's shape check, which fails under a mesh; until the
+  model avoids that, the step traces without the mesh and leaves layouts to GSPMD propagation
+  from the argument shardings (same numbers, possibly less efficient layouts)."""
+  tiny = BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=8, max_position_embeddings=8)
+  model = BertForPreTraining(tiny)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  try:
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), ids)["params"]))
+      with jax.set_mesh(mesh):
+        jax.eval_shape(lambda p: model.apply({"params": p}, ids), params)
+    return True
+  except ValueError:
+    return False
+
+
+def _step_context(mesh: jax.sharding.Mesh) -> contextlib.ExitStack:
+  stack = contextlib.ExitStack()
+  stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
+  if _model_accepts_mesh_context(mesh):
+    stack.enter_context(jax.set_mesh(mesh))
+  return stack
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
+  """jax.jit with the state's shardings, the batch split over (data, fsdp), the state donated;
+  traced under the mesh and the logical-axis rules so the model's constraints apply."""
+  jitted = jax.jit(train_step,
+                   in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+  def call(state, batch, rng):
+    with _step_context(mesh):
+      return jitted(state, batch, _host_rng(rng))
+
+  call.jitted = jitted
+  return call
+
+
+# ----------------------------------------------------------------------------- eval step
+
+def make_eval_step(model_config: BertConfig) -> Callable:
+  """-> eval_step(params, batch) -> metrics: mlm/nsp loss and accuracy of the batch, plus
+  mlm_weight and num_sequences to weight an average over batches."""
+  model = BertForPreTraining(model_config)
+
+  def eval_step(params, batch):
+    return _means(_loss_sums(model, params, {k: batch[k] for k in BATCH_KEYS}, True, None))
+
+  return eval_step
+
+
+def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
+  """`shardings`: the train state's shardings (or just the params')."""
+  param_shardings = shardings.params if isinstance(shardings, TrainState) else shardings
+  jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh)),
+                   out_shardings=replicated(mesh))
+
+  def call(params, batch):
+    with _step_context(mesh):
+      return jitted(params, batch)
+
+  call.jitted = jitted
+  return call
