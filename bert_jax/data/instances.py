@@ -82,8 +82,7 @@ def _trim_ends(rng: random.Random, start: int, end: int, new_len: int) -> tuple[
   removed = (end - start) - new_len
   if removed <= 0:
     return start, end
-  from_front = sum(rng.random() < 0.5 for _ in range(removed)) if removed < 64 else \
-      int(np.random.default_rng(rng.getrandbits(63)).binomial(removed, 0.5))
+  from_front = bin(rng.getrandbits(removed)).count("1")   # Binomial(removed, 1/2)
   return start + from_front, end - (removed - from_front)
 
 

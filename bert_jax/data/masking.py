@@ -57,39 +57,42 @@ def mask_tokens(rng: np.random.Generator, ids_NL: np.ndarray, maskable_NL: np.nd
   N, L = ids_NL.shape
   P = max_predictions
   starts_NL = word_starts(maskable_NL, continuation_NL)
-  # Global word id of every maskable token: running count of word starts over the flat batch.
-  word_of_flat = np.cumsum(starts_NL.ravel()) - 1
-  num_words = int(word_of_flat[-1]) + 1 if word_of_flat.size else 0
-  maskable_flat = maskable_NL.ravel()
-  word_size = np.bincount(word_of_flat[maskable_flat], minlength=num_words)
-  word_row = np.nonzero(starts_NL.ravel())[0] // L
   budget_N = num_to_predict(maskable_NL.sum(axis=1), masked_lm_prob, P)
-
-  # Visit each row's words in a random order: sort by (row, random key).
-  order = np.lexsort((rng.random(num_words), word_row))
-  row_first_word = np.searchsorted(word_row[order], np.arange(N))
-  rank = np.empty(num_words, dtype=np.int64)
-  rank[order] = np.arange(num_words) - row_first_word[word_row[order]]
-  if continuation_NL is None or np.all(word_size == 1):
-    chosen_word = rank < budget_N[word_row]
+  # Words in a random order per row: sort the word-start columns by a random key.
+  key_NL = rng.random((N, L))
+  key_NL[~starts_NL] = 2.0
+  order_NL = np.argsort(key_NL, axis=1)
+  words_N = starts_NL.sum(axis=1)
+  whole_words = continuation_NL is not None and bool((starts_NL != maskable_NL).any())
+  if not whole_words:    # every word one token: the first `budget` of the random order
+    width = min(P, L)
+    take_NP = np.arange(width)[None, :] < budget_N[:, None]
+    chosen_NL = np.zeros((N, L), bool)
+    rows_N1 = np.arange(N)[:, None]
+    chosen_NL[np.broadcast_to(rows_N1, take_NP.shape)[take_NP], order_NL[:, :width][take_NP]] = True
+    start_of_NL = np.broadcast_to(np.arange(L)[None, :], (N, L))
   else:
-    chosen_word = _choose_words_greedily(order, word_size, word_row, row_first_word, budget_N)
+    # Word id of each maskable token (a running count of starts) -> word sizes and starts.
+    word_of_NL = np.cumsum(starts_NL, axis=1) - 1
+    start_cols = np.flatnonzero(starts_NL.ravel()) % L
+    word_base_N = np.concatenate([[0], np.cumsum(words_N)[:-1]])
+    global_word_NL = word_base_N[:, None] + word_of_NL
+    size_of_word = np.bincount(global_word_NL[maskable_NL], minlength=int(words_N.sum()))
+    start_of_NL = np.where(maskable_NL, start_cols[np.clip(global_word_NL, 0, None)], 0) \
+        if len(start_cols) else np.zeros((N, L), np.int64)
+    size_at_NL = np.zeros((N, L), np.int64)
+    size_at_NL[starts_NL] = size_of_word
+    sizes_in_order_NL = np.take_along_axis(size_at_NL, order_NL, axis=1)
+    chosen_start_NL = _choose_words_greedily(order_NL, sizes_in_order_NL, words_N, budget_N)
+    chosen_NL = maskable_NL & np.take_along_axis(chosen_start_NL, start_of_NL, axis=1)
 
-  # 80/10/10, once per word; a random replacement is drawn per token.
-  action_word = rng.random(num_words)
-  chosen_flat = np.zeros(N * L, dtype=bool)
-  chosen_flat[maskable_flat] = chosen_word[word_of_flat[maskable_flat]]
-  chosen_NL = chosen_flat.reshape(N, L)
-  action_flat = np.ones(N * L)
-  action_flat[maskable_flat] = action_word[word_of_flat[maskable_flat]]
-  action_NL = action_flat.reshape(N, L)
-  random_NL = random_pool[rng.integers(0, len(random_pool), size=(N, L))]
-
+  # 80/10/10, once per word (the draw at the word's start); random ids per token.
+  action_NL = np.take_along_axis(rng.random((N, L)), start_of_NL, axis=1)
   masked_NL = ids_NL.astype(np.int32, copy=True)
   to_mask = chosen_NL & (action_NL < MASK_FRACTION)
   to_random = chosen_NL & (action_NL >= MASK_FRACTION) & (action_NL < MASK_FRACTION + RANDOM_FRACTION)
   masked_NL[to_mask] = mask_id
-  masked_NL[to_random] = random_NL[to_random]
+  masked_NL[to_random] = random_pool[rng.integers(0, len(random_pool), size=int(to_random.sum()))]
 
   # Chosen positions in increasing order: a stable sort puts the True columns first.
   counts_N = chosen_NL.sum(axis=1).astype(np.int32)
@@ -102,22 +105,31 @@ def mask_tokens(rng: np.random.Generator, ids_NL: np.ndarray, maskable_NL: np.nd
   return Masked(masked_NL, positions_NP, labels_NP, counts_N)
 
 
-def _choose_words_greedily(order, word_size, word_row, row_first_word, budget_N) -> np.ndarray:
-  """Whole words in random order, each taken if it still fits in the row's budget."""
-  chosen = np.zeros(len(word_size), dtype=bool)
-  sizes_in_order = word_size[order].tolist()
-  order_list = order.tolist()
-  row_end = np.append(row_first_word[1:], len(order)).tolist()
-  for row, (begin, budget) in enumerate(zip(row_first_word.tolist(), budget_N.tolist())):
-    used = 0
-    for k in range(begin, row_end[row]):
-      if used >= budget:
-        break
-      size = sizes_in_order[k]
-      if used + size <= budget:
-        chosen[order_list[k]] = True
-        used += size
-  return chosen
+def _choose_words_greedily(order_NL, sizes_in_order_NL, words_N, budget_N) -> np.ndarray:
+  """Whole words in random order, each taken if it still fits in the row's budget (a word
+  that would overflow is skipped; a later, smaller one may fit). Returns chosen word starts."""
+  N, L = order_NL.shape
+  # Vectorised up to the first word that does not fit; a short Python loop after it.
+  cumulative_NL = np.cumsum(sizes_in_order_NL, axis=1)
+  fits_NL = (cumulative_NL <= budget_N[:, None]) & (np.arange(L)[None, :] < words_N[:, None])
+  prefix_N = np.argmin(fits_NL, axis=1)
+  prefix_N[fits_NL.all(axis=1)] = L
+  take_NL = np.arange(L)[None, :] < prefix_N[:, None]
+  used_N = np.where(prefix_N > 0, np.take_along_axis(
+      cumulative_NL, np.maximum(prefix_N - 1, 0)[:, None], axis=1)[:, 0], 0)
+  for row in np.flatnonzero((used_N < budget_N) & (prefix_N < words_N)).tolist():
+    used, budget = int(used_N[row]), int(budget_N[row])
+    sizes = sizes_in_order_NL[row].tolist()
+    for k in range(int(prefix_N[row]) + 1, int(words_N[row])):
+      if used + sizes[k] <= budget:
+        take_NL[row, k] = True
+        used += sizes[k]
+        if used == budget:
+          break
+  chosen_start_NL = np.zeros((N, L), bool)
+  rows = np.broadcast_to(np.arange(N)[:, None], (N, L))
+  chosen_start_NL[rows[take_NL], order_NL[take_NL]] = True
+  return chosen_start_NL
 
 
 def random_token_pool(vocab_size: int, special_ids) -> np.ndarray:

@@ -34,7 +34,7 @@ FLAG_CONTINUATION = 4
 _HEADER = struct.Struct("<BBHHH")
 SHARD_RE = re.compile(r"^(train|eval)-(\d{5})-of-(\d{5})\.array_record$")
 # array_record groups records for compression; a group of 1 keeps random access cheap for grain.
-WRITER_OPTIONS = "group_size:1"
+WRITER_OPTIONS = "group_size:1,snappy"
 
 
 def encode_record(ids: np.ndarray, len_a: int, positions: np.ndarray, labels: np.ndarray,
