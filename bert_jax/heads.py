@@ -68,3 +68,84 @@ class BertForPreTraining(nn.Module):
         bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"])
     return BertPreTrainingHeads(self.config, name="cls")(
         seq_BTE, pooled_BE, word_embeddings_VE, masked_positions)
+
+
+# Fine-tuning heads
+# Each applies {"params": {"bert": ..., "classifier" | "qa_outputs": ...}}: the names of
+# transformers' modules, so convert.params_to_hf yields exactly their state-dict keys. Dropout
+# (hidden_dropout_prob) before the classifier, as transformers. Logits are float32.
+
+
+def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -> nn.DenseGeneral:
+  return dense(config, num_labels, ("embed", None), name)
+
+
+class BertForSequenceClassification(nn.Module):
+  """[CLS] pooled output -> dropout -> classifier: logits [B, num_labels] (1: regression)."""
+  config: BertConfig
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               deterministic: bool = True):
+    c = self.config
+    _, pooled_BE = BertModel(c, name="bert")(input_ids, token_type_ids, attention_mask,
+                                            deterministic)
+    pooled_BE = nn.Dropout(c.hidden_dropout_prob)(pooled_BE, deterministic=deterministic)
+    return _classifier(c, self.num_labels)(pooled_BE).astype(jnp.float32)
+
+
+class BertForTokenClassification(nn.Module):
+  """Per-token logits [B, T, num_labels]; the encoder has no pooler (as transformers)."""
+  config: BertConfig
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               deterministic: bool = True):
+    c = self.config
+    seq_BTE, _ = BertModel(c, add_pooling_layer=False, name="bert")(
+        input_ids, token_type_ids, attention_mask, deterministic)
+    seq_BTE = nn.Dropout(c.hidden_dropout_prob)(seq_BTE, deterministic=deterministic)
+    return _classifier(c, self.num_labels)(seq_BTE).astype(jnp.float32)
+
+
+class BertForQuestionAnswering(nn.Module):
+  """Span logits: (start [B, T], end [B, T]); qa_outputs is a Dense [E, 2], no dropout."""
+  config: BertConfig
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               deterministic: bool = True):
+    c = self.config
+    seq_BTE, _ = BertModel(c, add_pooling_layer=False, name="bert")(
+        input_ids, token_type_ids, attention_mask, deterministic)
+    logits_BT2 = _classifier(c, self.num_labels, "qa_outputs")(seq_BTE).astype(jnp.float32)
+    return logits_BT2[..., 0], logits_BT2[..., 1]
+
+
+class BertForMultipleChoice(nn.Module):
+  """Inputs [B, C, T] are scored as B*C rows; logits [B, C]. `num_labels` is ignored (the
+  classifier has one output per choice, as transformers)."""
+  config: BertConfig
+  num_labels: int = 1
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               deterministic: bool = True):
+    c = self.config
+    B, C, T = input_ids.shape
+    flat = lambda x: None if x is None else x.reshape(B * C, T)
+    _, pooled_NE = BertModel(c, name="bert")(flat(input_ids), flat(token_type_ids),
+                                            flat(attention_mask), deterministic)
+    pooled_NE = nn.Dropout(c.hidden_dropout_prob)(pooled_NE, deterministic=deterministic)
+    return _classifier(c, 1)(pooled_NE).astype(jnp.float32).reshape(B, C)
+
+
+FINETUNE_HEADS = {
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "BertForTokenClassification": BertForTokenClassification,
+    "BertForQuestionAnswering": BertForQuestionAnswering,
+    "BertForMultipleChoice": BertForMultipleChoice,
+}

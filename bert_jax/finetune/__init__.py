@@ -1,0 +1,9 @@
+"""Fine-tuning in Flax: `python -m bert_jax.finetune --task {classification,token,qa,choice}`.
+
+tasks.py reads and featurises each task's files, trainer.py runs the jitted loop, metrics.py
+scores; qa.py and squad_eval.py do span QA's featurisation, n-best and official EM/F1.
+"""
+
+from __future__ import annotations
+
+TASK_NAMES = ("classification", "token", "qa", "choice")

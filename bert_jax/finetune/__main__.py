@@ -1,0 +1,99 @@
+"""`python -m bert_jax.finetune` (also `bert-jax finetune`): the command line; logic lives in
+trainer.py and tasks.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bert_jax.errors import UserError, cli_entry
+from bert_jax.finetune import TASK_NAMES
+
+
+def positive(kind):
+  def parse(text):
+    value = kind(text)
+    if value <= 0:
+      raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+  return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m bert_jax.finetune",
+      description="Fine-tune BERT for classification, token tagging, span QA or multiple "
+                  "choice. Writes OUTPUT_DIR/metrics.json, predictions, and the best "
+                  "checkpoint under OUTPUT_DIR/best.")
+  p.add_argument("--task", required=True, choices=TASK_NAMES)
+  p.add_argument("--init", required=True,
+                 help="a bert-jax checkpoint, a Hugging Face BERT directory, or 'random'")
+  p.add_argument("--preset", default="base",
+                 help="model size for --init random (bert_jax.config presets: tiny, mini, "
+                      "small, medium, base, large, L-4_H-256, ...; default base)")
+  p.add_argument("--vocab", help="vocab.txt (default: the one of --init; required with random)")
+  p.add_argument("--lower-case", choices=("auto", "yes", "no"), default="auto",
+                 help="lower-case text (auto: from the checkpoint's tokenizer_config or vocab)")
+  p.add_argument("--train-file", required=True)
+  p.add_argument("--validation-file", required=True)
+  p.add_argument("--output-dir", required=True)
+  p.add_argument("--export-hf", metavar="DIR",
+                 help="also write the best model as a transformers directory")
+  p.add_argument("--epochs", type=positive(int), default=3)
+  p.add_argument("--batch-size", type=positive(int), default=32, help="rows per micro-step")
+  p.add_argument("--eval-batch-size", type=positive(int), default=128)
+  p.add_argument("--learning-rate", type=positive(float), default=2e-5)
+  p.add_argument("--warmup-ratio", type=float, default=0.1)
+  p.add_argument("--weight-decay", type=float, default=0.01)
+  p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+  p.add_argument("--max-seq-length", type=positive(int), default=None,
+                 help="default 128 (384 for qa)")
+  p.add_argument("--smallest-bucket", type=positive(int), default=16,
+                 help="batches are padded to 16, 32, 64, ... up to --max-seq-length")
+  p.add_argument("--gradient-accumulation", type=positive(int), default=1,
+                 help="micro-steps per optimizer update")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval-every", type=int, default=0,
+                 help="evaluate every N optimizer updates (0: at the end of each epoch)")
+  p.add_argument("--max-train-rows", type=positive(int), default=None,
+                 help="use only the first N training records")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (weights stay float32)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  g = p.add_argument_group("classification")
+  g.add_argument("--text-column", help="name or 0-based index (default: sentence/text/...)")
+  g.add_argument("--text-pair-column", help="second text (default: sentence2/hypothesis/...)")
+  g.add_argument("--label-column", help="default: label/labels/gold_label/...")
+  g.add_argument("--regression", action=argparse.BooleanOptionalAction, default=None,
+                 help="one real-valued output, MSE loss (default: when labels are non-integer "
+                      "numbers)")
+  g = p.add_argument_group("qa")
+  g.add_argument("--doc-stride", type=positive(int), default=128)
+  g.add_argument("--max-query-length", type=positive(int), default=64)
+  g.add_argument("--max-answer-length", type=positive(int), default=30)
+  g.add_argument("--n-best", type=positive(int), default=20)
+  g.add_argument("--version-2-with-negative", action="store_true",
+                 help="SQuAD 2.0: questions may have no answer")
+  g.add_argument("--null-score-diff-threshold", type=float, default=0.0)
+  return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+  opts = build_parser().parse_args(argv)
+  if opts.max_seq_length is None:
+    opts.max_seq_length = 384 if opts.task == "qa" else 128
+  if not 0.0 <= opts.warmup_ratio < 1.0:
+    raise UserError(f"--warmup-ratio {opts.warmup_ratio}: expected a value in [0, 1)")
+  if opts.smallest_bucket > opts.max_seq_length:
+    opts.smallest_bucket = opts.max_seq_length
+  from bert_jax.finetune.trainer import finetune
+  best = finetune(opts)
+  shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}
+  print(json.dumps(shown))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,678 @@
+"""Task readers and featurisation: classification (TSV/CSV/JSONL), token tagging (CoNLL),
+multiple choice (SWAG CSV, {question, candidates, gold} JSON), and the QA wiring.
+
+Every task turns its files into `Features`: numpy arrays padded to max_seq_length on the last
+axis plus each row's real length, so the batcher can cut a batch down to a small bucket length.
+Bad input raises UserError naming the file and line (or record).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from bert_jax.errors import UserError
+
+IGNORE = -100  # label of positions that do not count in the loss (as transformers)
+
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "question1", "question", "premise", "query",
+                "utterance", "content", "review")
+PAIR_COLUMNS = ("sentence2", "question2", "hypothesis", "passage", "context", "text_b")
+LABEL_COLUMNS = ("label", "labels", "gold_label", "intent", "category", "class", "score",
+                 "target")
+
+
+@dataclasses.dataclass
+class Features:
+  """Token arrays [N, ..., T] padded with 0 to T = max_seq_length; `lengths` [N] the longest
+  real row; `seq_keys` the arrays whose last axis is the token axis; labels and the rest [N, ...]."""
+  arrays: dict[str, np.ndarray]
+  lengths: np.ndarray
+  seq_keys: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask")
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int]]:
+  """Longest-first truncation: trims the longer side one token at a time until both fit."""
+  b = b or []
+  excess = len(a) + len(b) - budget
+  if excess <= 0:
+    return a, b
+  la, lb = len(a), len(b)
+  # Remove from the longer until equal, then alternately (a first on ties, like transformers).
+  cut_long = min(excess, abs(la - lb))
+  if la >= lb:
+    la -= cut_long
+  else:
+    lb -= cut_long
+  rest = excess - cut_long
+  la -= (rest + 1) // 2
+  lb -= rest // 2
+  if lb < 0:
+    la += lb
+    lb = 0
+  return a[:max(la, 0)], b[:lb]
+
+
+def pack(tokenizer, a: list[int], b: list[int] | None, max_len: int,
+         ids_out: np.ndarray, types_out: np.ndarray) -> int:
+  """[CLS] a [SEP] (b [SEP]) written into the zero rows; returns the length."""
+  budget = max_len - (3 if b is not None else 2)
+  a, b2 = truncate_pair(a, b, budget)
+  row = [tokenizer.cls_id, *a, tokenizer.sep_id]
+  n_first = len(row)
+  if b is not None:
+    row += [*b2, tokenizer.sep_id]
+  ids_out[:len(row)] = row
+  types_out[n_first:len(row)] = 1
+  return len(row)
+
+
+def _attention(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  return (np.arange(ids.shape[-1]) < lengths[..., None]).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- classification
+
+@dataclasses.dataclass
+class TextRecord:
+  text: str
+  pair: str | None
+  label: str | None
+  line: int
+
+
+def _open_text(path: str):
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such file")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _pick_column(names: list[str], wanted: str | None, candidates: Sequence[str], what: str,
+                 path: str, flag: str) -> str | None:
+  if wanted is not None:
+    if wanted in names:
+      return wanted
+    if wanted.isdigit() and int(wanted) < len(names):
+      return names[int(wanted)]
+    raise UserError(f"{path}: no {what} column {wanted!r} ({flag}); columns are "
+                    f"{', '.join(names)}")
+  lowered = {n.lower(): n for n in names}
+  return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def read_text_records(path: str, text_column: str | None = None,
+                      pair_column: str | None = None, label_column: str | None = None,
+                      max_rows: int | None = None) -> list[TextRecord]:
+  """Rows of a TSV/CSV (header row optional) or JSONL file. Columns are found by name
+  (sentence/text/sentence1..., sentence2/hypothesis..., label...) or given by name or index;
+  a headerless file reads as text[, pair], label."""
+  content = _open_text(path)
+  lower = path.lower()
+  if lower.endswith((".jsonl", ".json", ".ndjson")):
+    rows, names = _jsonl_rows(path, content)
+  else:
+    delimiter = "," if lower.endswith(".csv") else "\t"
+    table = list(csv.reader(content.splitlines(), delimiter=delimiter, quotechar='"'
+                            if delimiter == "," else None, quoting=csv.QUOTE_MINIMAL
+                            if delimiter == "," else csv.QUOTE_NONE))
+    table = [(i + 1, r) for i, r in enumerate(table) if r and any(c.strip() for c in r)]
+    if not table:
+      raise UserError(f"{path}: empty file; expected rows of text and label")
+    header = [c.strip() for c in table[0][1]]
+    known = {c.lower() for c in (*TEXT_COLUMNS, *PAIR_COLUMNS, *LABEL_COLUMNS)}
+    given = {c for c in (text_column, pair_column, label_column) if c and not c.isdigit()}
+    if any(h.lower() in known for h in header) or given & set(header):
+      names, body = header, table[1:]
+    else:  # no header: text[, pair], label
+      width = len(header)
+      names = [str(i) for i in range(width)]
+      text_column = text_column or "0"
+      label_column = label_column or str(width - 1)
+      if width >= 3 and pair_column is None:
+        pair_column = "1"
+      body = table
+    rows = []
+    for line, r in body:
+      if len(r) != len(names):
+        raise UserError(f"{path}:{line}: {len(r)} fields; expected {len(names)} "
+                        f"({', '.join(names)})")
+      rows.append((line, dict(zip(names, r))))
+  if not rows:
+    raise UserError(f"{path}: no data rows")
+  text_key = _pick_column(names, text_column, TEXT_COLUMNS, "text", path, "--text-column")
+  if text_key is None:
+    raise UserError(f"{path}: no text column among {', '.join(names)}; name it with "
+                    "--text-column")
+  pair_key = _pick_column(names, pair_column, PAIR_COLUMNS, "text-pair", path,
+                          "--text-pair-column")
+  label_key = _pick_column(names, label_column, LABEL_COLUMNS, "label", path, "--label-column")
+  records = []
+  for line, row in rows:
+    text = row.get(text_key)
+    if text is None or not str(text).strip():
+      raise UserError(f"{path}:{line}: empty or missing text column {text_key!r}")
+    label = row.get(label_key) if label_key else None
+    records.append(TextRecord(str(text), None if pair_key is None else str(row.get(pair_key) or ""),
+                              None if label is None else str(label).strip(), line))
+    if max_rows and len(records) >= max_rows:
+      break
+  return records
+
+
+def _jsonl_rows(path: str, content: str):
+  stripped = content.lstrip()
+  if stripped.startswith("["):
+    try:
+      items = json.loads(content)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}: not valid JSON ({e})") from None
+    rows = [(i + 1, r) for i, r in enumerate(items)]
+  else:
+    rows = []
+    for i, line in enumerate(content.splitlines()):
+      if not line.strip():
+        continue
+      try:
+        rows.append((i + 1, json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+  if not rows:
+    raise UserError(f"{path}: empty file; expected one JSON object per line")
+  for line, r in rows:
+    if not isinstance(r, dict):
+      raise UserError(f"{path}:{line}: expected a JSON object")
+  names = list(dict.fromkeys(k for _, r in rows for k in r))
+  return rows, names
+
+
+def build_label_map(records: Sequence[TextRecord], path: str, regression: bool | None
+                    ) -> tuple[list[str], bool]:
+  """Label names from the training file (numeric order if all integers) and whether the task
+  is regression (None: auto, when labels are numbers that are not all integers)."""
+  labels = [r.label for r in records]
+  for r in records:
+    if r.label is None or r.label == "":
+      raise UserError(f"{path}:{r.line}: missing label; name its column with --label-column")
+  names = sorted(set(labels))
+  if regression is None:
+    regression = _all_float(names) and not all(_is_int(n) for n in names)
+  if regression:
+    bad = next((r for r in records if not _is_float(r.label)), None)
+    if bad:
+      raise UserError(f"{path}:{bad.line}: label {bad.label!r} is not a number (regression)")
+    return [], True
+  if all(_is_int(n) for n in names):
+    names.sort(key=int)
+  return names, False
+
+
+def _is_float(s: str) -> bool:
+  try:
+    float(s)
+    return True
+  except ValueError:
+    return False
+
+
+def _all_float(names) -> bool:
+  return all(_is_float(n) for n in names)
+
+
+def _is_int(s: str) -> bool:
+  return s.lstrip("-").isdigit()
+
+
+def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int,
+                   label_names: Sequence[str], regression: bool, path: str) -> Features:
+  n = len(records)
+  ids = np.zeros((n, max_seq_length), np.int32)
+  types = np.zeros((n, max_seq_length), np.int32)
+  lengths = np.zeros(n, np.int32)
+  a_ids = tokenizer.encode_batch([r.text for r in records])
+  has_pair = any(r.pair is not None for r in records)
+  b_ids = tokenizer.encode_batch([r.pair or "" for r in records]) if has_pair else [None] * n
+  for i in range(n):
+    lengths[i] = pack(tokenizer, a_ids[i], b_ids[i], max_seq_length, ids[i], types[i])
+  if regression:
+    labels = np.array([float(r.label) for r in records], np.float32)
+  else:
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = np.zeros(n, np.int32)
+    for i, r in enumerate(records):
+      if r.label not in index:
+        raise UserError(f"{path}:{r.line}: label {r.label!r} does not occur in the training "
+                        f"file (known: {', '.join(label_names[:20])})")
+      labels[i] = index[r.label]
+  return Features({"input_ids": ids, "token_type_ids": types,
+                   "attention_mask": _attention(ids, lengths), "labels": labels}, lengths)
+
+
+# ----------------------------------------------------------------------------- token tagging
+
+@dataclasses.dataclass
+class TaggedSentence:
+  words: list[str]
+  tags: list[str]
+  line: int  # line of the first word
+
+
+def read_conll(path: str) -> list[TaggedSentence]:
+  """CoNLL-style: one `word ... tag` per line (first column the word, last the tag), a blank
+  line between sentences, -DOCSTART- lines skipped."""
+  content = _open_text(path)
+  sentences, words, tags, start = [], [], [], 0
+  for i, raw in enumerate(content.splitlines(), start=1):
+    line = raw.strip()
+    if not line or line.startswith("-DOCSTART-"):
+      if words:
+        sentences.append(TaggedSentence(words, tags, start))
+        words, tags = [], []
+      continue
+    fields = line.split()
+    if len(fields) < 2:
+      raise UserError(f"{path}:{i}: expected 'word ... tag' (at least two columns), got "
+                      f"{line[:40]!r}")
+    if not words:
+      start = i
+    words.append(fields[0])
+    tags.append(fields[-1])
+  if words:
+    sentences.append(TaggedSentence(words, tags, start))
+  if not sentences:
+    raise UserError(f"{path}: empty file; expected CoNLL lines 'word tag'")
+  return sentences
+
+
+def tag_names(sentences: Sequence[TaggedSentence]) -> list[str]:
+  names = sorted({t for s in sentences for t in s.tags})
+  return (["O"] if "O" in names else []) + [t for t in names if t != "O"]
+
+
+def featurize_tags(sentences: Sequence[TaggedSentence], tokenizer, max_seq_length: int,
+                   names: Sequence[str], path: str) -> Features:
+  """The label sits on each word's first sub-token; later pieces and specials get IGNORE.
+  `extra["first_positions"][i]` holds each kept word's first-piece position (words past
+  max_seq_length are cut and predicted "O")."""
+  index = {n: i for i, n in enumerate(names)}
+  n = len(sentences)
+  ids = np.zeros((n, max_seq_length), np.int32)
+  labels = np.full((n, max_seq_length), IGNORE, np.int32)
+  lengths = np.zeros(n, np.int32)
+  flat_words = [w for s in sentences for w in s.words]
+  flat_pieces = tokenizer.encode_batch(flat_words)
+  first_positions, cursor = [], 0
+  for i, s in enumerate(sentences):
+    row, positions = [tokenizer.cls_id], []
+    for j, (word, tag) in enumerate(zip(s.words, s.tags)):
+      pieces = flat_pieces[cursor + j] or [tokenizer.unk_id]  # e.g. a lone control character
+      if tag not in index:
+        raise UserError(f"{path}:{s.line + j}: tag {tag!r} does not occur in the training "
+                        f"file (known: {', '.join(names[:20])})")
+      if len(row) + len(pieces) > max_seq_length - 1:
+        break
+      labels[i, len(row)] = index[tag]
+      positions.append(len(row))
+      row += pieces
+    cursor += len(s.words)
+    row.append(tokenizer.sep_id)
+    ids[i, :len(row)] = row
+    lengths[i] = len(row)
+    first_positions.append(np.array(positions, np.int32))
+  return Features({"input_ids": ids, "token_type_ids": np.zeros_like(ids),
+                   "attention_mask": _attention(ids, lengths), "labels": labels}, lengths,
+                  seq_keys=("input_ids", "token_type_ids", "attention_mask", "labels"),
+                  extra={"first_positions": first_positions})
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+@dataclasses.dataclass
+class ChoiceRecord:
+  id: str
+  first: list[str]   # per choice: the context / question
+  second: list[str]  # per choice: the ending / candidate paragraph
+  label: int
+  line: int
+
+
+def read_swag(path: str) -> list[ChoiceRecord]:
+  """SWAG's CSV: sent1 is the context; sent2 + " " + ending{i} each candidate; label the gold."""
+  content = _open_text(path)
+  rows = list(csv.DictReader(content.splitlines()))
+  if not rows:
+    raise UserError(f"{path}: empty file; expected SWAG CSV rows with a header")
+  endings = sorted((k for k in rows[0] if k and k.startswith("ending")), key=lambda k: k[6:])
+  missing = [c for c in ("sent1", "sent2", "label") if c not in rows[0]]
+  if missing or not endings:
+    raise UserError(f"{path}: missing column(s) {', '.join(missing or ['ending0'])}; expected "
+                    "SWAG's sent1, sent2, ending0..N, label")
+  records = []
+  for i, r in enumerate(rows):
+    line = i + 2
+    label = (r.get("label") or "").strip()
+    if not _is_int(label) or not 0 <= int(label) < len(endings):
+      raise UserError(f"{path}:{line}: label {label!r}; expected 0..{len(endings) - 1}")
+    records.append(ChoiceRecord(
+        str(r.get("fold-ind") or r.get("video-id") or i), [r["sent1"] or ""] * len(endings),
+        [f"{r['sent2'] or ''} {r[e] or ''}".strip() for e in endings], int(label), line))
+  return records
+
+
+QUESTION_KEYS = ("question", "query", "context", "sent1", "premise")
+CANDIDATE_KEYS = ("candidates", "paragraphs", "options", "endings", "choices")
+GOLD_KEYS = ("gold", "label", "answer", "gold_index", "relevant")
+
+
+def read_choice_json(path: str) -> list[ChoiceRecord]:
+  """JSON list (or JSONL, or {"data": [...]}) of {question, candidates|paragraphs, gold}."""
+  content = _open_text(path)
+  try:
+    loaded = json.loads(content) if content.lstrip()[:1] in ("[", "{") and \
+        "\n{" not in content.strip() else None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  if loaded is None:
+    rows, _ = _jsonl_rows(path, content)
+  else:
+    items = loaded.get("data", [loaded]) if isinstance(loaded, dict) else loaded
+    rows = [(i + 1, r) for i, r in enumerate(items)]
+  if not rows:
+    raise UserError(f"{path}: empty file; expected records of question, candidates, gold")
+  records = []
+  for n, r in rows:
+    if not isinstance(r, dict):
+      raise UserError(f"{path}: record {n}: expected a JSON object")
+    q = next((r[k] for k in QUESTION_KEYS if k in r), None)
+    cands = next((r[k] for k in CANDIDATE_KEYS if k in r), None)
+    gold = next((r[k] for k in GOLD_KEYS if k in r), None)
+    if q is None or not isinstance(cands, list) or not cands or gold is None:
+      raise UserError(f"{path}: record {n}: expected fields question, candidates (or "
+                      "paragraphs: a non-empty list) and gold (an index)")
+    cands = [c.get("text", c.get("paragraph", "")) if isinstance(c, dict) else str(c)
+             for c in cands]
+    if isinstance(gold, str) and not _is_int(gold):
+      if gold not in cands:
+        raise UserError(f"{path}: record {n}: gold {gold[:40]!r} is not one of the candidates")
+      gold = cands.index(gold)
+    gold = int(gold)
+    if not 0 <= gold < len(cands):
+      raise UserError(f"{path}: record {n}: gold index {gold}; expected 0..{len(cands) - 1}")
+    records.append(ChoiceRecord(str(r.get("id", n)), [str(q)] * len(cands), cands, gold, n))
+  return records
+
+
+def read_choice(path: str) -> list[ChoiceRecord]:
+  return read_swag(path) if path.lower().endswith(".csv") else read_choice_json(path)
+
+
+def featurize_choice(records: Sequence[ChoiceRecord], tokenizer, max_seq_length: int,
+                     num_choices: int | None = None) -> Features:
+  """[N, C, T] arrays; records with fewer than C candidates are padded, `choice_mask` 0."""
+  c = num_choices or max(len(r.second) for r in records)
+  n = len(records)
+  ids = np.zeros((n, c, max_seq_length), np.int32)
+  types = np.zeros_like(ids)
+  row_len = np.zeros((n, c), np.int32)
+  firsts = tokenizer.encode_batch([t for r in records for t in r.first])
+  seconds = tokenizer.encode_batch([t for r in records for t in r.second])
+  k = 0
+  for i, r in enumerate(records):
+    if len(r.second) > c:
+      raise UserError(f"record {r.id}: {len(r.second)} candidates; the training data has {c}")
+    for j in range(len(r.second)):
+      row_len[i, j] = pack(tokenizer, firsts[k], seconds[k], max_seq_length, ids[i, j], types[i, j])
+      k += 1
+  choice_mask = (row_len > 0).astype(np.int32)
+  return Features({"input_ids": ids, "token_type_ids": types,
+                   "attention_mask": _attention(ids, row_len),
+                   "labels": np.array([r.label for r in records], np.int32),
+                   "choice_mask": choice_mask}, row_len.max(axis=1))
+
+
+# ----------------------------------------------------------------------------- task specs
+# A Task says how to read its files, which head to build, its loss, what an evaluation keeps
+# per row, and how that becomes metrics and a predictions file. The trainer is generic.
+
+def _masked_ce(logits, labels, weight):
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  safe = jnp.where(labels < 0, 0, labels)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return (nll * weight).sum(), weight.sum()
+
+
+class Task:
+  name = ""
+  architecture = ""
+  main_metric = ""
+  seq_outputs: tuple[str, ...] = ()  # predict() outputs with a token axis (padded back to T)
+  num_labels = 2
+
+  def __init__(self, opts):
+    self.opts = opts
+
+  def model(self, config):
+    from bert_jax import heads
+    return heads.FINETUNE_HEADS[self.architecture](config, num_labels=self.num_labels)
+
+  def hf_config(self) -> dict:
+    return {}
+
+  def finetune_info(self) -> dict:
+    return {"task": self.name, "architecture": self.architecture, **self.hf_config()}
+
+
+class ClassificationTask(Task):
+  name, architecture = "classification", "BertForSequenceClassification"
+
+  def load(self, tokenizer):
+    o = self.opts
+    cols = dict(text_column=o.text_column, pair_column=o.text_pair_column,
+                label_column=o.label_column)
+    train = read_text_records(o.train_file, max_rows=o.max_train_rows, **cols)
+    valid = read_text_records(o.validation_file, **cols)
+    self.label_names, self.regression = build_label_map(train, o.train_file, o.regression)
+    if not self.regression and len(self.label_names) < 2:
+      raise UserError(f"{o.train_file}: only one label ({self.label_names[0]!r}); "
+                      "classification needs two or more")
+    self.num_labels = 1 if self.regression else len(self.label_names)
+    self.main_metric = "pearson" if self.regression else "accuracy"
+    self.valid_records = valid
+    feats = [featurize_text(r, tokenizer, o.max_seq_length, self.label_names, self.regression, p)
+             for r, p in ((train, o.train_file), (valid, o.validation_file))]
+    return feats[0], feats[1]
+
+  def loss(self, logits, batch):
+    w = batch["weight"]
+    if self.regression:
+      return (((logits[:, 0] - batch["labels"]) ** 2) * w).sum(), w.sum()
+    return _masked_ce(logits, batch["labels"], w)
+
+  def predict(self, logits, batch):
+    return {"prediction": logits[:, 0] if self.regression else logits.argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    labels, pred = feats.arrays["labels"], out["prediction"]
+    if self.regression:
+      return metrics.regression_scores(labels, pred)
+    return metrics.classification_scores(labels, pred, self.num_labels)
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = ["line\tprediction\tlabel"]
+    for r, p in zip(self.valid_records, out["prediction"]):
+      shown = f"{float(p):.6g}" if self.regression else self.label_names[int(p)]
+      lines.append(f"{r.line}\t{shown}\t{r.label}")
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+  def hf_config(self):
+    if self.regression:
+      return {"num_labels": 1, "problem_type": "regression"}
+    id2label = {str(i): n for i, n in enumerate(self.label_names)}
+    return {"num_labels": self.num_labels, "id2label": id2label,
+            "label2id": {n: i for i, n in enumerate(self.label_names)},
+            "problem_type": "single_label_classification"}
+
+
+class TokenTask(Task):
+  name, architecture, main_metric = "token", "BertForTokenClassification", "f1"
+  seq_outputs = ("prediction",)
+
+  def load(self, tokenizer):
+    o = self.opts
+    train = read_conll(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_conll(o.validation_file)
+    self.label_names = tag_names(train)
+    self.num_labels = len(self.label_names)
+    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file),
+            featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
+                           o.validation_file))
+
+  def loss(self, logits, batch):
+    labels = batch["labels"]
+    return _masked_ce(logits, labels, (labels >= 0) * batch["weight"][:, None])
+
+  def predict(self, logits, batch):
+    return {"prediction": logits.argmax(-1).astype("int32")}
+
+  def word_tags(self, feats, out) -> list[list[str]]:
+    tags = []
+    for i, s in enumerate(self.valid):
+      positions = feats.extra["first_positions"][i]
+      kept = [self.label_names[int(t)] for t in out["prediction"][i, positions]]
+      tags.append(kept + ["O"] * (len(s.words) - len(kept)))
+    return tags
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    return metrics.entity_scores([s.tags for s in self.valid], self.word_tags(feats, out))
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = []
+    for s, pred in zip(self.valid, self.word_tags(feats, out)):
+      lines += [f"{w}\t{g}\t{p}" for w, g, p in zip(s.words, s.tags, pred)] + [""]
+    _write_text(path, "\n".join(lines))
+    return path
+
+  def hf_config(self):
+    return {"num_labels": self.num_labels,
+            "id2label": {str(i): n for i, n in enumerate(self.label_names)},
+            "label2id": {n: i for i, n in enumerate(self.label_names)}}
+
+
+class ChoiceTask(Task):
+  name, architecture, main_metric = "choice", "BertForMultipleChoice", "accuracy"
+  num_labels = 1
+
+  def load(self, tokenizer):
+    o = self.opts
+    train = read_choice(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_choice(o.validation_file)
+    self.num_choices = max(len(r.second) for r in train)
+    return (featurize_choice(train, tokenizer, o.max_seq_length, self.num_choices),
+            featurize_choice(self.valid, tokenizer, o.max_seq_length, self.num_choices))
+
+  def _masked(self, logits, batch):
+    import jax.numpy as jnp
+    return jnp.where(batch["choice_mask"] > 0, logits, -1e9)
+
+  def loss(self, logits, batch):
+    return _masked_ce(self._masked(logits, batch), batch["labels"], batch["weight"])
+
+  def predict(self, logits, batch):
+    return {"prediction": self._masked(logits, batch).argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    return {"accuracy": metrics.accuracy(feats.arrays["labels"], out["prediction"])}
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = ["id\tprediction\tlabel"] + [f"{r.id}\t{int(p)}\t{r.label}"
+                                          for r, p in zip(self.valid, out["prediction"])]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+class QATask(Task):
+  """Span QA through bert_jax.finetune.qa (featurisation, n-best) and squad_eval (EM/F1)."""
+  name, architecture, main_metric = "qa", "BertForQuestionAnswering", "f1"
+  seq_outputs = ("start_logits", "end_logits")
+
+  def load(self, tokenizer):
+    from bert_jax.finetune import qa
+    o = self.opts
+    kw = dict(max_seq_length=o.max_seq_length, doc_stride=o.doc_stride,
+              max_query_length=o.max_query_length)
+    train = qa.read_squad(o.train_file)[:o.max_train_rows or None]
+    self.valid = qa.read_squad(o.validation_file)
+    train_f = qa.featurize(train, tokenizer, is_training=True, **kw)
+    self.valid_qa = qa.featurize(self.valid, tokenizer, is_training=False, **kw)
+
+    def as_features(f, training):
+      arrays = {k: np.asarray(getattr(f, k), np.int32)
+                for k in ("input_ids", "token_type_ids", "attention_mask")}
+      if training:
+        arrays["start_positions"] = np.asarray(f.start_positions, np.int32)
+        arrays["end_positions"] = np.asarray(f.end_positions, np.int32)
+      return Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
+    return as_features(train_f, True), as_features(self.valid_qa, False)
+
+  def loss(self, logits, batch):
+    start, end = logits
+    w = batch["weight"]
+    s, n = _masked_ce(start, batch["start_positions"], w)
+    e, _ = _masked_ce(end, batch["end_positions"], w)
+    return (s + e) / 2, n
+
+  def predict(self, logits, batch):
+    return {"start_logits": logits[0], "end_logits": logits[1]}
+
+  def answers(self, out) -> dict[str, str]:
+    from bert_jax.finetune import qa
+    o = self.opts
+    return qa.postprocess(self.valid, self.valid_qa, out["start_logits"], out["end_logits"],
+                          n_best=o.n_best, max_answer_length=o.max_answer_length,
+                          version_2_with_negative=o.version_2_with_negative,
+                          null_score_diff_threshold=o.null_score_diff_threshold)
+
+  def score(self, feats, out):
+    from bert_jax.finetune import squad_eval
+    self._answers = self.answers(out)
+    return dict(squad_eval.evaluate(self.valid, self._answers, lang="auto"))
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.json")
+    answers = getattr(self, "_answers", None) or self.answers(out)
+    _write_text(path, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
+    return path
+
+
+TASKS = {"classification": ClassificationTask, "token": TokenTask, "qa": QATask,
+         "choice": ChoiceTask}
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
