@@ -223,9 +223,8 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   """
   if doc_stride < 1:
     raise UserError(f"--doc-stride: expected a positive number of tokens, got {doc_stride}")
-  if max_query_length < 1 or max_query_length + 3 >= max_seq_length:
-    raise UserError(f"--max-query-length {max_query_length} leaves no room for the context in "
-                    f"--max-seq-length {max_seq_length} (needs max_query_length + 4 <= it)")
+  if max_query_length < 1:
+    raise UserError(f"--max-query-length: expected a positive number, got {max_query_length}")
   seq_len = max_seq_length
   rows: dict[str, list] = {k: [] for k in ("ids", "types", "starts", "ends", "example",
                                               "offsets", "max_ctx", "length")}
@@ -249,7 +248,12 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
 
     header = [tokenizer.cls_id, *query_ids, tokenizer.sep_id]
     context_offset = len(header)
-    windows = _doc_windows(n_doc, seq_len - len(header) - 1, doc_stride)
+    max_doc_tokens = seq_len - len(header) - 1
+    if max_doc_tokens < 1:
+      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: its "
+                      f"{len(query_ids)} question tokens leave no room for the context in "
+                      f"--max-seq-length {seq_len} (lower --max-query-length)")
+    windows = _doc_windows(n_doc, max_doc_tokens, doc_stride)
     best_window = _max_context(windows, n_doc)
     for window_index, (start, length) in enumerate(windows):
       ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int32)
