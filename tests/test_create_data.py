@@ -1,0 +1,297 @@
+"""create-data end to end on real text: NSP/MLM statistics, layout, whole words (English and
+Chinese), byte-identical output across worker counts, atomic output dirs, bad input via CLI."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from bert_jax.data import create, masking, read_instances, records
+from bert_jax.errors import UserError
+from bert_jax.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def vocab(minilm_dir):
+  return str(minilm_dir / "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def wiki_valid(shared_data):
+  return str(shared_data / "wikitext-2" / "wiki.valid.tokens")
+
+
+@pytest.fixture(scope="module")
+def static_data(tmp_path_factory, wiki_valid, vocab):
+  out = tmp_path_factory.mktemp("static") / "data"
+  man = create.create_data([wiki_valid], vocab, out, dupe_factor=2, workers=2, progress=False)
+  return out, man, list(read_instances(out))
+
+
+def _original_ids(inst):
+  ids = inst["input_ids"].copy()
+  ids[inst["masked_lm_positions"]] = inst["masked_lm_ids"]
+  return ids
+
+
+def _maskable(inst):
+  segment = inst["segment_ids"]
+  length = len(segment)
+  len_a = int(np.argmax(segment)) - 2
+  maskable = np.ones(length, bool)
+  maskable[[0, len_a + 1, length - 1]] = False
+  return maskable
+
+
+def test_layout_and_lengths(static_data, vocab):
+  out, man, insts = static_data
+  tok = load_tokenizer(vocab)
+  assert man["splits"]["train"]["num_instances"] == len(insts) > 4000
+  assert man["vocab"]["mask_id"] == tok.mask_id and len(man["vocab"]["sha256"]) == 64
+  for inst in insts:
+    ids, seg = _original_ids(inst), inst["segment_ids"]
+    length = len(ids)
+    assert 5 <= length <= 128 and len(seg) == length
+    len_a = int(np.argmax(seg)) - 2
+    assert len_a >= 1 and np.all(seg[:len_a + 2] == 0) and np.all(seg[len_a + 2:] == 1)
+    assert ids[0] == tok.cls_id and ids[len_a + 1] == tok.sep_id and ids[-1] == tok.sep_id
+    assert np.sum(ids == tok.sep_id) == 2 and np.sum(ids == tok.cls_id) == 1
+    assert inst["input_ids"].dtype == np.int32 and inst["next_sentence_label"] in (0, 1)
+
+
+def test_nsp_and_mlm_statistics(static_data, vocab):
+  _, _, insts = static_data
+  tok = load_tokenizer(vocab)
+  random_next = np.mean([int(i["next_sentence_label"]) for i in insts])
+  assert 0.45 < random_next < 0.56
+  predicted = maskable_total = 0
+  kinds = {"mask": 0, "keep": 0, "random": 0}
+  for inst in insts:
+    pos = inst["masked_lm_positions"]
+    maskable = _maskable(inst)
+    assert np.all(np.diff(pos) > 0) and maskable[pos].all()    # sorted, never [CLS]/[SEP]
+    expected = masking.num_to_predict(np.array([maskable.sum()]), 0.15, 20)[0]
+    assert len(pos) == expected                                   # 15%, capped at 20
+    predicted += len(pos)
+    maskable_total += maskable.sum()
+    got, label = inst["input_ids"][pos], inst["masked_lm_ids"]
+    kinds["mask"] += np.sum(got == tok.mask_id)
+    kinds["keep"] += np.sum(got == label)
+    kinds["random"] += np.sum((got != tok.mask_id) & (got != label))
+  assert 0.14 < predicted / maskable_total < 0.16
+  assert abs(kinds["mask"] / predicted - 0.8) < 0.02
+  assert abs(kinds["keep"] / predicted - 0.1) < 0.015
+  assert abs(kinds["random"] / predicted - 0.1) < 0.015
+
+
+def _assert_whole_words(inst, continuation, mask_id):
+  maskable = _maskable(inst)
+  starts = masking.word_starts(maskable[None], continuation[None])[0]
+  word = np.cumsum(starts) - 1
+  chosen = np.zeros(len(maskable), bool)
+  chosen[inst["masked_lm_positions"]] = True
+  original = _original_ids(inst)
+  multi = 0
+  for w in np.unique(word[chosen]):
+    members = maskable & (word == w)
+    assert chosen[members].all(), "part of a word was masked"
+    new, old = inst["input_ids"][members], original[members]
+    kinds = {"mask" if a == mask_id else "keep" if a == b else "random" for a, b in zip(new, old)}
+    assert len(kinds) == 1, "the pieces of one word were treated differently"
+    multi += members.sum() > 1
+  return multi
+
+
+def test_whole_word_masking_english(tmp_path, wiki_valid, vocab):
+  tok = load_tokenizer(vocab)
+  create.create_data([wiki_valid], vocab, tmp_path / "d", dupe_factor=1, whole_word_mask=True,
+                     workers=1, progress=False)
+  multi = 0
+  for inst in read_instances(tmp_path / "d"):
+    continuation = tok.continuation_mask[_original_ids(inst)]
+    multi += _assert_whole_words(inst, continuation, tok.mask_id)
+    assert len(inst["masked_lm_positions"]) <= 20
+  assert multi > 300   # words of several ## pieces were masked as wholes
+
+
+@pytest.fixture(scope="module")
+def cmrc_text(shared_data, tmp_path_factory):
+  data = json.loads((shared_data / "cmrc2018" / "cmrc2018_dev.json").read_text("utf-8"))
+  contexts = [p["context"] for article in data["data"][:120] for p in article["paragraphs"]]
+  path = tmp_path_factory.mktemp("zh") / "cmrc.txt"
+  path.write_text("\n\n".join(contexts) + "\n", encoding="utf-8")
+  return str(path)
+
+
+def test_chinese_word_continuation_follows_jieba(shared_data):
+  jieba = pytest.importorskip("jieba")
+  tok = load_tokenizer(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+  text = "我们在北京大学学习自然语言处理，使用BERT模型。"
+  ids, continuation = create.chinese_word_continuation(tok, text)
+  assert ids == tok.encode(text)
+  expected = []
+  for word in jieba.lcut(text):
+    pieces = tok.encode(word)
+    expected += [False] + [True] * (len(pieces) - 1)
+  assert continuation.tolist() == expected
+  assert sum(expected) >= 8
+
+
+def test_whole_word_masking_chinese(tmp_path, shared_data, cmrc_text):
+  pytest.importorskip("jieba")
+  vocab_zh = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+  common = dict(dupe_factor=1, whole_word_mask=True, workers=2, progress=False, seed=7)
+  create.create_data([cmrc_text], vocab_zh, tmp_path / "masked", **common)
+  create.create_data([cmrc_text], vocab_zh, tmp_path / "plain", static_masking=False, **common)
+  assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["static_masking"] is False
+  tok = load_tokenizer(vocab_zh)
+  multi = cjk_continuations = 0
+  for masked, plain in zip(read_instances(tmp_path / "masked"), read_instances(tmp_path / "plain"),
+                           strict=True):
+    # Pairs depend only on the seed: the unmasked twin holds the same tokens, and the word
+    # grouping (continuation flags) that the masking used.
+    assert len(plain["masked_lm_positions"]) == 0
+    np.testing.assert_array_equal(_original_ids(masked), plain["input_ids"])
+    multi += _assert_whole_words(masked, plain["continuation"], tok.mask_id)
+    cjk_continuations += int(plain["continuation"].sum())
+  assert multi > 200 and cjk_continuations > 5000
+
+
+def _dir_bytes(path):
+  out = {}
+  for f in sorted(os.listdir(path)):
+    data = open(os.path.join(path, f), "rb").read()
+    if f == records.MANIFEST:
+      man = json.loads(data)
+      man.pop("seconds")
+      data = json.dumps(man, sort_keys=True).encode()
+    out[f] = data
+  return out
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path, monkeypatch, wiki_valid, vocab):
+  monkeypatch.setattr(create, "CHUNK_CHARS", 40_000)     # many chunks for 2 workers to share
+  runs = {}
+  for name, workers, seed in (("w1", 1, 3), ("w2", 2, 3), ("other_seed", 2, 4)):
+    create.create_data([wiki_valid], vocab, tmp_path / name, dupe_factor=1, workers=workers,
+                       seed=seed, progress=False)
+    runs[name] = _dir_bytes(tmp_path / name)
+  assert runs["w1"] == runs["w2"]
+  shard = "train-00000-of-00001.array_record"
+  assert runs["w1"][shard] != runs["other_seed"][shard]
+
+
+def test_eval_split_and_shard_count(tmp_path, wiki_valid, vocab):
+  man = create.create_data([wiki_valid], vocab, tmp_path / "a", dupe_factor=1, eval_fraction=0.3,
+                           num_shards=3, workers=1, progress=False)
+  train, held_out = man["splits"]["train"], man["splits"]["eval"]
+  assert train["num_documents"] + held_out["num_documents"] == man["corpus"]["documents"] == 60
+  assert 5 <= held_out["num_documents"] <= 35
+  assert len(train["shards"]) == 3 and sorted(os.listdir(tmp_path / "a"))[0].startswith("eval-")
+  assert len(list(read_instances(tmp_path / "a", split="eval"))) == held_out["num_instances"]
+  one = create.create_data([wiki_valid], vocab, tmp_path / "b", dupe_factor=1, eval_fraction=0.3,
+                           workers=1, progress=False)
+  # Sharding only distributes the same records.
+  shards_a = sorted(glob.glob(str(tmp_path / "a" / "train-*")))
+  recs_a = sorted(r for s in shards_a for r in records.iter_shard(s))
+  recs_b = sorted(records.iter_shard(str(tmp_path / "b" / one["splits"]["train"]["shards"][0])))
+  assert recs_a == recs_b
+  first = next(read_instances(shards_a[0]))
+  assert set(first) == {"input_ids", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+                        "next_sentence_label"}
+
+
+def _cli(args, capsys):
+  code = create.main(args + ["--no-progress"])
+  captured = capsys.readouterr()
+  return code, captured.err.strip()
+
+
+def _assert_one_line_error(code, err, *needles):
+  assert code == 2
+  assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+  for needle in needles:
+    assert needle in err, err
+
+
+def test_cli_bad_inputs(tmp_path, capsys, vocab):
+  out = str(tmp_path / "out")
+  code, err = _cli(["--input", str(tmp_path / "missing.txt"), "--vocab", vocab, "--output", out], capsys)
+  _assert_one_line_error(code, err, "missing.txt")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n  \n")
+  code, err = _cli(["--input", str(empty), "--vocab", vocab, "--output", out], capsys)
+  _assert_one_line_error(code, err, "empty.txt")
+  assert not os.path.exists(out) or not os.listdir(out)
+  bad_vocab = tmp_path / "vocab.txt"
+  bad_vocab.write_text("the\nof\nand\n")
+  code, err = _cli(["--input", "sample", "--vocab", str(bad_vocab), "--output", out], capsys)
+  _assert_one_line_error(code, err, "vocab.txt", "[CLS]")
+  code, err = _cli(["--input", "sample", "--vocab", vocab, "--output", out, "--max-seq-length", "7"], capsys)
+  _assert_one_line_error(code, err, "--max-seq-length")
+  code, err = _cli(["--input", "sample", "--vocab", vocab, "--output", out,
+                    "--max-predictions-per-seq", "0"], capsys)
+  _assert_one_line_error(code, err, "--max-predictions-per-seq")
+
+
+def test_cli_unknown_tfds_dataset(tmp_path, capsys, vocab):
+  code, err = _cli(["--input", "tfds:no_such_dataset_xyz", "--vocab", vocab, "--output",
+                    str(tmp_path / "o")], capsys)
+  _assert_one_line_error(code, err, "no_such_dataset_xyz")
+
+
+def test_one_sentence_documents_and_long_lines(tmp_path, capsys, vocab):
+  one = tmp_path / "one.txt"
+  one.write_text("".join(f"Document number {d} has only this sentence in it.\n\n" for d in range(30)))
+  code, _ = _cli(["--input", str(one), "--vocab", vocab, "--output", str(tmp_path / "o1"),
+                  "--input-format", "bert", "--dupe-factor", "2"], capsys)
+  assert code == 0
+  insts = list(read_instances(tmp_path / "o1"))
+  assert len(insts) == 60 and all(int(i["next_sentence_label"]) == 1 for i in insts)
+  long = tmp_path / "long.txt"
+  words = " ".join(f"word{k % 97}" for k in range(60_000))
+  long.write_text(f"A short line.\n{words}\nAnother line here.\n\nSecond doc.\nIt ends.\n")
+  code, _ = _cli(["--input", str(long), "--vocab", vocab, "--output", str(tmp_path / "o2"),
+                  "--input-format", "bert", "--max-seq-length", "64"], capsys)
+  assert code == 0
+  insts = list(read_instances(tmp_path / "o2"))
+  assert insts and max(len(i["input_ids"]) for i in insts) <= 64
+
+
+def test_output_dir_rules(tmp_path, capsys, vocab):
+  out = tmp_path / "out"
+  args = ["--input", "sample", "--vocab", vocab, "--output", str(out), "--dupe-factor", "1"]
+  assert _cli(args, capsys)[0] == 0
+  code, err = _cli(args, capsys)
+  _assert_one_line_error(code, err, "already holds a complete dataset")
+  # An interrupted run (temporary shards, no manifest) is cleaned and redone.
+  os.remove(out / records.MANIFEST)
+  shard = next(out.glob("train-*"))
+  os.rename(shard, out / "train-00000.array_record.tmp")
+  assert _cli(args, capsys)[0] == 0
+  assert sorted(os.listdir(out)) == [records.MANIFEST, shard.name]
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  code, err = _cli(args[:-3] + [str(foreign), "--dupe-factor", "1"], capsys)
+  _assert_one_line_error(code, err, "not empty")
+  assert (foreign / "notes.txt").exists()
+
+
+def test_missing_jieba_is_a_user_error(tmp_path, monkeypatch, cmrc_text, shared_data):
+  monkeypatch.setitem(sys.modules, "jieba", None)
+  with pytest.raises(UserError, match="jieba"):
+    create.create_data([cmrc_text], shared_data / "vocab" / "bert-base-chinese-vocab.txt",
+                       tmp_path / "o", whole_word_mask=True, workers=1, dupe_factor=1,
+                       progress=False)
+  assert not (tmp_path / "o").exists()
+
+
+def test_read_instances_missing_path():
+  with pytest.raises(UserError, match="not found"):
+    next(read_instances("/nonexistent/dir/x.array_record"))
