@@ -334,6 +334,8 @@ def test_bad_files(tmp_path, en_tok):
     read_squad(tmp_path / "missing.json")
   with pytest.raises(UserError, match="'context'"):
     parse_squad({"data": [{"paragraphs": [{"qas": []}]}]}, "x.json")
+  ok = read_squad(_write(tmp_path, [{"id": "I", "question": "?", "is_impossible": True}]))
+  assert ok[0].is_impossible and ok[0].answers == []
   dup = [{"id": "D", "question": "?", "answers": []}] * 2
   with pytest.raises(UserError, match=r"'D'.*duplicate"):
     read_squad(_write(tmp_path, dup))

@@ -111,7 +111,10 @@ def parse_squad(data: Any, source: str = "<squad>") -> list[QAExample]:
         if not isinstance(is_impossible, bool):
           raise UserError(f"{q_where}: field 'is_impossible' should be true or false")
         answers = []
-        for n, answer in enumerate(_require(qa, "answers", list, q_where)):
+        # an unanswerable (v2.0) question may leave out "answers"; any other must list them
+        listed = [] if is_impossible and "answers" not in qa else _require(
+            qa, "answers", list, q_where)
+        for n, answer in enumerate(listed):
           a_where = f"{q_where} answers[{n}]"
           text = _require(answer, "text", str, a_where)
           start = _require(answer, "answer_start", int, a_where)
