@@ -37,7 +37,8 @@ from bert_jax.errors import UserError, cli_entry
 from bert_jax.tokenizer import CONTINUATION_PREFIX, MAX_INPUT_CHARS_PER_WORD, SPECIAL_TOKENS
 
 MIN_VOCAB_SIZE = 64
-MIN_CHAR_COUNT = 5  # a character seen this often is kept even beyond character_coverage
+MIN_CHAR_COUNT = 2  # a character seen this often is kept even beyond character_coverage
+CHAR_SHARE = 0.9  # characters may take at most this share of the non-special slots
 _SPM_WORD_START = "\u2581"  # sentencepiece's "▁"
 
 
@@ -132,8 +133,9 @@ def wordpiece_vocab(pieces: Iterable[tuple[str, float]], characters: list[str],
                     vocab_size: int, lower_case: bool = True) -> list[str]:
   """Assembles the vocab lines (see the module docstring) from sentencepiece pieces.
 
-  Characters take at most half of the non-special slots (most frequent first), so a corpus
-  with thousands of rare characters still leaves room for real word pieces.
+  Characters take at most CHAR_SHARE of the non-special slots (most frequent first), so a
+  corpus with thousands of rare characters still leaves room for word pieces. (Chinese text
+  needs little else: BERT splits every CJK character into a word of its own.)
   """
   vocab = list(SPECIAL_TOKENS)
   seen = set(vocab)
@@ -144,7 +146,7 @@ def wordpiece_vocab(pieces: Iterable[tuple[str, float]], characters: list[str],
       vocab.append(token)
 
   split = _word_splitter(lower_case)
-  char_limit = len(SPECIAL_TOKENS) + (vocab_size - len(SPECIAL_TOKENS)) // 2
+  char_limit = len(SPECIAL_TOKENS) + int(CHAR_SHARE * (vocab_size - len(SPECIAL_TOKENS)))
   for char in characters:
     add(char, char_limit)
     if not _always_alone(char, split):
