@@ -189,3 +189,11 @@ def test_missing_file_and_missing_specials(tmp_path):
   latin1.write_bytes("\n".join(SPECIAL_TOKENS + ("caf\xe9",)).encode("latin-1"))
   with pytest.raises(UserError, match="latin1.txt.*UTF-8"):
     load_tokenizer(latin1)
+
+
+def test_pickles_for_worker_processes(minilm_dir):
+  import pickle
+  tok = load_tokenizer(_minilm_vocab(minilm_dir))
+  clone = pickle.loads(pickle.dumps(tok))
+  text = "Worker processes get the same tokenizer: naïve 中文 [MASK]."
+  assert clone.encode(text) == tok.encode(text) and clone.lower_case and clone.vocab == tok.vocab
