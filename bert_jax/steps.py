@@ -111,10 +111,13 @@ def create_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Me
   rng = _host_rng(rng)
   with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     shardings = state_shardings(mesh, jax.eval_shape(boxed_state, rng))
+    if init_params is None:  # one compiled init for everything
+      state = jax.jit(lambda k: nn.unbox(boxed_state(k)), in_shardings=replicated(mesh),
+                      out_shardings=shardings)(rng)
+      return state, shardings, optimizer, schedule
     params = jax.jit(lambda k: nn.unbox(boxed_params(k)), in_shardings=replicated(mesh),
                      out_shardings=shardings.params)(rng)
-  if init_params is not None:
-    params = _merge_given(params, init_params, shardings.params)
+  params = _merge_given(params, init_params, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
   return TrainState(step=step, params=params, opt_state=opt_state), shardings, optimizer, schedule

@@ -1,0 +1,91 @@
+"""Model FLOPs and model-FLOPs utilisation (MFU) for BERT pretraining.
+
+Training FLOPs of one sequence = 3 x forward (backward is twice the forward), forward = 2 FLOPs
+per multiply-add of every matmul the sequence touches:
+- encoder: per token and layer, Q/K/V/output projections (4 E^2) and the FFN (2 E F);
+- bidirectional attention: per layer, scores Q K^T and the weighted sum of V, T^2 E each
+  (full T x T, no causal halving);
+- MLM head only at the P predicted positions: transform (E^2) and tied decoder (E V);
+- pooler (E^2) and NSP classifier (2 E) once per sequence.
+Embedding lookups, LayerNorms, softmax and biases are not matmuls and are left out, as in the
+usual 6N accounting.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bert_jax.config import BertConfig
+
+
+def forward_macs_per_sequence(config: BertConfig, seq_len: int, max_predictions: int) -> int:
+  e, f, v, layers = (config.hidden_size, config.intermediate_size, config.vocab_size,
+                     config.num_hidden_layers)
+  t, p = seq_len, max_predictions
+  encoder = t * layers * (4 * e * e + 2 * e * f)
+  attention = layers * 2 * t * t * e
+  mlm = p * (e * e + e * v)
+  pooler_nsp = e * e + 2 * e
+  return encoder + attention + mlm + pooler_nsp
+
+
+def train_flops_per_sequence(config: BertConfig, seq_len: int, max_predictions: int) -> int:
+  """6 x (matmul params touched per token; MLM head only at the predicted positions) plus the
+  bidirectional attention term, for one training sequence."""
+  return 6 * forward_macs_per_sequence(config, seq_len, max_predictions)
+
+
+# Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from vendor spec sheets.
+# Matched as substrings of device.device_kind, most specific first.
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12),
+    ("A100", 312e12),
+)
+
+
+def _measured_matmul_flops(n: int = 512, repeats: int = 5) -> float:
+  """Best observed float32 matmul rate on the default CPU device."""
+  device = jax.devices("cpu")[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / max(best, 1e-9)
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_for_kind(platform: str, kind: str) -> float | None:
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return flops
+  if platform == "cpu":
+    return _measured_matmul_flops()
+  return None
+
+
+def peak_flops_per_device(device=None) -> float | None:
+  """Peak FLOP/s of one device: the table above for TPUs and NVIDIA GPUs, a measured (cached)
+  float32 matmul rate on CPU, None for a device we do not know (MFU is then not reported)."""
+  device = device or jax.devices()[0]
+  return _peak_for_kind(device.platform, device.device_kind)
+
+
+def mfu(flops_per_sequence: float, sequences_per_second: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+  """Fraction of the mesh's peak that the model FLOPs use (None without a known peak)."""
+  if not peak_per_device:
+    return None
+  return flops_per_sequence * sequences_per_second / (num_devices * peak_per_device)
