@@ -141,7 +141,10 @@ def process_chunk(job: Job) -> ChunkResult:
                             max_predictions=params["max_predictions_per_seq"],
                             mask_id=tok.mask_id, random_pool=pool)
     counts = m.counts.tolist()
-    for n in range(len(lengths)):
+    if not wide:
+      out = records.encode_records(m.input_ids, rows.lengths, rows.len_a, m.positions, m.labels,
+                                   m.counts, spans.is_random_next)
+    for n in range(len(lengths) if wide else 0):
       out.append(records.encode_record(m.input_ids[n, :lengths[n]], len_a[n],
                                        m.positions[n, :counts[n]], m.labels[n, :counts[n]],
                                        labels[n], None, wide))

@@ -150,23 +150,25 @@ def chunk_pairs(chunk: Chunk, rng: random.Random, *, max_seq_length: int, short_
 
 class Assembled(NamedTuple):
   ids_NL: np.ndarray            # [N, L] int32: [CLS] A [SEP] B [SEP], 0-padded
-  lengths: np.ndarray           # [N] int64: real tokens per row
-  len_a: np.ndarray             # [N] int64
+  lengths: np.ndarray           # [N] int32: real tokens per row
+  len_a: np.ndarray             # [N] int32
   maskable_NL: np.ndarray       # [N, L] bool: real tokens other than [CLS]/[SEP]
   continuation_NL: np.ndarray | None
 
 
 def assemble(chunk: Chunk, spans: PairSpans, *, cls_id: int, sep_id: int) -> Assembled:
   """Gathers the A and B ranges into fixed-width rows (width = the longest row)."""
-  len_a = spans.a_end - spans.a_start
-  len_b = spans.b_end - spans.b_start
+  len_a = (spans.a_end - spans.a_start).astype(np.int32)
+  len_b = (spans.b_end - spans.b_start).astype(np.int32)
   lengths = len_a + len_b + 3
   L = int(lengths.max()) if len(lengths) else 3
-  cols = np.arange(L)[None, :]
+  cols = np.arange(L, dtype=np.int32)[None, :]
   in_a = (cols >= 1) & (cols <= len_a[:, None])
   b_first = len_a[:, None] + 2
   in_b = (cols >= b_first) & (cols < b_first + len_b[:, None])
-  src = np.where(in_a, spans.a_start[:, None] + cols - 1, spans.b_start[:, None] + cols - b_first)
+  a_offset = (spans.a_start - 1).astype(np.int32)[:, None]
+  b_offset = spans.b_start.astype(np.int32)[:, None] - b_first
+  src = np.where(in_a, a_offset + cols, b_offset + cols)
   src = np.where(in_a | in_b, src, 0)
   maskable = in_a | in_b
   ids = np.where(maskable, chunk.ids[src] if len(chunk.ids) else 0, 0).astype(np.int32)

@@ -61,17 +61,18 @@ def mask_tokens(rng: np.random.Generator, ids_NL: np.ndarray, maskable_NL: np.nd
   # Words in a random order per row: sort the word-start columns by a random key.
   key_NL = rng.random((N, L))
   key_NL[~starts_NL] = 2.0
-  order_NL = np.argsort(key_NL, axis=1)
   words_N = starts_NL.sum(axis=1)
   whole_words = continuation_NL is not None and bool((starts_NL != maskable_NL).any())
-  if not whole_words:    # every word one token: the first `budget` of the random order
+  if not whole_words:
+    # Every word is one token: take the `budget` smallest keys of each row (a partition and
+    # a sort of the P smallest is cheaper than sorting whole rows).
     width = min(P, L)
-    take_NP = np.arange(width)[None, :] < budget_N[:, None]
-    chosen_NL = np.zeros((N, L), bool)
-    rows_N1 = np.arange(N)[:, None]
-    chosen_NL[np.broadcast_to(rows_N1, take_NP.shape)[take_NP], order_NL[:, :width][take_NP]] = True
+    smallest_NP = np.sort(np.partition(key_NL, width - 1, axis=1)[:, :width], axis=1)
+    threshold_N = np.take_along_axis(smallest_NP, np.maximum(budget_N - 1, 0)[:, None], 1)[:, 0]
+    chosen_NL = (key_NL <= threshold_N[:, None]) & (budget_N > 0)[:, None] & starts_NL
     start_of_NL = np.broadcast_to(np.arange(L)[None, :], (N, L))
   else:
+    order_NL = np.argsort(key_NL, axis=1)
     # Word id of each maskable token (a running count of starts) -> word sizes and starts.
     word_of_NL = np.cumsum(starts_NL, axis=1) - 1
     start_cols = np.flatnonzero(starts_NL.ravel()) % L
@@ -94,14 +95,14 @@ def mask_tokens(rng: np.random.Generator, ids_NL: np.ndarray, maskable_NL: np.nd
   masked_NL[to_mask] = mask_id
   masked_NL[to_random] = random_pool[rng.integers(0, len(random_pool), size=int(to_random.sum()))]
 
-  # Chosen positions in increasing order: a stable sort puts the True columns first.
+  # Chosen positions in increasing order: nonzero walks the rows in order.
   counts_N = chosen_NL.sum(axis=1).astype(np.int32)
-  positions_NP = np.argsort(~chosen_NL, axis=1, kind="stable")[:, :P].astype(np.int32)
-  if positions_NP.shape[1] < P:
-    positions_NP = np.pad(positions_NP, ((0, 0), (0, P - positions_NP.shape[1])))
-  valid_NP = np.arange(P)[None, :] < counts_N[:, None]
-  positions_NP = np.where(valid_NP, positions_NP, 0).astype(np.int32)
-  labels_NP = np.where(valid_NP, np.take_along_axis(ids_NL, positions_NP, axis=1), 0).astype(np.int32)
+  rows, cols = np.nonzero(chosen_NL)
+  slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts_N) - counts_N, counts_N)
+  positions_NP = np.zeros((N, P), np.int32)
+  positions_NP[rows, slot] = cols
+  labels_NP = np.zeros((N, P), np.int32)
+  labels_NP[rows, slot] = ids_NL[rows, cols]
   return Masked(masked_NL, positions_NP, labels_NP, counts_N)
 
 

@@ -52,6 +52,29 @@ def encode_record(ids: np.ndarray, len_a: int, positions: np.ndarray, labels: np
                    labels.astype(dtype).tobytes(), tail))
 
 
+def encode_records(ids_NL: np.ndarray, lengths: np.ndarray, len_a: np.ndarray,
+                   positions_NP: np.ndarray, labels_NP: np.ndarray, counts: np.ndarray,
+                   is_random_next: np.ndarray) -> list[bytes]:
+  """encode_record for a batch of rows with 16-bit ids, without continuation flags: every
+  field is a uint16, so the records are one masked selection of a [N, 4 + L + 2P] matrix."""
+  N, L = ids_NL.shape
+  P = positions_NP.shape[1]
+  header = np.empty((N, 4), np.uint16)
+  header[:, 0] = RECORD_VERSION | (np.where(is_random_next != 0, FLAG_RANDOM_NEXT, 0) << 8)
+  header[:, 1] = len_a
+  header[:, 2] = lengths - len_a - 3
+  header[:, 3] = counts
+  table = np.concatenate([header, ids_NL.astype(np.uint16), positions_NP.astype(np.uint16),
+                          labels_NP.astype(np.uint16)], axis=1)
+  in_ids = np.arange(L)[None, :] < lengths[:, None]
+  in_pred = np.arange(P)[None, :] < counts[:, None]
+  keep = np.concatenate([np.ones((N, 4), bool), in_ids, in_pred, in_pred], axis=1)
+  data = table[keep].tobytes()       # row-major: each record's fields, one after the other
+  ends = (np.cumsum(4 + lengths + 2 * counts) * 2).tolist()
+  starts = [0] + ends[:-1]
+  return [data[a:b] for a, b in zip(starts, ends)]
+
+
 def decode_record(data: bytes) -> dict[str, np.ndarray]:
   """The inverse of encode_record: unpadded int32 arrays (+ `continuation` bool if stored)."""
   version, flags, len_a, len_b, num_pred = _HEADER.unpack_from(data)
