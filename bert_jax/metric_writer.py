@@ -1,0 +1,193 @@
+"""Metrics out of the pretraining loop: metrics.jsonl, TensorBoard event files, a progress line.
+
+Only process 0 writes (`enabled=False` elsewhere). Every row of metrics.jsonl is one flat JSON
+object carrying step, phase, seq_len and split ("train" or "eval"), so a plot is a few lines:
+
+  rows = [json.loads(l) for l in open("metrics.jsonl")]
+  train = [r for r in rows if r["split"] == "train"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+# Printed in this order on the progress line when present.
+_PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),
+                  ("nsp_accuracy", "nsp_acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
+                  ("grad_norm", "gnorm {:.2f}"), ("sequences_per_sec", "{:.1f} seq/s"),
+                  ("mfu", "mfu {:.1%}"))
+
+
+def _clean(value: Any) -> Any:
+  """JSON-safe scalar: numpy/jax scalars to Python, non-finite floats to None."""
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class MetricWriter:
+  """Appends rows to workdir/metrics.jsonl and TensorBoard scalars to workdir/tensorboard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
+               tensorboard: bool = True, stream: TextIO | None = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.stream = stream if stream is not None else sys.stdout
+    self._tb = None
+    self._file = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      self.truncate_after(resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
+      # purge_step hides events a killed run wrote past the step we resume from.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step, flush_secs=10)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows with step > `step` (work lost when a run died after its last checkpoint)."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by a kill
+      if isinstance(row, dict) and row.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict[str, Any], *, split: str = "train",
+            phase: int, seq_len: int, progress: bool = True) -> dict[str, Any]:
+    """Writes one row (and TensorBoard scalars `split/key`); returns the row."""
+    row = {"step": int(step), "split": split, "phase": int(phase), "seq_len": int(seq_len),
+           "time": round(time.time(), 3)}
+    row.update({k: _clean(v) for k, v in metrics.items()})
+    if not self.enabled:
+      return row
+    self._file.write(json.dumps(row, sort_keys=False) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key not in ("step", "split", "time") and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+          self._tb.add_scalar(f"{split}/{key}", value, global_step=int(step))
+    if progress:
+      self.stream.write(self.progress_line(row) + "\n")
+      self.stream.flush()
+    return row
+
+  @staticmethod
+  def progress_line(row: dict[str, Any]) -> str:
+    parts = [f"[{row['split']}] step {row['step']}", f"phase {row['phase'] + 1}",
+             f"seq {row['seq_len']}"]
+    for key, fmt in _PROGRESS_KEYS:
+      value = row.get(key)
+      if isinstance(value, (int, float)):
+        parts.append(fmt.format(value))
+    if row.get("skipped_steps"):
+      parts.append(f"skipped {row['skipped_steps']}")
+    return " | ".join(parts)
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self.stream.write(text + "\n")
+      self.stream.flush()
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class IntervalMetrics:
+  """The per-step metrics (device scalars) of one logging interval, averaged when logged.
+
+  Holding device arrays keeps the loop asynchronous: nothing is fetched until `summary`.
+  Throughput counts only the steps since `restart_clock` (the loop restarts it after a
+  compile, an eval or a checkpoint, which are not training time).
+  """
+
+  AVERAGED = ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "grad_norm")
+
+  def __init__(self):
+    self.entries: list[tuple[int, dict]] = []
+    self._checked = 0          # entries[:_checked] are known to be finite
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.clock_start = time.perf_counter()
+    self.timed_steps = 0
+
+  def add(self, step: int, metrics: dict) -> None:
+    """`step`: the number of updates done after this one (the global step it leads to)."""
+    self.entries.append((step, metrics))
+    self.timed_steps += 1
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def first_nonfinite_step(self) -> int | None:
+    """The step of the first entry whose update was skipped as non-finite (a host sync of
+    the 'finite' flags only)."""
+    import jax
+    pending = self.entries[self._checked:]
+    flags = jax.device_get([m["finite"] for _, m in pending]) if pending else []
+    for (step, _), flag in zip(pending, flags):
+      if float(flag) == 0.0:
+        return step
+    self._checked = len(self.entries)
+    return None
+
+  def summary(self, *, sequences_per_step: int, tokens_per_step: int,
+              flops_per_step: float | None = None, peak_flops: float | None = None) -> dict:
+    """Averages over finite steps, the last learning rate, skipped count, throughput, MFU;
+    then clears the interval (and restarts the clock)."""
+    import jax
+    host = jax.device_get([m for _, m in self.entries])
+    elapsed = time.perf_counter() - self.clock_start
+    finite = [m for m in host if float(m.get("finite", 1.0)) != 0.0]
+    out: dict[str, Any] = {}
+    for key in self.AVERAGED:
+      values = [float(m[key]) for m in finite if key in m]
+      out[key] = sum(values) / len(values) if values else float("nan")
+    if host and "learning_rate" in host[-1]:
+      out["learning_rate"] = float(host[-1]["learning_rate"])
+    out["skipped_steps"] = len(host) - len(finite)
+    if self.timed_steps > 0 and elapsed > 0:
+      steps_per_sec = self.timed_steps / elapsed
+      out["steps_per_sec"] = steps_per_sec
+      out["sequences_per_sec"] = steps_per_sec * sequences_per_step
+      out["tokens_per_sec"] = steps_per_sec * tokens_per_step
+      if flops_per_step and peak_flops:
+        out["mfu"] = steps_per_sec * flops_per_step / peak_flops
+    self.entries = []
+    self._checked = 0
+    self.restart_clock()
+    return out

@@ -1,0 +1,751 @@
+"""`bert-jax pretrain`: the pretraining loop (phases, metrics, checkpoints, preemption).
+
+  bert-jax pretrain --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
+
+One global step counter; `phase_at(step)` picks the sequence length, predictions, batch and data
+of each step; one compiled train step per phase. A phase boundary saves a checkpoint and
+switches the data iterator. Rerunning in the same workdir resumes from the newest complete
+checkpoint; SIGTERM (a TPU preemption) finishes the step, saves and exits 0. The rng of step s
+is fold_in(base, s) and the data-iterator state is checkpointed, so a resumed run computes the
+same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import runpy
+import shutil
+import signal
+import sys
+import time
+import warnings
+from typing import Any, Iterator
+
+import ml_collections
+
+from bert_jax.config import BertConfig, get_preset, write_config_json
+from bert_jax.errors import UserError, cli_entry
+
+NAN_POLICIES = ("skip", "stop")
+EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
+
+
+# --------------------------------------------------------------------------- config files
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> get_config(arg), loaded by path (configs are not a package)."""
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py") and ":" in spec[2:] and spec[1:2] == ":":
+    path, _, arg = spec[2:].partition(":")  # a Windows drive letter
+    path = spec[:2] + path
+  if not os.path.isfile(path):
+    raise UserError(f"--config {path}: no such file; expected a config .py file")
+  try:
+    module = runpy.run_path(path, run_name="bert_jax_config")
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"--config {path}: cannot load ({e.__class__.__name__}: {e})") from None
+  if "get_config" not in module:
+    raise UserError(f"--config {path}: defines no get_config(arg)")
+  try:
+    cfg = module["get_config"](arg or None)
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"--config {spec}: get_config failed ({e.__class__.__name__}: {e})") from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise UserError(f"--config {path}: get_config returned {type(cfg).__name__}; expected an "
+                    "ml_collections.ConfigDict")
+  return cfg
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _parse_value(flag: str, old: Any, text: str) -> Any:
+  """`text` parsed to the type of the field's current value `old`."""
+  def bad(expected: str):
+    return UserError(f"{flag}={text!r}: expected {expected}")
+  if isinstance(old, bool):
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise bad("true or false")
+  if isinstance(old, int):
+    try:
+      return int(text.replace("_", ""))
+    except ValueError:
+      try:
+        value = float(text)  # 1e6 is a fine way to write a step count
+      except ValueError:
+        raise bad("an integer") from None
+      if not value.is_integer():
+        raise bad("an integer") from None
+      return int(value)
+  if isinstance(old, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad("a number") from None
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if isinstance(old, (list, tuple)):
+      return [t for t in text.split(",") if t]  # a,b,c is a list of strings
+    if old is None:
+      return text
+    raise bad(f"a Python literal ({type(old).__name__})") from None
+  if isinstance(old, (list, tuple)):
+    if isinstance(value, str):
+      return [value]
+    if not isinstance(value, (list, tuple)):
+      raise bad("a list")
+    return list(value)
+  if isinstance(old, (dict, ml_collections.ConfigDict)):
+    if not isinstance(value, dict):
+      raise bad("a dict")
+    return value
+  return value
+
+
+def _bert_field_default(name: str) -> Any:
+  for f in dataclasses.fields(BertConfig):
+    if f.name == name:
+      return f.default
+  return _MISSING
+
+
+_MISSING = object()
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+  """Applies `a.b.c=value` overrides in order; unknown fields and bad values raise UserError.
+
+  List elements are addressed by index (phases.0.batch_size); model.overrides takes any
+  BertConfig field.
+  """
+  for key, text in overrides:
+    flag = f"--config.{key}"
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts[:-1]):
+      node = _child(node, part, flag, ".".join(parts[:depth + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+      index = _index(node, last, flag)
+      node[index] = _parse_value(flag, node[index], text)
+      continue
+    if last not in node:
+      if key.startswith("model.overrides.") and len(parts) == 3:
+        default = _bert_field_default(last)
+        if default is _MISSING:
+          raise UserError(f"{flag}: {last!r} is not a BertConfig field")
+        node[last] = _parse_value(flag, default, text)
+        continue
+      raise UserError(f"{flag}: no such config field; expected one of "
+                      f"{', '.join(sorted(node.keys()))}")
+    value = _parse_value(flag, node[last], text)
+    if isinstance(node, ml_collections.ConfigDict):
+      with node.ignore_type():
+        setattr(node, last, value)
+    else:
+      node[last] = value
+
+
+def _index(node: list, part: str, flag: str) -> int:
+  try:
+    index = int(part)
+  except ValueError:
+    raise UserError(f"{flag}: {part!r} is not a list index") from None
+  if not -len(node) <= index < len(node):
+    raise UserError(f"{flag}: index {index} out of range (the list has {len(node)} items)")
+  return index
+
+
+def _child(node: Any, part: str, flag: str, where: str) -> Any:
+  if isinstance(node, list):
+    return node[_index(node, part, flag)]
+  if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node:
+    child = node[part]
+    if isinstance(child, tuple):  # make lists inside the config editable in place
+      child = list(child)
+      node[part] = child
+    if isinstance(child, (list, dict, ml_collections.ConfigDict)):
+      return child
+    raise UserError(f"{flag}: --config.{where} is a {type(child).__name__}, not a group")
+  raise UserError(f"{flag}: no such config field --config.{where}")
+
+
+def to_plain(value: Any) -> Any:
+  """ConfigDict/tuples -> plain JSON-able dicts and lists."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): to_plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_plain(v) for v in value]
+  return value
+
+
+def config_hash(cfg: Any) -> str:
+  text = json.dumps(to_plain(cfg), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
+  parser = argparse.ArgumentParser(
+      prog="bert-jax pretrain",
+      description="Pretrain BERT (MLM + NSP) from an ml_collections config file.",
+      epilog="Override any config field with --config.a.b=value (e.g. --config.total_steps=200, "
+             "--config.phases.0.batch_size=8, --config.data.input='[\"a.txt\"]').")
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                      help="config file defining get_config(arg), e.g. configs/tiny_cpu.py")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics, vocab and data")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith("--config."):
+      raise UserError(f"unexpected argument {arg!r}; expected --config.FIELD=VALUE overrides")
+    if "=" in arg:
+      key, value = arg[2:].split("=", 1)
+    elif i + 1 < len(rest):
+      key, value = arg[2:], rest[i + 1]
+      i += 1
+    else:
+      raise UserError(f"{arg}: missing a value (--config.FIELD=VALUE)")
+    overrides.append((key[len("config."):], value))
+    i += 1
+  return args.config, args.workdir, overrides
+
+
+def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+  cfg = load_config_file(spec)
+  apply_overrides(cfg, overrides)
+  validate_config(cfg)
+  return cfg
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  from bert_jax.phases import make_phases
+  from bert_jax.config import PRESETS
+  if cfg.nan_policy not in NAN_POLICIES:
+    raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")
+  if cfg.model.preset not in PRESETS:
+    raise UserError(f"--config.model.preset={cfg.model.preset!r}: expected one of "
+                    f"{', '.join(PRESETS)}")
+  if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise UserError(f"--config.model.dtype={cfg.model.dtype!r}: expected float32, bfloat16 "
+                    "or float16")
+  if cfg.optim.schedule not in ("continuous", "per_phase"):
+    raise UserError(f"--config.optim.schedule={cfg.optim.schedule!r}: expected 'continuous' "
+                    "or 'per_phase'")
+  if cfg.optim.name not in ("adamw", "lamb"):
+    raise UserError(f"--config.optim.name={cfg.optim.name!r}: expected 'adamw' or 'lamb'")
+  for key in ("log_every", "eval_every", "checkpoint.every_steps"):
+    node = cfg
+    for part in key.split("."):
+      node = node[part]
+    if node < 0:
+      raise UserError(f"--config.{key}={node}: expected a non-negative integer")
+  make_phases(cfg)  # raises UserError naming the bad phase field
+
+
+# --------------------------------------------------------------------------- workdir set-up
+
+def _count_lines(path: str) -> int:
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for line in f if line.rstrip("\n"))
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+  tmp = dst + ".tmp"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def _same_file_content(a: str, b: str) -> bool:
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
+
+
+def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
+  """workdir/vocab.txt: from data.vocab, else init_from's vocab, else trained from data.input."""
+  target = os.path.join(workdir, "vocab.txt")
+  source = str(cfg.data.vocab)
+  if not source and cfg.init_from:
+    from bert_jax.convert import find_vocab
+    source = find_vocab(str(cfg.init_from)) or ""
+  if source:
+    if not os.path.isfile(source):
+      raise UserError(f"--config.data.vocab={source}: no such file; expected a vocab.txt")
+    if os.path.exists(target):
+      if not _same_file_content(source, target):
+        raise UserError(f"{target} differs from {source}: this workdir was started with "
+                        "another vocab; use a new --workdir")
+    elif is_writer:
+      _copy_atomic(source, target)
+    return target if is_writer or os.path.exists(target) else source
+  if os.path.exists(target):
+    return target
+  if cfg.data.vocab_required:
+    raise UserError("this config needs a vocab: give --config.data.vocab=PATH (or the "
+                    "config argument, e.g. configs/chinese_base.py:/path/vocab.txt)")
+  inputs = list(cfg.data.input)
+  if not inputs:
+    raise UserError("no vocab: give --config.data.vocab=PATH or a corpus to train one from "
+                    "with --config.data.input='[\"corpus.txt\"]'")
+  if is_writer:
+    from bert_jax.vocab import train_vocab
+    print(f"training a {cfg.data.vocab_size}-entry vocab from {inputs} -> {target}", flush=True)
+    train_vocab(inputs, int(cfg.data.vocab_size), target, lower_case=bool(cfg.data.lower_case))
+  return target
+
+
+def phase_data_dir(phase: Any, workdir: str) -> str:
+  return phase.data or os.path.join(workdir, "data", f"phase_{phase.index}")
+
+
+def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bool) -> list[str]:
+  """One create-data directory per phase; missing ones under workdir/data are created."""
+  from bert_jax.data.pipeline import manifest
+  dirs = []
+  for phase in phases:
+    data_dir = phase_data_dir(phase, workdir)
+    has_manifest = os.path.isfile(os.path.join(data_dir, "manifest.json"))
+    if phase.data and not has_manifest:
+      raise UserError(f"--config.phases.{phase.index}.data={phase.data}: not a create-data "
+                      "output directory (no manifest.json)")
+    if not has_manifest and is_writer:
+      inputs = list(cfg.data.input)
+      if not inputs:
+        raise UserError(f"no data for phase {phase.index + 1}: give --config.phases."
+                        f"{phase.index}.data=DIR (from bert-jax create-data) or a corpus with "
+                        "--config.data.input='[\"corpus.txt\"]'")
+      from bert_jax.data.create import create_data
+      print(f"creating phase {phase.index + 1} data (seq {phase.seq_len}, "
+            f"{phase.max_predictions} predictions) -> {data_dir}", flush=True)
+      create_data(inputs, vocab, data_dir, max_seq_length=phase.seq_len,
+                  max_predictions_per_seq=phase.max_predictions,
+                  masked_lm_prob=float(cfg.data.masked_lm_prob),
+                  dupe_factor=int(cfg.data.dupe_factor),
+                  short_seq_prob=float(cfg.data.short_seq_prob),
+                  seed=int(cfg.seed) + 7919 * phase.index,
+                  whole_word_mask=bool(cfg.data.whole_word_mask),
+                  lower_case=bool(cfg.data.lower_case),
+                  eval_fraction=float(cfg.data.eval_fraction),
+                  static_masking=not bool(cfg.data.dynamic_masking), progress=False)
+    dirs.append(data_dir)
+  _sync("data-created")
+  from bert_jax.data.pipeline import check_fits
+  for phase, data_dir in zip(phases, dirs):
+    check_fits(manifest(data_dir), phase.seq_len, phase.max_predictions,
+               where=f"phase {phase.index + 1} data {data_dir}")
+  return dirs
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def model_config(cfg: Any, vocab: str) -> tuple[BertConfig, Any]:
+  """(BertConfig, init params or None): from init_from, else the preset plus overrides."""
+  vocab_entries = _count_lines(vocab)
+  run = dict(dtype=str(cfg.model.dtype), remat=bool(cfg.model.remat))
+  overrides = to_plain(cfg.model.overrides)
+  init_params = None
+  if cfg.init_from:
+    from bert_jax.convert import load_pretrained
+    bert_config, init_params = load_pretrained(str(cfg.init_from), seed=int(cfg.seed))
+    bert_config = bert_config.replace(**{**overrides, **run})
+    if bert_config.vocab_size != vocab_entries:
+      raise UserError(f"--config.init_from={cfg.init_from}: its vocab_size is "
+                      f"{bert_config.vocab_size} but {vocab} has {vocab_entries} entries; "
+                      "pretrain with the model's own vocab (--config.data.vocab)")
+  else:
+    fields = {f.name for f in dataclasses.fields(BertConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+      raise UserError(f"--config.model.overrides: unknown BertConfig field(s) {unknown}")
+    overrides.setdefault("vocab_size", vocab_entries)
+    if overrides["vocab_size"] < vocab_entries:
+      raise UserError(f"--config.model.overrides.vocab_size={overrides['vocab_size']} is "
+                      f"smaller than {vocab} ({vocab_entries} entries)")
+    bert_config = get_preset(str(cfg.model.preset), **{**overrides, **run})
+  return bert_config, init_params
+
+
+# --------------------------------------------------------------------------- the loop
+
+class Preemption:
+  """SIGTERM sets a flag; the loop finishes its step, saves and exits. On several hosts the
+  JAX preemption sync point (through orbax) makes every host stop at the same step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self) -> None:
+    def handler(signum, frame):
+      del frame
+      self.requested = True
+      print(f"received signal {signum}: saving a checkpoint after this step", flush=True)
+    self._previous = signal.signal(signal.SIGTERM, handler)
+
+  def uninstall(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _mfu_functions():
+  try:
+    from bert_jax import mfu
+    return mfu.train_flops_per_sequence, mfu.peak_flops_per_device
+  except ImportError:  # MFU is reported when bert_jax.mfu is there
+    return None, None
+
+
+class Trainer:
+  """The pretraining loop over one workdir; `run()` returns the exit code."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    self.cfg = cfg
+    self.workdir = os.path.abspath(workdir)
+
+  # -- set-up ----------------------------------------------------------------------------------
+
+  def _setup(self) -> None:
+    import jax
+    from bert_jax.phases import make_phases
+    from bert_jax.sharding import initialize_distributed, make_mesh
+    initialize_distributed()
+    cfg, workdir = self.cfg, self.workdir
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.is_writer = self.process_index == 0
+    os.makedirs(workdir, exist_ok=True)
+    self.phases = make_phases(cfg)
+    self.config_hash = config_hash(cfg)
+    if self.is_writer:
+      self._write_resolved_config()
+    self.vocab = prepare_vocab(cfg, workdir, self.is_writer)
+    self.data_dirs = prepare_data(cfg, self.phases, workdir, self.vocab, self.is_writer)
+    self.bert_config, self.init_params = model_config(cfg, self.vocab)
+    self._check_shapes()
+    if self.is_writer:
+      write_config_json(self.bert_config, os.path.join(workdir, "config.json"))
+    self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
+
+  def _write_resolved_config(self) -> None:
+    path = os.path.join(self.workdir, "config.pretrain.json")
+    resolved = to_plain(self.cfg)
+    if os.path.exists(path):
+      try:
+        with open(path, encoding="utf-8") as f:
+          before = json.load(f)
+      except (OSError, ValueError):
+        before = None
+      if isinstance(before, dict) and before != resolved:
+        changed = sorted(k for k in set(before) | set(resolved)
+                         if before.get(k) != resolved.get(k))
+        warnings.warn(f"{path}: the config differs from the one this workdir was started "
+                      f"with (changed: {', '.join(changed)}); continuing with the new one",
+                      stacklevel=2)
+    _write_json_atomic(path, resolved)
+
+  def _check_shapes(self) -> None:
+    from bert_jax.data.pipeline import manifest
+    bc = self.bert_config
+    for phase, data_dir in zip(self.phases, self.data_dirs):
+      where = f"--config.phases.{phase.index}"
+      if phase.seq_len > bc.max_position_embeddings:
+        raise UserError(f"{where}.seq_len={phase.seq_len} exceeds the model's "
+                        f"max_position_embeddings={bc.max_position_embeddings}")
+      if phase.batch_size % self.process_count:
+        raise UserError(f"{where}.batch_size={phase.batch_size}: expected a multiple of the "
+                        f"{self.process_count} processes")
+      data_vocab = manifest(data_dir)["vocab"]["size"]
+      if data_vocab > bc.vocab_size or (self.cfg.init_from and data_vocab != bc.vocab_size):
+        raise UserError(f"{data_dir}: made with a {data_vocab}-entry vocab, but the model's "
+                        f"vocab_size is {bc.vocab_size}; the data and the model must share one "
+                        "vocab")
+
+  def _make_state(self, init_params: Any):
+    import jax
+    from bert_jax.steps import create_train_state
+    rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 0)
+    return create_train_state(self.bert_config, self.cfg, self.mesh, rng,
+                              init_params=init_params)
+
+  # -- data --------------------------------------------------------------------------------------
+
+  def _train_iterator(self, phase: Any, data_state: Any = None) -> Iterator[dict]:
+    from bert_jax.data.pipeline import make_iterator
+    it = make_iterator(self.data_dirs[phase.index], split="train",
+                       batch_size=phase.batch_size // self.process_count,
+                       seq_len=phase.seq_len, max_predictions=phase.max_predictions,
+                       seed=int(self.cfg.seed) + 1000 * phase.index, shuffle=True,
+                       num_epochs=None, dynamic_masking=bool(self.cfg.data.dynamic_masking),
+                       masked_lm_prob=float(self.cfg.data.masked_lm_prob),
+                       process_index=self.process_index, process_count=self.process_count)
+    if data_state is not None:
+      it.set_state(data_state)
+    return it
+
+  def _eval_batches(self, phase: Any) -> list[dict]:
+    """A fixed list of held-out batches (the same every eval), or [] when there is none."""
+    from bert_jax.data.pipeline import make_iterator, manifest
+    if phase.index in self._eval_cache:
+      return self._eval_cache[phase.index]
+    batches: list[dict] = []
+    info = manifest(self.data_dirs[phase.index])["splits"].get("eval")
+    micro = phase.batch_size // phase.grad_accum
+    if info and self.cfg.eval_batches > 0 and info["num_instances"] >= micro:
+      count = min(int(self.cfg.eval_batches), info["num_instances"] // micro)
+      it = make_iterator(self.data_dirs[phase.index], split="eval",
+                         batch_size=micro // self.process_count, seq_len=phase.seq_len,
+                         max_predictions=phase.max_predictions, seed=0, shuffle=False,
+                         num_epochs=1, process_index=self.process_index,
+                         process_count=self.process_count)
+      for _ in range(count):
+        try:
+          batches.append(next(it))
+        except StopIteration:
+          break
+    self._eval_cache[phase.index] = batches
+    return batches
+
+  # -- checkpoints --------------------------------------------------------------------------------
+
+  def _save(self, step: int) -> bool:
+    import jax
+    data_state = self.iterator.get_state() if self.iterator is not None else None
+    meta = dict(phase=self._phase_at(step).index, data_phase=self.phase.index,
+                seed=int(self.cfg.seed), config_hash=self.config_hash,
+                total_steps=int(self.cfg.total_steps), skipped_steps=self.skipped_total,
+                process_count=jax.process_count(), time=time.time())
+    saved = self.ckpt.save(step, params=self.state.params, opt_state=self.state.opt_state,
+                           meta=meta, data_state=data_state)
+    if saved:
+      self.meter.restart_clock()
+    return saved
+
+  def _phase_at(self, step: int):
+    from bert_jax.phases import phase_at
+    return phase_at(self.phases, step)
+
+  def _restore(self):
+    """Resumes from the newest good checkpoint, if any. Returns (step, data state or None)."""
+    import jax
+    from bert_jax.checkpoint import abstract_like
+    if not self.ckpt.all_steps():
+      return 0, None
+    restored = self.ckpt.restore(
+        abstract_like(self.state.params), abstract_like(self.state.opt_state),
+        want_data=lambda m: m.get("data_phase") == self._phase_at(int(m["step"])).index)
+    if restored is None:
+      warnings.warn(f"{self.ckpt.directory}: no checkpoint could be restored; starting from "
+                    "step 0", stacklevel=2)
+      return 0, None
+    if restored.meta.get("config_hash") not in (None, self.config_hash):
+      warnings.warn("resuming with a config that differs from the one that wrote checkpoint "
+                    f"{restored.step} (see config.pretrain.json)", stacklevel=2)
+    step_sharding = self.state.step.sharding
+    self.state = self.state.replace(
+        step=jax.device_put(jax.numpy.asarray(restored.step, jax.numpy.int32), step_sharding),
+        params=restored.params, opt_state=restored.opt_state)
+    self.skipped_total = int(restored.meta.get("skipped_steps", 0))
+    return restored.step, restored.data_state
+
+  # -- the loop -----------------------------------------------------------------------------------
+
+  def run(self) -> int:
+    import jax
+    import numpy as np
+    from bert_jax.checkpoint import Checkpointer
+    from bert_jax.metric_writer import IntervalMetrics, MetricWriter
+    from bert_jax.sharding import global_batch
+    from bert_jax.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+    self._setup()
+    cfg, phases = self.cfg, self.phases
+    total = int(cfg.total_steps)
+    c = cfg.checkpoint
+    self.ckpt = Checkpointer(self.workdir, keep_last=int(c.keep_last),
+                             keep_every=int(c.keep_every),
+                             keep_steps=[p.end_step for p in phases],
+                             async_save=bool(c.async_save))
+    resuming = bool(self.ckpt.all_steps())
+    self.state, shardings, optimizer, schedule = self._make_state(
+        None if resuming else self.init_params)
+    self.skipped_total = 0
+    step, data_state = self._restore()
+    if step == 0 and resuming and self.init_params is not None:  # nothing restorable
+      self.state, shardings, optimizer, schedule = self._make_state(self.init_params)
+    self.init_params = None
+    writer = MetricWriter(self.workdir, enabled=self.is_writer,
+                          resume_step=step if resuming else None)
+    if step >= total:
+      writer.message(f"already complete: step {step} of {total} in {self.workdir}")
+      self.ckpt.close()
+      writer.close()
+      return 0
+    writer.message(f"{'resuming at' if step else 'starting at'} step {step} of {total}; "
+                   f"model {self.bert_config.num_hidden_layers} layers x "
+                   f"{self.bert_config.hidden_size}, vocab {self.bert_config.vocab_size}; "
+                   f"{jax.device_count()} device(s), mesh {dict(self.mesh.shape)}")
+    flops_fn, peak_fn = _mfu_functions()
+    peak = None
+    if flops_fn is not None:
+      try:
+        per_device = peak_fn()
+        peak = per_device * jax.device_count() if per_device else None
+      except Exception:  # an unknown device: no MFU rather than no run
+        peak = None
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(int(cfg.seed)), 1)
+    eval_fn = jit_eval_step(make_eval_step(self.bert_config), self.mesh, shardings)
+    self._eval_cache: dict[int, list] = {}
+    self.meter = IntervalMetrics()
+    self.phase, self.iterator = None, None
+    train_fn = None
+    preemption = Preemption()
+    preemption.install()
+    try:
+      while step < total:
+        phase = self._phase_at(step)
+        if self.phase is None or phase.index != self.phase.index:
+          self.phase = phase
+          self.iterator = self._train_iterator(phase, data_state)
+          data_state = None
+          train_fn = jit_train_step(make_train_step(
+              self.bert_config, optimizer, schedule, grad_accum=phase.grad_accum,
+              nan_policy=str(cfg.nan_policy)), self.mesh, shardings)
+          first_step_of_phase = True
+          flops_per_step = (flops_fn(self.bert_config, phase.seq_len, phase.max_predictions)
+                            * phase.batch_size if flops_fn is not None else None)
+        host_batch = next(self.iterator)
+        batch_shape = [phase.batch_size, int(host_batch["input_ids"].shape[1])]
+        if first_step_of_phase:
+          writer.message(f"phase {phase.index + 1}/{len(phases)}: steps {phase.start_step}-"
+                         f"{phase.end_step}, batch {batch_shape} (x{phase.grad_accum} "
+                         f"accumulation), {phase.max_predictions} predictions")
+        self.state, metrics = train_fn(self.state, global_batch(host_batch, self.mesh),
+                                       base_rng)
+        step += 1
+        self.meter.add(step, metrics)
+        if first_step_of_phase:  # compile time is not training time
+          jax.block_until_ready(metrics)
+          self.meter.restart_clock()
+          first_step_of_phase = False
+
+        phase_end = step == phase.end_step
+        stop_at = None
+        if cfg.nan_policy == "stop":
+          due = (phase_end or (c.every_steps and step % c.every_steps == 0)
+                 or (cfg.log_every and step % cfg.log_every == 0)
+                 or (cfg.eval_every and step % cfg.eval_every == 0) or preemption.requested)
+          if due:
+            stop_at = self.meter.first_nonfinite_step()
+        if stop_at is not None:
+          return self._stop_nonfinite(stop_at, writer)
+        if phase_end or (cfg.log_every and step % cfg.log_every == 0):
+          row = self.meter.summary(sequences_per_step=phase.batch_size,
+                                   tokens_per_step=phase.batch_size * phase.seq_len,
+                                   flops_per_step=flops_per_step, peak_flops=peak)
+          self.skipped_total += row["skipped_steps"]
+          row.update(skipped_total=self.skipped_total, batch_size=phase.batch_size,
+                     batch_shape=batch_shape)
+          writer.write(step, row, phase=phase.index, seq_len=batch_shape[1])
+        if phase_end or (cfg.eval_every and step % cfg.eval_every == 0):
+          self._evaluate(step, phase, eval_fn, writer, global_batch)
+        preempted = preemption.requested or (
+            self.process_count > 1 and self._reached_preemption(step))
+        if phase_end or preempted or (c.every_steps and step % c.every_steps == 0):
+          self._save(step)
+        if preempted and step < total:
+          self.ckpt.wait()
+          writer.message(f"preempted: saved checkpoint at step {step} in "
+                         f"{self.ckpt.directory}; rerun the same command to resume")
+          return 0
+      self.ckpt.wait()
+      writer.message(f"done: step {step}; final checkpoint {self.ckpt.directory / str(step)}")
+      return 0
+    finally:
+      preemption.uninstall()
+      self.ckpt.close()
+      writer.close()
+
+  def _reached_preemption(self, step: int) -> bool:
+    try:
+      return self.ckpt.reached_preemption(step)
+    except Exception:  # no preemption service (e.g. not launched by a cluster manager)
+      return False
+
+  def _evaluate(self, step: int, phase: Any, eval_fn: Any, writer: Any, global_batch) -> None:
+    import jax
+    batches = self._eval_batches(phase)
+    if not batches:
+      return
+    results = jax.device_get([eval_fn(self.state.params, global_batch(b, self.mesh))
+                              for b in batches])
+    mlm_w = sum(float(r["mlm_weight"]) for r in results)
+    seqs = sum(float(r["num_sequences"]) for r in results)
+    row = {}
+    for key, weight in (("mlm_loss", "mlm_weight"), ("mlm_accuracy", "mlm_weight"),
+                        ("nsp_loss", "num_sequences"), ("nsp_accuracy", "num_sequences")):
+      den = mlm_w if weight == "mlm_weight" else seqs
+      row[key] = sum(float(r[key]) * float(r[weight]) for r in results) / max(den, 1e-9)
+    row["loss"] = row["mlm_loss"] + row["nsp_loss"]
+    row["eval_sequences"] = int(seqs)
+    writer.write(step, row, split="eval", phase=phase.index, seq_len=phase.seq_len)
+    self.meter.restart_clock()
+
+  def _stop_nonfinite(self, bad_step: int, writer: Any) -> int:
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    print(f"error: non-finite loss or gradient at step {bad_step} (nan_policy=stop); "
+          f"stopping without saving. The last good checkpoint is "
+          f"{'step ' + str(last) if last is not None else 'none'} in {self.ckpt.directory}",
+          file=sys.stderr, flush=True)
+    writer.flush()
+    return EXIT_NONFINITE
+
+
+def pretrain(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+  """Runs (or resumes) the whole schedule in `workdir`; returns the process exit code."""
+  return Trainer(cfg, workdir).run()
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  config_spec, workdir, overrides = parse_args(argv)
+  cfg = resolve_config(config_spec, overrides)
+  return pretrain(cfg, workdir)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,40 @@
+"""A tiny BERT (2 layers x 128) that runs the whole two-phase schedule on a laptop CPU.
+
+  bert-jax pretrain --config configs/tiny_cpu.py --workdir /tmp/tiny        # English sample
+  bert-jax pretrain --config configs/tiny_cpu.py:zh --workdir /tmp/tiny_zh  # Chinese sample
+
+With no other flag it trains a small WordPiece vocab and creates both phases' data (length 128,
+then 512) from the corpus embedded in the package, inside the workdir, then pretrains.
+Point it at your own text with --config.data.input='["my_corpus.txt"]'.
+"""
+
+import pathlib
+import runpy
+
+common = runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))
+phase = common["phase"]
+
+
+def get_config(arg=None):
+  lang = arg or "en"
+  if lang not in ("en", "zh"):
+    raise ValueError(f"tiny_cpu.py:{lang}: expected 'en' or 'zh'")
+  c = common["base_config"]()
+  c.model.preset = "tiny"      # L-2_H-128
+  c.model.dtype = "float32"    # CPUs have no fast bfloat16 matmuls
+  c.total_steps = 300
+  # Phase 2 at length 512 costs ~4x per sequence: keep its batch small.
+  c.phases = [phase(0.9, 128, 20, 32), phase(0.1, 512, 80, 8)]
+  c.data.input = [f"sample:{lang}"]
+  c.data.vocab_size = 3000
+  c.data.dupe_factor = 3
+  c.data.eval_fraction = 0.05
+  c.data.whole_word_mask = lang == "zh"
+  c.optim.learning_rate = 1e-3   # a tiny model on little data learns faster with a larger step
+  c.optim.warmup_steps = 30
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep_every = 0
+  c.log_every = 25
+  c.eval_every = 100
+  c.eval_batches = 4
+  return c
