@@ -94,6 +94,10 @@ def main() -> int:
           f"tokens/s (instance tokens written) {tokens / seconds:,.0f}")
     print(f"  CPU time (all processes) {cpu:.2f} s = {count / cpu:,.0f} instances per CPU-second "
           f"(independent of other load on the machine)")
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    print(f"  peak memory of the largest process {peak:,.0f} MB (the main one includes jax, "
+          f"imported by bert_jax/__init__)")
     if args.reference:
       reference = run_reference(args.reference, inputs, vocab, args, workdir)
       print(f"ratio vs reference (same input, same machine): {count / seconds / reference:.1f}x")

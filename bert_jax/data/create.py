@@ -58,8 +58,10 @@ class ChunkResult(NamedTuple):
 _WORKER: dict = {}
 
 
-def _init_worker(params: dict) -> None:
+def _init_worker(params: dict, in_pool: bool = False) -> None:
   from bert_jax.tokenizer import load_tokenizer
+  if in_pool:   # the pool's processes are the parallelism: no tokenizer threads on top
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
   tok = load_tokenizer(params["vocab_path"], params["lower_case"])
   _WORKER.clear()
   _WORKER.update(params=params, tok=tok, pool=masking.random_token_pool(
@@ -194,7 +196,7 @@ def _run_jobs(jobs: Iterator[Job], params: dict, workers: int) -> Iterator[Chunk
       yield process_chunk(job)
     return
   method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-  with multiprocessing.get_context(method).Pool(workers, _init_worker, (params,)) as pool:
+  with multiprocessing.get_context(method).Pool(workers, _init_worker, (params, True)) as pool:
     in_flight: collections.deque = collections.deque()
     for job in jobs:
       in_flight.append(pool.apply_async(process_chunk, (job,)))
