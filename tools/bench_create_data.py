@@ -15,6 +15,7 @@ machine: 84,370 instances in 60 s wall on one core (7 MB of WikiText, seq 128, d
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import resource
@@ -98,6 +99,10 @@ def main() -> int:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(f"  peak memory of the largest process {peak:,.0f} MB (the main one includes jax, "
           f"imported by bert_jax/__init__)")
+    if args.reference and importlib.util.find_spec("tensorflow") is None:
+      print("the reference needs TensorFlow, which is not importable here: comparing with the "
+            "figure measured for it instead")
+      args.reference = None
     if args.reference:
       reference = run_reference(args.reference, inputs, vocab, args, workdir)
       print(f"ratio vs reference (same input, same machine): {count / seconds / reference:.1f}x")

@@ -93,6 +93,13 @@ class Pad(grain.MapTransform):
                 next_sentence_labels=np.int32(element["next_sentence_label"]))
 
 
+def _absl_flags_ready() -> None:
+  """grain's worker processes read absl flags; outside absl.app nobody parsed them."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: int,
                   max_predictions: int, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None, dynamic_masking: bool = False,
@@ -134,6 +141,8 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
                                   mask_id=vocab["mask_id"], pool=pool))
   operations += [Pad(seq_len, max_predictions, man["vocab"]["pad_id"]),
                  grain.Batch(batch_size, drop_remainder=drop_remainder)]
+  if worker_count:
+    _absl_flags_ready()
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count)
   return iter(loader)
