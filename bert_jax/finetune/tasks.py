@@ -43,25 +43,18 @@ class Features:
 # ----------------------------------------------------------------------------- packing
 
 def truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int]]:
-  """Longest-first truncation: trims the longer side one token at a time until both fit."""
+  """Longest-first truncation with the split transformers' fast tokenizers use: the shorter
+  side keeps what it can up to half the budget, the longer side gets the rest (the odd token)."""
   b = b or []
-  excess = len(a) + len(b) - budget
-  if excess <= 0:
+  if len(a) + len(b) <= budget:
     return a, b
-  la, lb = len(a), len(b)
-  # Remove from the longer until equal, then alternately (a first on ties, like transformers).
-  cut_long = min(excess, abs(la - lb))
-  if la >= lb:
-    la -= cut_long
-  else:
-    lb -= cut_long
-  rest = excess - cut_long
-  la -= (rest + 1) // 2
-  lb -= rest // 2
-  if lb < 0:
-    la += lb
-    lb = 0
-  return a[:max(la, 0)], b[:lb]
+  short, long_ = sorted((len(a), len(b)))
+  keep_long = max(short, budget - short)
+  keep_short = short
+  if keep_short + keep_long > budget:
+    keep_short, keep_long = budget // 2, budget // 2 + budget % 2
+  keep_a, keep_b = (keep_long, keep_short) if len(a) > len(b) else (keep_short, keep_long)
+  return a[:min(keep_a, len(a))], b[:min(keep_b, len(b))]
 
 
 def pack(tokenizer, a: list[int], b: list[int] | None, max_len: int,
@@ -247,7 +240,8 @@ def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int
   has_pair = any(r.pair is not None for r in records)
   b_ids = tokenizer.encode_batch([r.pair or "" for r in records]) if has_pair else [None] * n
   for i in range(n):
-    lengths[i] = pack(tokenizer, a_ids[i], b_ids[i], max_seq_length, ids[i], types[i])
+    b = b_ids[i] if records[i].pair is not None else None
+    lengths[i] = pack(tokenizer, a_ids[i], b, max_seq_length, ids[i], types[i])
   if regression:
     labels = np.array([float(r.label) for r in records], np.float32)
   else:

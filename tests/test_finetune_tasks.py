@@ -1,0 +1,202 @@
+"""Task readers and featurisation: classification tables, CoNLL tagging, multiple choice, and
+the length-bucketed batcher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bert_jax.errors import UserError
+from bert_jax.finetune import tasks
+from bert_jax.finetune.trainer import make_batch, make_buckets, train_batches
+from bert_jax.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(minilm_dir):
+  return load_tokenizer(minilm_dir / "vocab.txt")
+
+
+def write(tmp_path, name, text):
+  p = tmp_path / name
+  p.write_text(text, encoding="utf-8")
+  return str(p)
+
+
+# -- classification --------------------------------------------------------------------------
+
+def test_sst2_header_is_detected(shared_data):
+  path = str(shared_data / "glue" / "SST-2" / "dev.tsv")
+  records = tasks.read_text_records(path)
+  assert len(records) == 6735
+  assert records[0].line == 2 and records[0].pair is None
+  assert records[0].text.startswith("the expressive power") and records[0].label == "1"
+  names, regression = tasks.build_label_map(records, path, None)
+  assert names == ["0", "1"] and not regression
+
+
+def test_headerless_csv_jsonl_and_named_columns(tmp_path):
+  headerless = write(tmp_path, "a.tsv", "good film\tpos\nbad film\tneg\n")
+  r = tasks.read_text_records(headerless)
+  assert [(x.text, x.label, x.line) for x in r] == [("good film", "pos", 1), ("bad film", "neg", 2)]
+  pairs = write(tmp_path, "b.csv", 'premise,hypothesis,gold_label\n"a, b",c,entailment\nd,e,neutral\n')
+  r = tasks.read_text_records(pairs)
+  assert (r[0].text, r[0].pair, r[0].label) == ("a, b", "c", "entailment")
+  jsonl = write(tmp_path, "c.jsonl", '{"q": "x", "y": 3}\n\n{"q": "z", "y": 10}\n')
+  r = tasks.read_text_records(jsonl, text_column="q", label_column="y")
+  assert [(x.text, x.label, x.line) for x in r] == [("x", "3", 1), ("z", "10", 3)]
+  names, regression = tasks.build_label_map(r, jsonl, None)
+  assert names == ["3", "10"] and not regression  # integer labels in numeric order
+  scores = write(tmp_path, "d.tsv", "sentence1\tsentence2\tscore\na\tb\t3.8\nc\td\t1\n")
+  _, regression = tasks.build_label_map(tasks.read_text_records(scores), scores, None)
+  assert regression
+
+
+def test_table_errors_name_file_and_line(tmp_path):
+  with pytest.raises(UserError, match=r"e\.tsv: empty"):
+    tasks.read_text_records(write(tmp_path, "e.tsv", "\n\n"))
+  with pytest.raises(UserError, match=r"f\.tsv:3: 1 fields"):
+    tasks.read_text_records(write(tmp_path, "f.tsv", "sentence\tlabel\na\t1\nb\n"))
+  with pytest.raises(UserError, match="no label column 'gold'"):
+    tasks.read_text_records(write(tmp_path, "g.tsv", "sentence\tlabel\na\t1\n"),
+                            label_column="gold")
+  with pytest.raises(UserError, match=r"h\.jsonl:2: not valid JSON"):
+    tasks.read_text_records(write(tmp_path, "h.jsonl", '{"text": "a"}\n{oops\n'))
+
+
+def test_unknown_validation_label_is_reported(tmp_path, tok):
+  train = tasks.read_text_records(write(tmp_path, "t.tsv", "sentence\tlabel\na\tx\nb\ty\n"))
+  names, _ = tasks.build_label_map(train, "t.tsv", None)
+  valid_path = write(tmp_path, "v.tsv", "sentence\tlabel\na\tx\nb\tz\n")
+  valid = tasks.read_text_records(valid_path)
+  with pytest.raises(UserError, match=r"v\.tsv:3: label 'z' does not occur"):
+    tasks.featurize_text(valid, tok, 16, names, False, valid_path)
+
+
+def test_packing_matches_transformers_tokenizer(minilm_dir, tok):
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+  texts = [("A short one.", None), ("the quick brown fox jumps over the lazy dog " * 3,
+                                    "and a second, much shorter part"),
+           ("tiny", "a very long second segment that needs to be cut down " * 2),
+           ("Equal length words here", "Equal length words there")]
+  records = [tasks.TextRecord(a, b, "0", i) for i, (a, b) in enumerate(texts)]
+  for max_len in (12, 20, 64):
+    f = tasks.featurize_text(records, tok, max_len, ["0"], False, "x")
+    for i, (a, b) in enumerate(texts):
+      want = hf(a, b, truncation="longest_first", max_length=max_len)
+      n = f.lengths[i]
+      assert f.arrays["input_ids"][i, :n].tolist() == want["input_ids"]
+      assert f.arrays["token_type_ids"][i, :n].tolist() == want["token_type_ids"]
+      assert f.arrays["attention_mask"][i].sum() == n and not f.arrays["input_ids"][i, n:].any()
+
+
+# -- token tagging ---------------------------------------------------------------------------
+
+CONLL = """-DOCSTART- -X- O O
+
+EU NNP B-NP B-ORG
+rejects VBZ B-VP O
+unaffable JJ B-NP B-MISC
+Lamb NNP I-NP I-PER
+
+Peter NNP B-NP B-PER
+Blackburn NNP I-NP I-PER
+"""
+
+
+def test_conll_reader_and_first_subtoken_labels(tmp_path, tok):
+  path = write(tmp_path, "train.conll", CONLL)
+  sentences = tasks.read_conll(path)
+  assert [s.words for s in sentences] == [["EU", "rejects", "unaffable", "Lamb"],
+                                          ["Peter", "Blackburn"]]
+  assert sentences[0].tags == ["B-ORG", "O", "B-MISC", "I-PER"] and sentences[0].line == 3
+  names = tasks.tag_names(sentences)
+  assert names[0] == "O" and set(names) == {"O", "B-ORG", "B-MISC", "I-PER", "B-PER"}
+  f = tasks.featurize_tags(sentences, tok, 32, names, path)
+  ids, labels = f.arrays["input_ids"][0], f.arrays["labels"][0]
+  pieces = [tok.encode(w) for w in sentences[0].words]
+  assert len(pieces[2]) > 1  # "unaffable" splits into several pieces
+  expected_ids = [tok.cls_id] + sum(pieces, []) + [tok.sep_id]
+  assert ids[:f.lengths[0]].tolist() == expected_ids
+  firsts = np.cumsum([1] + [len(p) for p in pieces[:-1]])
+  assert f.extra["first_positions"][0].tolist() == firsts.tolist()
+  assert [names[labels[p]] for p in firsts] == sentences[0].tags
+  ignored = np.setdiff1d(np.arange(32), firsts)
+  assert (labels[ignored] == tasks.IGNORE).all()
+  # Truncation keeps whole words only.
+  short = tasks.featurize_tags(sentences, tok, 5, names, path)
+  assert short.extra["first_positions"][0].tolist() == [1, 2] and short.lengths[0] == 4
+
+
+def test_conll_errors(tmp_path, tok):
+  with pytest.raises(UserError, match="empty file"):
+    tasks.read_conll(write(tmp_path, "e.conll", "\n-DOCSTART- O\n\n"))
+  with pytest.raises(UserError, match=r"b\.conll:2: expected 'word"):
+    tasks.read_conll(write(tmp_path, "b.conll", "EU B-ORG\nlonely\n"))
+  path = write(tmp_path, "v.conll", "EU B-ORG\n\nParis B-LOC\n")
+  with pytest.raises(UserError, match=r"v\.conll:3: tag 'B-LOC' does not occur"):
+    tasks.featurize_tags(tasks.read_conll(path), tok, 16, ["O", "B-ORG"], path)
+
+
+# -- multiple choice -------------------------------------------------------------------------
+
+SWAG = """video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label
+anetv_1,5,"Students lift. They","Students lift.",They,gold,sit down.,jump high.,eat.,"run, fast.",1
+anetv_2,6,"A man rows. He","A man rows.",He,gen,stops.,swims.,flies.,sings.,3
+"""
+
+
+def test_swag_reader_and_featurisation(tmp_path, tok):
+  records = tasks.read_choice(write(tmp_path, "swag.csv", SWAG))
+  assert len(records) == 2 and records[0].label == 1 and records[1].label == 3
+  assert records[0].first == ["Students lift."] * 4
+  assert records[0].second[3] == "They run, fast."
+  f = tasks.featurize_choice(records, tok, 24)
+  assert f.arrays["input_ids"].shape == (2, 4, 24)
+  row = f.arrays["input_ids"][0, 3]
+  want = [tok.cls_id, *tok.encode("Students lift."), tok.sep_id, *tok.encode("They run, fast."),
+          tok.sep_id]
+  assert row[:len(want)].tolist() == want
+  assert f.arrays["choice_mask"].all()
+
+
+def test_choice_json_variants_and_errors(tmp_path, tok):
+  data = [{"question": "Where is Paris?", "paragraphs": ["Paris is in France.", "Rome is old."],
+           "gold": 0},
+          {"question": "Capital of Italy?", "candidates": ["Rome", "Oslo", "Bern"],
+           "gold": "Rome"}]
+  records = tasks.read_choice(write(tmp_path, "c.json", json.dumps(data)))
+  assert [r.label for r in records] == [0, 0] and records[1].second == ["Rome", "Oslo", "Bern"]
+  f = tasks.featurize_choice(records, tok, 16)
+  assert f.arrays["choice_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+  jsonl = "\n".join(json.dumps(d) for d in data)
+  assert len(tasks.read_choice(write(tmp_path, "c.jsonl", jsonl))) == 2
+  bad = [{"question": "q", "candidates": ["a", "b"], "gold": 2}]
+  with pytest.raises(UserError, match="record 1: gold index 2"):
+    tasks.read_choice(write(tmp_path, "bad.json", json.dumps(bad)))
+  with pytest.raises(UserError, match="missing column"):
+    tasks.read_choice(write(tmp_path, "bad.csv", "sent1,label\na,0\n"))
+
+
+# -- batching --------------------------------------------------------------------------------
+
+def test_length_buckets_and_batches():
+  assert make_buckets(64) == [16, 32, 64]
+  assert make_buckets(384) == [16, 32, 64, 128, 256, 384]
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 64, 1000)
+  batches = train_batches(lengths, 32, rng, sort_window=4)
+  assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+  # Sorting inside windows keeps a batch's lengths close together.
+  spread = np.mean([np.ptp(lengths[b]) for b in batches])
+  assert spread < 0.5 * np.mean([np.ptp(lengths[rng.permutation(1000)[:32]]) for _ in range(20)])
+  ids = np.zeros((1000, 64), np.int32)
+  ids[np.arange(64) < lengths[:, None]] = 7
+  feats = tasks.Features({"input_ids": ids, "labels": np.arange(1000)}, lengths)
+  batch = make_batch(feats, np.array([5, 9]), 4, make_buckets(64), ("input_ids", "labels"))
+  want_len = next(b for b in (16, 32, 64) if b >= lengths[[5, 9]].max())
+  assert batch["input_ids"].shape == (4, want_len)
+  assert batch["weight"].tolist() == [1, 1, 0, 0] and batch["labels"].tolist() == [5, 9, 0, 0]
