@@ -152,3 +152,17 @@ def test_manifest_and_fit_errors(tmp_path, static_dir):
     _iter(static_dir, split="eval")
   # Longer phases take shorter data (padding), e.g. 128-token data in a 512 phase.
   assert next(_iter(static_dir, seq_len=128, max_predictions=20))["input_ids"].shape == (8, 128)
+
+
+def test_dynamic_token_masking_budget(tmp_path, vocab):
+  out = tmp_path / "plain"
+  create.create_data(["sample"], vocab, out, max_seq_length=SEQ, dupe_factor=1, workers=1,
+                     progress=False, static_masking=False)
+  assert "continuation" not in next(read_instances(out))
+  for batch in _take(_iter(out, shuffle=False), 5):
+    maskable = batch["input_mask"].sum(1) - 3
+    expected = np.clip(np.floor(maskable * 0.15 + 0.5), 1, PRED)
+    np.testing.assert_array_equal(batch["masked_lm_weights"].sum(1), expected)
+    positions = batch["masked_lm_positions"]
+    assert (batch["input_ids"][np.arange(8)[:, None], positions][batch["masked_lm_weights"] > 0]
+            != 102).all()   # never [SEP]

@@ -150,6 +150,10 @@ def process_chunk(job: Job) -> ChunkResult:
       out.append(records.encode_record(m.input_ids[n, :lengths[n]], len_a[n],
                                        m.positions[n, :counts[n]], m.labels[n, :counts[n]],
                                        labels[n], None, wide))
+  elif not wide and rows.continuation_NL is None:
+    none_NP = np.zeros((len(lengths), 0), np.int32)
+    out = records.encode_records(rows.ids_NL, rows.lengths, rows.len_a, none_NP, none_NP,
+                                 np.zeros(len(lengths), np.int32), spans.is_random_next)
   else:
     empty = np.zeros(0, np.int32)
     for n in range(len(lengths)):
