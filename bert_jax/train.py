@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import runpy
 import shutil
@@ -100,6 +101,9 @@ def _parse_value(flag: str, old: Any, text: str) -> Any:
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
+    if text.lstrip()[:1] in ("[", "(", "{"):
+      raise bad("a Python literal (quote strings; dict(...) is not a literal, {...} is)") \
+          from None
     if isinstance(old, (list, tuple)):
       return [t for t in text.split(",") if t]  # a,b,c is a list of strings
     if old is None:
@@ -110,6 +114,9 @@ def _parse_value(flag: str, old: Any, text: str) -> Any:
       return [value]
     if not isinstance(value, (list, tuple)):
       raise bad("a list")
+    if old and isinstance(old[0], (dict, ml_collections.ConfigDict)) and not all(
+        isinstance(v, dict) for v in value):
+      raise bad("a list of dicts")
     return list(value)
   if isinstance(old, (dict, ml_collections.ConfigDict)):
     if not isinstance(value, dict):
@@ -523,11 +530,15 @@ class Trainer:
       return self._eval_cache[phase.index]
     batches: list[dict] = []
     info = manifest(self.data_dirs[phase.index])["splits"].get("eval")
-    micro = phase.batch_size // phase.grad_accum
-    if info and self.cfg.eval_batches > 0 and info["num_instances"] >= micro:
-      count = min(int(self.cfg.eval_batches), info["num_instances"] // micro)
+    # The train micro-batch, or fewer rows for a small eval split; a multiple of the batch
+    # shards (data x fsdp) and of the processes so that it splits evenly.
+    unit = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.process_count)
+    available = info["num_instances"] if info else 0
+    size = min(phase.batch_size // phase.grad_accum, available) // unit * unit
+    if size > 0 and self.cfg.eval_batches > 0:
+      count = min(int(self.cfg.eval_batches), available // size)
       it = make_iterator(self.data_dirs[phase.index], split="eval",
-                         batch_size=micro // self.process_count, seq_len=phase.seq_len,
+                         batch_size=size // self.process_count, seq_len=phase.seq_len,
                          max_predictions=phase.max_predictions, seed=0, shuffle=False,
                          num_epochs=1, process_index=self.process_index,
                          process_count=self.process_count)

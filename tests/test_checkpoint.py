@@ -1,0 +1,145 @@
+"""Checkpointer: async orbax saves, retention, data state, damaged-checkpoint fallback."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bert_jax.checkpoint import Checkpointer, abstract_like
+
+
+def tree(value: float):
+  return {"bert": {"w": jnp.full((4, 3), value, jnp.float32), "b": jnp.arange(3.0) + value},
+          "cls": {"bias": jnp.full((5,), -value)}}
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A workdir with checkpoints 2, 4, 6, 8 (params of step s filled with s)."""
+  opt = optax.adam(1e-3)
+  ck = Checkpointer(str(tmp_path), keep_last=10)
+  for step in (2, 4, 6, 8):
+    params = tree(float(step))
+    ck.save(step, params=params, opt_state=opt.init(params), meta={"phase": 0},
+            data_state=b'{"next": %d}' % step)
+  ck.wait()
+  return tmp_path, ck, abstract_like(tree(0.0)), abstract_like(opt.init(tree(0.0)))
+
+
+def restore_step(ck, ap, ao):
+  r = ck.restore(ap, ao)
+  return None if r is None else r.step
+
+
+def test_roundtrip_params_opt_state_meta_data(saved):
+  _, ck, ap, ao = saved
+  r = ck.restore(ap, ao)
+  assert r.step == 8 and r.meta["phase"] == 0 and r.meta["step"] == 8
+  np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 8.0))
+  assert r.data_state == b'{"next": 8}'
+  assert int(r.opt_state[0].count) == 0
+  assert ck.restore(ap, ao, want_data=lambda meta: False).data_state is None
+  ck.close()
+
+
+def test_layout_is_what_load_pretrained_reads(saved):
+  path, ck, _, _ = saved
+  ck.close()
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as c:
+    params = c.restore(path / "checkpoints" / "8" / "params")
+  np.testing.assert_array_equal(params["cls"]["bias"], np.full((5,), -8.0))
+  assert {"data", "meta", "opt_state", "params"} <= set(os.listdir(path / "checkpoints" / "8"))
+
+
+def _data_files(d: pathlib.Path):
+  return [p for p in d.rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+@pytest.mark.parametrize("damage", ["garble_chunks", "delete_chunks", "drop_meta", "truncate_meta",
+                                    "drop_data", "drop_opt_state"])
+def test_damaged_newest_falls_back_with_warning(saved, damage):
+  path, ck, ap, ao = saved
+  step_dir = path / "checkpoints" / "8"
+  if damage == "garble_chunks":
+    for f in _data_files(step_dir / "params"):
+      f.write_bytes(b"\0" * 16)
+  elif damage == "delete_chunks":
+    for f in _data_files(step_dir / "params"):
+      f.unlink()
+  elif damage == "drop_meta":
+    shutil.rmtree(step_dir / "meta")
+  elif damage == "truncate_meta":
+    meta = next(p for p in (step_dir / "meta").rglob("*") if p.is_file())
+    meta.write_text(meta.read_text()[:10])
+  elif damage == "drop_data":
+    shutil.rmtree(step_dir / "data")
+  else:
+    shutil.rmtree(step_dir / "opt_state")
+  with pytest.warns(UserWarning, match="checkpoints/8 is incomplete or corrupt"):
+    r = ck.restore(ap, ao)
+  assert r.step == 6
+  np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 6.0))
+  ck.close()
+
+
+def test_partial_step_directory_and_killed_save_are_passed_over(saved):
+  path, ck, ap, ao = saved
+  ck.close()
+  # A step directory with only some items (as a copy cut short would leave) and an orbax
+  # temporary directory of a save killed before its commit.
+  partial = path / "checkpoints" / "10"
+  shutil.copytree(path / "checkpoints" / "8" / "params", partial / "params")
+  shutil.copytree(path / "checkpoints" / "8", path / "checkpoints" / "12.orbax-checkpoint-tmp-1")
+  ck = Checkpointer(str(path), keep_last=10)
+  with pytest.warns(UserWarning, match="checkpoints/10 is incomplete"):
+    assert restore_step(ck, ap, ao) == 8
+  ck.close()
+
+
+def test_all_damaged_returns_none(saved):
+  path, ck, ap, ao = saved
+  for step in ck.all_steps():
+    shutil.rmtree(path / "checkpoints" / str(step) / "meta")
+  with pytest.warns(UserWarning):
+    assert ck.restore(ap, ao) is None
+  ck.close()
+
+
+def test_nonfinite_params_are_never_saved(saved):
+  path, ck, ap, ao = saved
+  bad = tree(10.0)
+  bad["bert"]["w"] = bad["bert"]["w"].at[0, 0].set(jnp.nan)
+  with pytest.warns(UserWarning, match="not finite; checkpoint not written"):
+    assert not ck.save(10, params=bad, opt_state=optax.adam(1e-3).init(bad), meta={})
+  ck.wait()
+  assert ck.latest_step() == 8 and restore_step(ck, ap, ao) == 8
+  ck.close()
+
+
+def test_retention_keeps_last_n_every_kth_and_boundaries(tmp_path):
+  ck = Checkpointer(str(tmp_path), keep_last=2, keep_every=4, keep_steps=[3], async_save=False)
+  opt = optax.sgd(0.1)
+  for step in range(1, 11):
+    p = tree(float(step))
+    ck.save(step, params=p, opt_state=opt.init(p), meta={})
+  ck.wait()
+  assert ck.all_steps() == [3, 4, 8, 9, 10]
+  ck.close()
+
+
+def test_dict_data_state_roundtrip(tmp_path):
+  ck = Checkpointer(str(tmp_path))
+  p = tree(1.0)
+  state = {"epoch": 2, "index": [1, 2, 3]}
+  ck.save(1, params=p, opt_state=optax.sgd(0.1).init(p), meta={}, data_state=state)
+  ck.wait()
+  assert ck.restore(abstract_like(p), abstract_like(optax.sgd(0.1).init(p))).data_state == state
+  ck.close()

@@ -1,0 +1,138 @@
+"""Config files and `--config.*` overrides of `bert-jax pretrain`."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from bert_jax import train
+from bert_jax.errors import UserError
+from bert_jax.phases import make_phases
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name: str, *overrides: str):
+  spec = str(CONFIGS / name)
+  pairs = [tuple(o.split("=", 1)) for o in overrides]
+  return train.resolve_config(spec, pairs)
+
+
+@pytest.mark.parametrize("name", ["bert_base_paper.py", "bert_large_paper.py"])
+def test_paper_recipe(name):
+  c = load(name)
+  phases = make_phases(c)
+  assert [(p.start_step, p.end_step) for p in phases] == [(0, 900_000), (900_000, 1_000_000)]
+  assert [(p.seq_len, p.max_predictions, p.batch_size) for p in phases] == [
+      (128, 20, 256), (512, 80, 256)]
+  o = c.optim
+  assert (o.name, o.learning_rate, o.b1, o.b2, o.eps) == ("adamw", 1e-4, 0.9, 0.999, 1e-6)
+  assert (o.weight_decay, o.warmup_steps, o.schedule, o.decay_power) == (
+      0.01, 10_000, "continuous", 1.0)
+  assert o.bias_correction is False and o.clip_norm == 1.0
+  assert c.model.preset == ("base" if "base" in name else "large")
+
+
+def test_paper_model_dropout_and_positions():
+  from bert_jax.config import get_preset
+  for preset in ("base", "large"):
+    bc = get_preset(preset)
+    assert bc.hidden_dropout_prob == bc.attention_probs_dropout_prob == 0.1
+    assert bc.max_position_embeddings == 512
+
+
+def test_total_steps_override_keeps_proportions():
+  c = load("bert_base_paper.py", "total_steps=200")
+  phases = make_phases(c)
+  assert [(p.start_step, p.end_step) for p in phases] == [(0, 180), (180, 200)]
+
+
+def test_lamb_recipe():
+  c = load("bert_large_lamb.py")
+  p1, p2 = make_phases(c)
+  assert (p1.num_steps, p2.num_steps) == (7038, 1563)
+  assert (p1.batch_size, p2.batch_size) == (65536, 32768)
+  assert (p1.seq_len, p2.seq_len) == (128, 512)
+  assert (p1.learning_rate, p2.learning_rate) == (6e-3, 4e-3)
+  assert (p1.warmup_steps, p2.warmup_steps) == (2001, 200)   # 0.2843 x 7038, 0.128 x 1563
+  assert p1.grad_accum > 1 and p2.grad_accum > 1
+  assert p1.batch_size % p1.grad_accum == 0 and p2.batch_size % p2.grad_accum == 0
+  assert (c.optim.name, c.optim.schedule) == ("lamb", "per_phase")
+
+
+def test_chinese_base_takes_vocab_argument(tmp_path):
+  c = load("chinese_base.py:/some/vocab.txt")
+  assert c.data.vocab == "/some/vocab.txt" and c.data.whole_word_mask
+  assert c.model.preset == "chinese-base"
+  with pytest.raises(UserError, match="needs a vocab"):
+    train.prepare_vocab(load("chinese_base.py"), str(tmp_path), True)
+
+
+def test_tiny_cpu_languages():
+  assert list(load("tiny_cpu.py").data.input) == ["sample:en"]
+  zh = load("tiny_cpu.py:zh")
+  assert list(zh.data.input) == ["sample:zh"] and zh.data.whole_word_mask
+  with pytest.raises(UserError, match="tiny_cpu.py:fr"):
+    load("tiny_cpu.py:fr")
+
+
+def test_overrides_parse_to_field_types():
+  c = load("tiny_cpu.py", "total_steps=1e3", "phases.1.batch_size=4", "optim.learning_rate=2e-4",
+           "checkpoint.async_save=false", "data.input=a.txt,b.txt", "model.overrides.num_hidden_layers=1",
+           "model.overrides={'hidden_dropout_prob': 0.0}", "phases.0.data=/x")
+  assert c.total_steps == 1000 and isinstance(c.total_steps, int)
+  assert c.phases[1]["batch_size"] == 4 and c.phases[0]["data"] == "/x"
+  assert c.optim.learning_rate == 2e-4
+  assert c.checkpoint.async_save is False
+  assert list(c.data.input) == ["a.txt", "b.txt"]
+  assert dict(c.model.overrides) == {"hidden_dropout_prob": 0.0}
+
+
+def test_list_literal_override():
+  c = load("tiny_cpu.py", "data.input=['x.txt', 'y.txt']",
+           "phases=[{'fraction': 1.0, 'seq_len': 64, 'max_predictions': 10, 'batch_size': 2}]")
+  assert list(c.data.input) == ["x.txt", "y.txt"]
+  assert [p.seq_len for p in make_phases(c)] == [64]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.total_stepz=5", "--config.total_stepz: no such config field"),
+    ("--config.total_steps=abc", "--config.total_steps='abc': expected an integer"),
+    ("--config.total_steps=2.5", "expected an integer"),
+    ("--config.optim.learning_rate=fast", "--config.optim.learning_rate='fast': expected a number"),
+    ("--config.checkpoint.async_save=maybe", "expected true or false"),
+    ("--config.phases.5.batch_size=8", "--config.phases.5.batch_size: index 5 out of range"),
+    ("--config.phases.0.batch_sise=8", "--config.phases.0.batch_sise: no such config field"),
+    ("--config.model.overrides.hidden_sise=8", "not a BertConfig field"),
+    ("--config.nan_policy=ignore", "--config.nan_policy='ignore'"),
+    ("--config.phases.0.grad_accum=5", "grad_accum=5"),
+    ("--config.total_steps.x=1", "is a int, not a group"),
+    ("--config.phases=[dict(a=1)]", "expected a Python literal"),
+    ("--config.phases=['a']", "expected a list of dicts"),
+])
+def test_bad_overrides_exit_2(tmp_path, capsys, flag, message):
+  code = train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(tmp_path / "w"),
+                     flag])
+  assert code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and message in err and "\n" not in err
+  assert not (tmp_path / "w").exists()   # nothing written for a bad command line
+
+
+def test_bad_config_file_exit_2(tmp_path, capsys):
+  assert train.main(["--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)]) == 2
+  assert "nope.py: no such file" in capsys.readouterr().err
+  bad = tmp_path / "bad.py"
+  bad.write_text("x = 1\n")
+  assert train.main(["--config", str(bad), "--workdir", str(tmp_path)]) == 2
+  assert "defines no get_config" in capsys.readouterr().err
+  assert train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(tmp_path),
+                     "--bogus"]) == 2
+  assert "--bogus" in capsys.readouterr().err
+
+
+def test_config_loads_from_any_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = train.load_config_file(str(CONFIGS / "bert_large_paper.py"))
+  assert c.model.preset == "large"
