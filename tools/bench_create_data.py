@@ -91,8 +91,10 @@ def main() -> int:
     docs, count, tokens = man["corpus"]["documents"], train["num_instances"], train["num_tokens"]
     print(f"bert-jax create-data: {megabytes:.1f} MB, seq {args.max_seq_length}, dupe "
           f"{args.dupe_factor}, {workers} worker(s): {count} instances in {seconds:.2f} s")
+    corpus_tokens = sum(info["num_input_tokens"] for info in man["splits"].values())
     print(f"  documents/s {docs / seconds:,.0f}   instances/s {count / seconds:,.0f}   "
-          f"tokens/s (instance tokens written) {tokens / seconds:,.0f}")
+          f"tokens/s: corpus tokens {corpus_tokens / seconds:,.0f}, instance tokens written "
+          f"{tokens / seconds:,.0f}")
     print(f"  CPU time (all processes) {cpu:.2f} s = {count / cpu:,.0f} instances per CPU-second "
           f"(independent of other load on the machine)")
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -49,8 +49,9 @@ class ChunkResult(NamedTuple):
   split: str
   index: int
   num_documents: int
-  num_tokens: int
+  num_tokens: int              # tokens in the instances written
   records: list[bytes]
+  input_tokens: int            # tokens of the chunk's documents
 
 
 # -- the work on one chunk (runs in a worker process) -------------------------------------
@@ -128,7 +129,7 @@ def process_chunk(job: Job) -> ChunkResult:
   doc_ids, doc_cont = _tokenize(tok, job.documents, params["whole_word_mask"])
   chunk = inst_lib.build_chunk(doc_ids, doc_cont)
   if not chunk.sentence_bounds:
-    return ChunkResult(job.split, job.index, len(job.documents), 0, [])
+    return ChunkResult(job.split, job.index, len(job.documents), 0, [], 0)
   spans = inst_lib.chunk_pairs(chunk, py_rng, max_seq_length=params["max_seq_length"],
                                short_seq_prob=params["short_seq_prob"],
                                dupe_factor=params["dupe_factor"])
@@ -160,7 +161,8 @@ def process_chunk(job: Job) -> ChunkResult:
       cont = None if rows.continuation_NL is None else rows.continuation_NL[n, :lengths[n]]
       out.append(records.encode_record(rows.ids_NL[n, :lengths[n]], len_a[n], empty, empty,
                                        labels[n], cont, wide))
-  return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out)
+  return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out,
+                     len(chunk.ids))
 
 
 # -- chunking, the pool, the shards -------------------------------------------------------
@@ -217,7 +219,7 @@ class SplitWriter:
     self.output_dir, self.split, self.num_shards = output_dir, split, num_shards
     self.writers: list = []
     self.counts: list[int] = []
-    self.num_instances = self.num_documents = self.num_tokens = 0
+    self.num_instances = self.num_documents = self.num_tokens = self.input_tokens = 0
 
   def _tmp_path(self, index: int) -> str:
     return os.path.join(self.output_dir, f"{self.split}-{index:05d}.array_record.tmp")
@@ -243,6 +245,7 @@ class SplitWriter:
     self.num_instances += len(result.records)
     self.num_documents += result.num_documents
     self.num_tokens += result.num_tokens
+    self.input_tokens += result.input_tokens
 
   def finish(self) -> list[str]:
     for writer in self.writers:
@@ -372,7 +375,8 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
   for split, w in writers.items():
     if split == "train" or w.num_instances:
       splits[split] = dict(num_instances=w.num_instances, num_documents=w.num_documents,
-                           num_tokens=w.num_tokens, shards=shards[split])
+                           num_tokens=w.num_tokens, num_input_tokens=w.input_tokens,
+                           shards=shards[split])
   manifest = dict(
       format=records.FORMAT_NAME, format_version=records.FORMAT_VERSION,
       created_by="bert-jax create-data", splits=splits,
