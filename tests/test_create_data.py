@@ -267,8 +267,10 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, capsys, vocab):
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"The first sentence is fine.\nThe second has bad \xff\xfe bytes.\n"
                   b"A third one.\n\nAnother document.\nWith two lines.\n")
-  code, _ = _cli(["--input", str(bad), "--vocab", vocab, "--output", str(tmp_path / "o"),
-                  "--input-format", "bert"], capsys)
+  from bert_jax.data.corpus import CorpusWarning
+  with pytest.warns(CorpusWarning, match="2 byte"):
+    code, _ = _cli(["--input", str(bad), "--vocab", vocab, "--output", str(tmp_path / "o"),
+                    "--input-format", "bert"], capsys)
   assert code == 0
   man = json.loads((tmp_path / "o" / records.MANIFEST).read_text())
   assert man["corpus"]["bad_bytes"] == 2 and man["splits"]["train"]["num_instances"] > 0
