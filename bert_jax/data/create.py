@@ -194,6 +194,21 @@ def make_jobs(documents: Iterable[list[str]], eval_fraction: float) -> Iterator[
       yield Job(split, next_index[split], docs)
 
 
+def _start_method() -> str:
+  """fork (fast: workers inherit the imports) unless this process already runs JAX's
+  threads (e.g. create-data called from the training loop), where forking can deadlock."""
+  if "fork" not in multiprocessing.get_all_start_methods():
+    return "spawn"
+  if "jax" in sys.modules:
+    try:
+      from jax._src import xla_bridge
+      if xla_bridge.backends_are_initialized():
+        return "spawn"
+    except (ImportError, AttributeError):
+      return "spawn"
+  return "fork"
+
+
 def _run_jobs(jobs: Iterator[Job], params: dict, workers: int) -> Iterator[ChunkResult]:
   """Results in job order; at most 2 jobs per worker in flight (bounded memory)."""
   if workers <= 1:
@@ -201,8 +216,7 @@ def _run_jobs(jobs: Iterator[Job], params: dict, workers: int) -> Iterator[Chunk
     for job in jobs:
       yield process_chunk(job)
     return
-  method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-  with multiprocessing.get_context(method).Pool(workers, _init_worker, (params, True)) as pool:
+  with multiprocessing.get_context(_start_method()).Pool(workers, _init_worker, (params, True)) as pool:
     in_flight: collections.deque = collections.deque()
     for job in jobs:
       in_flight.append(pool.apply_async(process_chunk, (job,)))
