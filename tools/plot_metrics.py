@@ -46,16 +46,22 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def phase_boundaries(rows: list[dict]) -> list[tuple[int, str]]:
-  """(first step, label) of every phase after the first, from the train rows."""
-  marks, previous = [], None
+  """(step, label) where each phase after the first begins, from the train rows.
+
+  A row's step counts the updates done, and the loop logs the last step of every phase, so the
+  boundary is the step of the previous phase's last row. Labels count phases from 1 (the rows'
+  "phase" field is the 0-based index), as the loop's progress lines do.
+  """
+  marks, previous, previous_step = [], None, None
   for row in sorted(rows, key=lambda r: int(r["step"])):
     key = (row.get("phase"), row.get("seq_len"))
     if key == (None, None):
       continue
     if previous is not None and key != previous:
-      label = f"phase {key[0]}" + (f" (seq {key[1]})" if key[1] is not None else "")
-      marks.append((int(row["step"]), label))
-    previous = key
+      index = key[0] + 1 if isinstance(key[0], int) else key[0]
+      label = f"phase {index}" + (f" (seq {key[1]})" if key[1] is not None else "")
+      marks.append((previous_step, label))
+    previous, previous_step = key, int(row["step"])
   return marks
 
 

@@ -1,0 +1,104 @@
+"""launch/quickstart.sh end to end (slow), and tools/plot_metrics.py (fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import plot_metrics  # noqa: E402  (tools/ is not a package)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_metrics(path: pathlib.Path, torn_tail: bool = False) -> None:
+  rows = []
+  for step in range(10, 101, 10):
+    phase, seq_len = (0, 128) if step <= 90 else (1, 512)
+    rows.append(dict(step=step, split="train", phase=phase, seq_len=seq_len, loss=9 - step / 20,
+                     mlm_loss=8 - step / 20, mlm_accuracy=step / 200, nsp_accuracy=0.5))
+  rows.append(dict(step=50, split="eval", phase=0, seq_len=128, loss=6.5, mlm_loss=5.9,
+                   mlm_accuracy=0.2, nsp_accuracy=0.55))
+  text = "\n".join(json.dumps(r) for r in rows) + "\n"
+  path.write_text(text + ('{"step": 110, "loss"' if torn_tail else ""))
+
+
+def test_plot_metrics_writes_png_with_phase_boundary(tmp_path):
+  metrics = tmp_path / "metrics.jsonl"
+  _write_metrics(metrics, torn_tail=True)
+  rows = plot_metrics.read_rows(str(metrics))
+  assert len(rows) == 11  # the torn last line is skipped
+  train = [r for r in rows if r["split"] == "train"]
+  assert plot_metrics.phase_boundaries(train) == [(90, "phase 2 (seq 512)")]
+  out = tmp_path / "plots" / "curves.png"
+  assert plot_metrics.plot_metrics(str(metrics), str(out)) == str(out)
+  assert out.read_bytes()[:8] == PNG_MAGIC
+  import matplotlib.image
+  image = matplotlib.image.imread(str(out))
+  assert image.shape[0] > 300 and image.shape[1] > 600
+  assert not list(out.parent.glob(".*tmp*"))  # the temporary file was renamed
+
+
+def test_plot_metrics_rejects_empty_and_missing(tmp_path):
+  empty = tmp_path / "metrics.jsonl"
+  empty.write_text('{"note": "no step"}\n')
+  with pytest.raises(ValueError, match="no metric rows"):
+    plot_metrics.plot_metrics(str(empty), str(tmp_path / "x.png"))
+  assert plot_metrics.main([str(empty)]) == 2
+  assert plot_metrics.main([str(tmp_path / "nope.jsonl")]) == 2
+  assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_path(tmp_path):
+  workdir = tmp_path / "qs"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", "launch/quickstart.sh", str(workdir)], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = proc.stdout
+
+  # Both phases trained, in order, up to the config's last step.
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r.get("split") == "train"]
+  assert [r["seq_len"] for r in train] == sorted(r["seq_len"] for r in train)
+  assert {r["seq_len"] for r in train} == {128, 512}
+  assert train[-1]["step"] == 300
+  assert (workdir / "checkpoints" / "300").is_dir()
+  assert list((workdir / "tensorboard").iterdir())
+
+  # The PNG is where the summary says.
+  png = re.search(r"learning curves\s+(\S+)", out).group(1)
+  assert pathlib.Path(png).read_bytes()[:8] == PNG_MAGIC
+
+  # The fill-mask answer printed by transformers is the bert-jax checkpoint's own argmax.
+  lines = out.splitlines()
+  sentence_at = next(i for i, line in enumerate(lines) if "[MASK]" in line
+                     and not line.startswith("+"))
+  sentence = lines[sentence_at]
+  guesses = [line.split() for line in lines[sentence_at + 1:sentence_at + 6]]
+  assert len(guesses) == 5 and all(float(g[0]) > 0 for g in guesses)
+
+  import jax.numpy as jnp
+  from transformers import BertTokenizerFast
+
+  from bert_jax import BertForPreTraining, load_pretrained
+  config, params = load_pretrained(str(workdir))
+  tokenizer = BertTokenizerFast.from_pretrained(str(workdir / "hf"))
+  encoded = tokenizer(sentence, return_tensors="np")
+  ids = encoded["input_ids"]
+  mlm_logits, _ = BertForPreTraining(config).apply(
+      {"params": params}, jnp.asarray(ids), jnp.asarray(encoded["token_type_ids"]),
+      jnp.asarray(encoded["attention_mask"]))
+  mask_at = int(np.argmax(ids[0] == tokenizer.mask_token_id))
+  best = tokenizer.convert_ids_to_tokens(int(np.argmax(mlm_logits[0, mask_at])))
+  assert guesses[0][1] == best.replace("##", "") or guesses[0][1] == best
