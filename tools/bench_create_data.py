@@ -99,8 +99,7 @@ def main() -> int:
           f"(independent of other load on the machine)")
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    print(f"  peak memory of the largest process {peak:,.0f} MB (the main one includes jax, "
-          f"imported by bert_jax/__init__)")
+    print(f"  peak memory of the largest process {peak:,.0f} MB")
     if args.reference and importlib.util.find_spec("tensorflow") is None:
       print("the reference needs TensorFlow, which is not importable here: comparing with the "
             "figure measured for it instead")
