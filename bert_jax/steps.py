@@ -209,7 +209,7 @@ def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransform
       (grads, sums), _ = jax.lax.scan(body, (zeros, sums0),
                                       (micros, jnp.arange(grad_accum)))
     metrics = _means(sums)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
     def apply(_):

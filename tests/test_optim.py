@@ -1,0 +1,167 @@
+"""Optimisers (BERT AdamW with/without bias correction, LAMB), decay mask, LR schedules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from _mesh_worker import make_cfg, tiny_model_config
+from bert_jax.errors import UserError
+from bert_jax.heads import BertForPreTraining
+from bert_jax.optim import decay_mask, make_optimizer, make_schedule
+from bert_jax.phases import make_phases
+
+NAMES = {"dense": {"kernel": (3, 4), "bias": (4,)}, "LayerNorm": {"scale": (4,), "bias": (4,)},
+         "embed": {"embedding": (5, 3)}}
+
+
+def _tree(rs, scale=1.0):
+  return {m: {p: (rs.randn(*shape) * scale).astype(np.float32) for p, shape in d.items()}
+          for m, d in NAMES.items()}
+
+
+def _numpy_adamw(params, grads_seq, lrs, b1, b2, eps, wd, clip, bias_correction):
+  p = {k: dict(v) for k, v in params.items()}
+  m = {k: {n: np.zeros_like(x) for n, x in v.items()} for k, v in p.items()}
+  v_ = {k: {n: np.zeros_like(x) for n, x in v.items()} for k, v in p.items()}
+  for t, (grads, lr) in enumerate(zip(grads_seq, lrs), start=1):
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for d in grads.values()
+                       for g in d.values()))
+    factor = min(1.0, clip / norm)
+    for mod, d in grads.items():
+      for name, g in d.items():
+        g = g * factor
+        m[mod][name] = b1 * m[mod][name] + (1 - b1) * g
+        v_[mod][name] = b2 * v_[mod][name] + (1 - b2) * g * g
+        mh, vh = m[mod][name], v_[mod][name]
+        if bias_correction:
+          mh, vh = mh / (1 - b1 ** t), vh / (1 - b2 ** t)
+        update = mh / (np.sqrt(vh) + eps)
+        if name != "bias" and mod != "LayerNorm":
+          update = update + wd * p[mod][name]
+        p[mod][name] = p[mod][name] - lr * update
+  return p
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adamw_matches_numpy_reference(bias_correction):
+  cfg = make_cfg(total_steps=10, warmup_steps=2, learning_rate=0.1, weight_decay=0.1,
+                 bias_correction=bias_correction)
+  phases = make_phases(cfg)
+  optimizer, schedule = make_optimizer(cfg, phases)
+  rs = np.random.RandomState(0)
+  params = _tree(rs)
+  grads_seq = [_tree(rs, scale=0.5 if i else 0.01) for i in range(4)]  # clipped after step 0
+  state = optimizer.init(params)
+  p = jax.tree.map(jnp.asarray, params)
+  for step, grads in enumerate(grads_seq):
+    updates, state = optimizer.update(grads, state, p, global_step=step)
+    p = optax.apply_updates(p, updates)
+  lrs = [float(schedule(s)) for s in range(4)]
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.1)
+  expected = _numpy_adamw(params, grads_seq, lrs, 0.9, 0.999, 1e-6, 0.1, 1.0, bias_correction)
+  for mod in NAMES:
+    for name in NAMES[mod]:
+      np.testing.assert_allclose(p[mod][name], expected[mod][name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{mod}/{name}")
+  # The two forms really differ (the no-correction one moves less early on).
+  if not bias_correction:
+    other = _numpy_adamw(params, grads_seq, lrs, 0.9, 0.999, 1e-6, 0.1, 1.0, True)
+    assert not np.allclose(other["dense"]["kernel"], expected["dense"]["kernel"], atol=1e-4)
+
+
+def test_decay_mask_on_the_real_param_tree():
+  model = BertForPreTraining(tiny_model_config())
+  ids = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+  import flax.linen as nn
+  params = nn.unbox(boxed)
+  flat = {"/".join(str(k.key) for k in path): v for path, v in
+          jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+  for name, decays in flat.items():
+    no_decay = name.endswith("/bias") or "LayerNorm" in name
+    assert decays == (not no_decay), name
+  assert flat["cls/predictions/bias"] is False
+  assert flat["bert/embeddings/LayerNorm/scale"] is False
+  assert flat["bert/embeddings/word_embeddings/embedding"] is True
+  assert flat["bert/encoder/layer_0/attention/self/query/kernel"] is True
+  assert flat["bert/encoder/layer_1/output/LayerNorm/scale"] is False
+  # Same mask through nn.Partitioned boxes (as seen when the sharded state is initialised).
+  assert jax.tree.leaves(decay_mask(boxed)) == jax.tree.leaves(decay_mask(params))
+
+
+def _schedule_cfg(kind):
+  cfg = make_cfg(total_steps=100, warmup_steps=10, learning_rate=1e-3, schedule=kind,
+                 end_learning_rate=1e-5)
+  cfg.phases[1].update(warmup_steps=2, learning_rate=5e-4)
+  return cfg
+
+
+def test_continuous_schedule_values():
+  cfg = _schedule_cfg("continuous")
+  sched = make_schedule(cfg, make_phases(cfg))
+  lr = lambda s: float(sched(s))
+  assert lr(0) == 0.0
+  assert lr(5) == pytest.approx(5e-4)
+  assert lr(10) == pytest.approx(1e-3)                                    # warmup end: peak
+  assert lr(90) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (10 / 90), rel=1e-5)  # phase boundary
+  assert lr(100) == pytest.approx(1e-5)                                   # end
+  assert lr(150) == pytest.approx(1e-5)
+
+
+def test_per_phase_schedule_rewarms():
+  cfg = _schedule_cfg("per_phase")
+  sched = make_schedule(cfg, make_phases(cfg))
+  lr = lambda s: float(sched(s))
+  assert lr(10) == pytest.approx(1e-3)
+  assert lr(89) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 / 80), rel=1e-5)
+  assert lr(90) == 0.0                                                    # re-warmed
+  assert lr(91) == pytest.approx(2.5e-4)
+  assert lr(92) == pytest.approx(5e-4)                                    # phase 2 peak
+  assert lr(100) == pytest.approx(1e-5)
+  # jit-able over a traced step
+  np.testing.assert_allclose(jax.jit(sched)(jnp.int32(92)), 5e-4, rtol=1e-6)
+
+
+def test_bad_optimizer_settings_name_the_field():
+  cfg = make_cfg(name="sgd")
+  with pytest.raises(UserError, match="optim.name"):
+    make_optimizer(cfg, make_phases(cfg))
+  cfg = make_cfg(schedule="cosine")
+  with pytest.raises(UserError, match="optim.schedule"):
+    make_optimizer(cfg, make_phases(cfg))
+
+
+def test_global_step_drives_the_learning_rate():
+  cfg = make_cfg(total_steps=100, warmup_steps=10, learning_rate=1.0, clip_norm=0.0,
+                 weight_decay=0.0)
+  optimizer, _ = make_optimizer(cfg, make_phases(cfg))
+  params = {"w": jnp.ones(3)}
+  state = optimizer.init(params)
+  grads = {"w": jnp.ones(3)}
+  u_own, _ = optimizer.update(grads, state, params)               # own count 0 -> lr 0
+  u_global, _ = optimizer.update(grads, state, params, global_step=5)  # lr 0.5
+  np.testing.assert_allclose(u_own["w"], 0.0)
+  # m = 0.1, v = 0.001 after one step (no bias correction): -lr * m / (sqrt(v) + eps)
+  np.testing.assert_allclose(u_global["w"], -0.5 * 0.1 / (np.sqrt(1e-3) + 1e-6), rtol=1e-5)
+
+
+def test_lamb_trust_ratio_and_exclusions():
+  cfg = make_cfg(name="lamb", total_steps=100, warmup_steps=0, learning_rate=0.01,
+                 weight_decay=0.01, bias_correction=True, clip_norm=0.0)
+  optimizer, schedule = make_optimizer(cfg, make_phases(cfg))
+  rs = np.random.RandomState(1)
+  params, grads = _tree(rs), _tree(rs)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params, global_step=0)
+  lr = float(schedule(0))
+  for mod, name in (("dense", "kernel"), ("embed", "embedding")):
+    # Layer-adapted: the step's norm is lr * ||w||, whatever the gradient scale.
+    np.testing.assert_allclose(np.linalg.norm(updates[mod][name]),
+                               lr * np.linalg.norm(params[mod][name]), rtol=1e-5)
+  for mod, name in (("dense", "bias"), ("LayerNorm", "scale")):
+    # Excluded: plain bias-corrected Adam's first step, sign(g) * lr (no decay, no ratio).
+    g = grads[mod][name]
+    np.testing.assert_allclose(updates[mod][name], -lr * g / (np.abs(g) + 1e-6), rtol=1e-4)

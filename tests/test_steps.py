@@ -1,0 +1,155 @@
+"""Train/eval steps on one device: loss definition, accumulation, NaN skip, init merge, dropout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from _mesh_worker import BATCH, PRED, VOCAB, make_cfg, synthetic_batch, tiny_model_config
+from bert_jax import sharding, steps
+from bert_jax.errors import UserError
+from bert_jax.heads import BertForPreTraining
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+_COMPILED: dict = {}
+
+
+def _setup(mesh, model_config, grad_accum=1, cfg=None, init_params=None):
+  """(fresh state, shardings, jitted step); compiled once per (model config, accumulation)."""
+  key = (model_config, grad_accum, init_params is None and cfg is None)
+  if key in _COMPILED:
+    host_state, shardings, step = _COMPILED[key]
+    return jax.device_put(host_state, shardings), shardings, step
+  cfg = cfg or make_cfg()
+  state, shardings, optimizer, schedule = steps.create_train_state(
+      model_config, cfg, mesh, jax.random.PRNGKey(0), init_params=init_params)
+  step = steps.jit_train_step(
+      steps.make_train_step(model_config, optimizer, schedule, grad_accum=grad_accum),
+      mesh, shardings)
+  if key[2]:
+    _COMPILED[key] = (_copy(state), shardings, step)
+  return state, shardings, step
+
+
+def test_loss_matches_full_logits_reference(mesh):
+  """The gathered-position loss equals cross-entropy taken from logits at every position."""
+  model_config = tiny_model_config()
+  state, shardings, _ = _setup(mesh, model_config)
+  batch = synthetic_batch(3)
+  metrics = steps.jit_eval_step(steps.make_eval_step(model_config), mesh, shardings)(
+      state.params, batch)
+  full_BTV, nsp_B2 = BertForPreTraining(model_config).apply(
+      {"params": state.params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"])
+  logp = np.asarray(jax.nn.log_softmax(full_BTV.astype(jnp.float64)
+                                       if jax.config.jax_enable_x64 else full_BTV))
+  pos, ids, w = batch["masked_lm_positions"], batch["masked_lm_ids"], batch["masked_lm_weights"]
+  nll = -logp[np.arange(BATCH)[:, None], pos, ids]
+  mlm = (nll * w).sum() / w.sum()
+  hits = (logp[np.arange(BATCH)[:, None], pos].argmax(-1) == ids)
+  nsp_logp = np.asarray(jax.nn.log_softmax(nsp_B2))
+  nsp = -nsp_logp[np.arange(BATCH), batch["next_sentence_labels"]].mean()
+  np.testing.assert_allclose(metrics["mlm_loss"], mlm, rtol=1e-5)
+  np.testing.assert_allclose(metrics["nsp_loss"], nsp, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], mlm + nsp, rtol=1e-5)
+  np.testing.assert_allclose(metrics["mlm_accuracy"], (hits * w).sum() / w.sum(), rtol=1e-6)
+  assert metrics["mlm_weight"] == w.sum() and metrics["num_sequences"] == BATCH
+  assert float(metrics["mlm_loss"]) == pytest.approx(np.log(VOCAB), rel=0.05)  # fresh init
+
+
+def test_grad_accumulation_equals_one_big_batch(mesh):
+  model_config = tiny_model_config(dropout=0.0)
+  results = []
+  for accum in (1, 4):
+    state, _, step = _setup(mesh, model_config, grad_accum=accum)
+    losses = []
+    for s in range(3):
+      state, metrics = step(state, synthetic_batch(10 + s), jax.random.PRNGKey(1))
+      losses.append(float(metrics["loss"]))
+      grad_norm = float(metrics["grad_norm"])
+    results.append((losses, grad_norm, _copy(state.params)))
+  (l1, g1, p1), (l4, g4, p4) = results
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  np.testing.assert_allclose(g4, g1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p4, p1)
+  assert l1[0] != l1[-1]
+
+
+def test_non_finite_batch_is_skipped(mesh):
+  model_config = tiny_model_config()
+  state, _, step = _setup(mesh, model_config)
+  state, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(1))
+  assert metrics["finite"] == 1.0
+  before_params, before_opt = _copy(state.params), _copy(state.opt_state)
+  bad = synthetic_batch(1)
+  bad["masked_lm_weights"] = bad["masked_lm_weights"] * np.nan
+  state, metrics = step(state, bad, jax.random.PRNGKey(1))
+  assert metrics["finite"] == 0.0
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 2  # the step counter still advances
+  jax.tree.map(np.testing.assert_array_equal, _copy(state.params), before_params)
+  jax.tree.map(np.testing.assert_array_equal, _copy(state.opt_state), before_opt)
+  state, metrics = step(state, synthetic_batch(2), jax.random.PRNGKey(1))
+  assert metrics["finite"] == 1.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_bad_policy_and_accumulation_rejected():
+  model_config = tiny_model_config()
+  with pytest.raises(UserError, match="nan_policy"):
+    steps.make_train_step(model_config, optax.sgd(0.1), lambda s: 0.1, nan_policy="ignore")
+  with pytest.raises(UserError, match="grad_accum"):
+    steps.make_train_step(model_config, optax.sgd(0.1), lambda s: 0.1, grad_accum=0)
+
+
+def test_dropout_is_on_and_keyed_by_rng_and_step(mesh):
+  model_config = tiny_model_config(dropout=0.1)
+  losses = {}
+  for name, key in (("a", 1), ("b", 1), ("c", 2)):
+    state, _, step = _setup(mesh, model_config)
+    _, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(key))
+    losses[name] = float(metrics["loss"])
+  assert losses["a"] == losses["b"]
+  assert losses["a"] != losses["c"]
+
+
+def test_init_params_replace_random_values_and_keep_missing_heads(mesh):
+  model_config = tiny_model_config()
+  random_state, _, _ = _setup(mesh, model_config)
+  given = {"bert": jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32),
+                                _copy(random_state.params["bert"]))}
+  state, shardings, step = _setup(mesh, model_config, init_params=given)
+  np.testing.assert_array_equal(
+      state.params["bert"]["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"], 0.5)
+  jax.tree.map(np.testing.assert_array_equal, _copy(state.params["cls"]),
+               _copy(random_state.params["cls"]))
+  assert state.params["bert"]["pooler"]["dense"]["kernel"].sharding == \
+      shardings.params["bert"]["pooler"]["dense"]["kernel"]
+  state, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(0))
+  assert metrics["finite"] == 1.0
+  wrong = {"bert": {"embeddings": {"word_embeddings": {"embedding": np.zeros((3, 64))}}}}
+  with pytest.raises(UserError, match="word_embeddings/embedding has shape"):
+    _setup(mesh, model_config, init_params=wrong)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(mesh):
+  f32_state, _, f32_step = _setup(mesh, tiny_model_config())
+  bf16_state, _, bf16_step = _setup(mesh, tiny_model_config(dtype="bfloat16"))
+  batch = synthetic_batch(0)
+  _, m32 = f32_step(f32_state, batch, jax.random.PRNGKey(0))
+  bf16_state, m16 = bf16_step(bf16_state, batch, jax.random.PRNGKey(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_state.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16_state.opt_state)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), abs=0.05)
+  assert float(m16["loss"]) != float(m32["loss"])  # really computed in bfloat16
