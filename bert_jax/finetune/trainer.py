@@ -116,7 +116,7 @@ def load_init(opts):
     tokenizer = load_tokenizer(opts.vocab, lower)
     config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
     return config, None, tokenizer, opts.vocab
-  config, params = convert.load_pretrained(opts.init, seed=opts.seed)
+  config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False)
   vocab = opts.vocab or convert.find_vocab(opts.init)
   if not vocab:
     raise UserError(f"{opts.init}: no vocab.txt (or tokenizer.json) found; pass --vocab")
@@ -301,7 +301,9 @@ class Runner:
     t1 = time.perf_counter()
     self.train_seconds += t1 - t0
     scores, out = self.evaluate(state["params"])
-    record = {"epoch": epoch + 1, "step": update, **{k: float(v) for k, v in scores.items()}}
+    record = {"epoch": epoch + 1, "step": update,
+              **{k: int(v) if isinstance(v, (int, np.integer)) else float(v)
+                 for k, v in scores.items()}}
     self.history.append(record)
     main = self.task.main_metric
     better = self.best is None or record[main] > self.best[main]

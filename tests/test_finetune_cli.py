@@ -1,0 +1,222 @@
+"""python -m bert_jax.finetune end to end on tiny models: outputs, export round trips into
+transformers, bad input (exit 2, one line), and a real MiniLM fine-tune on SST-2 (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bert_jax.finetune.__main__ import main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = ["--init", "random", "--preset", "L-2_H-128", "--epochs", "1", "--batch-size", "8",
+        "--max-seq-length", "32", "--learning-rate", "1e-3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def vocab(minilm_dir):
+  return str(minilm_dir / "vocab.txt")
+
+
+def sst2_slice(shared_data, tmp_path, n_train, n_dev):
+  lines = (shared_data / "glue" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+  dev = (shared_data / "glue" / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+  train_p, dev_p = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+  train_p.write_text("\n".join(lines[:n_train + 1]) + "\n", encoding="utf-8")
+  dev_p.write_text("\n".join(dev[:n_dev + 1]) + "\n", encoding="utf-8")
+  return str(train_p), str(dev_p)
+
+
+def hf_logits(model_dir, texts, pairs=None):
+  tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  enc = tok(texts, pairs, padding=True, truncation=True, max_length=32, return_tensors="pt")
+  return enc
+
+
+def load_hf(auto_cls, model_dir):
+  model, info = getattr(transformers, auto_cls).from_pretrained(
+      model_dir, output_loading_info=True)
+  assert info["missing_keys"] == [] or set(info["missing_keys"]) <= set()
+  assert not info["unexpected_keys"] and not info["mismatched_keys"]
+  return model.eval()
+
+
+def test_classification_outputs_and_export(shared_data, tmp_path, vocab):
+  train, dev = sst2_slice(shared_data, tmp_path, 96, 40)
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  assert main(["--task", "classification", "--vocab", vocab, "--train-file", train,
+               "--validation-file", dev, "--output-dir", str(out), "--export-hf", str(hf_dir),
+               *TINY]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert {"accuracy", "f1", "mcc"} <= set(metrics) and 0 <= metrics["accuracy"] <= 1
+  rows = list(csv.DictReader((out / "predictions.tsv").open(), delimiter="\t"))
+  assert len(rows) == 40 and rows[0]["line"] == "2"
+  accuracy = np.mean([r["prediction"] == r["label"] for r in rows])
+  assert accuracy == pytest.approx(metrics["accuracy"])
+  assert (out / "best" / "params").is_dir() and (out / "best" / "finetune.json").is_file()
+
+  config = json.loads((hf_dir / "config.json").read_text())
+  assert config["architectures"] == ["BertForSequenceClassification"]
+  assert config["id2label"] == {"0": "0", "1": "1"} and config["num_labels"] == 2
+  model = load_hf("AutoModelForSequenceClassification", str(hf_dir))
+  texts = [line.split("\t")[0] for line in pathlib.Path(dev).read_text().splitlines()[1:]]
+  enc = hf_logits(str(hf_dir), texts)
+  with torch.no_grad():
+    torch_logits = model(**enc).logits.numpy()
+  assert [config["id2label"][str(i)] for i in torch_logits.argmax(-1)] == \
+      [r["prediction"] for r in rows]
+  # The Flax model on the same ids gives the same logits.
+  from bert_jax import heads
+  from bert_jax.convert import load_pretrained
+  cfg, params = load_pretrained(out / "best")
+  ours = heads.BertForSequenceClassification(cfg, num_labels=2).apply(
+      {"params": params}, enc["input_ids"].numpy(), enc["token_type_ids"].numpy(),
+      enc["attention_mask"].numpy())
+  np.testing.assert_allclose(np.asarray(ours), torch_logits, atol=1e-4, rtol=1e-4)
+
+
+CONLL_TRAIN = "\n\n".join(["EU B-ORG\nrejects O\nGerman B-MISC\ncall O",
+                           "Peter B-PER\nBlackburn I-PER",
+                           "BRUSSELS B-LOC\n1996-08-22 O",
+                           "The O\nEuropean B-ORG\nCommission I-ORG\nsaid O"] * 6) + "\n"
+CONLL_DEV = "Peter B-PER\nsaid O\n\nEU B-ORG\nrejects O\nBRUSSELS B-LOC\n"
+
+
+def test_token_task_and_export(tmp_path, vocab):
+  (tmp_path / "train.conll").write_text(CONLL_TRAIN)
+  (tmp_path / "dev.conll").write_text(CONLL_DEV)
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  assert main(["--task", "token", "--vocab", vocab, "--train-file", str(tmp_path / "train.conll"),
+               "--validation-file", str(tmp_path / "dev.conll"), "--output-dir", str(out),
+               "--export-hf", str(hf_dir), *TINY, "--epochs", "3"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert {"precision", "recall", "f1", "accuracy"} <= set(metrics)
+  lines = [l.split("\t") for l in (out / "predictions.tsv").read_text().splitlines() if l]
+  assert [l[0] for l in lines] == ["Peter", "said", "EU", "rejects", "BRUSSELS"]
+  config = json.loads((hf_dir / "config.json").read_text())
+  model = load_hf("AutoModelForTokenClassification", str(hf_dir))
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  enc = tok([["Peter", "said"], ["EU", "rejects", "BRUSSELS"]], is_split_into_words=True,
+            padding=True, return_tensors="pt")
+  with torch.no_grad():
+    pred = model(**enc).logits.argmax(-1).numpy()
+  torch_tags = []
+  for i in range(2):
+    words, seen = enc.word_ids(i), set()
+    for pos, w in enumerate(words):
+      if w is not None and w not in seen:
+        seen.add(w)
+        torch_tags.append(config["id2label"][str(pred[i, pos])])
+  assert torch_tags == [l[2] for l in lines]
+
+
+def test_qa_task_and_export(shared_data, tmp_path):
+  data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text("utf-8"))
+  small = {"version": "v1", "data": data["data"][:2]}
+  path = tmp_path / "cmrc.json"
+  path.write_text(json.dumps(small, ensure_ascii=False), encoding="utf-8")
+  vocab_zh = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  args = [a for a in TINY if a not in ("32",)]
+  args[args.index("--max-seq-length") + 1:args.index("--max-seq-length") + 1] = ["128"]
+  assert main(["--task", "qa", "--vocab", vocab_zh, "--train-file", str(path),
+               "--validation-file", str(path), "--output-dir", str(out), "--doc-stride", "48",
+               "--export-hf", str(hf_dir), *args]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert 0 <= metrics["exact_match"] <= 100 and 0 <= metrics["f1"] <= 100
+  predictions = json.loads((out / "predictions.json").read_text("utf-8"))
+  ids = {q["id"] for a in small["data"] for p in a["paragraphs"] for q in p["qas"]}
+  assert set(predictions) == ids
+  contexts = [p["context"] for a in small["data"] for p in a["paragraphs"]]
+  assert all(any(answer in c for c in contexts) for answer in predictions.values())
+  load_hf("AutoModelForQuestionAnswering", str(hf_dir))
+
+
+SWAG = ("video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,"
+        "label\n" + "".join(f"v{i},{i},x,The cat {i}.,It,gold,sat.,ran.,ate.,slept.,{i % 4}\n"
+                             for i in range(16)))
+
+
+def test_choice_task_and_export(tmp_path, vocab):
+  (tmp_path / "swag.csv").write_text(SWAG)
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  assert main(["--task", "choice", "--vocab", vocab, "--train-file", str(tmp_path / "swag.csv"),
+               "--validation-file", str(tmp_path / "swag.csv"), "--output-dir", str(out),
+               "--export-hf", str(hf_dir), *TINY]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  rows = list(csv.DictReader((out / "predictions.tsv").open(), delimiter="\t"))
+  assert len(rows) == 16
+  assert metrics["accuracy"] == pytest.approx(np.mean([r["prediction"] == r["label"] for r in rows]))
+  model = load_hf("AutoModelForMultipleChoice", str(hf_dir))
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  first = [f"The cat {i}." for i in range(16) for _ in range(4)]
+  second = [f"It {e}" for _ in range(16) for e in ("sat.", "ran.", "ate.", "slept.")]
+  enc = tok(first, second, padding=True, return_tensors="pt")
+  with torch.no_grad():
+    pred = model(**{k: v.view(16, 4, -1) for k, v in enc.items()}).logits.argmax(-1)
+  assert pred.tolist() == [int(r["prediction"]) for r in rows]
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "bert_jax.finetune", *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(result, *fragments):
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0]
+
+
+def test_bad_input_exits_2(tmp_path, vocab, minilm_dir, shared_data):
+  good = tmp_path / "good.tsv"
+  good.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+  empty = tmp_path / "empty.tsv"
+  empty.write_text("")
+  unknown = tmp_path / "unknown.tsv"
+  unknown.write_text("sentence\tlabel\nfine\t1\nodd\t7\n")
+  nolabel = tmp_path / "nolabel.tsv"
+  nolabel.write_text("sentence\tstars\ngood\t1\n")
+  common = ["--task", "classification", "--output-dir", str(tmp_path / "o"), *TINY]
+  assert_user_error(run_cli(*common, "--vocab", vocab, "--train-file", str(empty),
+                            "--validation-file", str(good)), "empty.tsv", "empty")
+  assert_user_error(run_cli(*common, "--vocab", vocab, "--train-file", str(good),
+                            "--validation-file", str(unknown)), "unknown.tsv:3", "'7'")
+  assert_user_error(run_cli(*common, "--vocab", vocab, "--train-file", str(good),
+                            "--validation-file", str(good), "--label-column", "gold"),
+                    "good.tsv", "gold")
+  assert_user_error(run_cli(*common, "--train-file", str(good), "--validation-file", str(good)),
+                    "--vocab")
+  zh_vocab = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
+  assert_user_error(run_cli("--task", "classification", "--init", str(minilm_dir), "--vocab",
+                            zh_vocab, "--train-file", str(good), "--validation-file", str(good),
+                            "--output-dir", str(tmp_path / "o")), "21128", "30522")
+
+
+# -- real weights ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_minilm_sst2_beats_majority_class(shared_data, tmp_path, minilm_dir):
+  train, dev = sst2_slice(shared_data, tmp_path, 3000, 6735)
+  out = tmp_path / "out"
+  assert main(["--task", "classification", "--init", str(minilm_dir), "--train-file", train,
+               "--validation-file", dev, "--output-dir", str(out), "--epochs", "1",
+               "--batch-size", "32", "--max-seq-length", "64", "--learning-rate", "1e-4",
+               "--quiet"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  labels = [l.split("\t")[1] for l in pathlib.Path(dev).read_text().splitlines()[1:]]
+  majority = max(labels.count("0"), labels.count("1")) / len(labels)
+  print(f"SST-2 dev accuracy {metrics['accuracy']:.4f} (majority class {majority:.4f})")
+  assert metrics["accuracy"] > majority + 0.15
