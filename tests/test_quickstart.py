@@ -65,8 +65,10 @@ def test_quickstart_runs_the_whole_path(tmp_path):
   proc = subprocess.run(["bash", "launch/quickstart.sh", str(workdir)], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  out = proc.stdout
+  check_quickstart_output(workdir, proc.stdout)
 
+
+def check_quickstart_output(workdir: pathlib.Path, out: str) -> None:
   # Both phases trained, in order, up to the config's last step.
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r.get("split") == "train"]
@@ -77,7 +79,7 @@ def test_quickstart_runs_the_whole_path(tmp_path):
   assert list((workdir / "tensorboard").iterdir())
 
   # The PNG is where the summary says.
-  png = re.search(r"learning curves\s+(\S+)", out).group(1)
+  png = re.search(r"^ +learning curves +(\S+)$", out, re.MULTILINE).group(1)
   assert pathlib.Path(png).read_bytes()[:8] == PNG_MAGIC
 
   # The fill-mask answer printed by transformers is the bert-jax checkpoint's own argmax.
