@@ -10,7 +10,8 @@ Layout (what `load_pretrained(workdir)` and `bert-jax-convert to-hf workdir` rea
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut
 short by SIGKILL never looks like a step. A step that is there but damaged (files deleted or
 truncated, an item missing) fails to restore or fails the params fingerprint check, and
-`restore` passes over it, with a warning, to the step before.
+`restore` passes over it, with a warning, to the step before (and renames it <step>.corrupt-<time>,
+out of the way of the resumed run's saves).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -186,14 +188,34 @@ class Checkpointer:
     `abstract_*` are pytrees of jax.ShapeDtypeStruct (with shardings) giving structure and
     placement. `want_data(meta)` says whether the data-iterator state of that step is needed.
     """
+    damaged = []
+    restored = None
     for step in reversed(self.all_steps()):
       try:
-        return self._restore_step(step, abstract_params, abstract_opt_state, want_data)
+        restored = self._restore_step(step, abstract_params, abstract_opt_state, want_data)
+        break
       except Exception as e:  # any damage: missing item, truncated file, bad JSON, mismatch
         msg = f"{e.__class__.__name__}: {e}".splitlines()[0][:300]
         warnings.warn(f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
                       f"({msg}); falling back to the one before", stacklevel=2)
-    return None
+        damaged.append(step)
+    if damaged:
+      self._set_aside(damaged)
+    return restored
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged steps to <step>.corrupt-<time> (kept for inspection, no longer a step),
+    so the resumed run can save those steps again."""
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = self.directory / str(step)
+        if src.exists():
+          src.rename(self.directory / f"{step}.corrupt-{stamp}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bert_jax_checkpoint_set_aside")
+    self.manager.reload()
 
   def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any,
                     want_data: Callable[[dict], bool]) -> Restored:

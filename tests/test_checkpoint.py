@@ -87,6 +87,13 @@ def test_damaged_newest_falls_back_with_warning(saved, damage):
     r = ck.restore(ap, ao)
   assert r.step == 6
   np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 6.0))
+  # set aside for inspection, out of the way of a new save of step 8
+  assert ck.all_steps() == [2, 4, 6]
+  assert [p.name.split("-")[0] for p in (path / "checkpoints").glob("8.corrupt-*")] == ["8.corrupt"]
+  p = tree(8.5)
+  assert ck.save(8, params=p, opt_state=optax.adam(1e-3).init(p), meta={})
+  ck.wait()
+  assert ck.restore(ap, ao, want_data=lambda m: False).params["cls"]["bias"][0] == -8.5
   ck.close()
 
 

@@ -1,0 +1,289 @@
+"""`bert-jax pretrain` end to end on CPU: bit-exact resume after SIGKILL and SIGTERM, damaged
+checkpoints, the NaN policies, learning through both phases, and export to transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bert_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny_cpu.py")
+TOTAL = 16
+
+# Runs `bert-jax pretrain` with an optional pause after every step (BERT_JAX_TEST_STEP_DELAY),
+# so a test can kill it at a chosen point; the computation itself is untouched.
+RUNNER = """
+import os, sys, time
+import bert_jax.steps as steps
+delay = float(os.environ.get("BERT_JAX_TEST_STEP_DELAY", "0"))
+make = steps.jit_train_step
+def slow(*a, **k):
+  fn = make(*a, **k)
+  def call(*args):
+    out = fn(*args)
+    time.sleep(delay)
+    return out
+  return call
+steps.jit_train_step = slow
+from bert_jax.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+  """A small vocab and both phases' data (lengths 32 and 64) from real WikiText text."""
+  from bert_jax.data.create import create_data
+  from bert_jax.vocab import train_vocab
+  root = tmp_path_factory.mktemp("prepared")
+  corpus = root / "corpus.txt"
+  text = (shared_data / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+  corpus.write_text(text[:250_000], encoding="utf-8")
+  vocab = train_vocab([str(corpus)], 1000, str(root / "vocab.txt"))
+  dirs = []
+  for seq, preds in ((32, 5), (64, 10)):
+    create_data([str(corpus)], vocab, str(root / f"data{seq}"), max_seq_length=seq,
+                max_predictions_per_seq=preds, dupe_factor=1, seed=1, eval_fraction=0.2,
+                workers=1, progress=False)
+    dirs.append(str(root / f"data{seq}"))
+    assert "eval" in json.loads((root / f"data{seq}" / "manifest.json").read_text())["splits"]
+  return vocab, dirs
+
+
+def run_args(prepared, workdir, *extra):
+  vocab, (d32, d64) = prepared
+  return ["--config", TINY, "--workdir", str(workdir), f"--config.total_steps={TOTAL}",
+          f"--config.data.vocab={vocab}",
+          "--config.phases.0.seq_len=32", "--config.phases.0.max_predictions=5",
+          "--config.phases.0.batch_size=8", f"--config.phases.0.data={d32}",
+          "--config.phases.1.seq_len=64", "--config.phases.1.max_predictions=10",
+          "--config.phases.1.batch_size=4", f"--config.phases.1.data={d64}",
+          "--config.checkpoint.every_steps=4", "--config.checkpoint.keep_last=10",
+          "--config.log_every=1", "--config.eval_every=8",
+          "--config.eval_batches=2", "--config.optim.warmup_steps=4", *extra]
+
+
+def start(args, delay=0.0):
+  env = dict(os.environ, BERT_JAX_TEST_STEP_DELAY=str(delay))
+  return subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=240):
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def rows(workdir, split="train"):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  out = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if row["split"] == split:
+      out.append(row)
+  return out
+
+
+def wait_for(proc, condition, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if condition():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before the kill point:\n{proc.stdout.read()}")
+    time.sleep(0.05)
+  raise AssertionError("timed out waiting for the kill point")
+
+
+def final_params(workdir, step=TOTAL):
+  import jax
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as c:
+    params = c.restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "params")
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def assert_bit_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  code, out = finish(start(run_args(prepared, workdir)))
+  assert code == 0, out
+  return workdir, out
+
+
+def test_uninterrupted_run_layout_and_metrics(reference):
+  workdir, out = reference
+  assert "done: step 16" in out
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps == [4, 8, 12, 14, 16]   # every 4 steps, the phase boundary (0.9 x 16), the end
+  assert (workdir / "config.json").is_file() and (workdir / "vocab.txt").is_file()
+  assert json.loads((workdir / "config.pretrain.json").read_text())["total_steps"] == TOTAL
+  train_rows = rows(workdir)
+  assert [r["step"] for r in train_rows] == list(range(1, TOTAL + 1))
+  assert {(r["phase"], r["seq_len"], tuple(r["batch_shape"])) for r in train_rows} == {
+      (0, 32, (8, 32)), (1, 64, (4, 64))}
+  for r in train_rows:
+    for key in ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy",
+                "learning_rate", "grad_norm"):
+      assert np.isfinite(r[key]), (key, r)
+  assert all(r["sequences_per_sec"] > 0 and r["tokens_per_sec"] == pytest.approx(
+      r["sequences_per_sec"] * r["seq_len"]) for r in train_rows if "sequences_per_sec" in r)
+  assert any("mfu" in r for r in train_rows)
+  evals = rows(workdir, "eval")
+  assert [(r["step"], r["phase"], r["seq_len"]) for r in evals] == [
+      (8, 0, 32), (14, 0, 32), (16, 1, 64)]
+  assert list((workdir / "tensorboard").iterdir())
+
+
+def test_sigkill_then_rerun_is_bit_exact(prepared, reference, tmp_path):
+  workdir = tmp_path / "killed"
+  proc = start(run_args(prepared, workdir), delay=0.4)
+  wait_for(proc, lambda: (workdir / "checkpoints" / "8").is_dir()
+           and any(r["step"] >= 10 for r in rows(workdir)))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(r["step"] for r in rows(workdir))
+  assert killed_at < TOTAL
+  code, out = finish(start(run_args(prepared, workdir)))
+  assert code == 0, out
+  resumed = int(out.split("resuming at step ")[1].split()[0])
+  assert 8 <= resumed < killed_at   # work after the last checkpoint was lost and redone
+  assert_bit_equal(final_params(workdir), final_params(reference[0]))
+  assert [r["step"] for r in rows(workdir)] == list(range(1, TOTAL + 1))  # no duplicate rows
+
+
+def test_sigterm_saves_exits_zero_and_resumes_bit_exact(prepared, reference, tmp_path):
+  workdir = tmp_path / "preempted"
+  proc = start(run_args(prepared, workdir), delay=0.4)
+  wait_for(proc, lambda: any(r["step"] >= 5 for r in rows(workdir)))
+  proc.send_signal(signal.SIGTERM)
+  code, out = finish(proc)
+  assert code == 0, out
+  assert "preempted: saved checkpoint at step" in out
+  stopped = int(out.split("preempted: saved checkpoint at step ")[1].split()[0])
+  assert 5 <= stopped < TOTAL
+  assert (workdir / "checkpoints" / str(stopped)).is_dir()
+  code, out = finish(start(run_args(prepared, workdir)))
+  assert code == 0, out
+  assert f"resuming at step {stopped}" in out
+  assert_bit_equal(final_params(workdir), final_params(reference[0]))
+
+
+def test_damaged_newest_checkpoint_falls_back_and_rerun_is_bit_exact(prepared, reference,
+                                                                     tmp_path):
+  workdir = tmp_path / "damaged"
+  shutil.copytree(reference[0], workdir)
+  final = workdir / "checkpoints" / str(TOTAL)
+  for f in (final / "params").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(b"\0" * 8)
+  shutil.rmtree(workdir / "checkpoints" / "14" / "meta")   # the one before is partial too
+  code, out = finish(start(run_args(prepared, workdir)))
+  assert code == 0, out
+  assert "checkpoints/16 is incomplete or corrupt" in out
+  assert "checkpoints/14 is incomplete or corrupt" in out
+  assert "resuming at step 12" in out
+  assert_bit_equal(final_params(workdir), final_params(reference[0]))
+
+
+def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
+  workdir = reference[0]
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  assert train.main(run_args(prepared, workdir)) == 0
+  assert "already complete: step 16" in capsys.readouterr().out
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def _poison_batch_at(monkeypatch, call_index):
+  """masked_lm_weights become NaN in the `call_index`-th batch (1-based): a non-finite loss."""
+  import bert_jax.sharding as sharding
+  real = sharding.global_batch
+  calls = {"n": 0}
+
+  def poisoned(host_batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == call_index:
+      host_batch = dict(host_batch)
+      host_batch["masked_lm_weights"] = np.full_like(host_batch["masked_lm_weights"], np.nan)
+    return real(host_batch, mesh)
+
+  monkeypatch.setattr(sharding, "global_batch", poisoned)
+
+
+def test_nan_policy_stop_keeps_last_good_checkpoint(prepared, reference, tmp_path, monkeypatch,
+                                                    capsys):
+  _poison_batch_at(monkeypatch, 7)   # the update to step 7
+  code = train.main(run_args(prepared, tmp_path, "--config.nan_policy=stop"))
+  assert code == train.EXIT_NONFINITE
+  assert "non-finite loss or gradient at step 7" in capsys.readouterr().err
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4]
+  # the step-4 checkpoint is the good one: identical to the uninterrupted run's
+  assert_bit_equal(final_params(tmp_path, 4), final_params(reference[0], 4))
+
+
+def test_nan_policy_skip_skips_and_counts(prepared, tmp_path, monkeypatch):
+  _poison_batch_at(monkeypatch, 7)
+  assert train.main(run_args(prepared, tmp_path)) == 0
+  train_rows = rows(tmp_path)
+  assert [r["skipped_steps"] for r in train_rows] == [1 if r["step"] == 7 else 0
+                                                     for r in train_rows]
+  assert train_rows[-1]["skipped_total"] == 1
+  assert all(np.isfinite(v).all() for v in final_params(tmp_path).values())
+
+
+def test_init_from_vocab_mismatch_is_a_user_error(prepared, minilm_dir, tmp_path, capsys):
+  code = train.main(run_args(prepared, tmp_path, f"--config.init_from={minilm_dir}"))
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "init_from" in err and "vocab_size is 30522" in err
+
+
+def test_exported_checkpoint_matches_transformers(reference, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from bert_jax import BertForPreTraining, load_pretrained
+  from bert_jax.convert import main as convert_main
+  workdir = reference[0]
+  assert convert_main(["to-hf", str(workdir), str(tmp_path / "hf")]) == 0
+  config, params = load_pretrained(str(workdir))
+  np.testing.assert_array_equal(
+      params["bert"]["pooler"]["dense"]["kernel"],
+      final_params(workdir)["['bert']['pooler']['dense']['kernel']"])
+  hf = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, config.vocab_size, size=(2, 24)).astype(np.int32)
+  types = np.concatenate([np.zeros((2, 12)), np.ones((2, 12))], 1).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 20:] = 0
+  mlm, nsp = BertForPreTraining(config).apply({"params": params}, ids, types, mask)
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+             token_type_ids=torch.tensor(types, dtype=torch.long),
+             attention_mask=torch.tensor(mask, dtype=torch.long))
+  np.testing.assert_allclose(np.asarray(mlm)[mask == 1],
+                             out.prediction_logits.numpy()[mask == 1], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(nsp), out.seq_relationship_logits.numpy(), atol=1e-4,
+                             rtol=1e-4)
