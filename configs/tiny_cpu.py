@@ -22,19 +22,19 @@ def get_config(arg=None):
   c = common["base_config"]()
   c.model.preset = "tiny"      # L-2_H-128
   c.model.dtype = "float32"    # CPUs have no fast bfloat16 matmuls
-  c.total_steps = 300
+  c.total_steps = 200
   # Phase 2 at length 512 costs ~4x per sequence: keep its batch small.
   c.phases = [phase(0.9, 128, 20, 32), phase(0.1, 512, 80, 8)]
   c.data.input = [f"sample:{lang}"]
-  c.data.vocab_size = 3000
-  c.data.dupe_factor = 3
+  c.data.vocab_size = 1000   # small: a tiny corpus, and a small softmax
+  c.data.dupe_factor = 5
   c.data.eval_fraction = 0.05
   c.data.whole_word_mask = lang == "zh"
   c.optim.learning_rate = 1e-3   # a tiny model on little data learns faster with a larger step
-  c.optim.warmup_steps = 30
-  c.checkpoint.every_steps = 100
+  c.optim.warmup_steps = 10
+  c.checkpoint.every_steps = 50
   c.checkpoint.keep_every = 0
   c.log_every = 25
-  c.eval_every = 100
+  c.eval_every = 50
   c.eval_batches = 4
   return c

@@ -287,3 +287,32 @@ def test_exported_checkpoint_matches_transformers(reference, tmp_path):
                              out.prediction_logits.numpy()[mask == 1], atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(nsp), out.seq_relationship_logits.numpy(), atol=1e-4,
                              rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_real_text_through_both_phases(shared_data, tmp_path):
+  """Vocab and both phases' data created in the workdir from WikiText; phase 2 at 512."""
+  corpus = tmp_path / "wiki.txt"
+  text = (shared_data / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+  corpus.write_text(text[:10_000], encoding="utf-8")
+  workdir = tmp_path / "run"
+  code = train.main([
+      "--config", TINY, "--workdir", str(workdir), f"--config.data.input={corpus}",
+      "--config.data.vocab_size=600", "--config.data.dupe_factor=5",
+      "--config.data.eval_fraction=0", "--config.total_steps=200",
+      "--config.phases.0.fraction=0.75", "--config.phases.1.fraction=0.25",
+      "--config.phases.0.batch_size=32", "--config.phases.1.batch_size=4",
+      "--config.optim.learning_rate=1e-3", "--config.optim.warmup_steps=10",
+      "--config.log_every=10", "--config.eval_every=0", "--config.checkpoint.every_steps=0"])
+  assert code == 0
+  assert (workdir / "vocab.txt").is_file()
+  assert (workdir / "data" / "phase_1" / "manifest.json").is_file()
+  train_rows = rows(workdir)
+  for phase, seq in ((0, 128), (1, 512)):
+    phase_rows = [r for r in train_rows if r["phase"] == phase]
+    assert len(phase_rows) >= 4 and all(r["seq_len"] == seq for r in phase_rows)
+    assert all(r["batch_shape"][1] == seq for r in phase_rows)
+    first, last = phase_rows[0], phase_rows[-1]
+    assert last["mlm_loss"] < first["mlm_loss"] - 0.3, (phase, first, last)
+    assert last["mlm_accuracy"] > first["mlm_accuracy"] + 0.02, (phase, first, last)
+    assert last["nsp_accuracy"] > first["nsp_accuracy"], (phase, first, last)
