@@ -316,3 +316,26 @@ def test_tiny_model_learns_real_text_through_both_phases(shared_data, tmp_path):
     assert last["mlm_loss"] < first["mlm_loss"] - 0.3, (phase, first, last)
     assert last["mlm_accuracy"] > first["mlm_accuracy"] + 0.02, (phase, first, last)
     assert last["nsp_accuracy"] > first["nsp_accuracy"], (phase, first, last)
+
+
+@pytest.mark.slow
+def test_init_from_hf_continues_pretraining_with_its_vocab(shared_data, minilm_dir, tmp_path):
+  """--config.init_from=HF_DIR: the model's own vocab is used, training starts from its weights."""
+  from bert_jax.convert import load_pretrained
+  code = train.main([
+      "--config", TINY, "--workdir", str(tmp_path), f"--config.init_from={minilm_dir}",
+      f"--config.data.input={shared_data / 'bert' / 'sample_text.txt'}",
+      "--config.data.dupe_factor=1", "--config.data.eval_fraction=0", "--config.total_steps=2",
+      "--config.phases.0.seq_len=32", "--config.phases.0.max_predictions=5",
+      "--config.phases.0.batch_size=2", "--config.phases.1.seq_len=64",
+      "--config.phases.1.max_predictions=10", "--config.phases.1.batch_size=2",
+      "--config.optim.warmup_steps=100", "--config.eval_every=0"])
+  assert code == 0
+  assert (tmp_path / "vocab.txt").read_bytes() == (minilm_dir / "vocab.txt").read_bytes()
+  _, start = load_pretrained(str(minilm_dir), verbose=False)
+  _, end = load_pretrained(str(tmp_path), verbose=False)
+  for name in ("word_embeddings", "position_embeddings"):
+    a = np.asarray(start["bert"]["embeddings"][name]["embedding"])
+    b = np.asarray(end["bert"]["embeddings"][name]["embedding"])
+    assert not np.array_equal(a, b)                  # it trained...
+    np.testing.assert_allclose(b, a, atol=1e-3)      # ...from MiniLM's weights (tiny lr)
