@@ -40,37 +40,56 @@ run() {
 
 mkdir -p "$WORKDIR"
 VOCAB="$WORKDIR/vocab.txt"
-DATA_128="$WORKDIR/data/phase_0"
-DATA_512="$WORKDIR/data/phase_1"
 HF_DIR="$WORKDIR/hf"
 PNG="$WORKDIR/learning_curves.png"
 CONFIG="$REPO_ROOT/configs/tiny_cpu.py"
 START=$SECONDS
 
-step "1/6 train a 3,000-entry uncased WordPiece vocab on the embedded English sample"
+# The numbers (vocab size, lengths, predictions, steps) come from the config, so these steps
+# build exactly what `bert-jax pretrain --config configs/tiny_cpu.py` would build by itself.
+read -r VOCAB_SIZE DUPE EVAL_FRACTION CASING PHASES < <("$PYTHON" - "$CONFIG" <<'EOF'
+import sys
+
+from bert_jax.phases import make_phases
+from bert_jax.train import resolve_config
+
+cfg = resolve_config(sys.argv[1], [])
+phases = ",".join(f"{p.seq_len}:{p.max_predictions}:{p.end_step - p.start_step}"
+                  for p in make_phases(cfg))
+casing = "--lower-case" if cfg.data.lower_case else "--no-lower-case"
+print(cfg.data.vocab_size, cfg.data.dupe_factor, cfg.data.eval_fraction, casing, phases)
+EOF
+)
+IFS=, read -r -a PHASE_SPECS <<<"$PHASES"
+
+step "1/6 train a ${VOCAB_SIZE}-entry WordPiece vocab on the embedded English sample"
 if [[ -s "$VOCAB" ]]; then
   echo "(exists: $VOCAB)"
 else
-  run "${BERT_JAX[@]}" train-vocab --input sample:en --vocab-size 3000 --lower-case \
+  run "${BERT_JAX[@]}" train-vocab --input sample:en --vocab-size "$VOCAB_SIZE" "$CASING" \
     --output "$VOCAB"
 fi
 
-step "2/6 create MLM+NSP instances: phase 1 at length 128 (20 predictions), phase 2 at 512 (80)"
-for spec in "$DATA_128:128:20" "$DATA_512:512:80"; do
-  IFS=: read -r out seq_len predictions <<<"$spec"
+step "2/6 create MLM+NSP instances for each phase (length:predictions:steps ${PHASES//,/ })"
+DATA_FLAGS=()
+DATA_DIRS=()
+for i in "${!PHASE_SPECS[@]}"; do
+  IFS=: read -r seq_len predictions _ <<<"${PHASE_SPECS[$i]}"
+  out="$WORKDIR/data/phase_$i"
+  DATA_DIRS+=("$out")
+  DATA_FLAGS+=("--config.phases.$i.data=$out")
   if [[ -f "$out/manifest.json" ]]; then
     echo "(exists: $out)"
     continue
   fi
   run "${BERT_JAX[@]}" create-data --input sample:en --vocab "$VOCAB" --output "$out" \
-    --max-seq-length "$seq_len" --max-predictions-per-seq "$predictions" --dupe-factor 3 \
-    --eval-fraction 0.05 --no-progress
+    --max-seq-length "$seq_len" --max-predictions-per-seq "$predictions" \
+    --dupe-factor "$DUPE" --eval-fraction "$EVAL_FRACTION" --no-progress
 done
 
-step "3/6 pretrain BERT-tiny (2 layers x 128): 270 steps at 128, then 30 at 512"
+step "3/6 pretrain BERT-tiny (2 layers x 128) through every phase, checkpointing with orbax"
 run "${BERT_JAX[@]}" pretrain --config "$CONFIG" --workdir "$WORKDIR" \
-  --config.data.vocab="$VOCAB" --config.phases.0.data="$DATA_128" \
-  --config.phases.1.data="$DATA_512"
+  --config.data.vocab="$VOCAB" "${DATA_FLAGS[@]}"
 
 step "4/6 convert the newest checkpoint to a Hugging Face directory (safetensors)"
 run "${CONVERT[@]}" to-hf "$WORKDIR" "$HF_DIR" --force
@@ -103,10 +122,11 @@ for dir in "$CHECKPOINTS"/*/; do
 done
 echo
 echo "== done in $((SECONDS - START)) s. Where everything went:"
+printf '  %-22s %s\n' "vocab" "$VOCAB"
+for i in "${!DATA_DIRS[@]}"; do
+  printf '  %-22s %s\n' "phase-$((i + 1)) data (${PHASE_SPECS[$i]%%:*})" "${DATA_DIRS[$i]}"
+done
 printf '  %-22s %s\n' \
-  "vocab" "$VOCAB" \
-  "phase-1 data (128)" "$DATA_128" \
-  "phase-2 data (512)" "$DATA_512" \
   "orbax checkpoints" "$CHECKPOINTS (steps: ${STEPS% })" \
   "metrics" "$WORKDIR/metrics.jsonl" \
   "TensorBoard" "$WORKDIR/tensorboard  (tensorboard --logdir $WORKDIR/tensorboard)" \
