@@ -220,3 +220,27 @@ def test_minilm_sst2_beats_majority_class(shared_data, tmp_path, minilm_dir):
   majority = max(labels.count("0"), labels.count("1")) / len(labels)
   print(f"SST-2 dev accuracy {metrics['accuracy']:.4f} (majority class {majority:.4f})")
   assert metrics["accuracy"] > majority + 0.15
+
+
+def test_data_parallel_matches_single_device(shared_data, tmp_path, vocab):
+  """Two host devices (XLA_FLAGS) split each batch over the mesh's data axis; the result is
+  the single-device one up to float summation order."""
+  import os
+  from bert_jax.convert import load_pretrained
+  train, dev = sst2_slice(shared_data, tmp_path, 48, 16)
+  outs = []
+  for devices in (1, 2):
+    out = tmp_path / f"out{devices}"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bert_jax.finetune", "--task", "classification", "--vocab", vocab,
+         "--train-file", train, "--validation-file", dev, "--output-dir", str(out), *TINY,
+         "--max-seq-length", "16", "--learning-rate", "1e-4"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert ("data parallel over 2 devices" in result.stderr) == (devices == 2)
+    outs.append(load_pretrained(out / "best")[1])
+  import jax
+  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+    np.testing.assert_allclose(a, b, atol=2e-5)

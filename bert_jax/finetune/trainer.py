@@ -191,6 +191,8 @@ class Runner:
     if n > 1 and self.opts.batch_size % n:
       raise UserError(f"--batch-size {self.opts.batch_size} must be a multiple of the {n} "
                       "devices (data parallel)")
+    if n > 1:
+      print(f"data parallel over {n} devices", file=sys.stderr)
     return mesh, n
 
   def _put(self, tree, batch: bool):
@@ -234,8 +236,7 @@ class Runner:
 
   def evaluate(self, params) -> tuple[dict, dict]:
     feats, o = self.eval_feats, self.opts
-    keys = tuple(k for k in feats.arrays if k != "labels" or k in feats.seq_keys)
-    keys = tuple(k for k in keys if k in MODEL_INPUTS or k == "choice_mask")
+    keys = tuple(k for k in (*MODEL_INPUTS, "choice_mask") if k in feats.arrays)
     eval_bs = max(o.eval_batch_size // self.n_data, 1) * self.n_data
     out: dict[str, np.ndarray] = {}
     T = o.max_seq_length
@@ -289,7 +290,8 @@ class Runner:
           bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch + 1)
         if o.eval_every and update % o.eval_every == 0:
           t0 = self._timed_eval(state, epoch, update, t0)
-      if not o.eval_every or update % o.eval_every:
+      # Without --eval-every: after every epoch; with it: also once at the very end.
+      if not o.eval_every or (epoch == o.epochs - 1 and update % o.eval_every):
         t0 = self._timed_eval(state, epoch, update, t0)
     bar.close()
     jax.block_until_ready(state["params"])
