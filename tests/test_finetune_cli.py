@@ -244,3 +244,30 @@ def test_data_parallel_matches_single_device(shared_data, tmp_path, vocab):
   import jax
   for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
     np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_regression_with_accumulation_and_export(tmp_path, vocab):
+  rng = np.random.default_rng(0)
+  words = ["good", "bad", "fine", "awful", "great", "poor"]
+  rows = []
+  for _ in range(40):
+    a, b = rng.choice(words, 2)
+    rows.append({"sentence1": f"it is {a}", "sentence2": f"it was {b}",
+                 "score": f"{rng.uniform(0, 5):.2f}"})
+  path = tmp_path / "sts.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  assert main(["--task", "classification", "--vocab", vocab, "--train-file", str(path),
+               "--validation-file", str(path), "--output-dir", str(out), "--export-hf",
+               str(hf_dir), "--gradient-accumulation", "2", *TINY]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert {"pearson", "spearman"} <= set(metrics) and "accuracy" not in metrics
+  config = json.loads((hf_dir / "config.json").read_text())
+  assert config["problem_type"] == "regression" and config["num_labels"] == 1
+  model = load_hf("AutoModelForSequenceClassification", str(hf_dir))
+  enc = hf_logits(str(hf_dir), [r["sentence1"] for r in rows], [r["sentence2"] for r in rows])
+  with torch.no_grad():
+    torch_scores = model(**enc).logits[:, 0].numpy()
+  predicted = [float(l.split("\t")[1])
+               for l in (out / "predictions.tsv").read_text().splitlines()[1:]]
+  np.testing.assert_allclose(predicted, torch_scores, atol=1e-4, rtol=1e-4)
