@@ -40,10 +40,10 @@ EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` -> get_config(arg), loaded by path (configs are not a package)."""
-  path, _, arg = spec.partition(":")
-  if not path.endswith(".py") and ":" in spec[2:] and spec[1:2] == ":":
-    path, _, arg = spec[2:].partition(":")  # a Windows drive letter
-    path = spec[:2] + path
+  path, arg = spec, ""
+  if ".py:" in spec:  # the argument follows the file name (a path may itself contain ':')
+    path, arg = spec.rsplit(".py:", 1)
+    path += ".py"
   if not os.path.isfile(path):
     raise UserError(f"--config {path}: no such file; expected a config .py file")
   try:
