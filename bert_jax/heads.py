@@ -76,7 +76,7 @@ class BertForPreTraining(nn.Module):
 # (hidden_dropout_prob) before the classifier, as transformers. Logits are float32.
 
 
-def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -> nn.DenseGeneral:
+def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -> nn.Dense:
   return dense(config, num_labels, ("embed", None), name)
 
 

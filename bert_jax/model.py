@@ -43,13 +43,12 @@ def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
       bias_init=zeros_init(("embed",)), name=name)
 
 
-def dense(config: BertConfig, features, axes: tuple[str | None, ...], name: str,
-          contract: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel axes are `axes` and whose bias takes the output axes."""
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features=features, axis=contract, dtype=config.dtype, param_dtype=config.param_dtype,
-      kernel_init=kernel_init(config, axes), bias_init=zeros_init(axes[-n_out:]), name=name)
+def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None],
+          name: str) -> nn.Dense:
+  """A Dense layer whose kernel has logical axes `axes` and whose bias takes the output axis."""
+  return nn.Dense(features, dtype=config.dtype, param_dtype=config.param_dtype,
+                  kernel_init=kernel_init(config, axes), bias_init=zeros_init(axes[-1:]),
+                  name=name)
 
 
 class Dropout(nn.Module):
@@ -99,6 +98,30 @@ class BertEmbeddings(nn.Module):
     return Dropout(c.hidden_dropout_prob)(x_BTE, deterministic=self.deterministic)
 
 
+class Projection(nn.Module):
+  """An HF-named linear layer with a multi-axis kernel, applied by one einsum.
+
+  Unlike nn.DenseGeneral it never reshapes the kernel to 2-D, so the kernel's logical axis
+  names stay valid under an active mesh (the sharding constraints in the model then apply).
+  """
+  config: BertConfig
+  kernel_shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  n_in: int = 1  # leading kernel axes contracted with the input's trailing axes
+
+  @nn.compact
+  def weights(self):
+    c = self.config
+    kernel = self.param("kernel", kernel_init(c, self.axes), self.kernel_shape, c.param_dtype)
+    bias = self.param("bias", zeros_init(self.axes[self.n_in:]), self.kernel_shape[self.n_in:],
+                      c.param_dtype)
+    return kernel.astype(c.dtype), bias.astype(c.dtype)
+
+  def __call__(self, x):
+    kernel, bias = self.weights()
+    return jnp.tensordot(x.astype(kernel.dtype), kernel, axes=self.n_in) + bias
+
+
 class BertSelfAttention(nn.Module):
   config: BertConfig
   deterministic: bool = True
@@ -106,19 +129,14 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, mask_B11S):
     c = self.config
-    names = ("query", "key", "value")
-    if self.is_initializing():
-      # Creates the three HF-named projections (kernel [E,N,H], bias [N,H]) exactly as before.
-      q_BTNH, k_BSNH, v_BSNH = (
-          dense(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"), name)(x_BTE)
-          for name in names)
-    else:
-      # One fused [E, 3*N*H] matmul instead of three (forward and backward): fewer, larger GEMMs.
-      p = nn.unbox(self.variables["params"])
-      w_E3NH = jnp.stack([p[n]["kernel"] for n in names], axis=1).astype(c.dtype)
-      b_3NH = jnp.stack([p[n]["bias"] for n in names], axis=0).astype(c.dtype)
-      qkv_BT3NH = jnp.einsum("bte,eknh->btknh", x_BTE.astype(c.dtype), w_E3NH) + b_3NH
-      q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    shape = (c.hidden_size, c.num_attention_heads, c.head_dim)
+    kernels, biases = zip(*(
+        Projection(c, shape, ("embed", "heads", "kv"), name=name).weights()
+        for name in ("query", "key", "value")))
+    # One fused [E, 3, N, H] matmul instead of three (forward and backward): fewer, larger GEMMs.
+    qkv_BT3NH = (jnp.einsum("bte,eknh->btknh", x_BTE.astype(c.dtype), jnp.stack(kernels, 1))
+                 + jnp.stack(biases, 0))
+    q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
     rate = c.attention_probs_dropout_prob
     if self.deterministic or rate == 0.0:
       return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B11S)
@@ -150,7 +168,8 @@ class BertSelfOutput(nn.Module):
   @nn.compact
   def __call__(self, ctx_BTNH, residual_BTE):
     c = self.config
-    y_BTE = dense(c, c.hidden_size, ("heads", "kv", "embed"), "dense", contract=(-2, -1))(ctx_BTNH)
+    y_BTE = Projection(c, (c.num_attention_heads, c.head_dim, c.hidden_size),
+                       ("heads", "kv", "embed"), n_in=2, name="dense")(ctx_BTNH)
     y_BTE = Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
     return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
 

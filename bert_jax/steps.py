@@ -229,31 +229,10 @@ def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransform
 
 
 @functools.lru_cache(maxsize=None)
-def _model_accepts_mesh_context(mesh: jax.sharding.Mesh) -> bool:
-  """Whether BertForPreTraining traces under an active mesh (its with_logical_constraint calls
-  then shard activations). flax 0.12's DenseGeneral re-applies a 3-axis kernel constraint to
-  the flattened 2-D kernel during apply's shape check, which fails under a mesh; until the
-  model avoids that, the step traces without the mesh and leaves layouts to GSPMD propagation
-  from the argument shardings (same numbers, possibly less efficient layouts)."""
-  tiny = BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=8, max_position_embeddings=8)
-  model = BertForPreTraining(tiny)
-  ids = jnp.zeros((1, 4), jnp.int32)
-  try:
-    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), ids)["params"]))
-      with jax.set_mesh(mesh):
-        jax.eval_shape(lambda p: model.apply({"params": p}, ids), params)
-    return True
-  except ValueError:
-    return False
-
-
 def _step_context(mesh: jax.sharding.Mesh) -> contextlib.ExitStack:
   stack = contextlib.ExitStack()
   stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
-  if _model_accepts_mesh_context(mesh):
-    stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(jax.set_mesh(mesh))
   return stack
 
 
