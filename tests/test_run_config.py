@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from bert_jax import train
+from bert_jax import run_config, train
 from bert_jax.errors import UserError
 from bert_jax.phases import make_phases
 
@@ -16,7 +16,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 def load(name: str, *overrides: str):
   spec = str(CONFIGS / name)
   pairs = [tuple(o.split("=", 1)) for o in overrides]
-  return train.resolve_config(spec, pairs)
+  return run_config.resolve_config(spec, pairs)
 
 
 @pytest.mark.parametrize("name", ["bert_base_paper.py", "bert_large_paper.py"])
@@ -134,5 +134,5 @@ def test_bad_config_file_exit_2(tmp_path, capsys):
 
 def test_config_loads_from_any_working_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  c = train.load_config_file(str(CONFIGS / "bert_large_paper.py"))
+  c = run_config.load_config_file(str(CONFIGS / "bert_large_paper.py"))
   assert c.model.preset == "large"
