@@ -257,8 +257,8 @@ def abstract_like(tree: Any) -> Any:
 
 
 def workdir_has_checkpoint(workdir: str) -> bool:
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+  d = epath.Path(workdir) / "checkpoints"
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 __all__ = ["Checkpointer", "Restored", "abstract_like", "params_fingerprint",

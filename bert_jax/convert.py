@@ -22,9 +22,11 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
 from bert_jax.errors import UserError, cli_entry
+from bert_jax.fileio import is_remote, local_copy
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -201,10 +203,11 @@ def vocab_from_tokenizer_json(path: pathlib.Path) -> list[str]:
 
 
 def find_vocab(path: str | os.PathLike, levels: int = 2) -> str | None:
-  """vocab.txt of a checkpoint or HF dir (written from tokenizer.json if only that exists)."""
+  """vocab.txt of a checkpoint or HF dir (written from tokenizer.json if only that exists),
+  as a local file (a gs:// one is copied to a temporary file)."""
   for d in _self_and_parents(path, levels):
     if (d / "vocab.txt").is_file():
-      return str(d / "vocab.txt")
+      return local_copy(str(d / "vocab.txt"))
   for d in _self_and_parents(path, levels):
     if (d / "tokenizer.json").is_file():
       tokens = vocab_from_tokenizer_json(d / "tokenizer.json")
@@ -219,8 +222,7 @@ def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | N
   for d in _self_and_parents(path, 2):
     cfg = d / "tokenizer_config.json"
     if cfg.is_file():
-      with open(cfg, encoding="utf-8") as f:
-        value = json.load(f).get("do_lower_case")
+      value = json.loads(cfg.read_text(encoding="utf-8")).get("do_lower_case")
       if value is not None:
         return bool(value)
   if vocab_path is None:
@@ -229,16 +231,24 @@ def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | N
   return load_tokenizer(vocab_path).lower_case
 
 
-def _self_and_parents(path, levels: int) -> list[pathlib.Path]:
-  p = pathlib.Path(path).resolve()
+def _resolved(path: str | os.PathLike) -> epath.Path:
+  """A local path resolved (symlinks too), or a gs:// URI as an epath."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(pathlib.Path(path).resolve())
+
+
+def _self_and_parents(path, levels: int) -> list[epath.Path]:
+  p = _resolved(path)
   return [p] + list(p.parents)[:levels]
 
 
 # ----------------------------------------------------------------------------- bert-jax checkpoints
 
-def checkpoint_params_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
-  """`params/` items under a checkpoint dir, a step dir or a workdir, newest first."""
-  p = pathlib.Path(path).resolve()
+def checkpoint_params_dirs(path: str | os.PathLike) -> list[epath.Path]:
+  """`params/` items under a checkpoint dir, a step dir or a workdir (local or gs://),
+  newest first."""
+  p = _resolved(path)
   if (p / "params").is_dir():
     return [p / "params"]
   ckpts = p / "checkpoints" if (p / "checkpoints").is_dir() else p
@@ -247,15 +257,15 @@ def checkpoint_params_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
   return [d / "params" for _, d in reversed(steps) if (d / "params").is_dir()]
 
 
-def restore_params(params_dir: pathlib.Path) -> dict:
+def restore_params(params_dir: epath.Path) -> dict:
   import jax
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(params_dir.resolve())
+    restored = ckptr.restore(_resolved(params_dir))
   return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), restored)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, pathlib.Path]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, epath.Path]:
   """Newest restorable params of a bert-jax checkpoint; a damaged newest one is passed over."""
   candidates = checkpoint_params_dirs(path)
   if not candidates:
@@ -265,7 +275,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, pathlib.
                       if (d / "config.json").is_file()), None)
   if config_path is None:
     raise UserError(f"{path}: no config.json beside the checkpoint or in its parents")
-  config = read_config_json(str(config_path))
+  config = read_config_json(local_copy(str(config_path)))
   for i, params_dir in enumerate(candidates):
     try:
       params = restore_params(params_dir)
@@ -310,10 +320,10 @@ def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True
   params is {"bert": ..., "cls": ...}; heads the source lacks (a bare BertModel) are freshly
   initialised from `seed` and listed on stderr.
   """
-  p = pathlib.Path(path)
+  p = _resolved(path)  # a bert-jax checkpoint may be on gs://; HF directories are local
   if not p.exists():
     raise UserError(f"{path}: no such file or directory")
-  if is_hf_dir(p):
+  if not is_remote(path) and is_hf_dir(p):
     config, params, _ = load_hf(p, seed=seed, verbose=verbose)
     return config, params
   config, params, _ = load_checkpoint(p)

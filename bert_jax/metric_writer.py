@@ -5,6 +5,12 @@ object carrying step, phase, seq_len and split ("train" or "eval"), so a plot is
 
   rows = [json.loads(l) for l in open("metrics.jsonl")]
   train = [r for r in rows if r["split"] == "train"]
+
+A gs:// workdir (any object store) cannot be appended to: there the rows are kept in memory
+and the whole metrics.jsonl is rewritten (one atomic upload) at most every `upload_secs` and
+on flush/close; TensorBoard events go to a local temporary directory (tensorboardX needs the
+google-cloud-storage package for gs://) and are copied to workdir/tensorboard at the same
+moments. A kill loses at most the last `upload_secs` of rows, which the resumed run rewrites.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
+
+from bert_jax.fileio import as_path, copy_atomic, is_remote, write_text_atomic
 
 # Printed in this order on the progress line when present.
 _PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),
@@ -36,30 +46,43 @@ class MetricWriter:
   """Appends rows to workdir/metrics.jsonl and TensorBoard scalars to workdir/tensorboard."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
-               tensorboard: bool = True, stream: TextIO | None = None):
+               tensorboard: bool = True, stream: TextIO | None = None,
+               upload_secs: float = 60.0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.remote = is_remote(workdir)
+    self.path = str(as_path(workdir) / "metrics.jsonl")
     self.stream = stream if stream is not None else sys.stdout
+    self.upload_secs = upload_secs
     self._tb = None
     self._file = None
+    self._lines: list[str] = []      # remote: every row of metrics.jsonl
+    self._dirty = False
+    self._uploaded_at = time.monotonic()
+    self._tb_local = None            # remote: where tensorboardX writes before the copy
+    self._tb_dir = str(as_path(workdir) / "tensorboard")
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
       self.truncate_after(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+    if self.remote:
+      if as_path(self.path).exists():
+        self._lines = _complete_lines(as_path(self.path).read_text(encoding="utf-8"))
+    else:
+      self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
+      if self.remote:
+        self._tb_local = tempfile.mkdtemp(prefix="bert-jax-tensorboard-")
       # purge_step hides events a killed run wrote past the step we resume from.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                               purge_step=resume_step, flush_secs=10)
+      self._tb = SummaryWriter(self._tb_local or self._tb_dir, purge_step=resume_step,
+                               flush_secs=10)
 
   def truncate_after(self, step: int) -> None:
     """Drops rows with step > `step` (work lost when a run died after its last checkpoint)."""
-    if not os.path.exists(self.path):
+    if not as_path(self.path).exists():
       return
-    with open(self.path, encoding="utf-8") as f:
-      lines = f.readlines()
+    lines = as_path(self.path).read_text(encoding="utf-8").splitlines(keepends=True)
     keep = []
     for line in lines:
       try:
@@ -69,10 +92,7 @@ class MetricWriter:
       if isinstance(row, dict) and row.get("step", 0) <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      write_text_atomic(self.path, "".join(keep))
 
   def write(self, step: int, metrics: dict[str, Any], *, split: str = "train",
             phase: int, seq_len: int, progress: bool = True) -> dict[str, Any]:
@@ -82,8 +102,15 @@ class MetricWriter:
     row.update({k: _clean(v) for k, v in metrics.items()})
     if not self.enabled:
       return row
-    self._file.write(json.dumps(row, sort_keys=False) + "\n")
-    self._file.flush()
+    line = json.dumps(row, sort_keys=False) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+      if time.monotonic() - self._uploaded_at >= self.upload_secs:
+        self._upload()
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for key, value in row.items():
         if key not in ("step", "split", "time") and isinstance(value, (int, float)) \
@@ -111,11 +138,28 @@ class MetricWriter:
       self.stream.write(text + "\n")
       self.stream.flush()
 
+  def _upload(self) -> None:
+    """Remote workdir: rewrites metrics.jsonl whole and copies the TensorBoard event files."""
+    self._uploaded_at = time.monotonic()
+    if self._dirty:
+      write_text_atomic(self.path, "".join(self._lines))
+      self._dirty = False
+    if self._tb_local is not None:
+      if self._tb is not None:
+        self._tb.flush()
+      for name in sorted(os.listdir(self._tb_local)):  # event files only, no subdirectories
+        if not os.path.isfile(os.path.join(self._tb_local, name)):
+          continue
+        as_path(self._tb_dir).mkdir(parents=True, exist_ok=True)
+        copy_atomic(os.path.join(self._tb_local, name), as_path(self._tb_dir) / name)
+
   def flush(self) -> None:
     if self._file is not None:
       self._file.flush()
     if self._tb is not None:
       self._tb.flush()
+    if self.remote and self.enabled:
+      self._upload()
 
   def close(self) -> None:
     if self._file is not None:
@@ -124,6 +168,17 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self.remote and self.enabled:
+      self._upload()
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
+
+
+def _complete_lines(text: str) -> list[str]:
+  """The newline-terminated lines of `text` (a torn last line is dropped)."""
+  lines = text.splitlines(keepends=True)
+  return [line for line in lines if line.endswith("\n")]
 
 
 class IntervalMetrics:

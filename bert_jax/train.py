@@ -16,9 +16,9 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any, Iterator
@@ -27,48 +27,44 @@ import ml_collections
 
 from bert_jax.config import BertConfig, get_preset, write_config_json
 from bert_jax.errors import UserError, cli_entry
+from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
+  write_json_atomic
 from bert_jax.run_config import config_hash, parse_args, resolve_config, to_plain
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
 
 
 # --------------------------------------------------------------------------- workdir set-up
+# Every workdir, data and vocab path goes through etils.epath (fileio), so gs:// works.
 
 def _count_lines(path: str) -> int:
-  with open(path, encoding="utf-8") as f:
+  with as_path(path).open("r", encoding="utf-8") as f:
     return sum(1 for line in f if line.rstrip("\n"))
 
 
-def _copy_atomic(src: str, dst: str) -> None:
-  tmp = dst + ".tmp"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
-def _same_file_content(a: str, b: str) -> bool:
-  with open(a, "rb") as fa, open(b, "rb") as fb:
-    return fa.read() == fb.read()
+def _join(directory: str, *names: str) -> str:
+  return str(as_path(directory).joinpath(*names))
 
 
 def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
   """workdir/vocab.txt: from data.vocab, else init_from's vocab, else trained from data.input."""
-  target = os.path.join(workdir, "vocab.txt")
+  target = as_path(workdir) / "vocab.txt"
   source = str(cfg.data.vocab)
   if not source and cfg.init_from:
     from bert_jax.convert import find_vocab
     source = find_vocab(str(cfg.init_from)) or ""
   if source:
-    if not os.path.isfile(source):
+    if not as_path(source).is_file():
       raise UserError(f"--config.data.vocab={source}: no such file; expected a vocab.txt")
-    if os.path.exists(target):
-      if not _same_file_content(source, target):
+    if target.exists():
+      if as_path(source).read_bytes() != target.read_bytes():
         raise UserError(f"{target} differs from {source}: this workdir was started with "
                         "another vocab; use a new --workdir")
     elif is_writer:
-      _copy_atomic(source, target)
-    return target if is_writer or os.path.exists(target) else source
-  if os.path.exists(target):
-    return target
+      copy_atomic(source, target)
+    return str(target) if is_writer or target.exists() else source
+  if target.exists():
+    return str(target)
   if cfg.data.vocab_required:
     raise UserError("this config needs a vocab: give --config.data.vocab=PATH (or the "
                     "config argument, e.g. configs/chinese_base.py:/path/vocab.txt)")
@@ -79,12 +75,29 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
   if is_writer:
     from bert_jax.vocab import train_vocab
     print(f"training a {cfg.data.vocab_size}-entry vocab from {inputs} -> {target}", flush=True)
-    train_vocab(inputs, int(cfg.data.vocab_size), target, lower_case=bool(cfg.data.lower_case))
-  return target
+    with tempfile.TemporaryDirectory(prefix="bert-jax-vocab-") as tmp:
+      local = target if not is_remote(target) else os.path.join(tmp, "vocab.txt")
+      train_vocab(inputs, int(cfg.data.vocab_size), str(local),
+                  lower_case=bool(cfg.data.lower_case))
+      if is_remote(target):
+        copy_atomic(local, target)
+  return str(target)
 
 
 def phase_data_dir(phase: Any, workdir: str) -> str:
-  return phase.data or os.path.join(workdir, "data", f"phase_{phase.index}")
+  return phase.data or _join(workdir, "data", f"phase_{phase.index}")
+
+
+def _create_phase_data(data_dir: str, **kwargs: Any) -> None:
+  """create-data into `data_dir`; for a gs:// directory, locally first and then uploaded
+  (manifest.json last, so an interrupted upload is not mistaken for complete data)."""
+  from bert_jax.data.create import create_data
+  if not is_remote(data_dir):
+    create_data(output_dir=data_dir, **kwargs)
+    return
+  with tempfile.TemporaryDirectory(prefix="bert-jax-data-") as tmp:
+    create_data(output_dir=os.path.join(tmp, "data"), **kwargs)
+    upload_tree(os.path.join(tmp, "data"), data_dir, last=("manifest.json",))
 
 
 def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bool) -> list[str]:
@@ -93,7 +106,7 @@ def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bo
   dirs = []
   for phase in phases:
     data_dir = phase_data_dir(phase, workdir)
-    has_manifest = os.path.isfile(os.path.join(data_dir, "manifest.json"))
+    has_manifest = (as_path(data_dir) / "manifest.json").is_file()
     if phase.data and not has_manifest:
       raise UserError(f"--config.phases.{phase.index}.data={phase.data}: not a create-data "
                       "output directory (no manifest.json)")
@@ -103,19 +116,19 @@ def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bo
         raise UserError(f"no data for phase {phase.index + 1}: give --config.phases."
                         f"{phase.index}.data=DIR (from bert-jax create-data) or a corpus with "
                         "--config.data.input='[\"corpus.txt\"]'")
-      from bert_jax.data.create import create_data
       print(f"creating phase {phase.index + 1} data (seq {phase.seq_len}, "
             f"{phase.max_predictions} predictions) -> {data_dir}", flush=True)
-      create_data(inputs, vocab, data_dir, max_seq_length=phase.seq_len,
-                  max_predictions_per_seq=phase.max_predictions,
-                  masked_lm_prob=float(cfg.data.masked_lm_prob),
-                  dupe_factor=int(cfg.data.dupe_factor),
-                  short_seq_prob=float(cfg.data.short_seq_prob),
-                  seed=int(cfg.seed) + 7919 * phase.index,
-                  whole_word_mask=bool(cfg.data.whole_word_mask),
-                  lower_case=bool(cfg.data.lower_case),
-                  eval_fraction=float(cfg.data.eval_fraction),
-                  static_masking=not bool(cfg.data.dynamic_masking), progress=False)
+      _create_phase_data(data_dir, inputs=inputs, vocab_path=local_copy(vocab),
+                         max_seq_length=phase.seq_len,
+                         max_predictions_per_seq=phase.max_predictions,
+                         masked_lm_prob=float(cfg.data.masked_lm_prob),
+                         dupe_factor=int(cfg.data.dupe_factor),
+                         short_seq_prob=float(cfg.data.short_seq_prob),
+                         seed=int(cfg.seed) + 7919 * phase.index,
+                         whole_word_mask=bool(cfg.data.whole_word_mask),
+                         lower_case=bool(cfg.data.lower_case),
+                         eval_fraction=float(cfg.data.eval_fraction),
+                         static_masking=not bool(cfg.data.dynamic_masking), progress=False)
     dirs.append(data_dir)
   _sync("data-created")
   from bert_jax.data.pipeline import check_fits
@@ -182,14 +195,6 @@ class Preemption:
       self._previous = None
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def _mfu_functions():
   try:
     from bert_jax import mfu
@@ -203,7 +208,7 @@ class Trainer:
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = cfg
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = str(as_path(workdir))  # absolute if local; a gs:// URI stays as it is
 
   # -- set-up ----------------------------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class Trainer:
     cfg, workdir = self.cfg, self.workdir
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_writer = self.process_index == 0
-    os.makedirs(workdir, exist_ok=True)
+    as_path(workdir).mkdir(parents=True, exist_ok=True)
     self.phases = make_phases(cfg)
     self.config_hash = config_hash(cfg)
     if self.is_writer:
@@ -225,16 +230,25 @@ class Trainer:
     self.bert_config, self.init_params = model_config(cfg, self.vocab)
     self._check_shapes()
     if self.is_writer:
-      write_config_json(self.bert_config, os.path.join(workdir, "config.json"))
+      self._write_model_config()
     self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
 
+  def _write_model_config(self) -> None:
+    """workdir/config.json (HF field names); written locally by config.py, then copied."""
+    target = as_path(self.workdir) / "config.json"
+    if not is_remote(target):
+      write_config_json(self.bert_config, str(target))
+      return
+    with tempfile.TemporaryDirectory(prefix="bert-jax-config-") as tmp:
+      write_config_json(self.bert_config, os.path.join(tmp, "config.json"))
+      copy_atomic(os.path.join(tmp, "config.json"), target)
+
   def _write_resolved_config(self) -> None:
-    path = os.path.join(self.workdir, "config.pretrain.json")
+    path = as_path(self.workdir) / "config.pretrain.json"
     resolved = to_plain(self.cfg)
-    if os.path.exists(path):
+    if path.exists():
       try:
-        with open(path, encoding="utf-8") as f:
-          before = json.load(f)
+        before = json.loads(path.read_text(encoding="utf-8"))
       except (OSError, ValueError):
         before = None
       if isinstance(before, dict) and before != resolved:
@@ -243,7 +257,7 @@ class Trainer:
         warnings.warn(f"{path}: the config differs from the one this workdir was started "
                       f"with (changed: {', '.join(changed)}); continuing with the new one",
                       stacklevel=2)
-    _write_json_atomic(path, resolved)
+    write_json_atomic(path, resolved)
 
   def _check_shapes(self) -> None:
     from bert_jax.data.pipeline import manifest

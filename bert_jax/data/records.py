@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.fileio import as_path
 
 RECORD_VERSION = 1
 FORMAT_NAME = "bert-jax-instances"
@@ -117,18 +118,19 @@ def write_json_atomic(path: str, payload: dict) -> None:
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
-  """manifest.json of a create-data directory, validated; UserError names what is wrong."""
+  """manifest.json of a create-data directory (local or gs://, through etils.epath),
+  validated; UserError names what is wrong."""
   data_dir = os.fspath(data_dir)
-  if not os.path.isdir(data_dir):
+  directory = as_path(data_dir)
+  if not directory.is_dir():
     raise UserError(f"data directory {data_dir}: not found (expected the --output of "
                     "`bert-jax create-data`)")
-  path = os.path.join(data_dir, MANIFEST)
-  if not os.path.isfile(path):
+  path = directory / MANIFEST
+  if not path.is_file():
     raise UserError(f"data directory {data_dir}: no {MANIFEST}, so it is incomplete or not "
                     "create-data output (re-run `bert-jax create-data`)")
   try:
-    with open(path, encoding="utf-8") as f:
-      man = json.load(f)
+    man = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: not a readable JSON manifest ({e})") from None
   if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
@@ -136,20 +138,22 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
   if man.get("format_version") != FORMAT_VERSION:
     raise UserError(f"{path}: field 'format_version' is {man.get('format_version')!r}; this "
                     f"bert-jax reads version {FORMAT_VERSION}")
+  present = {p.name for p in directory.iterdir()}  # one listing, not a request per shard
   for split, info in man.get("splits", {}).items():
     for name in info.get("shards", []):
-      if not os.path.isfile(os.path.join(data_dir, name)):
+      if name not in present:
         raise UserError(f"{path}: split {split!r} lists shard {name}, which is missing")
   return man
 
 
 def shard_paths(data_dir: str | os.PathLike, split: str = "train") -> list[str]:
-  """Absolute shard paths of one split, from the manifest."""
+  """Absolute shard paths (or gs:// URIs) of one split, from the manifest. array_record's
+  reader opens gs:// shards itself (its own GCS client, application-default credentials)."""
   man = read_manifest(data_dir)
   if split not in man["splits"]:
     raise UserError(f"data directory {os.fspath(data_dir)}: no split {split!r} (it has "
                     f"{', '.join(sorted(man['splits'])) or 'none'})")
-  return [os.path.join(os.fspath(data_dir), name) for name in man["splits"][split]["shards"]]
+  return [str(as_path(data_dir) / name) for name in man["splits"][split]["shards"]]
 
 
 def iter_shard(path: str) -> Iterator[bytes]:
@@ -167,9 +171,9 @@ def iter_shard(path: str) -> Iterator[bytes]:
 def read_instances(path: str | os.PathLike, split: str = "train") -> Iterator[dict[str, np.ndarray]]:
   """Instances of a create-data directory (one split, in shard order) or of one shard file."""
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if as_path(path).is_dir():
     paths = shard_paths(path, split)
-  elif os.path.isfile(path):
+  elif as_path(path).is_file():
     paths = [path]
   else:
     matches = sorted(glob.glob(path))

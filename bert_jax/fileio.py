@@ -1,0 +1,77 @@
+"""Files on any path etils.epath understands: local, gs:// (also s3://, az://).
+
+Writes are atomic in the sense the project needs: a reader sees the old content or the new,
+never half a file. Locally that is a temporary name then a rename; on object stores an
+upload only becomes visible when complete, and the rename is a copy of a complete object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from etils import epath
+
+REMOTE_PREFIXES = ("gs://", "s3://", "az://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for an object-store URI (no appends, no local file handles for native readers)."""
+  return os.fspath(path).startswith(REMOTE_PREFIXES)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An epath.Path; local paths are made absolute, URIs are left as they are."""
+  path = os.fspath(path)
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  path = as_path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  tmp.replace(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
+  """Indented, key-sorted JSON with a final newline (dump_kwargs override those defaults)."""
+  write_text_atomic(path, json.dumps(obj, **{"indent": 2, "sort_keys": True, **dump_kwargs})
+                    + "\n")
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  src, dst = as_path(src), as_path(dst)
+  tmp = dst.with_name(dst.name + ".tmp")
+  # Streamed rather than Path.copy: that uses the source's backend, which cannot write gs://.
+  with src.open("rb") as fin, tmp.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, 16 << 20)
+  tmp.replace(dst)
+
+
+def local_copy(path: str | os.PathLike, suffix: str = "") -> str:
+  """A local file path with the content of `path` (itself when already local), for readers
+  that only open local files (tokenizers, sentencepiece)."""
+  if not is_remote(path):
+    return os.fspath(path)
+  fd, local = tempfile.mkstemp(prefix="bert-jax-", suffix=suffix or "-" + as_path(path).name)
+  with os.fdopen(fd, "wb") as fout, as_path(path).open("rb") as fin:
+    shutil.copyfileobj(fin, fout, 16 << 20)
+  return local
+
+
+def upload_tree(local_dir: str | os.PathLike, dst: str | os.PathLike,
+                last: tuple[str, ...] = ()) -> None:
+  """Copies the files of `local_dir` into `dst` (any epath); the names in `last` (e.g. a
+  manifest that marks the directory complete) are copied after all the others."""
+  local_dir, dst = os.fspath(local_dir), as_path(dst)
+  names = sorted(os.listdir(local_dir), key=lambda n: (n in last, n))
+  for name in names:
+    src = os.path.join(local_dir, name)
+    if os.path.isdir(src):
+      upload_tree(src, dst / name)
+    else:
+      dst.mkdir(parents=True, exist_ok=True)
+      copy_atomic(src, dst / name)
