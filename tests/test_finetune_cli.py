@@ -118,6 +118,7 @@ def test_token_task_and_export(tmp_path, vocab):
   assert torch_tags == [l[2] for l in lines]
 
 
+@pytest.mark.slow  # about a minute on a busy 2-core CPU
 def test_qa_task_and_export(shared_data, tmp_path):
   data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text("utf-8"))
   small = {"version": "v1", "data": data["data"][:2]}
@@ -222,6 +223,7 @@ def test_minilm_sst2_beats_majority_class(shared_data, tmp_path, minilm_dir):
   assert metrics["accuracy"] > majority + 0.15
 
 
+@pytest.mark.slow  # about a minute on a busy 2-core CPU
 def test_data_parallel_matches_single_device(shared_data, tmp_path, vocab):
   """Two host devices (XLA_FLAGS) split each batch over the mesh's data axis; the result is
   the single-device one up to float summation order."""
@@ -246,6 +248,7 @@ def test_data_parallel_matches_single_device(shared_data, tmp_path, vocab):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+@pytest.mark.slow  # about a minute on a busy 2-core CPU
 def test_regression_with_accumulation_and_export(tmp_path, vocab):
   rng = np.random.default_rng(0)
   words = ["good", "bad", "fine", "awful", "great", "poor"]
