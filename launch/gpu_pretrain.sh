@@ -36,10 +36,8 @@ usage: launch/gpu_pretrain.sh --workdir DIR [--config FILE[:ARG]] [--data SPEC] 
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 need_value() {
   [[ $# -ge 2 && -n "$2" ]] || die "flag $1 expects a value"
@@ -79,32 +77,6 @@ done
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG_FILE="${CONFIG%%:*}"
 [[ -f "$CONFIG_FILE" || -f "$REPO_ROOT/$CONFIG_FILE" ]] || die "--config: no such file $CONFIG_FILE"
-
-# One word, single-quoted when it holds anything the shell would interpret.
-shquote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# A command as one line that a shell reads back as the same words.
-cmdline() {
-  local out="" word
-  for word in "$@"; do
-    out+="$(shquote "$word") "
-  done
-  printf '%s' "${out% }"
-}
-
-# Echo a command with a "+ " prefix; run it unless --dry-run.
-run() {
-  echo "+ $(cmdline "$@")"
-  if [[ "$DRY_RUN" -eq 0 ]]; then
-    "$@"
-  fi
-}
 
 PRETRAIN=(bert-jax pretrain --config="$CONFIG" --workdir="$WORKDIR")
 if [[ -n "$DATA" ]]; then

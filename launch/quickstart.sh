@@ -51,7 +51,7 @@ read -r VOCAB_SIZE DUPE EVAL_FRACTION CASING PHASES < <("$PYTHON" - "$CONFIG" <<
 import sys
 
 from bert_jax.phases import make_phases
-from bert_jax.train import resolve_config
+from bert_jax.run_config import resolve_config
 
 cfg = resolve_config(sys.argv[1], [])
 phases = ",".join(f"{p.seq_len}:{p.max_predictions}:{p.end_step - p.start_step}"

@@ -53,10 +53,8 @@ usage: launch/tpu_pretrain.sh --tpu NAME --zone ZONE --bucket gs://BUCKET --run-
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 TPU="" ZONE="" PROJECT="" ACCELERATOR="v4-8" VERSION="" BUCKET="" RUN_NAME=""
 CONFIG="configs/bert_base_paper.py" DATA="" TFDS_DIR="" VOCAB="" CAPACITY="" PIP_SPEC=""
@@ -118,32 +116,6 @@ fi
 GCLOUD_TPU=(gcloud compute tpus tpu-vm)
 LOCATION=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && LOCATION+=(--project="$PROJECT")
-
-# One word, single-quoted when it holds anything the shell would interpret.
-shquote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# A command as one line that a shell reads back as the same words.
-cmdline() {
-  local out="" word
-  for word in "$@"; do
-    out+="$(shquote "$word") "
-  done
-  printf '%s' "${out% }"
-}
-
-# Echo a command with a "+ " prefix; run it unless --dry-run.
-run() {
-  echo "+ $(cmdline "$@")"
-  if [[ "$DRY_RUN" -eq 0 ]]; then
-    "$@"
-  fi
-}
 
 # --- 1. create or reuse the TPU VM ------------------------------------------------------
 DESCRIBE=("${GCLOUD_TPU[@]}" describe "$TPU" "${LOCATION[@]}" --format='value(state)')
