@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.finetune.tasks import TASKS, Features, Task
+from bert_jax.finetune.specs import TASKS, Task
+from bert_jax.finetune.tasks import Features
 
 SORT_WINDOW_BATCHES = 50
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")

@@ -1,0 +1,246 @@
+"""Task specs for fine-tuning: how each task reads its files, which head it builds, its loss,
+what an evaluation keeps per row, and how that becomes metrics and a predictions file. The
+trainer is generic over them; readers and featurisation live in tasks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from bert_jax.errors import UserError
+from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
+                                     featurize_tags, featurize_text, read_choice, read_conll,
+                                     read_text_records, tag_names)
+
+
+def _masked_ce(logits, labels, weight):
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  safe = jnp.where(labels < 0, 0, labels)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return (nll * weight).sum(), weight.sum()
+
+
+class Task:
+  name = ""
+  architecture = ""
+  main_metric = ""
+  seq_outputs: tuple[str, ...] = ()  # predict() outputs with a token axis (padded back to T)
+  num_labels = 2
+
+  def __init__(self, opts):
+    self.opts = opts
+
+  def model(self, config):
+    from bert_jax import heads
+    return heads.FINETUNE_HEADS[self.architecture](config, num_labels=self.num_labels)
+
+  def hf_config(self) -> dict:
+    return {}
+
+  def finetune_info(self) -> dict:
+    return {"task": self.name, "architecture": self.architecture, **self.hf_config()}
+
+
+class ClassificationTask(Task):
+  name, architecture = "classification", "BertForSequenceClassification"
+
+  def load(self, tokenizer):
+    o = self.opts
+    cols = dict(text_column=o.text_column, pair_column=o.text_pair_column,
+                label_column=o.label_column)
+    train = read_text_records(o.train_file, max_rows=o.max_train_rows, **cols)
+    valid = read_text_records(o.validation_file, **cols)
+    self.label_names, self.regression = build_label_map(train, o.train_file, o.regression)
+    if not self.regression and len(self.label_names) < 2:
+      raise UserError(f"{o.train_file}: only one label ({self.label_names[0]!r}); "
+                      "classification needs two or more")
+    self.num_labels = 1 if self.regression else len(self.label_names)
+    self.main_metric = "pearson" if self.regression else "accuracy"
+    self.valid_records = valid
+    feats = [featurize_text(r, tokenizer, o.max_seq_length, self.label_names, self.regression, p)
+             for r, p in ((train, o.train_file), (valid, o.validation_file))]
+    return feats[0], feats[1]
+
+  def loss(self, logits, batch):
+    w = batch["weight"]
+    if self.regression:
+      return (((logits[:, 0] - batch["labels"]) ** 2) * w).sum(), w.sum()
+    return _masked_ce(logits, batch["labels"], w)
+
+  def predict(self, logits, batch):
+    return {"prediction": logits[:, 0] if self.regression else logits.argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    labels, pred = feats.arrays["labels"], out["prediction"]
+    if self.regression:
+      return metrics.regression_scores(labels, pred)
+    return metrics.classification_scores(labels, pred, self.num_labels)
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = ["line\tprediction\tlabel"]
+    for r, p in zip(self.valid_records, out["prediction"]):
+      shown = f"{float(p):.6g}" if self.regression else self.label_names[int(p)]
+      lines.append(f"{r.line}\t{shown}\t{r.label}")
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+  def hf_config(self):
+    if self.regression:
+      return {"num_labels": 1, "problem_type": "regression"}
+    id2label = {str(i): n for i, n in enumerate(self.label_names)}
+    return {"num_labels": self.num_labels, "id2label": id2label,
+            "label2id": {n: i for i, n in enumerate(self.label_names)},
+            "problem_type": "single_label_classification"}
+
+
+class TokenTask(Task):
+  name, architecture, main_metric = "token", "BertForTokenClassification", "f1"
+  seq_outputs = ("prediction",)
+
+  def load(self, tokenizer):
+    o = self.opts
+    train = read_conll(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_conll(o.validation_file)
+    self.label_names = tag_names(train)
+    self.num_labels = len(self.label_names)
+    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file),
+            featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
+                           o.validation_file))
+
+  def loss(self, logits, batch):
+    labels = batch["labels"]
+    return _masked_ce(logits, labels, (labels >= 0) * batch["weight"][:, None])
+
+  def predict(self, logits, batch):
+    return {"prediction": logits.argmax(-1).astype("int32")}
+
+  def word_tags(self, feats, out) -> list[list[str]]:
+    tags = []
+    for i, s in enumerate(self.valid):
+      positions = feats.extra["first_positions"][i]
+      kept = [self.label_names[int(t)] for t in out["prediction"][i, positions]]
+      tags.append(kept + ["O"] * (len(s.words) - len(kept)))
+    return tags
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    return metrics.entity_scores([s.tags for s in self.valid], self.word_tags(feats, out))
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = []
+    for s, pred in zip(self.valid, self.word_tags(feats, out)):
+      lines += [f"{w}\t{g}\t{p}" for w, g, p in zip(s.words, s.tags, pred)] + [""]
+    _write_text(path, "\n".join(lines))
+    return path
+
+  def hf_config(self):
+    return {"num_labels": self.num_labels,
+            "id2label": {str(i): n for i, n in enumerate(self.label_names)},
+            "label2id": {n: i for i, n in enumerate(self.label_names)}}
+
+
+class ChoiceTask(Task):
+  name, architecture, main_metric = "choice", "BertForMultipleChoice", "accuracy"
+  num_labels = 1
+
+  def load(self, tokenizer):
+    o = self.opts
+    train = read_choice(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_choice(o.validation_file)
+    self.num_choices = max(len(r.second) for r in train)
+    return (featurize_choice(train, tokenizer, o.max_seq_length, self.num_choices),
+            featurize_choice(self.valid, tokenizer, o.max_seq_length, self.num_choices))
+
+  def _masked(self, logits, batch):
+    import jax.numpy as jnp
+    return jnp.where(batch["choice_mask"] > 0, logits, -1e9)
+
+  def loss(self, logits, batch):
+    return _masked_ce(self._masked(logits, batch), batch["labels"], batch["weight"])
+
+  def predict(self, logits, batch):
+    return {"prediction": self._masked(logits, batch).argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    return {"accuracy": metrics.accuracy(feats.arrays["labels"], out["prediction"])}
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = ["id\tprediction\tlabel"] + [f"{r.id}\t{int(p)}\t{r.label}"
+                                          for r, p in zip(self.valid, out["prediction"])]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+class QATask(Task):
+  """Span QA through bert_jax.finetune.qa (featurisation, n-best) and squad_eval (EM/F1)."""
+  name, architecture, main_metric = "qa", "BertForQuestionAnswering", "f1"
+  seq_outputs = ("start_logits", "end_logits")
+
+  def load(self, tokenizer):
+    from bert_jax.finetune import qa
+    o = self.opts
+    kw = dict(max_seq_length=o.max_seq_length, doc_stride=o.doc_stride,
+              max_query_length=o.max_query_length)
+    train = qa.read_squad(o.train_file)[:o.max_train_rows or None]
+    self.valid = qa.read_squad(o.validation_file)
+    train_f = qa.featurize(train, tokenizer, is_training=True, **kw)
+    self.valid_qa = qa.featurize(self.valid, tokenizer, is_training=False, **kw)
+
+    def as_features(f, training):
+      arrays = {k: np.asarray(getattr(f, k), np.int32)
+                for k in ("input_ids", "token_type_ids", "attention_mask")}
+      if training:
+        arrays["start_positions"] = np.asarray(f.start_positions, np.int32)
+        arrays["end_positions"] = np.asarray(f.end_positions, np.int32)
+      return Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
+    return as_features(train_f, True), as_features(self.valid_qa, False)
+
+  def loss(self, logits, batch):
+    start, end = logits
+    w = batch["weight"]
+    s, n = _masked_ce(start, batch["start_positions"], w)
+    e, _ = _masked_ce(end, batch["end_positions"], w)
+    return (s + e) / 2, n
+
+  def predict(self, logits, batch):
+    return {"start_logits": logits[0], "end_logits": logits[1]}
+
+  def answers(self, out) -> dict[str, str]:
+    from bert_jax.finetune import qa
+    o = self.opts
+    return qa.postprocess(self.valid, self.valid_qa, out["start_logits"], out["end_logits"],
+                          n_best=o.n_best, max_answer_length=o.max_answer_length,
+                          version_2_with_negative=o.version_2_with_negative,
+                          null_score_diff_threshold=o.null_score_diff_threshold)
+
+  def score(self, feats, out):
+    from bert_jax.finetune import squad_eval
+    self._answers = self.answers(out)
+    return dict(squad_eval.evaluate(self.valid, self._answers, lang="auto"))
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.json")
+    answers = getattr(self, "_answers", None) or self.answers(out)
+    _write_text(path, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
+    return path
+
+
+TASKS = {"classification": ClassificationTask, "token": TokenTask, "qa": QATask,
+         "choice": ChoiceTask}
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
