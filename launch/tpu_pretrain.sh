@@ -14,7 +14,7 @@
 #      (not ignored) files are packed into one tarball, copied with `tpu-vm scp --worker=all`
 #      and pip-installed with `tpu-vm ssh --worker=all`. Copying the working tree means the pod
 #      runs exactly the code you have here, committed or not, and needs no access to a git host.
-#      `--pip-spec 'bert-jax[tfds] @ git+https://...@TAG'` installs that instead.
+#      `--pip-spec 'bert-jax[gcs] @ git+https://...@TAG'` installs that instead.
 #   3. `bert-jax pretrain --config ... --workdir gs://BUCKET/runs/RUN ...` on every worker at
 #      once (`--worker=all`); jax.distributed.initialize() finds the other hosts of the slice.
 #
@@ -166,7 +166,7 @@ if [[ "$SKIP_INSTALL" -eq 0 ]]; then
     run "${GCLOUD_TPU[@]}" scp "$TARBALL" "$TPU:bert-jax.tar.gz" "${LOCATION[@]}" --worker=all
     INSTALL='rm -rf "$HOME/bert-jax" && mkdir -p "$HOME/bert-jax" && '
     INSTALL+='tar -xzf "$HOME/bert-jax.tar.gz" -C "$HOME/bert-jax" && '
-    INSTALL+="$PIP 'jax[tpu]' \"\$HOME/bert-jax[tfds]\""
+    INSTALL+="$PIP 'jax[tpu]' \"\$HOME/bert-jax[gcs]\""
   fi
   run "${ON_ALL_WORKERS[@]}" --command="$INSTALL"
 fi

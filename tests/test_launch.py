@@ -105,7 +105,7 @@ def test_tpu_reuses_existing_vm(tmp_path):
 
 def test_tpu_recreates_preempted_vm_and_installs_from_pip_spec(tmp_path):
   env = _fake_gcloud(tmp_path, describe_state="PREEMPTED")
-  spec = "bert-jax[tfds] @ git+https://example.com/bert-jax.git@v0.1.0"
+  spec = "bert-jax[gcs] @ git+https://example.com/bert-jax.git@v0.1.0"
   commands = _commands(_run(TPU, TPU_ARGS + ["--pip-spec", spec], env))
   tpu = ("gcloud", "compute", "tpus", "tpu-vm")
   delete, create = _find(commands, *tpu, "delete"), _find(commands, *tpu, "create")
