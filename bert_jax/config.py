@@ -87,15 +87,13 @@ def read_config_json(path: str) -> BertConfig:
   return BertConfig.from_hf_dict(d, source=path)
 
 
-def write_config_json(config: BertConfig, path: str,
+def write_config_json(config: BertConfig, path: str | os.PathLike,
                       architectures: tuple[str, ...] = ("BertForPreTraining",)) -> None:
-  d = {"architectures": list(architectures), "model_type": "bert", **config.to_hf_dict(),
-       "position_embedding_type": "absolute", "torch_dtype": "float32", "use_cache": True}
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(d, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """config.json as transformers writes it, atomically, to any local or gs:// path."""
+  from bert_jax.fileio import write_json_atomic
+  write_json_atomic(path, {"architectures": list(architectures), "model_type": "bert",
+                           **config.to_hf_dict(), "position_embedding_type": "absolute",
+                           "torch_dtype": "float32", "use_cache": True})
 
 
 def _size(layers: int, hidden: int, vocab_size: int = 30522) -> BertConfig:

@@ -26,7 +26,7 @@ from etils import epath
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import is_remote, local_copy
+from bert_jax.fileio import is_remote, local_copy, write_json_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -304,7 +304,7 @@ def write_checkpoint(ckpt_dir: str | os.PathLike, config: BertConfig, params: di
     if vocab_path:
       shutil.copyfile(vocab_path, tmp / "vocab.txt")
     if lower_case is not None:
-      _write_json(tmp / "tokenizer_config.json", {"do_lower_case": bool(lower_case)})
+      write_json_atomic(tmp / "tokenizer_config.json", {"do_lower_case": bool(lower_case)})
     if final.exists():
       final.rmdir()
     os.rename(tmp, final)
@@ -375,7 +375,7 @@ def write_hf_dir(hf_dir: str | os.PathLike, config: BertConfig, params: dict, *,
     write_config_json(config, str(tmp / "config.json"), architectures=tuple(architectures))
     if extra_config:
       cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-      _write_json(tmp / "config.json", {**cfg, **extra_config})
+      write_json_atomic(tmp / "config.json", {**cfg, **extra_config})
     if vocab_path:
       write_tokenizer_files(tmp, vocab_path, bool(lower_case), config.max_position_embeddings)
     if final.exists():
@@ -398,15 +398,11 @@ def write_tokenizer_files(out_dir: pathlib.Path, vocab_path: str, lower_case: bo
                          else False).save(str(out_dir / "tokenizer.json"))
   special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "cls_token": "[CLS]", "mask_token": "[MASK]"}
-  _write_json(out_dir / "special_tokens_map.json", special)
-  _write_json(out_dir / "tokenizer_config.json", {
+  write_json_atomic(out_dir / "special_tokens_map.json", special)
+  write_json_atomic(out_dir / "tokenizer_config.json", {
       "tokenizer_class": "BertTokenizer", "do_lower_case": lower_case,
       "tokenize_chinese_chars": True, "strip_accents": None,
       "model_max_length": model_max_length, "clean_up_tokenization_spaces": True, **special})
-
-
-def _write_json(path: pathlib.Path, obj: dict) -> None:
-  path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _as_float32(params: dict) -> dict:

@@ -234,14 +234,8 @@ class Trainer:
     self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
 
   def _write_model_config(self) -> None:
-    """workdir/config.json (HF field names); written locally by config.py, then copied."""
-    target = as_path(self.workdir) / "config.json"
-    if not is_remote(target):
-      write_config_json(self.bert_config, str(target))
-      return
-    with tempfile.TemporaryDirectory(prefix="bert-jax-config-") as tmp:
-      write_config_json(self.bert_config, os.path.join(tmp, "config.json"))
-      copy_atomic(os.path.join(tmp, "config.json"), target)
+    """workdir/config.json (HF field names)."""
+    write_config_json(self.bert_config, as_path(self.workdir) / "config.json")
 
   def _write_resolved_config(self) -> None:
     path = as_path(self.workdir) / "config.pretrain.json"

@@ -30,6 +30,7 @@ import numpy as np
 from bert_jax.data import instances as inst_lib
 from bert_jax.data import masking, records
 from bert_jax.errors import UserError, cli_entry
+from bert_jax.fileio import write_json_atomic
 
 CHUNK_DOCUMENTS = 1000
 CHUNK_CHARS = 256 << 10
@@ -404,7 +405,7 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
                  size=tok.vocab_size, lower_case=tok.lower_case, pad_id=tok.pad_id,
                  unk_id=tok.unk_id, cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id),
       **{k: v for k, v in params.items() if k not in ("vocab_path", "lower_case")})
-  records.write_json_atomic(os.path.join(output_dir, records.MANIFEST), manifest)
+  write_json_atomic(os.path.join(output_dir, records.MANIFEST), manifest)
   return manifest
 
 

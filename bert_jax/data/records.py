@@ -109,14 +109,6 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def read_manifest(data_dir: str | os.PathLike) -> dict:
   """manifest.json of a create-data directory (local or gs://, through etils.epath),
   validated; UserError names what is wrong."""

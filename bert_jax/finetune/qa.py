@@ -407,12 +407,3 @@ def postprocess(examples: Sequence[QAExample], features: QAFeatures, start_logit
   return predictions
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (temp name, then rename); non-ASCII kept readable."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-

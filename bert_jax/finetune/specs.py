@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.fileio import write_text_atomic
 from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
                                      featurize_tags, featurize_text, read_choice, read_conll,
                                      read_text_records, tag_names)
@@ -88,7 +89,7 @@ class ClassificationTask(Task):
     for r, p in zip(self.valid_records, out["prediction"]):
       shown = f"{float(p):.6g}" if self.regression else self.label_names[int(p)]
       lines.append(f"{r.line}\t{shown}\t{r.label}")
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
   def hf_config(self):
@@ -138,7 +139,7 @@ class TokenTask(Task):
     lines = []
     for s, pred in zip(self.valid, self.word_tags(feats, out)):
       lines += [f"{w}\t{g}\t{p}" for w, g, p in zip(s.words, s.tags, pred)] + [""]
-    _write_text(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
   def hf_config(self):
@@ -177,7 +178,7 @@ class ChoiceTask(Task):
     path = os.path.join(out_dir, "predictions.tsv")
     lines = ["id\tprediction\tlabel"] + [f"{r.id}\t{int(p)}\t{r.label}"
                                           for r, p in zip(self.valid, out["prediction"])]
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -231,7 +232,7 @@ class QATask(Task):
   def write_predictions(self, out_dir, feats, out) -> str:
     path = os.path.join(out_dir, "predictions.json")
     answers = getattr(self, "_answers", None) or self.answers(out)
-    _write_text(path, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
     return path
 
 
@@ -239,8 +240,3 @@ TASKS = {"classification": ClassificationTask, "token": TokenTask, "qa": QATask,
          "choice": ChoiceTask}
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)

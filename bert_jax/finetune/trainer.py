@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.fileio import write_json_atomic
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
 
@@ -333,7 +334,7 @@ class Runner:
     convert.write_checkpoint(tmp, self.config, self.best_params, vocab_path=self.vocab,
                              lower_case=self.tokenizer.lower_case)
     info = {**self.task.finetune_info(), "max_seq_length": o.max_seq_length, **self.best}
-    write_json(tmp / "finetune.json", info)
+    write_json_atomic(tmp / "finetune.json", info, ensure_ascii=False, sort_keys=False)
     old = d / ".best.old"
     shutil.rmtree(old, ignore_errors=True)
     if (d / "best").exists():
@@ -343,7 +344,7 @@ class Runner:
     self._write_metrics()
 
   def _write_metrics(self) -> None:
-    write_json(pathlib.Path(self.opts.output_dir) / "metrics.json", {
+    write_json_atomic(pathlib.Path(self.opts.output_dir) / "metrics.json", sort_keys=False, ensure_ascii=False, obj={
         **self.best, "train_seconds": round(self.train_seconds, 2),
         "eval_seconds": round(self.eval_seconds, 2), "history": self.history})
 
@@ -362,12 +363,6 @@ class Runner:
 def jax_get(tree):
   import jax
   return {k: np.asarray(v) for k, v in jax.device_get(tree).items()}
-
-
-def write_json(path: pathlib.Path, obj: dict) -> None:
-  tmp = pathlib.Path(str(path) + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
 
 
 def finetune(opts) -> dict[str, Any]:
