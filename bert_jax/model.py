@@ -55,7 +55,7 @@ class Dropout(nn.Module):
   """Inverted dropout that draws 16 random bits per element, two elements per 32-bit word.
 
   Threefry produces one 32-bit word per element for flax's nn.Dropout; halving the words halves
-  the cost of the random numbers, a fifth of a small BERT's CPU train step. Keep probability
+  the cost of the random numbers on CPU. Keep probability
   is round(keep * 2**16) / 2**16 (within 8e-6 of 1 - rate) and kept values are scaled by its
   exact inverse, so E[output] = input. Stateless in the "dropout" rng like nn.Dropout, and
   independent of the mesh (partitionable threefry bits, then elementwise ops).
