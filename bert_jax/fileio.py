@@ -30,10 +30,17 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Creates the parent folder if needed; a failed write leaves no temporary file behind."""
   path = as_path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(path)
+  try:
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:

@@ -34,6 +34,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 from bert_jax.data.corpus import iter_documents
 from bert_jax.errors import UserError, cli_entry
+from bert_jax.fileio import write_text_atomic
 from bert_jax.tokenizer import CONTINUATION_PREFIX, MAX_INPUT_CHARS_PER_WORD, SPECIAL_TOKENS
 
 MIN_VOCAB_SIZE = 64
@@ -161,17 +162,7 @@ def wordpiece_vocab(pieces: Iterable[tuple[str, float]], characters: list[str],
 
 def write_vocab(tokens: list[str], output: str) -> None:
   """Writes one token per line, atomically (temp file in the same folder, then rename)."""
-  folder = os.path.dirname(os.path.abspath(output))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".vocab.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-      f.write("".join(token + "\n" for token in tokens))
-    os.replace(tmp, output)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_text_atomic(output, "".join(token + "\n" for token in tokens))
 
 
 def train_vocab(inputs: str | list[str], vocab_size: int, output: str, lower_case: bool = True,
