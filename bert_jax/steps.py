@@ -15,7 +15,6 @@ so a resumed run is bit-exact, and independent of the mesh.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from typing import Any, Callable, Mapping
 
@@ -228,12 +227,12 @@ def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransform
   return train_step
 
 
-@functools.lru_cache(maxsize=None)
-def _step_context(mesh: jax.sharding.Mesh) -> contextlib.ExitStack:
-  stack = contextlib.ExitStack()
-  stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
-  stack.enter_context(jax.set_mesh(mesh))
-  return stack
+@contextlib.contextmanager
+def _step_context(mesh: jax.sharding.Mesh):
+  """The mesh and logical-axis rules every step is traced under. A fresh context per call: the
+  trace-cache key includes the active mesh, so each call must see the same one."""
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
+    yield
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:

@@ -104,6 +104,22 @@ def test_non_finite_batch_is_skipped(mesh):
   assert metrics["finite"] == 1.0 and np.isfinite(float(metrics["loss"]))
 
 
+def test_steps_compile_once_under_the_mesh(mesh):
+  """Every call traces under the same mesh context: one compilation for many steps (a context
+  that is entered only once makes the second call retrace without the mesh and its rules)."""
+  model_config = tiny_model_config(dropout=0.1)
+  state, shardings, optimizer, schedule = steps.create_train_state(
+      model_config, make_cfg(), mesh, jax.random.PRNGKey(0))
+  step = steps.jit_train_step(steps.make_train_step(model_config, optimizer, schedule), mesh,
+                              shardings)
+  evaluate = steps.jit_eval_step(steps.make_eval_step(model_config), mesh, shardings)
+  for i in range(3):
+    state, _ = step(state, synthetic_batch(i), jax.random.PRNGKey(0))
+    evaluate(state.params, synthetic_batch(i))
+  assert step.jitted._cache_size() == 1
+  assert evaluate.jitted._cache_size() == 1
+
+
 def test_bad_policy_and_accumulation_rejected():
   model_config = tiny_model_config()
   with pytest.raises(UserError, match="nan_policy"):
