@@ -14,10 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax import ops
 from bert_jax.config import BertConfig
 
 ACT_FNS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT's exact erf GELU
+    "gelu": ops.gelu,  # BERT's exact erf GELU
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
@@ -36,11 +37,26 @@ def zeros_init(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-      bias_init=zeros_init(("embed",)), name=name)
+class LayerNorm(nn.Module):
+  """nn.LayerNorm's parameters (scale, bias; logical axis embed) with ops.layer_norm's lean
+  backward pass."""
+  epsilon: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("embed",)),
+                       features, self.param_dtype)
+    bias = self.param("bias", zeros_init(("embed",)), features, self.param_dtype)
+    return ops.layer_norm(x, scale, bias, self.epsilon, self.dtype)
+
+
+def layer_norm(config: BertConfig, name: str) -> LayerNorm:
+  return LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype,
+                   param_dtype=config.param_dtype, name=name)
 
 
 def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None],
@@ -62,19 +78,22 @@ class Dropout(nn.Module):
   """
   rate: float
 
-  @nn.compact
+  def keep_mask(self, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+    """(boolean mask of the kept elements, the scale of kept values); needs 0 < rate < 1."""
+    threshold = round((1.0 - self.rate) * 65536)
+    last = shape[-1]
+    words = jax.random.bits(self.make_rng("dropout"), shape[:-1] + ((last + 1) // 2,),
+                            jnp.uint32)
+    bits16 = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)[..., :last]
+    return bits16 < threshold, 65536.0 / threshold
+
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    threshold = round((1.0 - self.rate) * 65536)
-    last = x.shape[-1]
-    words = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + ((last + 1) // 2,),
-                            jnp.uint32)
-    bits16 = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)[..., :last]
-    scale = jnp.asarray(65536.0 / threshold, x.dtype)
-    return jnp.where(bits16 < threshold, x * scale, jnp.zeros((), x.dtype))
+    keep, scale = self.keep_mask(x.shape)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 class BertEmbeddings(nn.Module):
@@ -140,13 +159,12 @@ class BertSelfAttention(nn.Module):
     rate = c.attention_probs_dropout_prob
     if self.deterministic or rate == 0.0:
       return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B11S)
+    if rate >= 1.0:
+      return jnp.zeros_like(q_BTNH)
     # jax.nn.dot_product_attention has no dropout on the probabilities; BERT trains with it.
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / jnp.sqrt(c.head_dim)
-    logits_BNTS = jnp.where(mask_B11S, logits_BNTS.astype(jnp.float32),
-                            jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNH.dtype)
-    probs_BNTS = Dropout(rate)(probs_BNTS, deterministic=False)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+    b, t, n, _ = q_BTNH.shape
+    keep_BNTS, keep_scale = Dropout(rate).keep_mask((b, n, t, k_BSNH.shape[1]))
+    return ops.dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale)
 
 
 class BertAttention(nn.Module):

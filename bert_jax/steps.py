@@ -133,7 +133,10 @@ def _loss_sums(model: BertForPreTraining, params, batch: Mapping[str, jax.Array]
   ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
   w_BP = batch["masked_lm_weights"].astype(jnp.float32)
   mlm_nll_BP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits_BPV, ids_BP)
-  mlm_hit_BP = (jnp.argmax(mlm_logits_BPV, -1) == ids_BP).astype(jnp.float32)
+  # A hit when the label's logit is the largest (argmax over the vocabulary is a slow
+  # two-output reduce on CPU; exact ties, which argmax would break by index, count as hits).
+  label_logit_BP = jnp.take_along_axis(mlm_logits_BPV, ids_BP[..., None], axis=-1)[..., 0]
+  mlm_hit_BP = (label_logit_BP >= jnp.max(mlm_logits_BPV, -1)).astype(jnp.float32)
   labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
   nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
   nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)

@@ -1,0 +1,126 @@
+"""Hand-written backward passes for BERT's elementwise-heavy pieces: GELU, LayerNorm, and the
+softmax-dropout core of attention.
+
+Autodiff of the textbook formulas keeps every intermediate for the backward pass (GELU: four
+[B,T,F] tensors; flax's LayerNorm: four [B,T,E]; softmax + dropout: five [B,N,T,S]). These VJPs
+keep one input (plus per-row statistics or a boolean mask) and recompute the rest inside the
+backward fusion, which is less memory and fewer passes over it. The math is the textbook one;
+tests compare values and gradients against plain autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SQRT_HALF = np.float32(np.sqrt(0.5))
+_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
+
+
+# ----------------------------------------------------------------------------- GELU
+
+@jax.custom_vjp
+def gelu(x):
+  """Exact GELU x·Φ(x) in the erf form (as PyTorch and BERT), computed in float32."""
+  xf = x.astype(jnp.float32)
+  return (xf * (0.5 + 0.5 * jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 + 0.5 * jax.lax.erf(xf * _SQRT_HALF)
+  pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+def _row_stats(xf, epsilon):
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)  # two-pass, like PyTorch
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, epsilon: float, dtype):
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis; statistics in float32,
+  output in `dtype`."""
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _row_stats(xf, epsilon)
+  y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, g):
+  del epsilon, dtype
+  x, mean, rstd, scale = residuals
+  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  gf = g.astype(jnp.float32)
+  g_hat = gf * scale.astype(jnp.float32)
+  g_x = rstd * (g_hat - jnp.mean(g_hat, -1, keepdims=True)
+                - x_hat * jnp.mean(g_hat * x_hat, -1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  g_scale = jnp.sum(gf * x_hat, axis=rows)
+  g_bias = jnp.sum(gf, axis=rows)
+  return g_x.astype(x.dtype), g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _softmax_probs(q_BTNH, k_BSNH, mask_B11S):
+  head_dim = q_BTNH.shape[-1]
+  logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH,
+                           preferred_element_type=jnp.float32) / np.sqrt(head_dim)
+  logits_BNTS = jnp.where(mask_B11S, logits_BNTS, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits_BNTS, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale: float):
+  """softmax(q·k/sqrt(H), masked) with dropout (`keep_BNTS`, kept values times `keep_scale`),
+  then ·v. The softmax is in float32; the product with v in v's dtype."""
+  return _dropout_attention_fwd(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale)[0]
+
+
+def _dropout_attention_fwd(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale):
+  probs_BNTS = _softmax_probs(q_BTNH, k_BSNH, mask_B11S)
+  dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(v_BSNH.dtype)
+  out_BTNH = jnp.einsum("bnts,bsnh->btnh", dropped_BNTS, v_BSNH)
+  return out_BTNH, (q_BTNH, k_BSNH, v_BSNH, probs_BNTS.astype(v_BSNH.dtype), keep_BNTS)
+
+
+def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
+  q_BTNH, k_BSNH, v_BSNH, probs_BNTS, keep_BNTS = residuals
+  dtype = v_BSNH.dtype
+  dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(dtype)
+  g_v = jnp.einsum("bnts,btnh->bsnh", dropped_BNTS, g_BTNH.astype(dtype))
+  g_dropped_BNTS = jnp.einsum("btnh,bsnh->bnts", g_BTNH.astype(dtype), v_BSNH,
+                              preferred_element_type=jnp.float32)
+  g_probs_BNTS = jnp.where(keep_BNTS, g_dropped_BNTS * keep_scale, 0.0)
+  probs_f32 = probs_BNTS.astype(jnp.float32)
+  g_logits_BNTS = probs_f32 * (g_probs_BNTS
+                               - jnp.sum(g_probs_BNTS * probs_f32, -1, keepdims=True))
+  g_logits_BNTS = (g_logits_BNTS / np.sqrt(q_BTNH.shape[-1])).astype(dtype)
+  g_q = jnp.einsum("bnts,bsnh->btnh", g_logits_BNTS, k_BSNH)
+  g_k = jnp.einsum("bnts,btnh->bsnh", g_logits_BNTS, q_BTNH)
+  return (g_q.astype(q_BTNH.dtype), g_k.astype(k_BSNH.dtype), g_v.astype(dtype), None, None)
+
+
+dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)

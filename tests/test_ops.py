@@ -1,0 +1,84 @@
+"""The hand-written VJPs (bert_jax.ops, heads.add_bias) against autodiff of the textbook math."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import ops
+from bert_jax.heads import add_bias
+
+
+def _keys(n):
+  return jax.random.split(jax.random.PRNGKey(0), n)
+
+
+def _assert_close(actual, expected, tol):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=tol, atol=tol)
+
+
+def _value_and_grads(fn, args, cotangent_key):
+  out, vjp = jax.vjp(fn, *args)
+  cotangent = jax.random.normal(cotangent_key, out.shape, out.dtype)
+  return out, vjp(cotangent)
+
+
+def test_gelu_matches_exact_gelu_and_its_gradient():
+  x = jax.random.normal(_keys(1)[0], (4, 8, 64)) * 3.0
+  reference = lambda x: jax.nn.gelu(x, approximate=False)  # noqa: E731
+  _assert_close(_value_and_grads(ops.gelu, (x,), _keys(2)[1]),
+                _value_and_grads(reference, (x,), _keys(2)[1]), 2e-6)
+  assert ops.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_layer_norm_matches_flax_layer_norm_values_and_gradients():
+  k = _keys(4)
+  x = jax.random.normal(k[0], (3, 5, 32)) * 2.0 + 0.5
+  scale = 1.0 + 0.1 * jax.random.normal(k[1], (32,))
+  bias = 0.1 * jax.random.normal(k[2], (32,))
+  flax_ln = nn.LayerNorm(epsilon=1e-12)
+
+  def reference(x, scale, bias):
+    return flax_ln.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+  def ours(x, scale, bias):
+    return ops.layer_norm(x, scale, bias, 1e-12, jnp.float32)
+
+  _assert_close(_value_and_grads(ours, (x, scale, bias), k[3]),
+                _value_and_grads(reference, (x, scale, bias), k[3]), 2e-5)
+  assert ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_attention_matches_autodiff_with_padding_and_dropout(rate):
+  k = _keys(6)
+  b, t, n, h = 2, 7, 3, 16
+  q, kk, v = (jax.random.normal(k[i], (b, t, n, h)) for i in range(3))
+  mask = jnp.arange(t)[None, None, None, :] < jnp.array([t, 4])[:, None, None, None]
+  keep = jax.random.bernoulli(k[3], 1.0 - rate, (b, n, t, t))
+  scale = 1.0 / (1.0 - rate)
+
+  def reference(q, kk, v):
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", jnp.where(keep, probs * scale, 0.0), v)
+
+  def ours(q, kk, v):
+    return ops.dropout_attention(q, kk, v, mask, keep, scale)
+
+  got, expected = (_value_and_grads(f, (q, kk, v), k[4]) for f in (ours, reference))
+  _assert_close(got, expected, 2e-5)
+  # Padded keys get no attention and so no gradient.
+  assert np.all(np.asarray(got[1][1])[1, 4:] == 0.0)
+
+
+def test_add_bias_gradient_is_the_sum_over_rows():
+  k = _keys(3)
+  x = jax.random.normal(k[0], (4, 5, 11))
+  bias = jax.random.normal(k[1], (11,))
+  _assert_close(_value_and_grads(add_bias, (x, bias), k[2]),
+                _value_and_grads(lambda x, b: x + b, (x, bias), k[2]), 1e-5)
