@@ -84,8 +84,8 @@ class Dropout(nn.Module):
     last = shape[-1]
     words = jax.random.bits(self.make_rng("dropout"), shape[:-1] + ((last + 1) // 2,),
                             jnp.uint32)
-    bits16 = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)[..., :last]
-    return bits16 < threshold, 65536.0 / threshold
+    keep = jnp.concatenate([(words >> 16) < threshold, (words & 0xFFFF) < threshold], axis=-1)
+    return keep[..., :last], 65536.0 / threshold
 
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
