@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax.config import BertConfig
-from bert_jax.model import ACT_FNS, BertModel, dense, layer_norm, zeros_init
+from bert_jax.model import ACT_FNS, BertModel, Projection, dense, layer_norm, zeros_init
 
 
 class BertLMPredictionHead(nn.Module):
@@ -97,7 +97,7 @@ class BertForPreTraining(nn.Module):
 # (hidden_dropout_prob) before the classifier, as transformers. Logits are float32.
 
 
-def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -> nn.Dense:
+def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -> Projection:
   return dense(config, num_labels, ("embed", None), name)
 
 

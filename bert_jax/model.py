@@ -60,11 +60,10 @@ def layer_norm(config: BertConfig, name: str) -> LayerNorm:
 
 
 def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None],
-          name: str) -> nn.Dense:
-  """A Dense layer whose kernel has logical axes `axes` and whose bias takes the output axis."""
-  return nn.Dense(features, dtype=config.dtype, param_dtype=config.param_dtype,
-                  kernel_init=kernel_init(config, axes), bias_init=zeros_init(axes[-1:]),
-                  name=name)
+          name: str) -> Projection:
+  """nn.Dense's parameters (kernel [in, out] with logical axes `axes`, bias on the output
+  axis), applied by ops.linear."""
+  return Projection(config, (features,), axes, name=name)
 
 
 class Dropout(nn.Module):
@@ -118,27 +117,27 @@ class BertEmbeddings(nn.Module):
 
 
 class Projection(nn.Module):
-  """An HF-named linear layer with a multi-axis kernel, applied by one einsum.
+  """An HF-named linear layer (kernel [in..., out...], bias [out...]) applied by ops.linear.
 
-  Unlike nn.DenseGeneral it never reshapes the kernel to 2-D, so the kernel's logical axis
+  Unlike nn.DenseGeneral it never reshapes the kernel parameter, so the kernel's logical axis
   names stay valid under an active mesh (the sharding constraints in the model then apply).
   """
   config: BertConfig
-  kernel_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   n_in: int = 1  # leading kernel axes contracted with the input's trailing axes
 
   @nn.compact
-  def weights(self):
+  def weights(self, in_shape: tuple[int, ...]):
     c = self.config
-    kernel = self.param("kernel", kernel_init(c, self.axes), self.kernel_shape, c.param_dtype)
-    bias = self.param("bias", zeros_init(self.axes[self.n_in:]), self.kernel_shape[self.n_in:],
-                      c.param_dtype)
+    kernel = self.param("kernel", kernel_init(c, self.axes), tuple(in_shape) + self.out_shape,
+                        c.param_dtype)
+    bias = self.param("bias", zeros_init(self.axes[self.n_in:]), self.out_shape, c.param_dtype)
     return kernel.astype(c.dtype), bias.astype(c.dtype)
 
   def __call__(self, x):
-    kernel, bias = self.weights()
-    return jnp.tensordot(x.astype(kernel.dtype), kernel, axes=self.n_in) + bias
+    kernel, bias = self.weights(x.shape[x.ndim - self.n_in:])
+    return ops.linear(x.astype(kernel.dtype), kernel, self.n_in) + bias
 
 
 class BertSelfAttention(nn.Module):
@@ -148,12 +147,12 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, mask_B11S):
     c = self.config
-    shape = (c.hidden_size, c.num_attention_heads, c.head_dim)
     kernels, biases = zip(*(
-        Projection(c, shape, ("embed", "heads", "kv"), name=name).weights()
+        Projection(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"),
+                   name=name).weights((c.hidden_size,))
         for name in ("query", "key", "value")))
     # One fused [E, 3, N, H] matmul instead of three (forward and backward): fewer, larger GEMMs.
-    qkv_BT3NH = (jnp.einsum("bte,eknh->btknh", x_BTE.astype(c.dtype), jnp.stack(kernels, 1))
+    qkv_BT3NH = (ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1)
                  + jnp.stack(biases, 0))
     q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
     rate = c.attention_probs_dropout_prob
@@ -186,8 +185,8 @@ class BertSelfOutput(nn.Module):
   @nn.compact
   def __call__(self, ctx_BTNH, residual_BTE):
     c = self.config
-    y_BTE = Projection(c, (c.num_attention_heads, c.head_dim, c.hidden_size),
-                       ("heads", "kv", "embed"), n_in=2, name="dense")(ctx_BTNH)
+    y_BTE = Projection(c, (c.hidden_size,), ("heads", "kv", "embed"), n_in=2,
+                       name="dense")(ctx_BTNH)
     y_BTE = Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
     return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
 
