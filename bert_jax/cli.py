@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from bert_jax import hostmem
+
 # subcommand -> (module, help line). Modules are imported lazily so `--help` is instant.
 SUBCOMMANDS = {
     "train-vocab": ("bert_jax.vocab", "train a WordPiece vocab.txt with sentencepiece"),
@@ -13,6 +15,7 @@ SUBCOMMANDS = {
     "convert": ("bert_jax.convert", "convert checkpoints between orbax and Hugging Face"),
     "finetune": ("bert_jax.finetune.__main__", "fine-tune a BERT on a downstream task"),
 }
+TRAINING = ("pretrain", "finetune")  # run with huge-page malloc (bert_jax.hostmem)
 
 
 def usage() -> str:
@@ -22,6 +25,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING:  # the command, not a caller
+    hostmem.reexec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())

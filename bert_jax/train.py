@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import ml_collections
 
+from bert_jax import hostmem
 from bert_jax.config import BertConfig, get_preset, write_config_json
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
@@ -528,4 +529,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()
   sys.exit(main())

@@ -11,6 +11,8 @@ P masked positions per sequence, NSP labels; dropout on (train mode), an AdamW u
   torch.optim.AdamW; its MLM head runs at every position (that is how the model is written).
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; --rounds N
 alternates the sides N times and keeps each side's best round (the machine may be shared).
+bert-jax runs with the huge-page malloc its `pretrain` command sets (bert_jax.hostmem;
+--plain-malloc to leave it out), transformers with the environment as it is.
 MFU = model FLOPs of the useful work (bert_jax.mfu: 6 x matmul params per token, MLM head at
 the P predicted positions, plus attention) x sequences/s / peak FLOP/s of one device (on CPU
 the measured float32 matmul rate). Not a test: nothing here asserts a speed.
@@ -172,8 +174,18 @@ def _child_argv(args, side: str) -> list[str]:
           "--steps", str(args.steps), "--warmup", str(args.warmup), "--json"]
 
 
+def _child_env(args, side: str) -> dict:
+  """bert-jax runs as `bert-jax pretrain` does (huge-page malloc, bert_jax.hostmem); PyTorch as
+  users run it (the tunable made it slightly slower when we tried it)."""
+  if side == "jax" and not args.plain_malloc:
+    from bert_jax.hostmem import with_huge_pages
+    return with_huge_pages(os.environ)
+  return dict(os.environ)
+
+
 def _run_child(args, side: str) -> dict | None:
-  proc = subprocess.run(_child_argv(args, side), capture_output=True, text=True)
+  proc = subprocess.run(_child_argv(args, side), capture_output=True, text=True,
+                        env=_child_env(args, side))
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
   if proc.returncode != 0 or not lines:
     print(f"[{side}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -209,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) per side")
   parser.add_argument("--rounds", type=int, default=1, help="alternate the sides N times")
   parser.add_argument("--side", choices=("both", "jax", "torch"), default="both")
+  parser.add_argument("--plain-malloc", action="store_true",
+                      help="run bert-jax without the huge-page malloc its CLI uses")
   parser.add_argument("--json", action="store_true", help="(child) print one JSON line")
   args = parser.parse_args(argv)
   if args.max_predictions is None:
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
 
   print(f"preset={args.preset} seq_len={args.seq_len} batch={args.batch_size} "
         f"predictions={args.max_predictions} dtype={args.dtype} steps={args.steps} "
-        f"rounds={args.rounds}")
+        f"rounds={args.rounds}"
+        f"{' bert-jax malloc=plain' if args.plain_malloc else ' bert-jax malloc=hugetlb'}")
   header = f"{'side':<22}{'tokens/s':>10}{'seq/s':>9}{'step ms':>9}{'peak RSS MB':>13}{'MFU':>8}"
   print(header)
   flops, peak = best.get("jax", {}).get("flops_per_sequence"), best.get("jax", {}).get("peak_flops")

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from bert_jax import hostmem
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.finetune import TASK_NAMES
 
@@ -96,4 +97,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()
   sys.exit(main())

@@ -1,0 +1,53 @@
+"""The training commands re-execute themselves once with glibc's huge-page malloc tunable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bert_jax import hostmem
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux-only")
+
+# Prints its pid and GLIBC_TUNABLES, then runs `bert-jax pretrain --help` as the console script.
+SCRIPT = """
+import os, sys
+print("run", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+sys.argv = ["bert-jax", "pretrain", "--help"]
+from bert_jax import cli
+cli.main()
+"""
+
+
+def _runs(extra_env):
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+  env.update(extra_env)
+  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "usage" in out.stdout  # the command itself ran, once
+  return [line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("run ")]
+
+
+def test_with_huge_pages_keeps_other_tunables_and_adds_once():
+  env = hostmem.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{hostmem.TUNABLE}"
+  assert hostmem.with_huge_pages(env) == env
+  assert hostmem.with_huge_pages({})["GLIBC_TUNABLES"] == hostmem.TUNABLE
+
+
+def test_pretrain_command_reexecutes_once_in_place_with_the_tunable():
+  runs = _runs({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+  assert len(runs) == 2
+  (pid1, tunables1), (pid2, tunables2) = runs
+  assert pid1 == pid2  # exec, not a child process
+  assert tunables1 == "glibc.malloc.arena_max=4"
+  assert tunables2 == f"glibc.malloc.arena_max=4:{hostmem.TUNABLE}"
+
+
+def test_opt_out_and_already_set_run_once():
+  assert len(_runs({hostmem.OPT_OUT: "1"})) == 1
+  assert len(_runs({"GLIBC_TUNABLES": hostmem.TUNABLE})) == 1
