@@ -1,5 +1,5 @@
-"""Hand-written backward passes for BERT's layers: linear maps, GELU, LayerNorm, and the
-softmax-dropout core of attention.
+"""Hand-written backward passes for BERT's layers: linear maps, GELU, LayerNorm, the
+softmax-dropout core of attention, and the MLM cross-entropy.
 
 Linear maps run forward and backward as plain 2-D matmuls: autodiff of a [B,T,E] dot_general
 contracts two axes for the weight gradient, for which XLA CPU picks transposed operand layouts
@@ -160,3 +160,32 @@ def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
 
 
 dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+@jax.custom_vjp
+def cross_entropy(logits, labels):
+  """(-log softmax(logits)[label], whether the label's logit is the largest) per row, both
+  float32. The gradient (softmax - one_hot) is one pass over the [rows, vocab] logits."""
+  return _cross_entropy_fwd(logits, labels)[0]
+
+
+def _cross_entropy_fwd(logits, labels):
+  logits = logits.astype(jnp.float32)
+  top = jnp.max(logits, axis=-1)
+  lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  hit = (label_logit >= top).astype(jnp.float32)
+  return (lse - label_logit, hit), (logits, labels, lse)
+
+
+def _cross_entropy_bwd(residuals, g):
+  logits, labels, lse = residuals
+  g_nll, _ = g  # `hit` has no gradient
+  one_hot = jnp.arange(logits.shape[-1]) == labels[..., None]
+  g_logits = (jnp.exp(logits - lse[..., None]) - one_hot) * g_nll[..., None]
+  return g_logits, None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from bert_jax import ops
 from bert_jax.config import BertConfig
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining
@@ -132,11 +133,9 @@ def _loss_sums(model: BertForPreTraining, params, batch: Mapping[str, jax.Array]
       masked_positions=batch["masked_lm_positions"], deterministic=deterministic, rngs=rngs)
   ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
   w_BP = batch["masked_lm_weights"].astype(jnp.float32)
-  mlm_nll_BP = optax.softmax_cross_entropy_with_integer_labels(mlm_logits_BPV, ids_BP)
   # A hit when the label's logit is the largest (argmax over the vocabulary is a slow
   # two-output reduce on CPU; exact ties, which argmax would break by index, count as hits).
-  label_logit_BP = jnp.take_along_axis(mlm_logits_BPV, ids_BP[..., None], axis=-1)[..., 0]
-  mlm_hit_BP = (label_logit_BP >= jnp.max(mlm_logits_BPV, -1)).astype(jnp.float32)
+  mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
   labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
   nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
   nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)

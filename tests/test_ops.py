@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bert_jax import ops
@@ -82,3 +83,20 @@ def test_add_bias_gradient_is_the_sum_over_rows():
   bias = jax.random.normal(k[1], (11,))
   _assert_close(_value_and_grads(add_bias, (x, bias), k[2]),
                 _value_and_grads(lambda x, b: x + b, (x, bias), k[2]), 1e-5)
+
+
+def test_cross_entropy_matches_optax_and_flags_top1_hits():
+  k = _keys(3)
+  logits = jax.random.normal(k[0], (4, 6, 50)) * 3.0
+  labels = jax.random.randint(k[1], (4, 6), 0, 50)
+  weights = jax.random.uniform(k[2], (4, 6))
+
+  def ours(logits):
+    return jnp.sum(ops.cross_entropy(logits, labels)[0] * weights)
+
+  def reference(logits):
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights)
+
+  _assert_close(jax.value_and_grad(ours)(logits), jax.value_and_grad(reference)(logits), 1e-5)
+  hit = ops.cross_entropy(logits, labels)[1]
+  np.testing.assert_array_equal(hit, (jnp.argmax(logits, -1) == labels).astype(jnp.float32))
