@@ -49,7 +49,16 @@ def _linear_bwd(n_in, residuals, g):
   x_MK, kernel_KO = _as_matrices(x, kernel, n_in)
   g_MO = g.reshape(x_MK.shape[0], kernel_KO.shape[1])
   g_x = (g_MO @ kernel_KO.T).reshape(x.shape)
-  g_kernel = (g_MO.T @ x_MK).T.reshape(kernel.shape)
+  # XLA CPU's fast matmul path takes [K, M] @ [M, O], not a dot contracting axis 0 of both,
+  # and its transposes are slow: transpose the narrower of x and g in memory first, and for g
+  # transpose the small [O, K] product back (the barriers keep XLA from folding transposes
+  # into the dot again).
+  barrier = jax.lax.optimization_barrier
+  if x_MK.shape[1] <= g_MO.shape[1]:
+    g_KO = barrier(x_MK.T) @ g_MO
+  else:
+    g_KO = barrier(barrier(g_MO.T) @ x_MK).T
+  g_kernel = g_KO.reshape(kernel.shape)
   return g_x, g_kernel
 
 
