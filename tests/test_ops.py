@@ -100,3 +100,16 @@ def test_cross_entropy_matches_optax_and_flags_top1_hits():
   _assert_close(jax.value_and_grad(ours)(logits), jax.value_and_grad(reference)(logits), 1e-5)
   hit = ops.cross_entropy(logits, labels)[1]
   np.testing.assert_array_equal(hit, (jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+@pytest.mark.parametrize("n_in,kernel_shape", [(1, (16, 3, 4, 8)), (2, (4, 8, 16)), (1, (64, 8))])
+def test_linear_matches_tensordot_values_and_gradients(monkeypatch, backend, n_in, kernel_shape):
+  """Both weight-gradient layouts (XLA CPU's and the plain one other backends get)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  k = _keys(3)
+  x = jax.random.normal(k[0], (3, 5) + kernel_shape[:n_in])
+  kernel = jax.random.normal(k[1], kernel_shape)
+  _assert_close(_value_and_grads(lambda x, w: ops.linear(x, w, n_in), (x, kernel), k[2]),
+                _value_and_grads(lambda x, w: jnp.tensordot(x, w, axes=n_in), (x, kernel), k[2]),
+                2e-5)
