@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from typing import Any, Callable, Sequence

@@ -6,7 +6,6 @@ import os
 import pathlib
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -7,7 +7,6 @@ import difflib
 import json
 import random
 import re
-import unicodedata
 
 import pytest
 

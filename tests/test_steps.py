@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from _mesh_worker import BATCH, PRED, VOCAB, make_cfg, synthetic_batch, tiny_model_config
+from _mesh_worker import BATCH, VOCAB, make_cfg, synthetic_batch, tiny_model_config
 from bert_jax import sharding, steps
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
