@@ -1,5 +1,5 @@
 """Hand-written backward passes for BERT's layers: linear maps, GELU, LayerNorm, the
-softmax-dropout core of attention, and the MLM cross-entropy.
+softmax-dropout core of attention, and the MLM vocabulary bias and cross-entropy.
 
 Linear maps run forward and backward as plain 2-D matmuls: autodiff of a [B,T,E] dot_general
 contracts two axes for the weight gradient, for which XLA CPU picks transposed operand layouts
@@ -173,12 +173,34 @@ def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
 dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 
-# ----------------------------------------------------------------------------- cross-entropy
+# ----------------------------------------------------------------------------- MLM output
+
+@jax.custom_vjp
+def add_bias(x, bias):
+  """x + bias over the last axis. The bias gradient is a ones-vector matmul: XLA CPU reduces
+  the rows of a [positions, vocab] gradient ~25x slower than it multiplies them by ones."""
+  return x + bias
+
+
+def _add_bias_fwd(x, bias):
+  return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+  ones = jnp.ones(g.shape[:-1], g.dtype)
+  g_bias = jnp.tensordot(ones, g, axes=g.ndim - 1, preferred_element_type=jnp.float32)
+  return g, g_bias.astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
 
 @jax.custom_vjp
 def cross_entropy(logits, labels):
   """(-log softmax(logits)[label], whether the label's logit is the largest) per row, both
-  float32. The gradient (softmax - one_hot) is one pass over the [rows, vocab] logits."""
+  float32. The gradient (softmax - one_hot) is one pass over the [rows, vocab] logits. The hit
+  is a max-compare, not an argmax (a slow two-output reduce on CPU): an exact tie, which argmax
+  would break by index, counts as a hit."""
   return _cross_entropy_fwd(logits, labels)[0]
 
 

@@ -20,8 +20,6 @@ import ml_collections
 from bert_jax.config import BertConfig
 from bert_jax.errors import UserError
 
-NAN_POLICIES = ("skip", "stop")
-
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` -> get_config(arg), loaded by path (configs are not a package)."""
@@ -232,8 +230,9 @@ def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collection
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
-  from bert_jax.phases import make_phases
   from bert_jax.config import PRESETS
+  from bert_jax.phases import make_phases
+  from bert_jax.steps import NAN_POLICIES
   if cfg.nan_policy not in NAN_POLICIES:
     raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")
   if cfg.model.preset not in PRESETS:

@@ -133,8 +133,6 @@ def _loss_sums(model: BertForPreTraining, params, batch: Mapping[str, jax.Array]
       masked_positions=batch["masked_lm_positions"], deterministic=deterministic, rngs=rngs)
   ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
   w_BP = batch["masked_lm_weights"].astype(jnp.float32)
-  # A hit when the label's logit is the largest (argmax over the vocabulary is a slow
-  # two-output reduce on CPU; exact ties, which argmax would break by index, count as hits).
   mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
   labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
   nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)

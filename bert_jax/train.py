@@ -43,10 +43,6 @@ def _count_lines(path: str) -> int:
     return sum(1 for line in f if line.rstrip("\n"))
 
 
-def _join(directory: str, *names: str) -> str:
-  return str(as_path(directory).joinpath(*names))
-
-
 def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
   """workdir/vocab.txt: from data.vocab, else init_from's vocab, else trained from data.input."""
   target = as_path(workdir) / "vocab.txt"
@@ -86,7 +82,7 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
 
 
 def phase_data_dir(phase: Any, workdir: str) -> str:
-  return phase.data or _join(workdir, "data", f"phase_{phase.index}")
+  return phase.data or str(as_path(workdir) / "data" / f"phase_{phase.index}")
 
 
 def _create_phase_data(data_dir: str, **kwargs: Any) -> None:
@@ -231,12 +227,8 @@ class Trainer:
     self.bert_config, self.init_params = model_config(cfg, self.vocab)
     self._check_shapes()
     if self.is_writer:
-      self._write_model_config()
+      write_config_json(self.bert_config, as_path(workdir) / "config.json")
     self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
-
-  def _write_model_config(self) -> None:
-    """workdir/config.json (HF field names)."""
-    write_config_json(self.bert_config, as_path(self.workdir) / "config.json")
 
   def _write_resolved_config(self) -> None:
     path = as_path(self.workdir) / "config.pretrain.json"
@@ -366,7 +358,6 @@ class Trainer:
 
   def run(self) -> int:
     import jax
-    import numpy as np
     from bert_jax.checkpoint import Checkpointer
     from bert_jax.metric_writer import IntervalMetrics, MetricWriter
     from bert_jax.sharding import global_batch

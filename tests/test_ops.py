@@ -10,7 +10,6 @@ import optax
 import pytest
 
 from bert_jax import ops
-from bert_jax.heads import add_bias
 
 
 def _keys(n):
@@ -81,7 +80,7 @@ def test_add_bias_gradient_is_the_sum_over_rows():
   k = _keys(3)
   x = jax.random.normal(k[0], (4, 5, 11))
   bias = jax.random.normal(k[1], (11,))
-  _assert_close(_value_and_grads(add_bias, (x, bias), k[2]),
+  _assert_close(_value_and_grads(ops.add_bias, (x, bias), k[2]),
                 _value_and_grads(lambda x, b: x + b, (x, bias), k[2]), 1e-5)
 
 

@@ -8,7 +8,6 @@ from grouping rows of similar length (sorted within shuffled windows of 50 batch
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -344,9 +343,10 @@ class Runner:
     self._write_metrics()
 
   def _write_metrics(self) -> None:
-    write_json_atomic(pathlib.Path(self.opts.output_dir) / "metrics.json", sort_keys=False, ensure_ascii=False, obj={
-        **self.best, "train_seconds": round(self.train_seconds, 2),
-        "eval_seconds": round(self.eval_seconds, 2), "history": self.history})
+    metrics = {**self.best, "train_seconds": round(self.train_seconds, 2),
+               "eval_seconds": round(self.eval_seconds, 2), "history": self.history}
+    write_json_atomic(pathlib.Path(self.opts.output_dir) / "metrics.json", metrics,
+                      ensure_ascii=False, sort_keys=False)
 
   def _finish(self) -> dict[str, Any]:
     from bert_jax import convert
