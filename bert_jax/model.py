@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax import ops
+from bert_jax import dropout, ops
 from bert_jax.config import BertConfig
 
 ACT_FNS = {
@@ -67,24 +67,13 @@ def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None]
 
 
 class Dropout(nn.Module):
-  """Inverted dropout that draws 16 random bits per element, two elements per 32-bit word.
-
-  Threefry produces one 32-bit word per element for flax's nn.Dropout; halving the words halves
-  the cost of the random numbers on CPU. Keep probability
-  is round(keep * 2**16) / 2**16 (within 8e-6 of 1 - rate) and kept values are scaled by its
-  exact inverse, so E[output] = input. Stateless in the "dropout" rng like nn.Dropout, and
-  independent of the mesh (partitionable threefry bits, then elementwise ops).
-  """
+  """Inverted dropout with 16-bit keep decisions drawn in one fused pass (bert_jax.dropout).
+  Stateless in the "dropout" rng like nn.Dropout, and independent of the mesh."""
   rate: float
 
   def keep_mask(self, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
     """(boolean mask of the kept elements, the scale of kept values); needs 0 < rate < 1."""
-    threshold = round((1.0 - self.rate) * 65536)
-    last = shape[-1]
-    words = jax.random.bits(self.make_rng("dropout"), shape[:-1] + ((last + 1) // 2,),
-                            jnp.uint32)
-    keep = jnp.concatenate([(words >> 16) < threshold, (words & 0xFFFF) < threshold], axis=-1)
-    return keep[..., :last], 65536.0 / threshold
+    return dropout.keep_mask(self.make_rng("dropout"), shape, self.rate)
 
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
