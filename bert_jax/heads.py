@@ -22,7 +22,7 @@ class BertLMPredictionHead(nn.Module):
     c = self.config
     x_BPE = MLMTransform(c, name="transform")(x_BPE)
     bias_V = self.param("bias", zeros_init(("vocab",)), (c.vocab_size,), c.param_dtype)
-    logits_BPV = jnp.einsum("bpe,ve->bpv", x_BPE, word_embeddings_VE.astype(x_BPE.dtype))
+    logits_BPV = ops.unembed(x_BPE, word_embeddings_VE.astype(x_BPE.dtype))
     return ops.add_bias(logits_BPV, bias_V.astype(logits_BPV.dtype))
 
 

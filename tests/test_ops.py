@@ -112,3 +112,14 @@ def test_linear_matches_tensordot_values_and_gradients(monkeypatch, backend, n_i
   _assert_close(_value_and_grads(lambda x, w: ops.linear(x, w, n_in), (x, kernel), k[2]),
                 _value_and_grads(lambda x, w: jnp.tensordot(x, w, axes=n_in), (x, kernel), k[2]),
                 2e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_unembed_matches_einsum_values_and_gradients(monkeypatch, backend):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  k = _keys(3)
+  x = jax.random.normal(k[0], (3, 5, 16))
+  table = jax.random.normal(k[1], (40, 16))
+  _assert_close(_value_and_grads(ops.unembed, (x, table), k[2]),
+                _value_and_grads(lambda x, t: jnp.einsum("bpe,ve->bpv", x, t), (x, table), k[2]),
+                2e-5)
