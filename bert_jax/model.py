@@ -67,7 +67,7 @@ def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None]
 
 
 class Dropout(nn.Module):
-  """Inverted dropout with 16-bit keep decisions drawn in one fused pass (bert_jax.dropout).
+  """Inverted dropout with 16-bit keep decisions from a fused Threefry hash (bert_jax.dropout).
   Stateless in the "dropout" rng like nn.Dropout, and independent of the mesh."""
   rate: float
 

@@ -3,7 +3,8 @@ softmax-dropout core of attention, and the MLM vocabulary bias and cross-entropy
 
 Linear maps (and the tied MLM decoder, `unembed`) run forward and backward as plain 2-D
 matmuls: autodiff of a [B,T,E] dot_general contracts two axes for the weight gradient, for
-which XLA CPU picks transposed operand layouts and a slower matmul path (a BERT-mini FFN block alone: 185 -> 104 ms forward + backward).
+which XLA CPU picks transposed operand layouts and a slower matmul path (a BERT-mini FFN
+block alone: 185 -> 104 ms forward + backward).
 
 Autodiff of the textbook formulas keeps every intermediate for the backward pass (GELU: four
 [B,T,F] tensors; flax's LayerNorm: four [B,T,E]; softmax + dropout: five [B,N,T,S]). These VJPs
@@ -85,10 +86,14 @@ def _unembed_bwd(residuals, g):
   x_MK = x.reshape(-1, x.shape[-1])
   g_MV = g.reshape(x_MK.shape[0], table.shape[0])
   g_x = (g_MV @ table).reshape(x.shape)
-  # The table's gradient g.T @ x as the transpose of the [E, V] kernel gradient: on CPU that
-  # transposes the table-sized result instead of the larger [M, V] gradient (for the MLM
-  # decoder, 5 ms instead of 15 ms).
-  g_table = jax.lax.optimization_barrier(_weight_grad(x_MK, g_MV)).T
+  barrier = jax.lax.optimization_barrier
+  rows, width = x_MK.shape
+  if jax.default_backend() != "cpu":
+    g_table = g_MV.T @ x_MK
+  elif rows < width:  # e.g. BERT-base, 160 positions x 768: transposing g [M, V] is the cheaper
+    g_table = barrier(g_MV.T) @ x_MK
+  else:  # e.g. BERT-mini, 640 x 256: transposing the [E, V] product is (5 ms instead of 15 ms)
+    g_table = barrier(_weight_grad(x_MK, g_MV)).T
   return g_x, g_table
 
 

@@ -115,11 +115,13 @@ def test_linear_matches_tensordot_values_and_gradients(monkeypatch, backend, n_i
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_unembed_matches_einsum_values_and_gradients(monkeypatch, backend):
+@pytest.mark.parametrize("rows,width", [(15, 16), (6, 16)])
+def test_unembed_matches_einsum_values_and_gradients(monkeypatch, backend, rows, width):
+  """CPU's two table-gradient layouts (more rows than width and fewer) and the plain one."""
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   k = _keys(3)
-  x = jax.random.normal(k[0], (3, 5, 16))
-  table = jax.random.normal(k[1], (40, 16))
+  x = jax.random.normal(k[0], (3, rows // 3, width))
+  table = jax.random.normal(k[1], (40, width))
   _assert_close(_value_and_grads(ops.unembed, (x, table), k[2]),
                 _value_and_grads(lambda x, t: jnp.einsum("bpe,ve->bpv", x, t), (x, table), k[2]),
                 2e-5)
