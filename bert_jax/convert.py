@@ -26,7 +26,7 @@ from etils import epath
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import is_remote, local_copy, write_json_atomic
+from bert_jax.fileio import is_remote, local_copy, scratch_dir, write_json_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -204,14 +204,14 @@ def vocab_from_tokenizer_json(path: pathlib.Path) -> list[str]:
 
 def find_vocab(path: str | os.PathLike, levels: int = 2) -> str | None:
   """vocab.txt of a checkpoint or HF dir (written from tokenizer.json if only that exists),
-  as a local file (a gs:// one is copied to a temporary file)."""
+  as a local file (a gs:// one, or one written from tokenizer.json, in fileio.scratch_dir())."""
   for d in _self_and_parents(path, levels):
     if (d / "vocab.txt").is_file():
       return local_copy(str(d / "vocab.txt"))
   for d in _self_and_parents(path, levels):
     if (d / "tokenizer.json").is_file():
       tokens = vocab_from_tokenizer_json(d / "tokenizer.json")
-      out = pathlib.Path(tempfile.mkdtemp(prefix="bert-jax-vocab-")) / "vocab.txt"
+      out = pathlib.Path(tempfile.mkdtemp(prefix="vocab-", dir=scratch_dir())) / "vocab.txt"
       out.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
       return str(out)
   return None

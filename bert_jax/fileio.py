@@ -7,6 +7,8 @@ upload only becomes visible when complete, and the rename is a copy of a complet
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import shutil
@@ -58,12 +60,20 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   tmp.replace(dst)
 
 
+@functools.cache
+def scratch_dir() -> str:
+  """A directory for this process's temporary local copies, removed when the process exits."""
+  path = tempfile.mkdtemp(prefix="bert-jax-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
 def local_copy(path: str | os.PathLike, suffix: str = "") -> str:
   """A local file path with the content of `path` (itself when already local), for readers
-  that only open local files (tokenizers, sentencepiece)."""
+  that only open local files (tokenizers, sentencepiece). Copies live in scratch_dir()."""
   if not is_remote(path):
     return os.fspath(path)
-  fd, local = tempfile.mkstemp(prefix="bert-jax-", suffix=suffix or "-" + as_path(path).name)
+  fd, local = tempfile.mkstemp(suffix=suffix or "-" + as_path(path).name, dir=scratch_dir())
   with os.fdopen(fd, "wb") as fout, as_path(path).open("rb") as fin:
     shutil.copyfileobj(fin, fout, 16 << 20)
   return local
