@@ -2,11 +2,12 @@
 
 `jax.random.bits` lowers Threefry-2x32 on CPU as a rolled five-iteration loop that writes two
 whole uint32 arrays per iteration: memory-bound, ~3 ms per BERT-mini attention mask and ~64 ms
-of kernel time per mini train step (partly overlapped with matmuls; ~9 ms here). Here the same Threefry-2x32 block function (Salmon et al. 2011, 20 rounds;
-a test checks it against jax's) is written out straight-line on iota counters: one kernel
-hashes each counter once, a second turns the two output words into four 16-bit keep decisions.
-(Fusing the hash into each of the four compares computes it four times and compiles four large
-kernels per mask: ~70 MB more peak memory for BERT-base from the compiler alone.)
+of kernel time per mini train step (partly overlapped with matmuls; ~9 ms here). Here the same
+Threefry-2x32 block function (Salmon et al. 2011, 20 rounds; a test checks it against jax's) is
+written out straight-line on iota counters: one kernel hashes each counter once, a second
+turns the two output words into four 16-bit keep decisions. (Fusing the hash into each of the
+four compares computes it four times and compiles four large kernels per mask: ~70 MB more peak
+memory for BERT-base from the compiler alone.)
 
 Stateless and mesh-independent: the bits of an element depend only on the key and the
 element's index in the global shape (iota shards like any other array).
