@@ -5,9 +5,10 @@ whole uint32 arrays per iteration: memory-bound, ~3 ms per BERT-mini attention m
 of kernel time per mini train step (partly overlapped with matmuls; ~9 ms here). Here the same
 Threefry-2x32 block function (Salmon et al. 2011, 20 rounds; a test checks it against jax's) is
 written out straight-line on iota counters: one kernel hashes each counter once, a second
-turns the two output words into four 16-bit keep decisions. (Fusing the hash into each of the
-four compares computes it four times and compiles four large kernels per mask: ~70 MB more peak
-memory for BERT-base from the compiler alone.)
+turns the two output words into four 16-bit keep decisions. (On XLA CPU, fusing the hash into
+each of the four compares computes it four times and compiles four large kernels per mask: ~70 MB
+more peak memory for BERT-base from the compiler alone; the barrier against it is emitted only in
+programs lowered for the CPU.)
 
 Stateless and mesh-independent: the bits of an element depend only on the key and the
 element's index in the global shape (iota shards like any other array).
@@ -68,10 +69,12 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.
   last = shape[-1]
   counter_shape = shape[:-1] + (-(-last // 4),)
   key_words = jax.random.bits(key, (2,), jnp.uint32)
-  # Hash once per counter into two word arrays (the barrier keeps XLA from fusing the hash into
-  # each of the four compares below, which computes it four times and compiles four kernels).
-  a, b = jax.lax.optimization_barrier(
-      threefry2x32(key_words[0], key_words[1], *_counters(counter_shape)))
+  # Hash once per counter into two word arrays. On XLA CPU a barrier keeps the hash from being
+  # fused into each of the four compares below (computed four times, four large kernels to
+  # compile); other compilers fuse as they see fit. The bits are the same either way.
+  a, b = jax.lax.platform_dependent(
+      *threefry2x32(key_words[0], key_words[1], *_counters(counter_shape)),
+      cpu=lambda a, b: jax.lax.optimization_barrier((a, b)), default=lambda a, b: (a, b))
   keep = jnp.concatenate([a >> 16 < threshold, (a & 0xFFFF) < threshold,
                           b >> 16 < threshold, (b & 0xFFFF) < threshold], axis=-1)
   return keep[..., :last], 65536.0 / threshold

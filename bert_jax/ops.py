@@ -54,9 +54,16 @@ def _linear_bwd(n_in, residuals, g):
 
 
 def _weight_grad(x_MK, g_MO):
-  """x.T @ g, the [K, O] gradient of a [K, O] kernel."""
-  if jax.default_backend() != "cpu":  # TPU/GPU compilers lay out this dot well themselves
-    return x_MK.T @ g_MO
+  """x.T @ g, the [K, O] gradient of a [K, O] kernel, laid out for the platform the program is
+  lowered for (`platform_dependent` keeps only that platform's branch), never the host's."""
+  return jax.lax.platform_dependent(x_MK, g_MO, cpu=_weight_grad_cpu, default=_weight_grad_plain)
+
+
+def _weight_grad_plain(x_MK, g_MO):
+  return x_MK.T @ g_MO  # TPU/GPU compilers lay out this dot well themselves
+
+
+def _weight_grad_cpu(x_MK, g_MO):
   # XLA CPU's fast matmul path takes [K, M] @ [M, O], not a dot contracting axis 0 of both,
   # and its transposes are slow: either transpose x in memory, or transpose g and then the
   # [O, K] product back, whichever moves fewer elements (the barriers keep XLA from folding

@@ -1,4 +1,4 @@
-"""Pure pretraining steps: train state creation (directly sharded), train_step, eval_step.
+"""Pure pretraining steps: the train state (abstract or directly sharded), train_step, eval_step.
 
 Loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and averaged over
 the real predictions of the whole global batch, plus NSP cross-entropy averaged over sequences;
@@ -18,34 +18,26 @@ import contextlib
 import logging
 from typing import Any, Callable, Mapping
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import traverse_util
 
 from bert_jax import ops
+from bert_jax import state as state_lib
 from bert_jax.config import BertConfig
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining
 from bert_jax.optim import make_optimizer
-from bert_jax.phases import make_phases
-from bert_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated, state_shardings
+from bert_jax.phases import Phase, make_phases
+from bert_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
+from bert_jax.state import TrainState, host_rng
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
               "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
 NAN_POLICIES = ("skip", "stop")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array       # int32 scalar: the global step (number of updates attempted)
-  params: Any           # float32 master weights {"bert": ..., "cls": ...}
-  opt_state: Any
 
 
 # ----------------------------------------------------------------------------- state
@@ -56,71 +48,40 @@ def _init_inputs(model_config: BertConfig):
   return ids, ids, jnp.ones((1, seq), jnp.int32)
 
 
-def _merge_given(random_params: Any, given: Any, shardings: Any) -> Any:
-  """random_params with the leaves present in `given` replaced (placed with the target
-  sharding; safe with several processes since every process holds the full host value)."""
-  flat_random = traverse_util.flatten_dict(random_params)
-  flat_given = traverse_util.flatten_dict(flax.core.unfreeze(given))
-  flat_shardings = traverse_util.flatten_dict(shardings)
-  unused = sorted("/".join(k) for k in flat_given if k not in flat_random)
-  if unused:
-    log.warning("init params not in the model (ignored): %s", ", ".join(unused[:10]))
-  missing = sorted("/".join(k) for k in flat_random if k not in flat_given)
-  if missing:
-    log.info("params kept from random init: %s", ", ".join(missing[:10]))
-  out = {}
-  for key, leaf in flat_random.items():
-    if key not in flat_given:
-      out[key] = leaf
-      continue
-    value = np.asarray(flat_given[key], dtype=leaf.dtype)
-    if value.shape != leaf.shape:
-      raise UserError(f"init params: {'/'.join(key)} has shape {value.shape}; the model "
-                      f"expects {leaf.shape} (check the model config against the checkpoint)")
-    out[key] = jax.make_array_from_callback(value.shape, flat_shardings[key],
-                                            lambda idx, v=value: v[idx])
-  return traverse_util.unflatten_dict(out)
+def _init_params_fn(model_config: BertConfig):
+  model, inputs = BertForPreTraining(model_config), _init_inputs(model_config)
+  return lambda key: model.init({"params": key}, *inputs)["params"]
 
 
-def _host_rng(rng):
-  """Key data as a host array: jit can place it replicated on any mesh, one or many processes."""
-  if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  if isinstance(rng, jax.Array) and jax.process_count() > 1:
-    rng = np.asarray(rng)
-  return rng
+def abstract_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh):
+  """-> (abstract state, shardings, optimizer, schedule): the pretraining state as
+  ShapeDtypeStructs with their shardings, without computing it (for AOT compiles)."""
+  optimizer, schedule = make_optimizer(cfg, make_phases(cfg))
+  abstract = state_lib.abstract_state(_init_params_fn(model_config), optimizer, mesh)
+  return abstract, state_lib.shardings_of(abstract), optimizer, schedule
 
 
 def create_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh, rng,
                        init_params: Any = None):
   """-> (state, shardings, optimizer, schedule). Params are initialised directly sharded;
   `init_params` (plain pytree) replaces the random values where given."""
-  phases = make_phases(cfg)
-  optimizer, schedule = make_optimizer(cfg, phases)
-  model = BertForPreTraining(model_config)
-  inputs = _init_inputs(model_config)
+  optimizer, schedule = make_optimizer(cfg, make_phases(cfg))
+  state, shardings = state_lib.create_state(_init_params_fn(model_config), optimizer, mesh, rng,
+                                            init_params=init_params)
+  return state, shardings, optimizer, schedule
 
-  def boxed_params(key):
-    return model.init({"params": key}, *inputs)["params"]
 
-  def boxed_state(key):
-    params = boxed_params(key)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=optimizer.init(params))
-
-  rng = _host_rng(rng)
-  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    shardings = state_shardings(mesh, jax.eval_shape(boxed_state, rng))
-    if init_params is None:  # one compiled init for everything
-      state = jax.jit(lambda k: nn.unbox(boxed_state(k)), in_shardings=replicated(mesh),
-                      out_shardings=shardings)(rng)
-      return state, shardings, optimizer, schedule
-    params = jax.jit(lambda k: nn.unbox(boxed_params(k)), in_shardings=replicated(mesh),
-                     out_shardings=shardings.params)(rng)
-  params = _merge_given(params, init_params, shardings.params)
-  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
-  return TrainState(step=step, params=params, opt_state=opt_state), shardings, optimizer, schedule
+def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int,
+                   max_predictions: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global pretraining batch as ShapeDtypeStructs, split over (data, fsdp) like the real
+  one (`sharding.global_batch`)."""
+  sharding = batch_sharding(mesh)
+  shapes = {"input_ids": (seq_len,), "input_mask": (seq_len,), "segment_ids": (seq_len,),
+            "masked_lm_positions": (max_predictions,), "masked_lm_ids": (max_predictions,),
+            "masked_lm_weights": (max_predictions,), "next_sentence_labels": ()}
+  return {k: jax.ShapeDtypeStruct((batch_size,) + shapes[k],
+                                  jnp.float32 if k == "masked_lm_weights" else jnp.int32,
+                                  sharding=sharding) for k in BATCH_KEYS}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -207,7 +168,18 @@ def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransform
                 "num_sequences")}
       (grads, sums), _ = jax.lax.scan(body, (zeros, sums0),
                                       (micros, jnp.arange(grad_accum)))
-    metrics = _means(sums)
+    return update(state, grads, _means(sums))
+
+  update = make_update(optimizer, schedule)
+  return train_step
+
+
+def make_update(optimizer: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+  """-> update(state, grads, metrics) -> (state, metrics): the part of a train step after the
+  gradients (clipping, the optimizer, the finiteness guard), once per step whatever the
+  accumulation (`bert-jax plan` compiles it alone to count accumulated FLOPs right)."""
+
+  def update(state: TrainState, grads: Any, metrics: dict) -> tuple[TrainState, dict]:
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
@@ -220,34 +192,58 @@ def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransform
       return state.params, state.opt_state
 
     params, opt_state = jax.lax.cond(finite, apply, keep, None)
-    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return train_step
+  return update
 
 
-@contextlib.contextmanager
-def _step_context(mesh: jax.sharding.Mesh):
-  """The mesh and logical-axis rules every step is traced under. A fresh context per call: the
-  trace-cache key includes the active mesh, so each call must see the same one."""
-  with nn.logical_axis_rules(LOGICAL_AXIS_RULES), jax.set_mesh(mesh):
-    yield
+class MeshStep:
+  """A jitted step that is always traced under its mesh and the logical-axis rules (so the
+  model's sharding constraints apply), called with concrete arrays or lowered with abstract
+  ones (`lower(...).compile()` for the mesh's devices, which may be a TPU topology's).
+  A fresh context per call: the trace-cache key includes the active mesh."""
+
+  def __init__(self, fn: Callable, mesh: jax.sharding.Mesh, **jit_kwargs: Any):
+    self.mesh = mesh
+    self.jitted = jax.jit(fn, **jit_kwargs)
+
+  @contextlib.contextmanager
+  def _context(self):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES), jax.set_mesh(self.mesh):
+      yield
+
+  def __call__(self, *args):
+    with self._context():
+      return self.jitted(*args)
+
+  def lower(self, *args) -> jax.stages.Lowered:
+    with self._context():
+      return self.jitted.lower(*args)
 
 
-def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
-  """jax.jit with the state's shardings, the batch split over (data, fsdp), the state donated;
-  traced under the mesh and the logical-axis rules so the model's constraints apply."""
-  jitted = jax.jit(train_step,
-                   in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+class _TrainStep(MeshStep):
+  def __call__(self, state, batch, rng):
+    return super().__call__(state, batch, host_rng(rng))
 
-  def call(state, batch, rng):
-    with _step_context(mesh):
-      return jitted(state, batch, _host_rng(rng))
 
-  call.jitted = jitted
-  return call
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
+  """train_step jitted with the state's shardings, the batch split over (data, fsdp), the
+  state donated. Lower it with (abstract state, `abstract_batch(...)`, state.ABSTRACT_RNG)."""
+  return _TrainStep(train_step, mesh,
+                    in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def phase_train_step(model_config: BertConfig, cfg: Any, phase: Phase,
+                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                     mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
+  """The jitted train step of one phase, exactly as `bert-jax pretrain` runs it (and
+  `bert-jax plan` compiles it)."""
+  return jit_train_step(make_train_step(model_config, optimizer, schedule,
+                                        grad_accum=phase.grad_accum,
+                                        nan_policy=str(cfg.nan_policy)), mesh, shardings)
 
 
 # ----------------------------------------------------------------------------- eval step
@@ -263,15 +259,8 @@ def make_eval_step(model_config: BertConfig) -> Callable:
   return eval_step
 
 
-def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> Callable:
+def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
   """`shardings`: the train state's shardings (or just the params')."""
   param_shardings = shardings.params if isinstance(shardings, TrainState) else shardings
-  jitted = jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=replicated(mesh))
-
-  def call(params, batch):
-    with _step_context(mesh):
-      return jitted(params, batch)
-
-  call.jitted = jitted
-  return call
+  return MeshStep(eval_step, mesh, in_shardings=(param_shardings, batch_sharding(mesh)),
+                  out_shardings=replicated(mesh))

@@ -361,7 +361,7 @@ class Trainer:
     from bert_jax.checkpoint import Checkpointer
     from bert_jax.metric_writer import IntervalMetrics, MetricWriter
     from bert_jax.sharding import global_batch
-    from bert_jax.steps import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+    from bert_jax.steps import jit_eval_step, make_eval_step, phase_train_step
     self._setup()
     cfg, phases = self.cfg, self.phases
     total = int(cfg.total_steps)
@@ -412,9 +412,8 @@ class Trainer:
           self.phase = phase
           self.iterator = self._train_iterator(phase, data_state)
           data_state = None
-          train_fn = jit_train_step(make_train_step(
-              self.bert_config, optimizer, schedule, grad_accum=phase.grad_accum,
-              nan_policy=str(cfg.nan_policy)), self.mesh, shardings)
+          train_fn = phase_train_step(self.bert_config, cfg, phase, optimizer, schedule,
+                                      self.mesh, shardings)
           first_step_of_phase = True
           flops_per_step = (flops_fn(self.bert_config, phase.seq_len, phase.max_predictions)
                             * phase.batch_size if flops_fn is not None else None)

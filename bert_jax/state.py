@@ -1,0 +1,114 @@
+"""Train states on a device mesh, for any Flax model and optax optimizer: abstract (shapes and
+shardings, nothing computed: what `bert-jax plan` compiles against) and concrete (initialised
+directly sharded, never whole on one device).
+
+A model enters as `init_params_fn(key) -> boxed params` (flax `init` with logical-axis
+metadata); `sharding.LOGICAL_AXIS_RULES` turn the metadata into NamedShardings, and the optimizer
+state inherits its parameters' shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from bert_jax.errors import UserError
+from bert_jax.sharding import LOGICAL_AXIS_RULES, replicated, state_shardings
+
+log = logging.getLogger(__name__)
+
+InitParamsFn = Callable[[jax.Array], Any]  # key -> boxed params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array       # int32 scalar: the global step (number of updates attempted)
+  params: Any           # float32 master weights
+  opt_state: Any
+
+
+def host_rng(rng):
+  """Key data as a host array: jit can place it replicated on any mesh, one or many processes."""
+  if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  if isinstance(rng, jax.Array) and jax.process_count() > 1:
+    rng = np.asarray(rng)
+  return rng
+
+
+ABSTRACT_RNG = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a raw PRNGKey's key data
+
+
+def _boxed_state(init_params_fn: InitParamsFn, optimizer, key) -> TrainState:
+  params = init_params_fn(key)
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    opt_state=optimizer.init(params))
+
+
+def abstract_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.Mesh
+                   ) -> TrainState:
+  """The train state as jax.ShapeDtypeStructs carrying their NamedShardings (an abstract
+  evaluation of the init: no parameter is computed). `shardings_of` gives the shardings."""
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(functools.partial(_boxed_state, init_params_fn, optimizer),
+                           ABSTRACT_RNG)
+    shardings = state_shardings(mesh, boxed)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+def shardings_of(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def create_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.Mesh, rng,
+                 init_params: Any = None) -> tuple[TrainState, TrainState]:
+  """-> (state, shardings). Params are initialised directly sharded; `init_params` (a plain
+  pytree) replaces the random values where it has them (`merge_params`)."""
+  shardings = shardings_of(abstract_state(init_params_fn, optimizer, mesh))
+  rng = host_rng(rng)
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    if init_params is None:  # one compiled init for everything
+      state = jax.jit(lambda k: nn.unbox(_boxed_state(init_params_fn, optimizer, k)),
+                      in_shardings=replicated(mesh), out_shardings=shardings)(rng)
+      return state, shardings
+    params = jax.jit(lambda k: nn.unbox(init_params_fn(k)), in_shardings=replicated(mesh),
+                     out_shardings=shardings.params)(rng)
+  params = merge_params(params, init_params, shardings.params)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
+  return TrainState(step=step, params=params, opt_state=opt_state), shardings
+
+
+def merge_params(random_params: Any, given: Any, shardings: Any) -> Any:
+  """random_params with the leaves present in `given` replaced (placed with the target
+  sharding; safe with several processes since every process holds the full host value)."""
+  flat_random = traverse_util.flatten_dict(random_params)
+  flat_given = traverse_util.flatten_dict(flax.core.unfreeze(given))
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  unused = sorted("/".join(k) for k in flat_given if k not in flat_random)
+  if unused:
+    log.warning("init params not in the model (ignored): %s", ", ".join(unused[:10]))
+  missing = sorted("/".join(k) for k in flat_random if k not in flat_given)
+  if missing:
+    log.info("params kept from random init: %s", ", ".join(missing[:10]))
+  out = {}
+  for key, leaf in flat_random.items():
+    if key not in flat_given:
+      out[key] = leaf
+      continue
+    value = np.asarray(flat_given[key], dtype=leaf.dtype)
+    if value.shape != leaf.shape:
+      raise UserError(f"init params: {'/'.join(key)} has shape {value.shape}; the model "
+                      f"expects {leaf.shape} (check the model config against the checkpoint)")
+    out[key] = jax.make_array_from_callback(value.shape, flat_shardings[key],
+                                            lambda idx, v=value: v[idx])
+  return traverse_util.unflatten_dict(out)
