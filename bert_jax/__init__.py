@@ -1,6 +1,9 @@
 """bert-jax: pretrain BERT the way the paper did, in JAX/Flax."""
 
+from bert_jax import platforms
 from bert_jax.config import BertConfig
+
+platforms.skip_absent_tpu()  # before jax picks its backend
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "load_pretrained"]
 __version__ = "0.1.0"

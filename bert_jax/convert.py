@@ -217,6 +217,15 @@ def find_vocab(path: str | os.PathLike, levels: int = 2) -> str | None:
   return None
 
 
+def find_config(path: str | os.PathLike, levels: int = 2) -> BertConfig | None:
+  """The BertConfig of a checkpoint, workdir or HF dir from its config.json alone (no weights
+  read), or None when there is none."""
+  for d in _self_and_parents(path, levels):
+    if (d / "config.json").is_file():
+      return read_config_json(local_copy(str(d / "config.json")))
+  return None
+
+
 def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | None:
   """do_lower_case from tokenizer_config.json, else inferred from the vocab."""
   for d in _self_and_parents(path, 2):

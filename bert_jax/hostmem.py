@@ -5,7 +5,8 @@ mapped and unmapped every step). With 4 KiB pages that is ~190,000 page faults p
 a fifth of the step on a 2-core CPU; glibc's `glibc.malloc.hugetlb=1` tunable makes malloc
 request 2 MiB transparent huge pages (~900 faults per step). glibc reads tunables only at
 start-up, so the `bert-jax pretrain` / `finetune` commands re-execute themselves once with it
-set (same process id and arguments). BERT_JAX_NO_HUGEPAGES=1 turns this off.
+set (same process id and arguments), when they will train on the CPU (on a TPU or GPU host the
+step's memory is the accelerator's). BERT_JAX_NO_HUGEPAGES=1 turns this off.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import platform
 import sys
 from typing import Mapping
+
+from bert_jax import platforms
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "BERT_JAX_NO_HUGEPAGES"
@@ -29,10 +32,11 @@ def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def reexec_with_huge_pages() -> None:
-  """Re-executes this command with TUNABLE set, unless it is set already, opted out, or this is
-  not Linux with glibc. Call it only at a program's entry, before any work."""
+  """Re-executes this command with TUNABLE set, unless it is set already, opted out, this is
+  not Linux with glibc, or jax will run on an accelerator here. Call it only at a program's
+  entry, before any work."""
   if (sys.platform != "linux" or os.environ.get(OPT_OUT)
-      or platform.libc_ver()[0] != "glibc"):
+      or platform.libc_ver()[0] != "glibc" or platforms.default_platform() != "cpu"):
     return
   env = with_huge_pages(os.environ)
   if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):

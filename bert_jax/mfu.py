@@ -14,6 +14,7 @@ usual 6N accounting.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
@@ -50,6 +51,34 @@ PEAK_FLOPS = (
     ("H100 PCIe", 756e12), ("H100", 989e12),
     ("A100", 312e12),
 )
+
+
+GiB = 2**30
+# Memory per device (HBM; for TPUs per chip), matched like PEAK_FLOPS. A local GPU or TPU reports
+# what XLA may allocate (memory_stats); this table is for devices of a TPU topology description.
+MEMORY_BYTES = (
+    ("TPU v6 lite", 32 * GiB), ("TPU v6e", 32 * GiB),
+    ("TPU v5 lite", 16 * GiB), ("TPU v5e", 16 * GiB),
+    ("TPU v5p", 95 * GiB), ("TPU v5", 95 * GiB),
+    ("TPU v4", 32 * GiB),
+    ("H200", 141e9), ("H100", 80 * GiB), ("A100", 80 * GiB),
+)
+
+
+def memory_per_device(device) -> float | None:
+  """Bytes one device can hold: what XLA reports it may allocate, else the table above; for a
+  CPU device, the host's physical memory."""
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # topology descriptions and some backends have no live statistics
+    pass
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"])
+  if device.platform == "cpu":
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  kind = device.device_kind.lower()
+  return next((float(b) for name, b in MEMORY_BYTES if name.lower() in kind), None)
 
 
 def _measured_matmul_flops(n: int = 512, repeats: int = 5) -> float:

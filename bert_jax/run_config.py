@@ -204,6 +204,12 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
                       help="config file defining get_config(arg), e.g. configs/tiny_cpu.py")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics, vocab and data")
   args, rest = parser.parse_known_args(argv)
+  return args.config, args.workdir, parse_overrides(rest)
+
+
+def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
+  """`--config.a.b=v` / `--config.a.b v` arguments -> [("a.b", "v"), ...]; anything else is a
+  UserError."""
   overrides = []
   i = 0
   while i < len(rest):
@@ -219,7 +225,7 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
       raise UserError(f"{arg}: missing a value (--config.FIELD=VALUE)")
     overrides.append((key[len("config."):], value))
     i += 1
-  return args.config, args.workdir, overrides
+  return overrides
 
 
 def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:

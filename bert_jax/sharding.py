@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -60,14 +61,27 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if data < 1 or data * fsdp * tensor != n:
     raise UserError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must equal the number "
                     f"of devices ({n}); set mesh.data=-1 to use all remaining devices")
-  shape = (data, fsdp, tensor)
-  try:
-    # Topology-aware placement on TPU/GPU (tensor on the fastest links).
-    from jax.experimental import mesh_utils
-    device_array = mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # CPU or an unusual topology: plain order is as good as any.
-    device_array = np.asarray(devices, dtype=object).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  return Mesh(_place(devices, (data, fsdp, tensor)), MESH_AXES)
+
+
+def _place(devices: list, shape: tuple[int, ...]) -> np.ndarray:
+  """Devices arranged topology-aware (the last mesh axes, tensor then fsdp, on the closest
+  chips), allowing a physical axis to be split over mesh axes where a shape needs it (e.g.
+  data 4 x fsdp 2 x tensor 2 on a 4x4 v5e). Plain device order when no placement is found:
+  silently on CPU (all devices are alike), with a warning elsewhere (slower collectives)."""
+  from jax.experimental import mesh_utils
+  error = None
+  for split in (False, True):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+    except Exception as e:  # no assignment of this shape onto the physical axes
+      error = e
+  if devices[0].platform != "cpu":
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    warnings.warn(f"mesh {dict(zip(MESH_AXES, shape))}: no topology-aware placement on "
+                  f"{len(devices)} {kind} devices ({str(error).splitlines()[0][:160]}); using "
+                  "device order, so collectives may take slower links", stacklevel=3)
+  return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -38,7 +38,7 @@ EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
 # --------------------------------------------------------------------------- workdir set-up
 # Every workdir, data and vocab path goes through etils.epath (fileio), so gs:// works.
 
-def _count_lines(path: str) -> int:
+def count_lines(path: str) -> int:
   with as_path(path).open("r", encoding="utf-8") as f:
     return sum(1 for line in f if line.rstrip("\n"))
 
@@ -142,31 +142,37 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def model_config(cfg: Any, vocab: str) -> tuple[BertConfig, Any]:
-  """(BertConfig, init params or None): from init_from, else the preset plus overrides."""
-  vocab_entries = _count_lines(vocab)
+def bert_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None = None,
+                    vocab: str = "the vocab") -> BertConfig:
+  """The model of a run: init_from's config (`init_config`) or the preset, plus
+  model.overrides, dtype and remat; checked against the vocab's size. No I/O."""
   run = dict(dtype=str(cfg.model.dtype), remat=bool(cfg.model.remat))
   overrides = to_plain(cfg.model.overrides)
-  init_params = None
-  if cfg.init_from:
-    from bert_jax.convert import load_pretrained
-    bert_config, init_params = load_pretrained(str(cfg.init_from), seed=int(cfg.seed))
-    bert_config = bert_config.replace(**{**overrides, **run})
+  if init_config is not None:
+    bert_config = init_config.replace(**{**overrides, **run})
     if bert_config.vocab_size != vocab_entries:
       raise UserError(f"--config.init_from={cfg.init_from}: its vocab_size is "
                       f"{bert_config.vocab_size} but {vocab} has {vocab_entries} entries; "
                       "pretrain with the model's own vocab (--config.data.vocab)")
-  else:
-    fields = {f.name for f in dataclasses.fields(BertConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-      raise UserError(f"--config.model.overrides: unknown BertConfig field(s) {unknown}")
-    overrides.setdefault("vocab_size", vocab_entries)
-    if overrides["vocab_size"] < vocab_entries:
-      raise UserError(f"--config.model.overrides.vocab_size={overrides['vocab_size']} is "
-                      f"smaller than {vocab} ({vocab_entries} entries)")
-    bert_config = get_preset(str(cfg.model.preset), **{**overrides, **run})
-  return bert_config, init_params
+    return bert_config
+  fields = {f.name for f in dataclasses.fields(BertConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise UserError(f"--config.model.overrides: unknown BertConfig field(s) {unknown}")
+  overrides.setdefault("vocab_size", vocab_entries)
+  if overrides["vocab_size"] < vocab_entries:
+    raise UserError(f"--config.model.overrides.vocab_size={overrides['vocab_size']} is "
+                    f"smaller than {vocab} ({vocab_entries} entries)")
+  return get_preset(str(cfg.model.preset), **{**overrides, **run})
+
+
+def model_config(cfg: Any, vocab: str) -> tuple[BertConfig, Any]:
+  """(BertConfig, init params or None): from init_from, else the preset plus overrides."""
+  init_config = init_params = None
+  if cfg.init_from:
+    from bert_jax.convert import load_pretrained
+    init_config, init_params = load_pretrained(str(cfg.init_from), seed=int(cfg.seed))
+  return bert_config_for(cfg, count_lines(vocab), init_config, vocab), init_params
 
 
 # --------------------------------------------------------------------------- the loop

@@ -51,3 +51,10 @@ def test_pretrain_command_reexecutes_once_in_place_with_the_tunable():
 def test_opt_out_and_already_set_run_once():
   assert len(_runs({hostmem.OPT_OUT: "1"})) == 1
   assert len(_runs({"GLIBC_TUNABLES": hostmem.TUNABLE})) == 1
+
+
+def test_no_reexec_where_jax_runs_on_an_accelerator():
+  """JAX_PLATFORMS naming an accelerator (as on a TPU or GPU host) means no CPU training."""
+  assert len(_runs({"JAX_PLATFORMS": "tpu"})) == 1
+  assert len(_runs({"JAX_PLATFORMS": "cuda"})) == 1
+  assert len(_runs({"JAX_PLATFORMS": "cpu"})) == 2

@@ -1,0 +1,73 @@
+"""Which accelerator this host has, found without importing jax (so it can steer jax's start-up).
+
+- `default_platform()`: the platform jax will train on here ("cpu", "tpu" or "gpu"): the first
+  entry of JAX_PLATFORMS when set, else an accelerator whose chips are on this host's PCI bus
+  *and* whose jax plugin is installed, else the CPU.
+- `skip_absent_tpu()`: with libtpu installed (the `tpu` extra, for `bert-jax plan`) but no TPU
+  on this host, jax would still try libtpu for its default backend, print five lines of errors
+  and fall back to the CPU; this makes it start on the CPU directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+_PCI_DEVICES = pathlib.Path("/sys/bus/pci/devices")
+_VENDORS = {"0x1ae0": "tpu", "0x10de": "gpu", "0x1002": "gpu"}  # Google, NVIDIA, AMD
+_DISPLAY_OR_ACCELERATOR = ("0x03", "0x12")  # PCI classes: display controller, accelerator
+_GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                "jax_rocm7_plugin")
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+def accelerators_on_host() -> set[str]:
+  """{"tpu", "gpu"} by what the PCI bus lists (Linux); empty elsewhere or on a CPU-only host."""
+  found = set()
+  try:
+    devices = list(_PCI_DEVICES.iterdir())
+  except OSError:
+    return found
+  for device in devices:
+    try:
+      vendor = (device / "vendor").read_text().strip()
+      klass = (device / "class").read_text().strip()
+    except OSError:
+      continue
+    kind = _VENDORS.get(vendor)
+    if kind == "tpu" or (kind == "gpu" and klass.startswith(_DISPLAY_OR_ACCELERATOR)):
+      found.add(kind)
+  return found
+
+
+def default_platform() -> str:
+  requested = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+  if requested:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(requested, requested)
+  present = accelerators_on_host()
+  if "tpu" in present and _installed("libtpu"):
+    return "tpu"
+  if "gpu" in present and any(_installed(p) for p in _GPU_PLUGINS):
+    return "gpu"
+  return "cpu"
+
+
+def skip_absent_tpu() -> None:
+  """Start jax on the CPU when libtpu is installed but this host has no TPU and no GPU plugin
+  either (then the CPU is what jax would end up on anyway). Leaves an explicit JAX_PLATFORMS
+  alone; `bert-jax plan` still reaches libtpu for TPU topologies."""
+  if os.environ.get("JAX_PLATFORMS") or not _installed("libtpu"):
+    return
+  if "tpu" in accelerators_on_host() or any(_installed(p) for p in _GPU_PLUGINS):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; inherited by subprocesses
+  if "jax" in sys.modules:  # imported already: its config has read the environment
+    sys.modules["jax"].config.update("jax_platforms", "cpu")

@@ -1,0 +1,155 @@
+"""`bert-jax plan`: the real train step compiled for TPU topologies on this CPU host.
+
+Kept small: a 2-layer, 128-wide BERT at short lengths compiles for a TPU in seconds."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
+
+from bert_jax import plan, sharding, steps  # noqa: E402
+from bert_jax.run_config import resolve_config  # noqa: E402
+from bert_jax.state import ABSTRACT_RNG  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny_cpu.py")
+# One short phase: a tiny BERT at length 64, 16 sequences, 10 predictions.
+SHORT = [("phases", "[{'fraction': 1.0, 'seq_len': 64, 'max_predictions': 10, "
+                    "'batch_size': 16, 'grad_accum': 1}]"), ("total_steps", "100")]
+
+
+def _cfg(*overrides):
+  return resolve_config(TINY, SHORT + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  return plan.load_target("v5e:2x2")
+
+
+def _lowered_text(cfg, devices):
+  model_config = plan.bert_config(cfg)
+  mesh = sharding.make_mesh(devices=devices)
+  abstract, shardings, optimizer, schedule = steps.abstract_train_state(model_config, cfg, mesh)
+  phase = plan.make_phases(cfg)[0]
+  step = steps.phase_train_step(model_config, cfg, phase, optimizer, schedule, mesh, shardings)
+  batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+  return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
+
+
+def test_the_tpu_program_carries_no_cpu_only_kernel(v5e):
+  """The transposes-behind-barriers of ops._weight_grad and dropout's hash barrier are XLA CPU
+  layouts: lowered for a TPU topology on this CPU host they must be absent, on the CPU present."""
+  cfg = _cfg()
+  assert "optimization_barrier" not in _lowered_text(cfg, v5e.devices)
+  assert "optimization_barrier" in _lowered_text(cfg, jax.devices()[:1])
+
+
+def test_mesh_on_a_v5e_4x4_is_topology_aware():
+  """data 4 x fsdp 2 x tensor 2 needs a physical axis split over mesh axes; the tensor pairs
+  must be physical neighbours, with no fallback warning."""
+  devices = plan.load_target("v5e:4x4").devices
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    mesh = sharding.make_mesh(4, 2, 2, devices=devices)
+  for pair in mesh.devices.reshape(-1, 2):
+    a, b = (np.asarray(d.coords) for d in pair)
+    assert np.abs(a - b).sum() == 1, (a, b)
+
+
+def test_mesh_fallback_warns_with_the_shapes(monkeypatch):
+  from jax.experimental import mesh_utils
+  devices = plan.load_target("v5e:2x2").devices
+
+  def refuse(*args, **kwargs):
+    raise ValueError("Failed to find assignment for logical_axis_index 2")
+  monkeypatch.setattr(mesh_utils, "create_device_mesh", refuse)
+  with pytest.warns(UserWarning, match=r"mesh \{'data': 2, 'fsdp': 1, 'tensor': 2\}.*4 TPU v5"):
+    mesh = sharding.make_mesh(2, 1, 2, devices=devices)
+  assert list(mesh.devices.flat) == devices
+
+
+def _param_count(cfg):
+  model_config = plan.bert_config(cfg)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  abstract = steps.abstract_train_state(model_config, cfg, mesh)[0]
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+
+
+@pytest.mark.parametrize("topology,fsdp", [("v5e:2x2", 1), ("v4:2x2x1", 2)])
+def test_plan_compiles_and_its_figures_match_the_analytic_ones(topology, fsdp):
+  # 256 wide: 128-wide shards of a 2 x 128 BERT would be padded to TPU tiles, 20% more bytes.
+  cfg = _cfg(("mesh.fsdp", str(fsdp)), ("model.preset", "L-2_H-256"))
+  target = plan.load_target(topology)
+  report = plan.plan(cfg, target, None, 0.4)
+  (phase,) = report["phases"]
+  assert report["fits"] and phase["fits"]
+  assert phase["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp, "tensor": 1}
+  # float32 params + AdamW's two float32 moments, split fsdp ways (the batch is tiny).
+  analytic = 3 * 4 * _param_count(cfg) / fsdp
+  assert phase["memory"]["arguments"] == pytest.approx(analytic, rel=0.05)
+  flops = phase["flops"]
+  assert flops["compiled_per_chip"] == pytest.approx(flops["model_per_chip"], rel=0.10)
+  bound, at_mfu = phase["bound"], phase["at_mfu"]
+  assert bound["step_s"] == pytest.approx(flops["compiled_per_chip"] / target.peak_flops)
+  assert at_mfu["step_s"] == pytest.approx(flops["model_per_chip"] / (0.4 * target.peak_flops))
+  assert at_mfu["phase_s"] == pytest.approx(100 * at_mfu["step_s"])
+  assert report["schedule_s"] == pytest.approx(at_mfu["phase_s"])
+
+
+def test_remat_shows_as_recompute(v5e):
+  (phase,) = plan.plan(_cfg(("model.remat", "True")), v5e, None, 0.4)["phases"]
+  assert phase["flops"]["ratio"] > 1.15  # the forward pass again in the backward pass
+
+
+def test_accumulated_flops_scale_with_the_micro_batches(v5e):
+  """XLA counts a scanned body once; the plan's figure must be 4x for 4 micro-batches."""
+  one = plan.plan(_cfg(), v5e, None, 0.4)["phases"][0]["flops"]["compiled_per_chip"]
+  four = plan.plan(_cfg(("phases.0.batch_size", "64"), ("phases.0.grad_accum", "4")), v5e,
+                   None, 0.4)["phases"][0]["flops"]["compiled_per_chip"]
+  assert four == pytest.approx(4 * one, rel=0.03)
+
+
+def test_does_not_fit_exits_3_with_a_suggestion(capsys):
+  code = plan.main(["--config", TINY, "--topology", "v5e:2x2", "--phase", "2",
+                    "--config.phases.1.batch_size=16384"])
+  out = capsys.readouterr().out
+  assert code == plan.EXIT_DOES_NOT_FIT
+  assert "DOES NOT FIT" in out
+  assert "to fit, try: --config.model.remat=True" in out
+  assert "--config.phases.1.grad_accum=" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--topology", "v5x:2x2"], "--topology v5x:2x2: "),
+    (["--topology", "v5e"], "expected a TPU topology"),
+    (["--topology", "local", "--phase", "3"], "--phase 3: expected a phase number 1..2"),
+    (["--topology", "local", "--config.phases.0.batch_size=0"], "batch_size=0"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+  assert plan.main(["--config", TINY] + argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_local_and_two_plans_at_once_on_one_machine():
+  """`local` compiles for this host's CPU; two TPU plans in two processes at once both load
+  libtpu (ALLOW_MULTIPLE_LIBTPU_LOAD)."""
+  base = [sys.executable, "-m", "bert_jax.plan", "--config", TINY, "--phase", "1", "--json",
+          "--config.phases.0.seq_len=64", "--config.phases.0.max_predictions=10"]
+  procs = [subprocess.Popen(base + ["--topology", t], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+           for t in ("v5e:2x2", "v4:2x2x1", "local")]
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert '"fits": true' in out
