@@ -39,7 +39,7 @@ from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path
 from bert_jax.phases import Phase, make_phases
 from bert_jax.run_config import parse_overrides, resolve_config
-from bert_jax.sharding import make_mesh, replicated
+from bert_jax.sharding import check_batches_split, make_mesh, replicated
 from bert_jax.state import ABSTRACT_RNG
 
 EXIT_DOES_NOT_FIT = 3
@@ -154,11 +154,6 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tu
   """Compiles one phase's train step; returns its memory, FLOPs and time figures."""
   abstract, shardings, optimizer, schedule = built
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  where = f"--config.phases.{phase.index}"
-  if phase.micro_batch_size % shards:
-    raise UserError(f"{where}.batch_size={phase.batch_size} with grad_accum={phase.grad_accum}:"
-                    f" a micro-batch of {phase.micro_batch_size} rows does not split over the "
-                    f"mesh's data x fsdp = {shards} devices")
   chips = mesh.devices.size
   batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
   memory = dict(params=_bytes_per_chip(abstract.params),
@@ -310,6 +305,7 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
   chosen = phases if phase_numbers is None else [phases[n - 1] for n in phase_numbers]
   mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
                    devices=target.devices)
+  check_batches_split(chosen, mesh)  # before minutes of compiling
   built = steps.abstract_train_state(model_config, cfg, mesh)
   results = [plan_phase(model_config, cfg, p, mesh, built, target, assumed_mfu) for p in chosen]
   timed = [r["at_mfu"]["phase_s"] for r in results if "at_mfu" in r]

@@ -84,6 +84,18 @@ def _place(devices: list, shape: tuple[int, ...]) -> np.ndarray:
   return np.asarray(devices, dtype=object).reshape(shape)
 
 
+def check_batches_split(phases: Any, mesh: Mesh) -> None:
+  """UserError unless every phase's micro-batch (batch_size / grad_accum rows) splits evenly
+  over the mesh's batch axes (data x fsdp): jit cannot place a batch unevenly."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for p in phases:
+    if p.micro_batch_size % shards:
+      raise UserError(f"--config.phases.{p.index}.batch_size={p.batch_size} with grad_accum="
+                      f"{p.grad_accum}: a micro-batch of {p.micro_batch_size} rows does not "
+                      f"split over the mesh's data x fsdp = {shards} devices; choose a "
+                      f"grad_accum that leaves a multiple of {shards} rows")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over data and fsdp; other dimensions replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -218,7 +218,7 @@ class Trainer:
   def _setup(self) -> None:
     import jax
     from bert_jax.phases import make_phases
-    from bert_jax.sharding import initialize_distributed, make_mesh
+    from bert_jax.sharding import check_batches_split, initialize_distributed, make_mesh
     initialize_distributed()
     cfg, workdir = self.cfg, self.workdir
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
@@ -235,6 +235,7 @@ class Trainer:
     if self.is_writer:
       write_config_json(self.bert_config, as_path(workdir) / "config.json")
     self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
+    check_batches_split(self.phases, self.mesh)
 
   def _write_resolved_config(self) -> None:
     path = as_path(self.workdir) / "config.pretrain.json"

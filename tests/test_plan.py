@@ -134,6 +134,8 @@ def test_does_not_fit_exits_3_with_a_suggestion(capsys):
     (["--topology", "v5e"], "expected a TPU topology"),
     (["--topology", "local", "--phase", "3"], "--phase 3: expected a phase number 1..2"),
     (["--topology", "local", "--config.phases.0.batch_size=0"], "batch_size=0"),
+    # checked before any compile: 32 rows in 16 micro-batches of 2 over 4 chips
+    (["--topology", "v5e:2x2", "--config.phases.0.grad_accum=16"], "does not split over"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
   assert plan.main(["--config", TINY] + argv) == 2
