@@ -167,7 +167,8 @@ class BatchIterator:
     ds = grain.MapDataset.source(source).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
-                                                     per_worker_buffer_size=self.buffer))
+                                                     per_worker_buffer_size=self.buffer),
+                        worker_init_fn=_exit_with_parent)
     return iter(ds)
 
   def get_state(self) -> dict:
@@ -203,6 +204,22 @@ class BatchIterator:
     it, self._it = self._it, None
     if it is not None and hasattr(it, "close"):
       it.close()
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker_init_fn: a worker whose training process was killed (SIGKILL leaves it no
+  chance to stop its workers) exits too, instead of running on, orphaned."""
+  del worker_index, worker_count
+  import threading
+  import time
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="bert-jax-parent-watch", daemon=True).start()
 
 
 def _absl_flags_ready() -> None:
