@@ -340,9 +340,19 @@ def test_workers_exit_when_the_training_process_is_killed(static_dir):
   assert not orphaned
 
 
-def test_default_worker_count():
+def test_default_worker_count(monkeypatch):
   assert [pipeline.default_worker_count(c) for c in (1, 2, 4, 7, 8, 16, 64, 240)] == [
       0, 0, 0, 0, 1, 2, 8, 8]
+  monkeypatch.setattr(os, "cpu_count", lambda: 208)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(208)), raising=False)
+  monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+  monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+  monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+  assert pipeline.default_worker_count() == 8                # one process on the host
+  monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")           # one per GPU: 26 cores each
+  assert pipeline.default_worker_count() == 3
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+  assert pipeline.default_worker_count() == 1                # bound to 12 cores already
 
 
 # -- dynamic masking statistics on real text -------------------------------------------------

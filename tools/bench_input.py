@@ -6,8 +6,9 @@ training loop builds it) against what an accelerator host consumes.
 
 --data: a `bert-jax create-data` directory, or corpus file(s) from which data is created into
 a temporary directory (seq L, 0.15625 L predictions as the paper's 20/80, dupe factor 3;
---dynamic creates it with --no-static-masking so the pipeline masks). Default corpus:
-WikiText-2 valid + test from ../shared/data with the MiniLM uncased vocab.
+--dynamic creates it with --no-static-masking so the pipeline masks; a DIR given with
+--dynamic must hold such data). Default corpus: WikiText-2 valid + test from ../shared/data
+with the MiniLM uncased vocab.
 
 Prints sequences/s and tokens/s of one process (median of the rounds) and per core (per
 CPU-second of the process and its worker processes, which other load on the machine does not
@@ -115,7 +116,7 @@ def main() -> int:
   p.add_argument("--workers", type=int, default=0, help="grain worker processes")
   p.add_argument("--prefetch", type=int, default=None, help="batches buffered ahead")
   p.add_argument("--dynamic", action="store_true",
-                 help="create the data with --no-static-masking: masked in the pipeline")
+                 help="data made with --no-static-masking: masked in the pipeline")
   p.add_argument("--whole-word-mask", action="store_true")
   p.add_argument("--dupe-factor", type=int, default=3)
   p.add_argument("--mfu", type=float, default=0.5, help="assumed MFU of the accelerators")
@@ -130,6 +131,9 @@ def main() -> int:
     data_dir = prepare(args, tmp)
     from bert_jax.data.pipeline import manifest
     man = manifest(data_dir)
+    if args.dynamic and man["static_masking"]:
+      p.error(f"--dynamic: {data_dir} was created with static masking; create it with "
+              "--no-static-masking (data without masks is always masked by the pipeline)")
     rounds = measure(data_dir, args)
   rate = statistics.median(r for r, _ in rounds)
   per_core = statistics.median(c for _, c in rounds)

@@ -51,12 +51,26 @@ def check_fits(man: dict, seq_len: int, max_predictions: int, where: str = "data
 
 
 def default_worker_count(cores: int | None = None) -> int:
-  """Worker processes for `data.worker_count=-1`: none below 8 cores (one process builds
-  15,000+ sequences/s, and on a small host the training process needs the other cores), else
-  one per 8 cores up to 8 (a v6e or H100 host needs ~55,000 sequences/s at seq 128)."""
-  if cores is None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  """Worker processes for `data.worker_count=-1`: none below 8 cores for this process (one
+  process builds 15,000+ sequences/s at seq 128, and a small host needs its other cores for
+  the training process), else one per 8 cores up to 8 (a v6e or H100 host consumes ~55,000
+  sequences/s at seq 128)."""
+  cores = _cores_for_this_process() if cores is None else cores
   return 0 if cores < 8 else min(8, cores // 8)
+
+
+def _cores_for_this_process() -> int:
+  """The cores this process may use: its CPU affinity when that is a subset of the host
+  (e.g. srun --cpus-per-task), else the host's cores over the processes launched on it."""
+  total = os.cpu_count() or 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+  if cores < total:
+    return cores
+  for name in ("SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+    local = re.match(r"\d+", os.environ.get(name, ""))
+    if local and int(local[0]) > 0:
+      return max(1, cores // int(local[0]))
+  return cores
 
 
 class RecordOrder:
