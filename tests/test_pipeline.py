@@ -298,6 +298,21 @@ def test_prefetch_raises_the_producers_error():
     next(it)
 
 
+def test_an_error_in_a_batch_does_not_end_the_stream(static_dir, monkeypatch):
+  it = _iter(static_dir)
+  expected = _take(_iter(static_dir), 2)
+  real = records.decode_batch
+
+  def damaged(*args):
+    raise UserError("instance record: damaged")
+
+  monkeypatch.setattr(records, "decode_batch", damaged)
+  with pytest.raises(UserError, match="damaged"):
+    next(it)
+  monkeypatch.setattr(records, "decode_batch", real)
+  _assert_same(_take(it, 2), expected)       # retried from where it was
+
+
 def test_a_worker_that_dies_is_a_one_line_error(static_dir):
   import multiprocessing
   it = _iter(static_dir, worker_count=1)

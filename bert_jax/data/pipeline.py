@@ -160,10 +160,12 @@ class BatchIterator:
       self._it = self._start()
     try:
       batch = next(self._it)
-    except RuntimeError as e:
-      if _DEAD_WORKER not in str(e):
+    except StopIteration:
+      raise
+    except Exception as e:
+      self.close()             # a later next() starts afresh at `position`, not at the end
+      if not (isinstance(e, RuntimeError) and _DEAD_WORKER in str(e)):
         raise
-      self.close()
       code = re.search(r"exit code (-?\d+)", str(e))
       raise UserError(f"input pipeline: a grain worker process died (exit code "
                       f"{code[1] if code else '?'}; negative: killed by that signal); rerun "
