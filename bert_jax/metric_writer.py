@@ -30,7 +30,7 @@ from bert_jax.fileio import as_path, copy_atomic, is_remote, write_text_atomic
 _PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),
                   ("nsp_accuracy", "nsp_acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
                   ("grad_norm", "gnorm {:.2f}"), ("sequences_per_sec", "{:.1f} seq/s"),
-                  ("mfu", "mfu {:.1%}"))
+                  ("mfu", "mfu {:.1%}"), ("data_wait_s", "data wait {:.3f}s"))
 
 
 def _clean(value: Any) -> Any:
@@ -187,6 +187,12 @@ class IntervalMetrics:
   Holding device arrays keeps the loop asynchronous: nothing is fetched until `summary`.
   Throughput counts only the steps since `restart_clock` (the loop restarts it after a
   compile, an eval or a checkpoint, which are not training time).
+
+  Host time, summed over the interval's steps: `data_wait_s`, the loop blocked on the next
+  batch; `host_overhead_s`, the loop's time between handing one step to the devices and
+  calling the next (the batch, bookkeeping; not compile, eval or checkpoint time, not the
+  metrics fetch). With asynchronous dispatch the devices run queued steps meanwhile, so it
+  only costs throughput as it approaches the interval's wall time.
   """
 
   AVERAGED = ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "grad_norm")
@@ -194,16 +200,28 @@ class IntervalMetrics:
   def __init__(self):
     self.entries: list[tuple[int, dict]] = []
     self._checked = 0          # entries[:_checked] are known to be finite
+    self.data_wait_s = self.host_overhead_s = 0.0
     self.restart_clock()
 
   def restart_clock(self) -> None:
     self.clock_start = time.perf_counter()
     self.timed_steps = 0
+    self._host_since = self.clock_start
+
+  def add_data_wait(self, seconds: float) -> None:
+    self.data_wait_s += seconds
+
+  def dispatching(self) -> None:
+    """Called right before the train step: host time since the last step (or the clock's
+    restart) is overhead."""
+    self.host_overhead_s += time.perf_counter() - self._host_since
 
   def add(self, step: int, metrics: dict) -> None:
-    """`step`: the number of updates done after this one (the global step it leads to)."""
+    """`step`: the number of updates done after this one (the global step it leads to);
+    called right after the train step returns."""
     self.entries.append((step, metrics))
     self.timed_steps += 1
+    self._host_since = time.perf_counter()
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -235,6 +253,8 @@ class IntervalMetrics:
     if host and "learning_rate" in host[-1]:
       out["learning_rate"] = float(host[-1]["learning_rate"])
     out["skipped_steps"] = len(host) - len(finite)
+    out["data_wait_s"], out["host_overhead_s"] = self.data_wait_s, self.host_overhead_s
+    self.data_wait_s = self.host_overhead_s = 0.0
     if self.timed_steps > 0 and elapsed > 0:
       steps_per_sec = self.timed_steps / elapsed
       out["steps_per_sec"] = steps_per_sec

@@ -280,14 +280,21 @@ class Trainer:
   # -- data --------------------------------------------------------------------------------------
 
   def _train_iterator(self, phase: Any, data_state: Any = None) -> Iterator[dict]:
+    """Global device batches, built (data.worker_count processes) and copied to the devices
+    data.prefetch batches ahead of the step, off the training thread."""
     from bert_jax.data.pipeline import make_iterator
+    from bert_jax.sharding import global_batch
+    mesh = self.mesh
     it = make_iterator(self.data_dirs[phase.index], split="train",
                        batch_size=phase.batch_size // self.process_count,
                        seq_len=phase.seq_len, max_predictions=phase.max_predictions,
                        seed=int(self.cfg.seed) + 1000 * phase.index, shuffle=True,
                        num_epochs=None, dynamic_masking=bool(self.cfg.data.dynamic_masking),
                        masked_lm_prob=float(self.cfg.data.masked_lm_prob),
-                       process_index=self.process_index, process_count=self.process_count)
+                       process_index=self.process_index, process_count=self.process_count,
+                       worker_count=int(self.cfg.data.worker_count),
+                       prefetch=int(self.cfg.data.prefetch),
+                       place=lambda host_batch: global_batch(host_batch, mesh))
     if data_state is not None:
       it.set_state(data_state)
     return it
@@ -417,6 +424,7 @@ class Trainer:
         phase = self._phase_at(step)
         if self.phase is None or phase.index != self.phase.index:
           self.phase = phase
+          self._close_iterator()
           self.iterator = self._train_iterator(phase, data_state)
           data_state = None
           train_fn = phase_train_step(self.bert_config, cfg, phase, optimizer, schedule,
@@ -424,14 +432,16 @@ class Trainer:
           first_step_of_phase = True
           flops_per_step = (flops_fn(self.bert_config, phase.seq_len, phase.max_predictions)
                             * phase.batch_size if flops_fn is not None else None)
-        host_batch = next(self.iterator)
-        batch_shape = [phase.batch_size, int(host_batch["input_ids"].shape[1])]
+        waited = time.perf_counter()
+        batch = next(self.iterator)
+        self.meter.add_data_wait(time.perf_counter() - waited)
+        batch_shape = [phase.batch_size, int(batch["input_ids"].shape[1])]
         if first_step_of_phase:
           writer.message(f"phase {phase.index + 1}/{len(phases)}: steps {phase.start_step}-"
                          f"{phase.end_step}, batch {batch_shape} (x{phase.grad_accum} "
                          f"accumulation), {phase.max_predictions} predictions")
-        self.state, metrics = train_fn(self.state, global_batch(host_batch, self.mesh),
-                                       base_rng)
+        self.meter.dispatching()
+        self.state, metrics = train_fn(self.state, batch, base_rng)
         step += 1
         self.meter.add(step, metrics)
         if first_step_of_phase:  # compile time is not training time
@@ -473,8 +483,14 @@ class Trainer:
       return 0
     finally:
       preemption.uninstall()
+      self._close_iterator()
       self.ckpt.close()
       writer.close()
+
+  def _close_iterator(self) -> None:
+    """Stops the prefetch thread and the worker processes of the current phase's data."""
+    if self.iterator is not None:
+      self.iterator.close()
 
   def _reached_preemption(self, step: int) -> bool:
     try:

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.whole_word_mask = False
   c.data.eval_fraction = 0.01
   c.data.dynamic_masking = False
+  c.data.worker_count = -1       # grain worker processes building batches; -1: from the cores
+                                 # (pipeline.default_worker_count: 0 below 8 cores)
+  c.data.prefetch = 2            # batches built and copied to the devices ahead of the step
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"

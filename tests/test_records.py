@@ -45,3 +45,77 @@ def test_unknown_version_is_a_user_error():
   data[0] = 9
   with pytest.raises(UserError, match="version 9"):
     records.decode_record(bytes(data))
+
+
+def _random_records(rng, n, wide, continuation):
+  top = 100_000 if wide else 30_000
+  out = []
+  for _ in range(n):
+    length = int(rng.integers(5, 40))
+    len_a = int(rng.integers(1, length - 3))
+    k = int(rng.integers(0, min(7, length)))
+    cont = rng.random(length) < 0.3 if continuation else None
+    out.append(records.encode_record(rng.integers(0, top, length), len_a,
+                                     np.sort(rng.choice(length, k, replace=False)),
+                                     rng.integers(0, top, k), int(rng.integers(0, 2)), cont,
+                                     wide))
+  return out
+
+
+@pytest.mark.parametrize("wide,continuation", [(False, False), (True, False), (False, True),
+                                               (True, True)])
+def test_batch_decoder_matches_single(wide, continuation):
+  rng = np.random.default_rng(1)
+  data = _random_records(rng, 50, wide, continuation)
+  L, P = 48, 8
+  batch, len_a, cont = records.decode_batch(data, L, P, pad_id=7)
+  assert (cont is None) == (not continuation)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      "input_ids": ((50, L), np.int32), "input_mask": ((50, L), np.int32),
+      "segment_ids": ((50, L), np.int32), "masked_lm_positions": ((50, P), np.int32),
+      "masked_lm_ids": ((50, P), np.int32), "masked_lm_weights": ((50, P), np.float32),
+      "next_sentence_labels": ((50,), np.int32)}
+  for row, record in enumerate(data):
+    one = records.decode_record(record)
+    n, k = len(one["input_ids"]), len(one["masked_lm_ids"])
+    assert len_a[row] == np.argmax(one["segment_ids"]) - 2
+    np.testing.assert_array_equal(batch["input_ids"][row], np.pad(one["input_ids"], (0, L - n),
+                                                                  constant_values=7))
+    np.testing.assert_array_equal(batch["input_mask"][row], np.arange(L) < n)
+    np.testing.assert_array_equal(batch["segment_ids"][row], np.pad(one["segment_ids"], (0, L - n)))
+    np.testing.assert_array_equal(batch["masked_lm_positions"][row],
+                                  np.pad(one["masked_lm_positions"], (0, P - k)))
+    np.testing.assert_array_equal(batch["masked_lm_ids"][row],
+                                  np.pad(one["masked_lm_ids"], (0, P - k)))
+    np.testing.assert_array_equal(batch["masked_lm_weights"][row], np.arange(P) < k)
+    assert batch["next_sentence_labels"][row] == one["next_sentence_label"]
+    if continuation:
+      np.testing.assert_array_equal(cont[row], np.pad(one["continuation"], (0, L - n)))
+
+
+def test_batch_decoder_errors():
+  data = _random_records(np.random.default_rng(2), 3, False, False)
+  with pytest.raises(UserError, match="more than the batch's 4 and 8"):
+    records.decode_batch(data, 4, 8)
+  with pytest.raises(UserError, match="does not match its header"):
+    records.decode_batch([data[0], data[1][:-1]], 64, 8)
+  bad = bytearray(data[2])
+  bad[0] = 9
+  with pytest.raises(UserError, match="version 9"):
+    records.decode_batch([data[0], bytes(bad)], 64, 8)
+
+
+def test_shard_reader_reads_keys_across_shards(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  paths = []
+  for shard, count in enumerate((3, 5)):
+    paths.append(str(tmp_path / f"s{shard}.array_record"))
+    writer = ArrayRecordWriter(paths[-1], records.WRITER_OPTIONS)
+    for i in range(count):
+      writer.write(f"{shard}:{i}".encode())
+    writer.close()
+  reader = records.ShardReader(paths)
+  assert len(reader) == 8
+  assert reader.read(np.array([7, 0, 3, 2, 4])) == [b"1:4", b"0:0", b"1:0", b"0:2", b"1:1"]
+  import pickle
+  assert pickle.loads(pickle.dumps(reader)).read(np.array([5])) == [b"1:2"]

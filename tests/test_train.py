@@ -152,10 +152,23 @@ def test_uninterrupted_run_layout_and_metrics(reference):
   assert all(r["sequences_per_sec"] > 0 and r["tokens_per_sec"] == pytest.approx(
       r["sequences_per_sec"] * r["seq_len"]) for r in train_rows if "sequences_per_sec" in r)
   assert any("mfu" in r for r in train_rows)
+  for r in train_rows:    # host time waiting for data, within the loop's time outside the step
+    assert 0 <= r["data_wait_s"] <= r["host_overhead_s"], r
   evals = rows(workdir, "eval")
   assert [(r["step"], r["phase"], r["seq_len"]) for r in evals] == [
       (8, 0, 32), (14, 0, 32), (16, 1, 64)]
   assert list((workdir / "tensorboard").iterdir())
+
+
+def test_workers_and_prefetch_do_not_change_the_batches(prepared, reference, tmp_path):
+  """A grain worker process and no prefetch thread: the same batches, so the same parameters."""
+  code, out = finish(start(run_args(prepared, tmp_path, "--config.data.worker_count=1",
+                                    "--config.data.prefetch=0")))
+  assert code == 0, out
+  assert_bit_equal(final_params(tmp_path), final_params(reference[0]))
+  train_rows = rows(tmp_path)
+  assert [r["step"] for r in train_rows] == list(range(1, TOTAL + 1))
+  assert all("data_wait_s" in r and "host_overhead_s" in r for r in train_rows)
 
 
 def test_sigkill_then_rerun_is_bit_exact(prepared, reference, tmp_path):

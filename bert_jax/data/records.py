@@ -18,12 +18,12 @@ import json
 import os
 import re
 import struct
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import as_path
+from bert_jax.fileio import as_path, is_remote
 
 RECORD_VERSION = 1
 FORMAT_NAME = "bert-jax-instances"
@@ -103,6 +103,120 @@ def decode_record(data: bytes) -> dict[str, np.ndarray]:
     bits = np.frombuffer(data, np.uint8, (length + 7) // 8, offset)
     out["continuation"] = np.unpackbits(bits, count=length).astype(bool)
   return out
+
+
+def _gather(buf_u8: np.ndarray, offset_B: np.ndarray, width_B: np.ndarray, valid_BW: np.ndarray,
+            fill: int) -> np.ndarray:
+  """[B, W] int32: element j of row b is the little-endian integer of width_B[b] (2 or 4)
+  bytes at offset_B[b] + j * width_B[b] of `buf_u8`; `fill` where not valid_BW."""
+  W = valid_BW.shape[1]
+  pos_BW = np.where(valid_BW, offset_B[:, None] + width_B[:, None] * np.arange(W), 0)
+  out_BW = buf_u8[pos_BW].astype(np.int32) | (buf_u8[pos_BW + 1].astype(np.int32) << 8)
+  if (width_B == 4).any():
+    wide_BW = valid_BW & (width_B == 4)[:, None]
+    high_BW = buf_u8[pos_BW + 2].astype(np.int32) | (buf_u8[pos_BW + 3].astype(np.int32) << 8)
+    out_BW = np.where(wide_BW, out_BW | (high_BW << 16), out_BW)
+  out_BW[~valid_BW] = fill
+  return out_BW
+
+
+def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
+                 pad_id: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
+  """decode_record for a whole batch in a few numpy passes (the records are gathered from one
+  joined buffer, no per-record Python), padded to the pipeline's fixed shapes.
+
+  Returns (batch, len_a [B], continuation [B, seq_len] bool or None when no record has it);
+  batch holds input_ids, input_mask, segment_ids [B, L] int32 (input_ids `pad_id` past the
+  tokens), masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32
+  (0 past the record's predictions), next_sentence_labels [B] int32.
+  """
+  B, L, P = len(data), seq_len, max_predictions
+  sizes_B = np.fromiter(map(len, data), np.int64, B)
+  starts_B = np.cumsum(sizes_B) - sizes_B
+  buf_u8 = np.frombuffer(b"".join(data), np.uint8)
+  if (sizes_B < _HEADER.size).any():
+    raise UserError(f"instance record of {int(sizes_B.min())} bytes: shorter than its header")
+  head_B8 = buf_u8[starts_B[:, None] + np.arange(_HEADER.size)].astype(np.int64)
+  version_B, flags_B = head_B8[:, 0], head_B8[:, 1]
+  len_a_B, len_b_B, num_pred_B = (head_B8[:, 2 + 2 * i] | (head_B8[:, 3 + 2 * i] << 8)
+                                  for i in range(3))
+  if (version_B != RECORD_VERSION).any():
+    bad = int(version_B[version_B != RECORD_VERSION][0])
+    raise UserError(f"instance record version {bad}: this bert-jax reads version {RECORD_VERSION}")
+  width_B = np.where(flags_B & FLAG_WIDE_IDS, 4, 2)
+  length_B = len_a_B + len_b_B + 3
+  has_cont_B = (flags_B & FLAG_CONTINUATION) != 0
+  cont_bytes_B = np.where(has_cont_B, (length_B + 7) // 8, 0)
+  ids_at_B = starts_B + _HEADER.size
+  pos_at_B = ids_at_B + length_B * width_B
+  labels_at_B = pos_at_B + 2 * num_pred_B
+  cont_at_B = labels_at_B + num_pred_B * width_B
+  if (cont_at_B + cont_bytes_B != starts_B + sizes_B).any():
+    raise UserError("instance record: its size does not match its header (a damaged shard)")
+  if length_B.max() > L or num_pred_B.max() > P:
+    raise UserError(f"instance record of {int(length_B.max())} tokens and "
+                    f"{int(num_pred_B.max())} predictions: more than the batch's {L} and {P}")
+  tokens_BL = np.arange(L)[None, :] < length_B[:, None]
+  preds_BP = np.arange(P)[None, :] < num_pred_B[:, None]
+  batch = dict(
+      input_ids=_gather(buf_u8, ids_at_B, width_B, tokens_BL, pad_id),
+      input_mask=tokens_BL.astype(np.int32),
+      segment_ids=(tokens_BL & (np.arange(L)[None, :] >= len_a_B[:, None] + 2)).astype(np.int32),
+      masked_lm_positions=_gather(buf_u8, pos_at_B, np.full(B, 2), preds_BP, 0),
+      masked_lm_ids=_gather(buf_u8, labels_at_B, width_B, preds_BP, 0),
+      masked_lm_weights=preds_BP.astype(np.float32),
+      next_sentence_labels=((flags_B & FLAG_RANDOM_NEXT) != 0).astype(np.int32))
+  continuation_BL = None
+  if has_cont_B.any():
+    cols_L = np.arange(L)
+    valid_BL = tokens_BL & has_cont_B[:, None]
+    byte_BL = buf_u8[np.where(valid_BL, cont_at_B[:, None] + cols_L // 8, 0)]
+    continuation_BL = valid_BL & (((byte_BL >> (7 - cols_L % 8)) & 1) != 0)
+  return batch, len_a_B.astype(np.int32), continuation_BL
+
+
+class ShardReader:
+  """Random access to the records of a list of shards by global key (shard after shard):
+  one `read()` per shard and batch, no thread pool per call. Picklable (grain workers open
+  their own readers). Local shards are read one record after another (array_record's
+  random-access options); gs:// shards keep array_record's parallel reads, which hide the
+  latency of each request."""
+
+  def __init__(self, paths: Sequence[str]):
+    from concurrent.futures import ThreadPoolExecutor
+    self.paths = list(paths)
+    with ThreadPoolExecutor(min(16, max(1, len(self.paths)))) as pool:  # gs://: opens overlap
+      self._readers: list = list(pool.map(_open_reader, self.paths))
+    self.ends = np.cumsum([r.num_records() for r in self._readers], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return int(self.ends[-1]) if len(self.ends) else 0
+
+  def __getstate__(self):
+    return dict(self.__dict__, _readers=[None] * len(self.paths))
+
+  def read(self, keys: np.ndarray) -> list[bytes]:
+    shard_K = np.searchsorted(self.ends, keys, side="right")
+    position_K = keys - np.where(shard_K > 0, self.ends[np.maximum(shard_K - 1, 0)], 0)
+    if len(self.paths) == 1 or (shard_K == shard_K[0]).all():
+      return self._reader(int(shard_K[0])).read(position_K.tolist())
+    out: list[bytes] = [b""] * len(keys)
+    for shard in np.unique(shard_K).tolist():
+      where = np.flatnonzero(shard_K == shard)
+      for i, data in zip(where.tolist(), self._reader(shard).read(position_K[where].tolist())):
+        out[i] = data
+    return out
+
+  def _reader(self, shard: int):
+    if self._readers[shard] is None:
+      self._readers[shard] = _open_reader(self.paths[shard])
+    return self._readers[shard]
+
+
+def _open_reader(path: str):
+  from array_record.python.array_record_module import ArrayRecordReader
+  options = "readahead_buffer_size:0" + ("" if is_remote(path) else ",max_parallelism:0")
+  return ArrayRecordReader(path, options=options, file_reader_buffer_size=32768)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
