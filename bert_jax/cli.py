@@ -28,6 +28,8 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
   if argv is None and sys.argv[1:2] and sys.argv[1] in TRAINING:  # the command, not a caller
     hostmem.reexec_with_huge_pages()
+  if argv is None and sys.argv[1:2] == ["plan"]:
+    hostmem.reexec_with_deep_stacks()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())

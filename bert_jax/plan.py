@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import mfu, steps
+from bert_jax import hostmem, mfu, steps
 from bert_jax.config import BertConfig
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path
@@ -360,4 +360,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_deep_stacks()
   sys.exit(main())
