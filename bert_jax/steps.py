@@ -1,8 +1,10 @@
-"""Pure pretraining steps: the train state (abstract or directly sharded), train_step, eval_step.
+"""Pure train and eval steps for any Loss (pretraining's MLM + NSP, each fine-tuning task's),
+jitted on a mesh, and the pretraining state (abstract or directly sharded).
 
-Loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and averaged over
-the real predictions of the whole global batch, plus NSP cross-entropy averaged over sequences;
-both in float32. MLM logits are computed only at the gathered positions (never [B,T,V]).
+Pretraining loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and
+averaged over the real predictions of the whole global batch, plus NSP cross-entropy averaged
+over sequences; both in float32. MLM logits are computed only at the gathered positions (never
+[B,T,V]).
 
 Gradient accumulation scans over micro-batches inside the jitted step. Each micro-batch's loss
 is normalised by the *global* batch's prediction count, so the summed gradients equal one big
@@ -15,6 +17,7 @@ so a resumed run is bit-exact, and independent of the mesh.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, Callable, Mapping
 
@@ -86,31 +89,63 @@ def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int,
 
 # ----------------------------------------------------------------------------- losses
 
-def _loss_sums(model: BertForPreTraining, params, batch: Mapping[str, jax.Array],
-               deterministic: bool, rngs: dict | None) -> dict[str, jax.Array]:
-  """Sums (not means) of the MLM / NSP losses and hits over this (micro-)batch, in float32."""
-  mlm_logits_BPV, nsp_logits_B2 = model.apply(
-      {"params": params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
-      masked_positions=batch["masked_lm_positions"], deterministic=deterministic, rngs=rngs)
-  ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
-  w_BP = batch["masked_lm_weights"].astype(jnp.float32)
-  mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
-  labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
-  nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
-  nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
-  return dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),
-              mlm_weight=jnp.sum(w_BP), nsp_loss_sum=jnp.sum(nsp_nll_B),
-              nsp_hits=jnp.sum(nsp_hit_B), num_sequences=jnp.asarray(labels_B.shape[0],
-                                                                     jnp.float32))
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A training objective as sums over rows (nanodo's LossFn, made accumulable): the objective
+  is sum(sums[s] / counts[c] for s, c in terms) with the counts of the GLOBAL batch, so the
+  gradients of micro-batches simply add up to one big batch's.
+
+  sums(params, batch, key) -> additive sums of the (micro-)batch: losses, hits and the counts
+    themselves; `key` is the dropout key, None for a deterministic pass.
+  counts(batch) -> the denominators, from the batch alone (e.g. real predictions, rows).
+  metrics(sums) -> means and whatever else a metrics row shows; must hold "loss".
+  """
+  sums: Callable[[Any, Mapping[str, jax.Array], jax.Array | None], dict[str, jax.Array]]
+  counts: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+  terms: tuple[tuple[str, str], ...]
+  metrics: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+
+  def objective(self, sums: Mapping[str, jax.Array], counts: Mapping[str, jax.Array]):
+    return sum(sums[s] / jnp.maximum(counts[c], 1e-6) for s, c in self.terms)
 
 
-def _means(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  mlm_den = jnp.maximum(sums["mlm_weight"], 1e-6)
-  nsp_den = jnp.maximum(sums["num_sequences"], 1.0)
-  mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_den, sums["nsp_loss_sum"] / nsp_den
-  return dict(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss, mlm_accuracy=sums["mlm_hits"] / mlm_den,
-              nsp_loss=nsp_loss, nsp_accuracy=sums["nsp_hits"] / nsp_den,
-              mlm_weight=sums["mlm_weight"], num_sequences=sums["num_sequences"])
+def pretraining_loss(model_config: BertConfig) -> Loss:
+  """MLM + NSP: MLM cross-entropy at the gathered positions averaged over the real predictions,
+  NSP cross-entropy averaged over sequences, both in float32."""
+  model = BertForPreTraining(model_config)
+  deterministic = (model_config.hidden_dropout_prob == 0.0
+                   and model_config.attention_probs_dropout_prob == 0.0)
+
+  def counts(batch):
+    return dict(mlm_weight=jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
+                num_sequences=jnp.asarray(batch["input_ids"].shape[0], jnp.float32))
+
+  def sums(params, batch, key):
+    mlm_logits_BPV, nsp_logits_B2 = model.apply(
+        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+        masked_positions=batch["masked_lm_positions"],
+        deterministic=key is None or deterministic,
+        rngs=None if key is None else {"dropout": key})
+    ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
+    w_BP = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
+    labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
+    nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
+    nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
+    return dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),
+                nsp_loss_sum=jnp.sum(nsp_nll_B), nsp_hits=jnp.sum(nsp_hit_B), **counts(batch))
+
+  def metrics(sums):
+    mlm_den = jnp.maximum(sums["mlm_weight"], 1e-6)
+    nsp_den = jnp.maximum(sums["num_sequences"], 1.0)
+    mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_den, sums["nsp_loss_sum"] / nsp_den
+    return dict(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss,
+                mlm_accuracy=sums["mlm_hits"] / mlm_den, nsp_loss=nsp_loss,
+                nsp_accuracy=sums["nsp_hits"] / nsp_den, mlm_weight=sums["mlm_weight"],
+                num_sequences=sums["num_sequences"])
+
+  return Loss(sums=sums, counts=counts, metrics=metrics,
+              terms=(("mlm_loss_sum", "mlm_weight"), ("nsp_loss_sum", "num_sequences")))
 
 
 def _split_micro(x, grad_accum: int):
@@ -122,55 +157,48 @@ def _split_micro(x, grad_accum: int):
 
 # ----------------------------------------------------------------------------- train step
 
-def make_train_step(model_config: BertConfig, optimizer: optax.GradientTransformation,
+def make_train_step(loss: Loss, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum: int = 1,
                     nan_policy: str = "skip") -> Callable:
-  """-> train_step(state, batch, rng) -> (state, metrics), pure.
+  """-> train_step(state, batch, rng) -> (state, metrics), pure, for any Loss (pretraining's
+  MLM + NSP, each fine-tuning task's).
 
-  `rng` is the run's base key; the step uses fold_in(rng, state.step). A non-finite loss or
-  gradient leaves params and opt_state unchanged (the step still advances, metrics report
-  finite=0) under both policies; under "stop" the loop ends the run on finite=0.
+  `rng` is the run's base key; the step uses fold_in(rng, state.step). With grad_accum > 1 the
+  batch's rows are scanned as grad_accum micro-batches. A non-finite loss or gradient leaves
+  params and opt_state unchanged (the step still advances, metrics report finite=0) under both
+  policies; under "stop" the loop ends the run on finite=0.
   """
   if nan_policy not in NAN_POLICIES:
     raise UserError(f"config.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
   if grad_accum < 1:
     raise UserError(f"grad_accum={grad_accum}: expected a positive integer")
-  model = BertForPreTraining(model_config)
-  deterministic = (model_config.hidden_dropout_prob == 0.0
-                   and model_config.attention_probs_dropout_prob == 0.0)
 
-  def micro_loss(params, micro, key, mlm_den, nsp_den):
-    sums = _loss_sums(model, params, micro, deterministic, {"dropout": key})
-    # Normalised by the global batch's counts, so micro-batch gradients simply add up.
-    loss = sums["mlm_loss_sum"] / mlm_den + sums["nsp_loss_sum"] / nsp_den
-    return loss, sums
+  def micro_objective(params, micro, key, counts):
+    sums = loss.sums(params, micro, key)
+    return loss.objective(sums, counts), sums
 
-  grad_fn = jax.grad(micro_loss, has_aux=True)
+  grad_fn = jax.grad(micro_objective, has_aux=True)
+  update = make_update(optimizer, schedule)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng):
     step_rng = jax.random.fold_in(rng, state.step)
-    batch = {k: batch[k] for k in BATCH_KEYS}
-    mlm_den = jnp.maximum(jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)), 1e-6)
-    nsp_den = jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
+    counts = loss.counts(batch)
     if grad_accum == 1:
-      grads, sums = grad_fn(state.params, batch, step_rng, mlm_den, nsp_den)
+      grads, sums = grad_fn(state.params, batch, step_rng, counts)
     else:
       micros = {k: _split_micro(v, grad_accum) for k, v in batch.items()}
 
       def body(carry, xs):
         micro, i = xs
-        g, s = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), mlm_den, nsp_den)
+        g, s = grad_fn(state.params, micro, jax.random.fold_in(step_rng, i), counts)
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      sums0 = {k: jnp.zeros([], jnp.float32) for k in
-               ("mlm_loss_sum", "mlm_hits", "mlm_weight", "nsp_loss_sum", "nsp_hits",
-                "num_sequences")}
-      (grads, sums), _ = jax.lax.scan(body, (zeros, sums0),
-                                      (micros, jnp.arange(grad_accum)))
-    return update(state, grads, _means(sums))
+      first = jax.tree.map(lambda x: x[0], micros)
+      zeros = jax.tree.map(jnp.zeros_like,
+                           jax.eval_shape(grad_fn, state.params, first, step_rng, counts))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micros, jnp.arange(grad_accum)))
+    return update(state, grads, loss.metrics(sums))
 
-  update = make_update(optimizer, schedule)
   return train_step
 
 
@@ -239,22 +267,21 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any
 def phase_train_step(model_config: BertConfig, cfg: Any, phase: Phase,
                      optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                      mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
-  """The jitted train step of one phase, exactly as `bert-jax pretrain` runs it (and
+  """The jitted pretraining step of one phase, exactly as `bert-jax pretrain` runs it (and
   `bert-jax plan` compiles it)."""
-  return jit_train_step(make_train_step(model_config, optimizer, schedule,
+  return jit_train_step(make_train_step(pretraining_loss(model_config), optimizer, schedule,
                                         grad_accum=phase.grad_accum,
                                         nan_policy=str(cfg.nan_policy)), mesh, shardings)
 
 
 # ----------------------------------------------------------------------------- eval step
 
-def make_eval_step(model_config: BertConfig) -> Callable:
-  """-> eval_step(params, batch) -> metrics: mlm/nsp loss and accuracy of the batch, plus
-  mlm_weight and num_sequences to weight an average over batches."""
-  model = BertForPreTraining(model_config)
+def make_eval_step(loss: Loss) -> Callable:
+  """-> eval_step(params, batch) -> loss.metrics of one deterministic pass (for pretraining:
+  mlm/nsp loss and accuracy plus mlm_weight and num_sequences to weight an average)."""
 
   def eval_step(params, batch):
-    return _means(_loss_sums(model, params, {k: batch[k] for k in BATCH_KEYS}, True, None))
+    return loss.metrics(loss.sums(params, batch, None))
 
   return eval_step
 

@@ -375,7 +375,8 @@ class Trainer:
     from bert_jax.checkpoint import Checkpointer
     from bert_jax.metric_writer import IntervalMetrics, MetricWriter
     from bert_jax.sharding import global_batch
-    from bert_jax.steps import jit_eval_step, make_eval_step, phase_train_step
+    from bert_jax.steps import (jit_eval_step, make_eval_step, phase_train_step,
+                                pretraining_loss)
     self._setup()
     cfg, phases = self.cfg, self.phases
     total = int(cfg.total_steps)
@@ -412,7 +413,8 @@ class Trainer:
       except Exception:  # an unknown device: no MFU rather than no run
         peak = None
     base_rng = jax.random.fold_in(jax.random.PRNGKey(int(cfg.seed)), 1)
-    eval_fn = jit_eval_step(make_eval_step(self.bert_config), self.mesh, shardings)
+    eval_fn = jit_eval_step(make_eval_step(pretraining_loss(self.bert_config)), self.mesh,
+                            shardings)
     self._eval_cache: dict[int, list] = {}
     self.meter = IntervalMetrics()
     self.phase, self.iterator = None, None

@@ -68,7 +68,8 @@ def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):
   state, shardings, optimizer, schedule = steps_lib.create_train_state(
       model_config, cfg, mesh, jax.random.PRNGKey(0))
   train_step = steps_lib.jit_train_step(
-      steps_lib.make_train_step(model_config, optimizer, schedule, grad_accum=grad_accum),
+      steps_lib.make_train_step(steps_lib.pretraining_loss(model_config), optimizer, schedule,
+                                grad_accum=grad_accum),
       mesh, shardings)
   losses = []
   for s in range(steps):

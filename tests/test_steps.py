@@ -36,7 +36,8 @@ def _setup(mesh, model_config, grad_accum=1, cfg=None, init_params=None):
   state, shardings, optimizer, schedule = steps.create_train_state(
       model_config, cfg, mesh, jax.random.PRNGKey(0), init_params=init_params)
   step = steps.jit_train_step(
-      steps.make_train_step(model_config, optimizer, schedule, grad_accum=grad_accum),
+      steps.make_train_step(steps.pretraining_loss(model_config), optimizer, schedule,
+                            grad_accum=grad_accum),
       mesh, shardings)
   if key[2]:
     _COMPILED[key] = (_copy(state), shardings, step)
@@ -48,7 +49,8 @@ def test_loss_matches_full_logits_reference(mesh):
   model_config = tiny_model_config()
   state, shardings, _ = _setup(mesh, model_config)
   batch = synthetic_batch(3)
-  metrics = steps.jit_eval_step(steps.make_eval_step(model_config), mesh, shardings)(
+  loss = steps.pretraining_loss(model_config)
+  metrics = steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)(
       state.params, batch)
   full_BTV, nsp_B2 = BertForPreTraining(model_config).apply(
       {"params": state.params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"])
@@ -110,9 +112,10 @@ def test_steps_compile_once_under_the_mesh(mesh):
   model_config = tiny_model_config(dropout=0.1)
   state, shardings, optimizer, schedule = steps.create_train_state(
       model_config, make_cfg(), mesh, jax.random.PRNGKey(0))
-  step = steps.jit_train_step(steps.make_train_step(model_config, optimizer, schedule), mesh,
+  loss = steps.pretraining_loss(model_config)
+  step = steps.jit_train_step(steps.make_train_step(loss, optimizer, schedule), mesh,
                               shardings)
-  evaluate = steps.jit_eval_step(steps.make_eval_step(model_config), mesh, shardings)
+  evaluate = steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)
   for i in range(3):
     state, _ = step(state, synthetic_batch(i), jax.random.PRNGKey(0))
     evaluate(state.params, synthetic_batch(i))
@@ -121,11 +124,11 @@ def test_steps_compile_once_under_the_mesh(mesh):
 
 
 def test_bad_policy_and_accumulation_rejected():
-  model_config = tiny_model_config()
+  loss = steps.pretraining_loss(tiny_model_config())
   with pytest.raises(UserError, match="nan_policy"):
-    steps.make_train_step(model_config, optax.sgd(0.1), lambda s: 0.1, nan_policy="ignore")
+    steps.make_train_step(loss, optax.sgd(0.1), lambda s: 0.1, nan_policy="ignore")
   with pytest.raises(UserError, match="grad_accum"):
-    steps.make_train_step(model_config, optax.sgd(0.1), lambda s: 0.1, grad_accum=0)
+    steps.make_train_step(loss, optax.sgd(0.1), lambda s: 0.1, grad_accum=0)
 
 
 def test_dropout_is_on_and_keyed_by_rng_and_step(mesh):

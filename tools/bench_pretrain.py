@@ -80,7 +80,8 @@ def bench_jax(args) -> dict:
 
   from bert_jax.config import get_preset
   from bert_jax.sharding import make_mesh
-  from bert_jax.steps import create_train_state, jit_train_step, make_train_step
+  from bert_jax.steps import (create_train_state, jit_train_step, make_train_step,
+                              pretraining_loss)
 
   model_config = get_preset(args.preset, dtype=args.dtype)
   cfg = ml_collections.ConfigDict()
@@ -95,8 +96,8 @@ def bench_jax(args) -> dict:
   mesh = make_mesh(data=1, devices=jax.devices()[:1])
   rng = jax.random.PRNGKey(0)
   state, shardings, optimizer, schedule = create_train_state(model_config, cfg, mesh, rng)
-  train_step = jit_train_step(make_train_step(model_config, optimizer, schedule), mesh,
-                              shardings)
+  loss = pretraining_loss(model_config)
+  train_step = jit_train_step(make_train_step(loss, optimizer, schedule), mesh, shardings)
   host = synthetic_batch(args.batch_size, args.seq_len, args.max_predictions,
                          model_config.vocab_size)
   batch = jax.device_put(host, jax.devices()[0])
