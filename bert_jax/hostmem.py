@@ -9,9 +9,10 @@ start-up, so the `bert-jax pretrain` / `finetune` commands re-execute themselves
 set (same process id and arguments), when they will train on the CPU (on a TPU or GPU host the
 step's memory is the accelerator's). BERT_JAX_NO_HUGEPAGES=1 turns this off.
 
-Thread stacks. libtpu's compiler recursed past an 8 MiB thread stack compiling BERT-base's
-length-512 step for v6e (SIGSEGV, "stack overflow"); glibc sizes threads' stacks from
-RLIMIT_STACK, read once at start-up, so `bert-jax plan` re-executes itself with a larger limit.
+Thread stacks. libtpu's compiler overflows its stack (SIGSEGV, "stack overflow" in a compiler
+fiber) compiling BERT-base's length-512 step for v6e under the usual 8 MiB RLIMIT_STACK, and
+also under 256 MiB; with the limit unlimited it compiles. The limit is read at start-up, so
+`bert-jax plan` re-executes itself with the soft limit raised to the hard one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from bert_jax import platforms
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "BERT_JAX_NO_HUGEPAGES"
-COMPILER_STACK_BYTES = 256 * 2**20  # reserved per thread, committed only as it is used
 
 
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
@@ -51,14 +51,12 @@ def reexec_with_huge_pages() -> None:
 
 
 def reexec_with_deep_stacks() -> None:
-  """Re-executes this command with RLIMIT_STACK raised to COMPILER_STACK_BYTES (or the hard
-  limit), unless it is that high already. Call it only at a program's entry, before any work."""
+  """Re-executes this command with RLIMIT_STACK's soft limit raised to its hard limit
+  (usually unlimited), unless it is there already. Call it only at a program's entry."""
   soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-  want = COMPILER_STACK_BYTES if hard == resource.RLIM_INFINITY else min(COMPILER_STACK_BYTES,
-                                                                          hard)
-  if soft == resource.RLIM_INFINITY or soft >= want:
+  if soft == hard:
     return
-  resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+  resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
   _reexec(os.environ)
 
 
