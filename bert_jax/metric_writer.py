@@ -131,6 +131,9 @@ class MetricWriter:
         parts.append(fmt.format(value))
     if row.get("skipped_steps"):
       parts.append(f"skipped {row['skipped_steps']}")
+    if row.get("resumed_at_step") is not None:
+      parts.append(f"mean of the {row.get('averaged_steps')} steps since the resume at "
+                   f"{row['resumed_at_step']}")
     return " | ".join(parts)
 
   def message(self, text: str) -> None:
@@ -186,14 +189,17 @@ class IntervalMetrics:
 
   Holding device arrays keeps the loop asynchronous: nothing is fetched until `summary`.
   Throughput counts only the steps since `restart_clock` (the loop restarts it after a
-  compile, an eval or a checkpoint, which are not training time).
+  compile, an eval or a checkpoint, which are not training time). Every summary says how many
+  steps it averages (`averaged_steps`); the first one after a resume also carries
+  `resumed_at_step`, since it averages only the steps run since then.
   """
 
   AVERAGED = ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "grad_norm")
 
-  def __init__(self):
+  def __init__(self, resumed_at: int | None = None):
     self.entries: list[tuple[int, dict]] = []
     self._checked = 0          # entries[:_checked] are known to be finite
+    self.resumed_at = resumed_at
     self.restart_clock()
 
   def restart_clock(self) -> None:
@@ -235,6 +241,10 @@ class IntervalMetrics:
     if host and "learning_rate" in host[-1]:
       out["learning_rate"] = float(host[-1]["learning_rate"])
     out["skipped_steps"] = len(host) - len(finite)
+    out["averaged_steps"] = len(host)
+    if self.resumed_at is not None:
+      out["resumed_at_step"] = self.resumed_at
+      self.resumed_at = None
     if self.timed_steps > 0 and elapsed > 0:
       steps_per_sec = self.timed_steps / elapsed
       out["steps_per_sec"] = steps_per_sec
