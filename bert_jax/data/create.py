@@ -133,9 +133,10 @@ def process_chunk(job: Job) -> ChunkResult:
   chunk = inst_lib.build_chunk(doc_ids, doc_cont)
   if not chunk.sentence_bounds:
     return ChunkResult(job.split, job.index, len(job.documents), 0, [], 0)
+  counts = {"forced_random": 0, "random_same_document": 0}
   spans = inst_lib.chunk_pairs(chunk, py_rng, max_seq_length=params["max_seq_length"],
                                short_seq_prob=params["short_seq_prob"],
-                               dupe_factor=params["dupe_factor"])
+                               dupe_factor=params["dupe_factor"], counts=counts)
   rows = inst_lib.assemble(chunk, spans, cls_id=tok.cls_id, sep_id=tok.sep_id)
   wide = tok.vocab_size > 65535
   lengths, len_a = rows.lengths.tolist(), rows.len_a.tolist()
@@ -164,8 +165,8 @@ def process_chunk(job: Job) -> ChunkResult:
       cont = None if rows.continuation_NL is None else rows.continuation_NL[n, :lengths[n]]
       out.append(records.encode_record(rows.ids_NL[n, :lengths[n]], len_a[n], empty, empty,
                                        labels[n], cont, wide))
-  nsp = (int(spans.is_random_next.sum()), spans.nsp_counts["forced_random"],
-         spans.nsp_counts["random_same_document"])
+  nsp = (int(spans.is_random_next.sum()), counts["forced_random"],
+         counts["random_same_document"])
   return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out,
                      len(chunk.ids), nsp)
 

@@ -38,9 +38,6 @@ class PairSpans(NamedTuple):
   b_start: np.ndarray
   b_end: np.ndarray
   is_random_next: np.ndarray           # [N] int32: 1 when B comes from another document
-  # How many random-next Bs were forced (the segment had one sentence, so no real B) and how
-  # many came from the same document (the chunk held no other): NSP is then a weaker signal.
-  nsp_counts: dict | None = None
 
 
 def build_chunk(doc_token_lists: Sequence[Sequence[Sequence[int]]],
@@ -96,8 +93,10 @@ def _trim_ends(rng: random.Random, start: int, end: int, new_len: int) -> tuple[
 def document_pairs(chunk: Chunk, doc: int, rng: random.Random, *, max_seq_length: int,
                    short_seq_prob: float, out: list[tuple[int, int, int, int, int]],
                    counts: dict | None = None) -> None:
-  """Appends (a_start, a_end, b_start, b_end, is_random_next) for document `doc` to `out`;
-  `counts` (if given) adds up "forced_random" and "random_same_document" Bs."""
+  """Appends (a_start, a_end, b_start, b_end, is_random_next) for document `doc` to `out`.
+  `counts` (if given) adds up the random Bs that were forced ("forced_random": the segment was
+  one sentence, so it has no real B) and those from the same document ("random_same_document":
+  the chunk has no other): both weaken next-sentence prediction."""
   max_tokens = max_seq_length - 3    # room for [CLS] A [SEP] B [SEP]
   target = max_tokens
   if rng.random() < short_seq_prob:
@@ -147,10 +146,10 @@ def document_pairs(chunk: Chunk, doc: int, rng: random.Random, *, max_seq_length
 
 
 def chunk_pairs(chunk: Chunk, rng: random.Random, *, max_seq_length: int, short_seq_prob: float,
-                dupe_factor: int) -> PairSpans:
-  """All instances of a chunk: `dupe_factor` passes over its documents, in a shuffled order."""
+                dupe_factor: int, counts: dict | None = None) -> PairSpans:
+  """All instances of a chunk: `dupe_factor` passes over its documents, in a shuffled order
+  (`counts`: see document_pairs)."""
   rows: list[tuple[int, int, int, int, int]] = []
-  counts = {"forced_random": 0, "random_same_document": 0}
   for _ in range(dupe_factor):
     for doc in range(len(chunk.sentence_bounds)):
       document_pairs(chunk, doc, rng, max_seq_length=max_seq_length,
@@ -158,7 +157,7 @@ def chunk_pairs(chunk: Chunk, rng: random.Random, *, max_seq_length: int, short_
   rng.shuffle(rows)
   table = np.array(rows, dtype=np.int64).reshape(-1, 5)
   return PairSpans(table[:, 0], table[:, 1], table[:, 2], table[:, 3],
-                   table[:, 4].astype(np.int32), counts)
+                   table[:, 4].astype(np.int32))
 
 
 class Assembled(NamedTuple):
