@@ -129,7 +129,7 @@ _OBJECT_REPR = re.compile(r"<[^<>]*(?: object at 0x[0-9a-f]+|bound method)[^<>]*
 def describe_damage(error: BaseException, limit: int = 240) -> str:
   """Why a checkpoint did not restore, in one line that names the damaged file: tensorstore's
   message without its JSON spec, the innermost file it names; object reprs dropped."""
-  text = str(error).split(" [tensorstore_spec=")[0].strip()
+  text = str(error).split(" [tensorstore_spec")[0].strip()
   files = _QUOTED_FILE.findall(text)
   line = f"{files[-1]}: {text.splitlines()[0].rsplit(': ', 1)[-1]}" if files else \
       first_line(error, 10 * limit)
