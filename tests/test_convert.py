@@ -166,7 +166,6 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
   assert "using the one before" in err and err.count("\n") == 1   # no asyncio tracebacks
   # The warning names the damaged file (not a Python object's repr).
   assert f"warning: {workdir / 'checkpoints' / '20' / 'params'}: cannot restore (" in err
-  assert str(workdir / "checkpoints" / "20" / "params") + "/" in err.split("(", 1)[1]
   assert "object at 0x" not in err and "bound method" not in err and "tensorstore_spec" not in err
   jax.tree_util.tree_map(np.testing.assert_array_equal, params,
                          init_pretraining_params(config, 0))
