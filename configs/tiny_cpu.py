@@ -32,15 +32,15 @@ def get_config(arg=None):
   c.data.whole_word_mask = lang == "zh"
   # A small corpus seen many times: fresh masks every epoch rather than dupe_factor fixed ones.
   c.data.dynamic_masking = True
-  # A tiny model on little data: a large step, with bias-corrected moments so that the first
-  # steps are not tiny (BERT's raw-moment Adam plateaus at the unigram guess for hundreds of
-  # steps here).
-  c.optim.learning_rate = 5e-3
+  # A tiny model on little data learns faster with a larger step and bias-corrected moments;
+  # measured on the sample: lr 2e-3 leaves the most-frequent-token plateau within ~200 steps,
+  # 1e-3 and 5e-3 (and BERT's raw-moment Adam) can sit on it for the whole run.
+  c.optim.learning_rate = 2e-3
   c.optim.bias_correction = True
   c.optim.warmup_steps = 50
   c.checkpoint.every_steps = 200
   c.checkpoint.keep_every = 0
-  c.log_every = 50
+  c.log_every = 25
   c.eval_every = 200
   c.eval_batches = 4
   return c
