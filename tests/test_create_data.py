@@ -256,8 +256,8 @@ def test_one_sentence_documents_and_long_lines(tmp_path, capsys, vocab):
   # ...and it says so, in one line with the counts, which the manifest keeps too.
   assert err == ("warning: NSP: 60 of 60 instances (100%) got a random B because their segment "
                  "was one sentence, so 100% of the labels are 'random next' instead of about "
-                 "50%: are the documents one sentence each? (bert format: one sentence per "
-                 "line, a blank line between documents)")
+                 "50%: one-sentence documents (bert format: one sentence per line, a blank "
+                 "line between documents), or sentences about as long as --max-seq-length?")
   man = json.loads((tmp_path / "o1" / records.MANIFEST).read_text())
   assert (man["splits"]["train"]["forced_random_next"], man["splits"]["train"]["random_next"]) \
       == (60, 60)

@@ -332,9 +332,9 @@ def nsp_warnings(instances: int, random_next: int, forced: int, same_document: i
   if instances and forced > instances / 3:  # short documents alone give ~10-20%
     out.append(f"NSP: {forced:,} of {instances:,} instances ({forced / instances:.0%}) got a "
                f"random B because their segment was one sentence, so {random_next / instances:.0%}"
-               " of the labels are 'random next' instead of about 50%: are the documents one "
-               "sentence each? (bert format: one sentence per line, a blank line between "
-               "documents)")
+               " of the labels are 'random next' instead of about 50%: one-sentence documents "
+               "(bert format: one sentence per line, a blank line between documents), or "
+               "sentences about as long as --max-seq-length?")
   if random_next and same_document > 0.05 * random_next:
     out.append(f"NSP: {same_document:,} of {random_next:,} random-next Bs "
                f"({same_document / random_next:.0%}) come from the same document as A, since "
