@@ -65,10 +65,15 @@ def test_layout_and_lengths(static_data, vocab):
 
 
 def test_nsp_and_mlm_statistics(static_data, vocab):
-  _, _, insts = static_data
+  _, man, insts = static_data
   tok = load_tokenizer(vocab)
   random_next = np.mean([int(i["next_sentence_label"]) for i in insts])
-  assert 0.45 < random_next < 0.56
+  # A coin flip for every pair, except those whose segment was one sentence (always random).
+  train = man["splits"]["train"]
+  assert train["random_next"] == sum(int(i["next_sentence_label"]) for i in insts)
+  forced = train["forced_random_next"]
+  assert 0.47 < (train["random_next"] - forced) / (len(insts) - forced) < 0.53
+  assert 0.45 < random_next < 0.6
   predicted = maskable_total = 0
   kinds = {"mask": 0, "keep": 0, "random": 0}
   for inst in insts:

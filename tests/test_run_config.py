@@ -141,7 +141,7 @@ def test_list_literal_override():
     ("--config.phases=[dict(a=1)]", "expected a Python literal"),
     ("--config.phases=['a']", "expected a list of dicts"),
     ("--config.optim.decay_from=middle", "--config.optim.decay_from='middle': expected 'zero'"),
-    ("--config.optim.warmup_steps=200", "warmup_steps=200: at or beyond the end of training"),
+    ("--config.optim.warmup_steps=800", "warmup_steps=800: at or beyond the end of training"),
 ])
 def test_bad_overrides_exit_2(tmp_path, capsys, flag, message):
   code = train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(tmp_path / "w"),
