@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -168,3 +169,15 @@ def test_config_loads_from_any_working_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   c = run_config.load_config_file(str(CONFIGS / "bert_large_paper.py"))
   assert c.model.preset == "large"
+
+
+def test_unwritable_workdir_exits_2_before_any_work(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for workdir, reason in ((blocker / "run", f"{blocker} is a file, not a directory"),
+                          ("/proc/bert-jax-run", "cannot write in /proc")):
+    assert train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --workdir {workdir}: {reason}" or (
+        err.startswith(f"error: --workdir {workdir}: {reason}") and "\n" not in err), err
+  assert os.listdir(tmp_path) == ["a_file"]
