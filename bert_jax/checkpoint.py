@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -28,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+
+from bert_jax.errors import drop_closed_loop_noise, first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,22 @@ def fingerprints_match(saved: Sequence[Sequence[float]], restored: Sequence[Sequ
   return True
 
 
+_QUOTED_FILE = re.compile(r'(?:local )?file "([^"]+)"')
+_OBJECT_REPR = re.compile(r"<[^<>]*(?: object at 0x[0-9a-f]+|bound method)[^<>]*>")
+
+
+def describe_damage(error: BaseException, limit: int = 240) -> str:
+  """Why a checkpoint did not restore, in one line that names the damaged file: tensorstore's
+  message without its JSON spec, the innermost file it names; object reprs dropped."""
+  text = str(error).split(" [tensorstore_spec")[0].strip()
+  files = _QUOTED_FILE.findall(text)
+  line = f"{files[-1]}: {text.splitlines()[0].rsplit(': ', 1)[-1]}" if files else \
+      first_line(error, 10 * limit)
+  while _OBJECT_REPR.search(line):  # innermost first: <bound method f of <X object at 0x..>>
+    line = _OBJECT_REPR.sub("...", line)
+  return line[:limit]
+
+
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -189,12 +208,13 @@ class Checkpointer:
     """
     damaged = []
     restored = None
+    drop_closed_loop_noise()  # a damaged step's failed restore would print tracebacks
     for step in reversed(self.all_steps()):
       try:
         restored = self._restore_step(step, abstract_params, abstract_opt_state, want_data)
         break
       except Exception as e:  # any damage: missing item, truncated file, bad JSON, mismatch
-        msg = f"{e.__class__.__name__}: {e}".splitlines()[0][:300]
+        msg = describe_damage(e)
         warnings.warn(f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
                       f"({msg}); falling back to the one before", stacklevel=2)
         damaged.append(step)

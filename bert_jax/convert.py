@@ -25,8 +25,9 @@ import numpy as np
 from etils import epath
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
-from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import is_remote, local_copy, scratch_dir, write_json_atomic
+from bert_jax.errors import UserError, cli_entry, drop_closed_loop_noise
+from bert_jax.fileio import check_writable, follow_umask, is_remote, local_copy, scratch_dir, \
+  write_json_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -285,15 +286,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, epath.Pa
   if config_path is None:
     raise UserError(f"{path}: no config.json beside the checkpoint or in its parents")
   config = read_config_json(local_copy(str(config_path)))
+  drop_closed_loop_noise()  # a damaged step's failed restore would print tracebacks
   for i, params_dir in enumerate(candidates):
     try:
       params = restore_params(params_dir)
       break
     except Exception as e:  # orbax raises many types for a partial or corrupt checkpoint
+      from bert_jax.checkpoint import describe_damage
       if i + 1 == len(candidates):
-        raise UserError(f"{params_dir}: cannot restore checkpoint ({e})") from None
-      print(f"warning: {params_dir}: cannot restore ({type(e).__name__}); using the one before",
-            file=sys.stderr)
+        raise UserError(f"{params_dir}: cannot restore checkpoint ({describe_damage(e)})"
+                        ) from None
+      print(f"warning: {params_dir}: cannot restore ({describe_damage(e)}); using the one "
+            "before", file=sys.stderr)
   return config, params, params_dir
 
 
@@ -314,6 +318,7 @@ def write_checkpoint(ckpt_dir: str | os.PathLike, config: BertConfig, params: di
       shutil.copyfile(vocab_path, tmp / "vocab.txt")
     if lower_case is not None:
       write_json_atomic(tmp / "tokenizer_config.json", {"do_lower_case": bool(lower_case)})
+    follow_umask(tmp)
     if final.exists():
       final.rmdir()
     os.rename(tmp, final)
@@ -387,6 +392,7 @@ def write_hf_dir(hf_dir: str | os.PathLike, config: BertConfig, params: dict, *,
       write_json_atomic(tmp / "config.json", {**cfg, **extra_config})
     if vocab_path:
       write_tokenizer_files(tmp, vocab_path, bool(lower_case), config.max_position_embeddings)
+    follow_umask(tmp)  # not mkdtemp's 0700: others on a shared machine may read the model
     if final.exists():
       shutil.rmtree(final)
     os.rename(tmp, final)
@@ -466,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--force", action="store_true", help="replace an existing output directory")
   args = parser.parse_args(argv)
   if args.command == "from-hf":
+    check_writable(args.ckpt_dir, "from-hf CKPT_DIR")
     if not is_hf_dir(args.hf_dir):
       raise UserError(f"{args.hf_dir}: expected a Hugging Face BERT directory with config.json "
                       "and model.safetensors or pytorch_model.bin")
@@ -473,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.ckpt_dir}" + (f" (initialised {len(missing)} absent tensors)"
                                        if missing else ""))
   else:
+    check_writable(args.hf_dir, "to-hf HF_DIR")
     params_dir = to_hf(args.ckpt_dir, args.hf_dir, args.force)
     print(f"wrote {args.hf_dir} from {params_dir}")
   return 0

@@ -17,6 +17,8 @@ from typing import Any
 
 from etils import epath
 
+from bert_jax.errors import UserError
+
 REMOTE_PREFIXES = ("gs://", "s3://", "az://")
 
 
@@ -92,3 +94,39 @@ def upload_tree(local_dir: str | os.PathLike, dst: str | os.PathLike,
     else:
       dst.mkdir(parents=True, exist_ok=True)
       copy_atomic(src, dst / name)
+
+
+def check_writable(path: str | os.PathLike, flag: str, *, is_file: bool = False) -> None:
+  """Raises UserError (one line naming `flag`) unless `path` can be created or written: every
+  command calls it before any work, so a read-only or mistyped output fails in seconds rather
+  than after training. Object stores are not probed (their first write reports it)."""
+  if is_remote(path):
+    return
+  path = os.path.abspath(os.fspath(path))
+  if is_file and os.path.isdir(path):
+    raise UserError(f"{flag} {path}: is a directory; expected a file name")
+  if not is_file and os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag} {path}: exists and is not a directory")
+  probe = os.path.dirname(path) if is_file else path
+  while not os.path.lexists(probe):  # the nearest existing ancestor is where mkdir starts
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f"{flag} {path}: {probe} is a file, not a directory")
+  try:
+    fd, name = tempfile.mkstemp(prefix=".bert-jax-write-test-", dir=probe)
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror})") from None
+  os.close(fd)
+  os.remove(name)
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+  """Directories and files under `root` get the modes a plain mkdir/open would give (0777 /
+  0666 less the umask), as transformers' save_pretrained does; for trees built in a
+  tempfile.mkdtemp directory, which is 0700 (and mkstemp files 0600)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  for dirpath, _, files in os.walk(root):
+    os.chmod(dirpath, 0o777 & ~mask)
+    for name in files:
+      os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)

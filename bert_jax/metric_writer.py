@@ -131,6 +131,9 @@ class MetricWriter:
         parts.append(fmt.format(value))
     if row.get("skipped_steps"):
       parts.append(f"skipped {row['skipped_steps']}")
+    if row.get("resumed_at_step") is not None:
+      parts.append(f"mean of the {row.get('averaged_steps')} steps since the resume at "
+                   f"{row['resumed_at_step']}")
     return " | ".join(parts)
 
   def message(self, text: str) -> None:
@@ -186,7 +189,9 @@ class IntervalMetrics:
 
   Holding device arrays keeps the loop asynchronous: nothing is fetched until `summary`.
   Throughput counts only the steps since `restart_clock` (the loop restarts it after a
-  compile, an eval or a checkpoint, which are not training time).
+  compile, an eval or a checkpoint, which are not training time). Every summary says how many
+  steps it averages (`averaged_steps`); the first one after a resume also carries
+  `resumed_at_step`, since it averages only the steps run since then.
 
   Host time, summed over the interval's steps: `data_wait_s`, the loop blocked on the next
   batch; `host_overhead_s`, the loop's time between handing one step to the devices and
@@ -197,10 +202,11 @@ class IntervalMetrics:
 
   AVERAGED = ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "grad_norm")
 
-  def __init__(self):
+  def __init__(self, resumed_at: int | None = None):
     self.entries: list[tuple[int, dict]] = []
     self._checked = 0          # entries[:_checked] are known to be finite
     self.data_wait_s = self.host_overhead_s = 0.0
+    self.resumed_at = resumed_at
     self.restart_clock()
 
   def restart_clock(self) -> None:
@@ -255,6 +261,10 @@ class IntervalMetrics:
     out["skipped_steps"] = len(host) - len(finite)
     out["data_wait_s"], out["host_overhead_s"] = self.data_wait_s, self.host_overhead_s
     self.data_wait_s = self.host_overhead_s = 0.0
+    out["averaged_steps"] = len(host)
+    if self.resumed_at is not None:
+      out["resumed_at_step"] = self.resumed_at
+      self.resumed_at = None
     if self.timed_steps > 0 and elapsed > 0:
       steps_per_sec = self.timed_steps / elapsed
       out["steps_per_sec"] = steps_per_sec

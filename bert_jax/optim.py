@@ -6,10 +6,15 @@
   per-tensor trust ratio ||w|| / ||update||; both decay and trust ratio skip LayerNorm and biases
   (as the original LAMB's exclude_from_layer_adaptation and apex's default).
 - Global-norm clipping (1.0) of the raw gradients before the optimiser, as BERT does.
-- Warmup then polynomial decay over the GLOBAL step, continuous across phases (the paper) or
-  re-warmed per phase (NVIDIA). The step is passed as the `global_step` extra argument of
-  `update`, so a skipped (non-finite) step still advances the schedule; without it the
-  optimiser falls back to its own update count.
+- Learning rate over the GLOBAL step, continuous across phases (the paper) or re-warmed per
+  phase (NVIDIA). `optim.decay_from="zero"` is google-research/bert's optimization.py:
+  polynomial_decay(lr, step, total, end_lr, power) from step 0 over all steps, and for the
+  first `warmup` steps the linear warmup lr * step / warmup overrides it (NVIDIA's
+  PolyWarmUpScheduler is the same shape: lr * (1 - step/total)^power after warmup). So the
+  rate after warmup is lr * (1 - warmup/total)^power, not lr. `"warmup_end"` starts the decay
+  at the peak at the end of warmup instead (T/(T-w) higher from there on). The step is passed
+  as the `global_step` extra argument of `update`, so a skipped (non-finite) step still
+  advances the schedule; without it the optimiser falls back to its own update count.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from bert_jax.errors import UserError
 from bert_jax.phases import Phase
 
 NO_DECAY_SUBSTRINGS = ("LayerNorm", "layer_norm")
+DECAY_FROM = ("zero", "warmup_end")  # the first is the default (google-research/bert's)
 
 
 def _dict_keys(path) -> list[str]:
@@ -44,12 +50,14 @@ def decay_mask(params: Any) -> Any:
 
 # ----------------------------------------------------------------------------- schedules
 
-def _warmup_poly(step, peak: float, warmup: int, total: int, end: float, power: float):
-  """Linear warmup 0 -> peak over `warmup` steps, then polynomial decay peak -> end reached at
-  `total` (and held after)."""
+def _warmup_poly(step, peak: float, warmup: int, total: int, end: float, power: float,
+                 decay_from: str = "zero"):
+  """Linear warmup 0 -> peak over `warmup` steps; polynomial decay peak -> end reached at
+  `total` (and held after), counted from step 0 ("zero") or from the warmup's end."""
   step = jnp.asarray(step, jnp.float32)
   warm = peak * step / max(warmup, 1)
-  progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+  start = 0 if decay_from == "zero" else warmup
+  progress = jnp.clip((step - start) / max(total - start, 1), 0.0, 1.0)
   decay = end + (peak - end) * (1.0 - progress) ** power
   return jnp.where(step < warmup, warm, decay)
 
@@ -58,18 +66,21 @@ def make_schedule(cfg: Any, phases: Sequence[Phase]) -> optax.Schedule:
   """Learning rate as a function of the global step (0-based: the value used by update s)."""
   o = cfg.optim
   end, power = float(o.end_learning_rate), float(o.decay_power)
+  decay_from = str(o.get("decay_from", DECAY_FROM[0]))
+  if decay_from not in DECAY_FROM:
+    raise UserError(f"config.optim.decay_from={decay_from!r}: expected one of {DECAY_FROM}")
   kind = str(o.schedule)
   if kind == "continuous":
     peak, warmup = float(o.learning_rate), int(o.warmup_steps)
     total = phases[-1].end_step
-    return lambda step: _warmup_poly(step, peak, warmup, total, end, power)
+    return lambda step: _warmup_poly(step, peak, warmup, total, end, power, decay_from)
   if kind == "per_phase":
     def schedule(step):
       step = jnp.asarray(step)
       lr = jnp.asarray(0.0, jnp.float32)
       for p in phases:  # few phases: a select per phase
         here = _warmup_poly(step - p.start_step, p.learning_rate, p.warmup_steps, p.num_steps,
-                            end, power)
+                            end, power, decay_from)
         in_phase = (step >= p.start_step) & ((step < p.end_step) | (p is phases[-1]))
         lr = jnp.where(in_phase, here, lr)
       return lr

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import runpy
+import sys
 from typing import Any
 
 import ml_collections
@@ -230,9 +231,42 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
   cfg = load_config_file(spec)
+  configured_total = int(cfg.total_steps)
   apply_overrides(cfg, overrides)
+  scale_warmup(cfg, configured_total, {key for key, _ in overrides})
   validate_config(cfg)
   return cfg
+
+
+def scale_warmup(cfg: ml_collections.ConfigDict, configured_total: int,
+                 overridden: set[str]) -> list[str]:
+  """`--config.total_steps=N` shortens the whole schedule, warmup included: every warmup the
+  config file set for its own total_steps (optim.warmup_steps, a phase's warmup_steps) is
+  scaled by N / that total, unless it is given on the command line too. The scaling is printed
+  (stderr) and returned."""
+  total = int(cfg.total_steps)
+  if "total_steps" not in overridden or total == configured_total or configured_total < 1:
+    return []
+  ratio = total / configured_total
+  fields = [("optim.warmup_steps", cfg.optim, "warmup_steps")]
+  fields += [(f"phases.{i}.warmup_steps", p, "warmup_steps") for i, p in enumerate(cfg.phases)]
+  notes = []
+  for key, node, name in fields:
+    old = node.get(name, -1) if hasattr(node, "get") else -1
+    if key in overridden or not isinstance(old, int) or old <= 0:
+      continue  # given by the user, absent, or -1 (inherits optim.warmup_steps)
+    new = int(round(old * ratio))
+    if isinstance(node, ml_collections.ConfigDict):
+      with node.ignore_type():
+        setattr(node, name, new)
+    else:
+      node[name] = new
+    notes.append(f"{key} {old} -> {new}")
+  if notes:
+    print(f"--config.total_steps={total}: warmup scaled with it, x{ratio:.3g} of the config's "
+          f"{configured_total} steps ({', '.join(notes)}); give --config.optim.warmup_steps=N "
+          "to choose it", file=sys.stderr, flush=True)
+  return notes
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -252,10 +286,24 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                     "or 'per_phase'")
   if cfg.optim.name not in ("adamw", "lamb"):
     raise UserError(f"--config.optim.name={cfg.optim.name!r}: expected 'adamw' or 'lamb'")
+  from bert_jax.optim import DECAY_FROM
+  decay_from = cfg.optim.get("decay_from", DECAY_FROM[0])
+  if decay_from not in DECAY_FROM:
+    raise UserError(f"--config.optim.decay_from={decay_from!r}: expected 'zero' (decay over "
+                    "all steps from step 0, as google-research/bert) or 'warmup_end'")
   for key in ("log_every", "eval_every", "checkpoint.every_steps"):
     node = cfg
     for part in key.split("."):
       node = node[part]
     if node < 0:
       raise UserError(f"--config.{key}={node}: expected a non-negative integer")
-  make_phases(cfg)  # raises UserError naming the bad phase field
+  phases = make_phases(cfg)  # raises UserError naming the bad phase field
+  if cfg.optim.schedule == "continuous" and cfg.optim.warmup_steps >= cfg.total_steps > 0:
+    raise UserError(f"--config.optim.warmup_steps={cfg.optim.warmup_steps}: at or beyond the "
+                    f"end of training (total_steps={cfg.total_steps}); expected fewer warmup "
+                    "steps than steps")
+  for phase in phases if cfg.optim.schedule == "per_phase" else ():
+    if phase.warmup_steps >= phase.num_steps > 0:
+      raise UserError(f"--config.phases.{phase.index}.warmup_steps={phase.warmup_steps}: at or "
+                      f"beyond the end of phase {phase.index + 1} ({phase.num_steps} steps; "
+                      "per_phase schedules warm up in every phase); expected fewer")

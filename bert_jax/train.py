@@ -13,6 +13,7 @@ same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,9 +28,10 @@ import ml_collections
 
 from bert_jax import hostmem
 from bert_jax.config import BertConfig, get_preset, write_config_json
-from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
-  write_json_atomic
+from bert_jax.errors import UserError, cli_entry, first_line
+from bert_jax.fileio import as_path, check_writable, copy_atomic, is_remote, local_copy, \
+  upload_tree, write_json_atomic
+from bert_jax.lock import DirLock
 from bert_jax.run_config import config_hash, parse_args, resolve_config, to_plain
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
@@ -75,7 +77,8 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="bert-jax-vocab-") as tmp:
       local = target if not is_remote(target) else os.path.join(tmp, "vocab.txt")
       train_vocab(inputs, int(cfg.data.vocab_size), str(local),
-                  lower_case=bool(cfg.data.lower_case))
+                  lower_case=bool(cfg.data.lower_case),
+                  allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)))
       if is_remote(target):
         copy_atomic(local, target)
   return str(target)
@@ -125,7 +128,8 @@ def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bo
                          whole_word_mask=bool(cfg.data.whole_word_mask),
                          lower_case=bool(cfg.data.lower_case),
                          eval_fraction=float(cfg.data.eval_fraction),
-                         static_masking=not bool(cfg.data.dynamic_masking), progress=False)
+                         static_masking=not bool(cfg.data.dynamic_masking), progress=False,
+                         allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)))
     dirs.append(data_dir)
   _sync("data-created")
   from bert_jax.data.pipeline import check_fits
@@ -133,6 +137,34 @@ def prepare_data(cfg: Any, phases: list, workdir: str, vocab: str, is_writer: bo
     check_fits(manifest(data_dir), phase.seq_len, phase.max_predictions,
                where=f"phase {phase.index + 1} data {data_dir}")
   return dirs
+
+
+def _check_shards(data_dir: str, flag: str) -> None:
+  """Every shard opens and holds the manifest's instance count, and small local data is read
+  whole: a damaged shard is one line now, not a traceback when a batch needs it hours later."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  from bert_jax.data import records
+  man = records.read_manifest(data_dir)
+  for split, info in man["splits"].items():
+    paths = records.shard_paths(data_dir, split)
+    read_all = not is_remote(data_dir) and sum(map(os.path.getsize, paths)) <= 64 << 20
+    count = 0
+    for path in paths:
+      try:
+        reader = ArrayRecordReader(path)
+        try:
+          count += reader.num_records()
+          if read_all and reader.num_records():
+            reader.read(0, reader.num_records())
+        finally:
+          reader.close()
+      except Exception as e:  # array_record raises RuntimeError/OSError for damaged files
+        raise UserError(f"{flag}={data_dir}: shard {path} cannot be read ({first_line(e)}); "
+                        "recreate the data with bert-jax create-data") from None
+    if count != info["num_instances"]:
+      raise UserError(f"{flag}={data_dir}: its {split} shards hold {count} instances but "
+                      f"{records.MANIFEST} says {info['num_instances']}: damaged or truncated; "
+                      "recreate the data with bert-jax create-data")
 
 
 def _sync(name: str) -> None:
@@ -212,6 +244,7 @@ class Trainer:
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = cfg
     self.workdir = str(as_path(workdir))  # absolute if local; a gs:// URI stays as it is
+    self.lock = DirLock(self.workdir, "--workdir")
 
   # -- set-up ----------------------------------------------------------------------------------
 
@@ -224,15 +257,25 @@ class Trainer:
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_writer = self.process_index == 0
     as_path(workdir).mkdir(parents=True, exist_ok=True)
+    if self.is_writer:  # process 0 holds it for all hosts (best-effort on gs://, see lock.py)
+      self.lock.acquire()
     self.phases = make_phases(cfg)
     self.config_hash = config_hash(cfg)
+    vocab_file = as_path(workdir) / "vocab.txt"
+    vocab_existed = vocab_file.exists()
+    try:  # the cheap checks come before data creation, the writes of configs after all checks
+      self.vocab = prepare_vocab(cfg, workdir, self.is_writer)
+      self.bert_config, self.init_params = model_config(cfg, self.vocab)
+      self._check_model()
+      self.data_dirs = prepare_data(cfg, self.phases, workdir, self.vocab, self.is_writer)
+      self._check_data()
+    except Exception:
+      # A failed first set-up leaves no vocab.txt behind that would refuse the corrected rerun.
+      if self.is_writer and not vocab_existed and vocab_file.exists():
+        vocab_file.unlink()
+      raise
     if self.is_writer:
       self._write_resolved_config()
-    self.vocab = prepare_vocab(cfg, workdir, self.is_writer)
-    self.data_dirs = prepare_data(cfg, self.phases, workdir, self.vocab, self.is_writer)
-    self.bert_config, self.init_params = model_config(cfg, self.vocab)
-    self._check_shapes()
-    if self.is_writer:
       write_config_json(self.bert_config, as_path(workdir) / "config.json")
     self.mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor))
     check_batches_split(self.phases, self.mesh)
@@ -253,10 +296,9 @@ class Trainer:
                       stacklevel=2)
     write_json_atomic(path, resolved)
 
-  def _check_shapes(self) -> None:
-    from bert_jax.data.pipeline import manifest
+  def _check_model(self) -> None:
     bc = self.bert_config
-    for phase, data_dir in zip(self.phases, self.data_dirs):
+    for phase in self.phases:
       where = f"--config.phases.{phase.index}"
       if phase.seq_len > bc.max_position_embeddings:
         raise UserError(f"{where}.seq_len={phase.seq_len} exceeds the model's "
@@ -264,11 +306,24 @@ class Trainer:
       if phase.batch_size % self.process_count:
         raise UserError(f"{where}.batch_size={phase.batch_size}: expected a multiple of the "
                         f"{self.process_count} processes")
-      data_vocab = manifest(data_dir)["vocab"]["size"]
+
+  def _check_data(self) -> None:
+    from bert_jax.data.pipeline import manifest
+    bc = self.bert_config
+    vocab_sha = hashlib.sha256(as_path(self.vocab).read_bytes()).hexdigest()
+    for phase, data_dir in zip(self.phases, self.data_dirs):
+      made_with = manifest(data_dir)["vocab"]
+      data_vocab = made_with["size"]
       if data_vocab > bc.vocab_size or (self.cfg.init_from and data_vocab != bc.vocab_size):
         raise UserError(f"{data_dir}: made with a {data_vocab}-entry vocab, but the model's "
                         f"vocab_size is {bc.vocab_size}; the data and the model must share one "
                         "vocab")
+      if made_with.get("sha256") not in (None, vocab_sha):
+        raise UserError(f"{data_dir}: made with another vocab ({made_with.get('path')}, sha256 "
+                        f"{made_with['sha256'][:12]}) than this run's {self.vocab} (sha256 "
+                        f"{vocab_sha[:12]}); recreate the data with bert-jax create-data --vocab "
+                        "of this run, or pretrain with the data's vocab (--config.data.vocab)")
+      _check_shards(data_dir, f"--config.phases.{phase.index}.data")
 
   def _make_state(self, init_params: Any):
     import jax
@@ -298,6 +353,14 @@ class Trainer:
     if data_state is not None:
       it.set_state(data_state)
     return it
+
+  def _next_batch(self, phase: Any) -> dict:
+    try:
+      return next(self.iterator)
+    except (RuntimeError, OSError) as e:  # a shard damaged after the set-up check
+      raise UserError(f"--config.phases.{phase.index}.data={self.data_dirs[phase.index]}: "
+                      f"cannot read a batch ({first_line(e)}); recreate the data with "
+                      "bert-jax create-data") from None
 
   def _eval_batches(self, phase: Any) -> list[dict]:
     """A fixed list of held-out batches (the same every eval), or [] when there is none."""
@@ -416,7 +479,7 @@ class Trainer:
     eval_fn = jit_eval_step(make_eval_step(pretraining_loss(self.bert_config)), self.mesh,
                             shardings)
     self._eval_cache: dict[int, list] = {}
-    self.meter = IntervalMetrics()
+    self.meter = IntervalMetrics(resumed_at=step or None)
     self.phase, self.iterator = None, None
     train_fn = None
     preemption = Preemption()
@@ -435,13 +498,14 @@ class Trainer:
           flops_per_step = (flops_fn(self.bert_config, phase.seq_len, phase.max_predictions)
                             * phase.batch_size if flops_fn is not None else None)
         waited = time.perf_counter()
-        batch = next(self.iterator)
+        batch = self._next_batch(phase)
         self.meter.add_data_wait(time.perf_counter() - waited)
         batch_shape = [phase.batch_size, int(batch["input_ids"].shape[1])]
         if first_step_of_phase:
           writer.message(f"phase {phase.index + 1}/{len(phases)}: steps {phase.start_step}-"
                          f"{phase.end_step}, batch {batch_shape} (x{phase.grad_accum} "
-                         f"accumulation), {phase.max_predictions} predictions")
+                         f"accumulation), {phase.max_predictions} predictions; compiling "
+                         "its train step")
         self.meter.dispatching()
         self.state, metrics = train_fn(self.state, batch, base_rng)
         step += 1
@@ -532,7 +596,12 @@ class Trainer:
 
 def pretrain(cfg: ml_collections.ConfigDict, workdir: str) -> int:
   """Runs (or resumes) the whole schedule in `workdir`; returns the process exit code."""
-  return Trainer(cfg, workdir).run()
+  check_writable(workdir, "--workdir")
+  trainer = Trainer(cfg, workdir)
+  try:
+    return trainer.run()
+  finally:
+    trainer.lock.release()
 
 
 @cli_entry

@@ -25,6 +25,7 @@ import collections
 import io
 import os
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -34,13 +35,15 @@ from tokenizers import normalizers, pre_tokenizers
 
 from bert_jax.data.corpus import iter_documents
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import write_text_atomic
+from bert_jax.fileio import check_writable, write_text_atomic
 from bert_jax.tokenizer import CONTINUATION_PREFIX, MAX_INPUT_CHARS_PER_WORD, SPECIAL_TOKENS
 
 MIN_VOCAB_SIZE = 64
 MIN_CHAR_COUNT = 2  # a character seen this often is kept even beyond character_coverage
 CHAR_SHARE = 0.9  # characters may take at most this share of the non-special slots
 _SPM_WORD_START = "\u2581"  # sentencepiece's "▁"
+# Literal special tokens in the text (WikiText's <unk> is read as "[UNK]"): not words to learn.
+_SPECIAL_IN_TEXT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 def _word_splitter(lower_case: bool):
@@ -77,7 +80,7 @@ def count_words(sentences: Iterable[str], lower_case: bool) -> collections.Count
   split = _word_splitter(lower_case)
   counts: collections.Counter = collections.Counter()
   for sentence in sentences:
-    counts.update(split(sentence))
+    counts.update(split(_SPECIAL_IN_TEXT.sub(" ", sentence)))
   return counts
 
 
@@ -165,10 +168,26 @@ def write_vocab(tokens: list[str], output: str) -> None:
   write_text_atomic(output, "".join(token + "\n" for token in tokens))
 
 
+def _sentencepiece_advice(error: Exception, vocab_size: int, coverage: float) -> str:
+  """sentencepiece's message in this command's terms (its flags are not ours)."""
+  text = str(error)
+  counts = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text)
+  if counts:
+    return (f"it has {counts.group(2)} distinct characters to cover at --character-coverage "
+            f"{coverage}, but --vocab-size {vocab_size} leaves {counts.group(1)} entries beside "
+            "the special tokens; raise --vocab-size or lower --character-coverage")
+  text = re.sub(r"^\w+: \S+\.cc\(\d+\) \[.*?\] ", "", text.strip().splitlines()[0])
+  for theirs, ours in (("--character_coverage option", "--character-coverage"),
+                       ("character_coverage", "--character-coverage"),
+                       ("--vocab_size", "--vocab-size"), ("vocab_size", "--vocab-size")):
+    text = text.replace(theirs, ours)
+  return f"sentencepiece could not train on it ({text})"
+
+
 def train_vocab(inputs: str | list[str], vocab_size: int, output: str, lower_case: bool = True,
                 input_format: str = "auto", character_coverage: float = 0.9995,
                 max_sentences: int = 2_000_000, seed: int = 0, text_field: str = "text",
-                model_type: str = "bpe") -> str:
+                model_type: str = "bpe", allow_replaced_bytes: bool = False) -> str:
   """Trains a WordPiece vocab.txt on `inputs` (corpus specs, see bert_jax.data.corpus).
 
   Reads at most `max_sentences` sentences (a uniform sample drawn with `seed` when the input
@@ -182,20 +201,22 @@ def train_vocab(inputs: str | list[str], vocab_size: int, output: str, lower_cas
     raise UserError(f"--max-sentences {max_sentences}: expected a positive number")
   if model_type not in ("bpe", "unigram"):
     raise UserError(f"--model-type {model_type!r}: expected bpe or unigram")
-  if os.path.isdir(output):
-    raise UserError(f"--output {output}: is a directory; expected a file name such as vocab.txt")
-  documents = iter_documents(inputs, input_format=input_format, text_field=text_field)
+  check_writable(output, "--output", is_file=True)
+  shown = ", ".join(map(str, [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs))
+  documents = iter_documents(inputs, input_format=input_format, text_field=text_field,
+                             allow_replaced_bytes=allow_replaced_bytes)
   word_counts = count_words(_sample_sentences(documents, max_sentences, seed), lower_case)
   # Words WordPiece will turn into [UNK] anyway teach sentencepiece nothing useful.
   word_counts = {w: c for w, c in word_counts.items() if len(w) <= MAX_INPUT_CHARS_PER_WORD}
   if not word_counts:
-    raise UserError(f"--input {inputs}: no words found to train a vocabulary on")
+    raise UserError(f"--input {shown}: no words found to train a vocabulary on")
   characters = covered_characters(word_counts, character_coverage)
   budget = vocab_size - len(SPECIAL_TOKENS)
   try:
     pieces = _train_sentencepiece(word_counts, budget, character_coverage, model_type)
   except RuntimeError as e:
-    raise UserError(f"--input {inputs}: sentencepiece could not train on it ({e})") from None
+    raise UserError(f"--input {shown}: "
+                    f"{_sentencepiece_advice(e, vocab_size, character_coverage)}") from None
   vocab = wordpiece_vocab(pieces, characters, vocab_size, lower_case)
   if len(vocab) < vocab_size:
     warnings.warn(f"{output}: the corpus only supports {len(vocab)} vocab entries "
@@ -225,27 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sample at most this many sentences (default 2,000,000)")
   parser.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--allow-replaced-bytes", action="store_true",
+                      help="go on when over 1%% of a file's bytes are not UTF-8")
   return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  with warnings.catch_warnings():
-    warnings.simplefilter("always")
-    warnings.showwarning = _warn_one_line
-    path = train_vocab(args.input, args.vocab_size, args.output, lower_case=args.lower_case,
-                       input_format=args.input_format, character_coverage=args.character_coverage,
-                       max_sentences=args.max_sentences, seed=args.seed,
-                       text_field=args.text_field, model_type=args.model_type)
+  path = train_vocab(args.input, args.vocab_size, args.output, lower_case=args.lower_case,
+                     input_format=args.input_format, character_coverage=args.character_coverage,
+                     max_sentences=args.max_sentences, seed=args.seed,
+                     text_field=args.text_field, model_type=args.model_type,
+                     allow_replaced_bytes=args.allow_replaced_bytes)
   with open(path, encoding="utf-8") as f:
     size = sum(1 for _ in f)
   print(f"wrote {path}: {size} tokens ({'uncased' if args.lower_case else 'cased'})")
   return 0
-
-
-def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
-  print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = -1       # grain worker processes building batches; -1: from the cores
                                  # (pipeline.default_worker_count: 0 below 8 cores)
   c.data.prefetch = 2            # batches built and copied to the devices ahead of the step
+  c.data.allow_replaced_bytes = False  # True: go on when >1% of a file's bytes are not UTF-8
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"
@@ -63,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0
   c.optim.warmup_steps = 10_000
   c.optim.schedule = "continuous"    # over the global step, as the paper | "per_phase"
+  # "zero": polynomial decay from step 0 over all steps, warmup overriding the first steps
+  # (google-research/bert's optimization.py) | "warmup_end": decay from the peak at warmup's end
+  c.optim.decay_from = "zero"
   c.optim.decay_power = 1.0          # 1.0 = linear decay
   c.optim.end_learning_rate = 0.0
 

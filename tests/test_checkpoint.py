@@ -82,9 +82,14 @@ def test_damaged_newest_falls_back_with_warning(saved, damage):
     shutil.rmtree(step_dir / "data")
   else:
     shutil.rmtree(step_dir / "opt_state")
-  with pytest.warns(UserWarning, match="checkpoints/8 is incomplete or corrupt"):
+  with pytest.warns(UserWarning, match="checkpoints/8 is incomplete or corrupt") as caught:
     r = ck.restore(ap, ao)
   assert r.step == 6
+  message = next(str(w.message) for w in caught if "checkpoints/8 is" in str(w.message))
+  assert "object at 0x" not in message and "bound method" not in message
+  assert "tensorstore_spec" not in message and "\n" not in message
+  if damage in ("garble_chunks", "delete_chunks"):   # names the damaged file itself
+    assert f"({step_dir / 'params'}/" in message, message
   np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 6.0))
   # set aside for inspection, out of the way of a new save of step 8
   assert ck.all_steps() == [2, 4, 6]

@@ -162,6 +162,40 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capsys):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"garbage")
   _, params = load_pretrained(workdir)
-  assert "using the one before" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "using the one before" in err and err.count("\n") == 1   # no asyncio tracebacks
+  # The warning names the damaged file (not a Python object's repr).
+  assert f"warning: {workdir / 'checkpoints' / '20' / 'params'}: cannot restore (" in err
+  assert "object at 0x" not in err and "bound method" not in err and "tensorstore_spec" not in err
   jax.tree_util.tree_map(np.testing.assert_array_equal, params,
                          init_pretraining_params(config, 0))
+
+
+def test_written_directories_follow_the_umask(tmp_path):
+  """to-hf / --export-hf (and from-hf) used to leave 0700 directories and 0600 files."""
+  config = get_preset("tiny", vocab_size=99, hidden_size=64, num_attention_heads=4)
+  params = init_pretraining_params(config, 0)
+  vocab = _write_vocab(tmp_path / "vocab.txt", 99)
+  old = os.umask(0o022)
+  try:
+    write_hf_dir(tmp_path / "hf", config, params, vocab_path=vocab, lower_case=True)
+    write_checkpoint(tmp_path / "ckpt", config, params, vocab)
+  finally:
+    os.umask(old)
+  for root in (tmp_path / "hf", tmp_path / "ckpt"):
+    assert root.stat().st_mode & 0o777 == 0o755
+    for path in root.rglob("*"):
+      assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+  assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  r = _cli("to-hf", str(tmp_path / "nowhere"), str(blocker / "hf"))
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert f"to-hf HF_DIR {blocker / 'hf'}: {blocker} is a file" in r.stderr   # before the input
+  save_random_hf("BertForPreTraining", tmp_path / "hf")
+  r = _cli("from-hf", str(tmp_path / "hf"), "/proc/bert-jax-ckpt")
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "from-hf CKPT_DIR /proc/bert-jax-ckpt: cannot write in /proc" in r.stderr

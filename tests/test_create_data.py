@@ -65,10 +65,15 @@ def test_layout_and_lengths(static_data, vocab):
 
 
 def test_nsp_and_mlm_statistics(static_data, vocab):
-  _, _, insts = static_data
+  _, man, insts = static_data
   tok = load_tokenizer(vocab)
   random_next = np.mean([int(i["next_sentence_label"]) for i in insts])
-  assert 0.45 < random_next < 0.56
+  # A coin flip for every pair, except those whose segment was one sentence (always random).
+  train = man["splits"]["train"]
+  assert train["random_next"] == sum(int(i["next_sentence_label"]) for i in insts)
+  forced = train["forced_random_next"]
+  assert 0.47 < (train["random_next"] - forced) / (len(insts) - forced) < 0.53
+  assert 0.45 < random_next < 0.6
   predicted = maskable_total = 0
   kinds = {"mask": 0, "keep": 0, "random": 0}
   for inst in insts:
@@ -248,11 +253,20 @@ def test_cli_unknown_tfds_dataset(tmp_path, capsys, vocab):
 def test_one_sentence_documents_and_long_lines(tmp_path, capsys, vocab):
   one = tmp_path / "one.txt"
   one.write_text("".join(f"Document number {d} has only this sentence in it.\n\n" for d in range(30)))
-  code, _ = _cli(["--input", str(one), "--vocab", vocab, "--output", str(tmp_path / "o1"),
-                  "--input-format", "bert", "--dupe-factor", "2"], capsys)
+  code, err = _cli(["--input", str(one), "--vocab", vocab, "--output", str(tmp_path / "o1"),
+                    "--input-format", "bert", "--dupe-factor", "2"], capsys)
   assert code == 0
   insts = list(read_instances(tmp_path / "o1"))
   assert len(insts) == 60 and all(int(i["next_sentence_label"]) == 1 for i in insts)
+  # ...and it says so, in one line with the counts, which the manifest keeps too.
+  assert err == ("warning: NSP: 60 of 60 instances (100%) got a random B because their segment "
+                 "was one sentence, so 100% of the labels are 'random next' instead of about "
+                 "50%: one-sentence documents (bert format: one sentence per line, a blank "
+                 "line between documents), or sentences about as long as --max-seq-length?")
+  man = json.loads((tmp_path / "o1" / records.MANIFEST).read_text())
+  assert (man["splits"]["train"]["forced_random_next"], man["splits"]["train"]["random_next"]) \
+      == (60, 60)
+  assert man["warnings"] == [err.removeprefix("warning: ")]
   long = tmp_path / "long.txt"
   words = " ".join(f"word{k % 97}" for k in range(60_000))
   long.write_text(f"A short line.\n{words}\nAnother line here.\n\nSecond doc.\nIt ends.\n")
@@ -267,13 +281,79 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, capsys, vocab):
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"The first sentence is fine.\nThe second has bad \xff\xfe bytes.\n"
                   b"A third one.\n\nAnother document.\nWith two lines.\n")
-  from bert_jax.data.corpus import CorpusWarning
-  with pytest.warns(CorpusWarning, match="2 byte"):
-    code, _ = _cli(["--input", str(bad), "--vocab", vocab, "--output", str(tmp_path / "o"),
+  code, err = _cli(["--input", str(bad), "--vocab", vocab, "--output", str(tmp_path / "o"),
                     "--input-format", "bert"], capsys)
   assert code == 0
+  size = bad.stat().st_size
+  assert err == f"warning: {bad}: 2 byte(s) of {size} that are not UTF-8 replaced with U+FFFD"
   man = json.loads((tmp_path / "o" / records.MANIFEST).read_text())
-  assert man["corpus"]["bad_bytes"] == 2 and man["splits"]["train"]["num_instances"] > 0
+  assert man["corpus"]["bad_bytes"] == 2 and man["corpus"]["bytes"] == size
+  assert man["corpus"]["files_with_bad_bytes"] == [str(bad)]
+  assert man["splits"]["train"]["num_instances"] > 0
+
+
+def test_binary_input_is_refused_unless_allowed(tmp_path, capsys, vocab):
+  """A binary file used to give exit 0 and a dataset of garbage."""
+  binary = tmp_path / "model.bin"
+  binary.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, np.uint8).tobytes())
+  out = tmp_path / "o"
+  args = ["--input", str(binary), "--vocab", vocab, "--output", str(out), "--dupe-factor", "1"]
+  code, err = _cli(args, capsys)
+  _assert_one_line_error(code, err, f"--input {binary}: ", "of its 200,000 bytes", "not UTF-8",
+                         "--allow-replaced-bytes")
+  assert not out.exists()                                   # nothing half-written
+  code, err = _cli(args + ["--allow-replaced-bytes"], capsys)
+  assert code == 0
+  warning = [line for line in err.splitlines() if "not UTF-8" in line]
+  assert len(warning) == 1 and warning[0].startswith(f"warning: {binary}: ")
+  man = json.loads((out / records.MANIFEST).read_text())
+  assert man["corpus"]["bytes"] == 200_000 and 0.3 < man["corpus"]["bad_bytes"] / 200_000 < 0.6
+  assert man["corpus"]["allow_replaced_bytes"] is True
+
+
+def test_one_huge_document_warns_that_random_bs_come_from_it(tmp_path, capsys, vocab):
+  huge = tmp_path / "huge.txt"
+  huge.write_text("".join(f"Sentence {k} of the only document talks about item {k % 13}.\n"
+                          for k in range(400)))
+  code, err = _cli(["--input", str(huge), "--vocab", vocab, "--output", str(tmp_path / "o"),
+                    "--input-format", "bert", "--dupe-factor", "1"], capsys)
+  assert code == 0
+  man = json.loads((tmp_path / "o" / records.MANIFEST).read_text())
+  train = man["splits"]["train"]
+  assert train["random_next"] > 0 and train["random_next_same_document"] == train["random_next"]
+  assert err == (f"warning: NSP: {train['random_next']} of {train['random_next']} random-next "
+                 "Bs (100%) come from the same document as A, since no other document was at "
+                 "hand (one huge document?); separate the documents with blank lines")
+  # A normal corpus (the embedded sample: short documents) gives no NSP warning.
+  code, err = _cli(["--input", "sample", "--vocab", vocab, "--output", str(tmp_path / "s"),
+                    "--dupe-factor", "1"], capsys)
+  assert code == 0 and "NSP" not in err
+
+
+def test_wikitext_unk_is_the_vocab_unk_token(tmp_path, capsys, vocab):
+  """WikiText's <unk> used to become the three tokens <, unk, >."""
+  wiki = tmp_path / "wiki.valid.tokens"
+  wiki.write_text(" = Title = \n\n The <unk> sat on the mat . It was a <unk> day .\n")
+  code, _ = _cli(["--input", str(wiki), "--vocab", vocab, "--output", str(tmp_path / "o"),
+                  "--dupe-factor", "1", "--masked-lm-prob", "0.01"], capsys)
+  assert code == 0
+  tok = load_tokenizer(vocab)
+  ids = np.concatenate([_original_ids(i) for i in read_instances(tmp_path / "o")]).tolist()
+  assert tok.unk_id in ids
+  assert not set(tok.convert_tokens_to_ids(["<", ">"])) & set(ids)
+  # Outside WikiText files the text is tokenised as BertTokenizerFast does: "<unk>" is 3 pieces.
+  assert tok.tokenize("a <unk> b") == ["a", "<", "un", "##k", ">", "b"]
+
+
+def test_unwritable_output_is_refused_before_reading(tmp_path, capsys, vocab):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  code, err = _cli(["--input", "sample", "--vocab", vocab, "--output", str(blocker / "o")],
+                   capsys)
+  _assert_one_line_error(code, err, f"--output {blocker / 'o'}: {blocker} is a file")
+  code, err = _cli(["--input", "sample", "--vocab", vocab, "--output", "/proc/bert-jax-o"],
+                   capsys)
+  _assert_one_line_error(code, err, "--output /proc/bert-jax-o: cannot write in /proc")
 
 
 def test_output_dir_rules(tmp_path, capsys, vocab):

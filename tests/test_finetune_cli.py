@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -204,6 +205,48 @@ def test_bad_input_exits_2(tmp_path, vocab, minilm_dir, shared_data):
   assert_user_error(run_cli("--task", "classification", "--init", str(minilm_dir), "--vocab",
                             zh_vocab, "--train-file", str(good), "--validation-file", str(good),
                             "--output-dir", str(tmp_path / "o")), "21128", "30522")
+
+
+def test_unwritable_output_exits_2_in_seconds_before_training(tmp_path, vocab):
+  """Checked before anything is loaded: the trained model used to be lost at the very end."""
+  good = tmp_path / "good.tsv"
+  good.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(40)))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  common = ["--task", "classification", "--vocab", vocab, "--train-file", str(good),
+            "--validation-file", str(good), *TINY]
+  cases = [(["--output-dir", str(blocker / "out")], "--output-dir", "is a file"),
+           (["--output-dir", "/proc/bert-jax-out"], "--output-dir", "cannot write in /proc"),
+           (["--output-dir", str(tmp_path / "o"), "--export-hf", str(blocker / "hf")],
+            "--export-hf", "is a file")]
+  for args, flag, reason in cases:
+    started = time.monotonic()
+    result = run_cli(*common, *args)
+    assert_user_error(result, flag, reason)
+    assert time.monotonic() - started < 30, "not before training"
+    assert "fine-tune" not in result.stderr
+  assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_second_run_on_one_output_dir_is_refused(tmp_path, vocab):
+  """A live process's lock (here a sleeping child's) refuses the run, naming pid and host."""
+  import socket
+  out = tmp_path / "out"
+  out.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    (out / ".bert-jax.lock").write_text(json.dumps(
+        {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}))
+    good = tmp_path / "good.tsv"
+    good.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    result = run_cli("--task", "classification", "--vocab", vocab, "--train-file", str(good),
+                     "--validation-file", str(good), "--output-dir", str(out), *TINY)
+    assert_user_error(result, "--output-dir", f"in use by pid {holder.pid} on host "
+                      f"{socket.gethostname()}")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not (out / "metrics.json").exists()
 
 
 # -- real weights ----------------------------------------------------------------------------

@@ -66,6 +66,48 @@ def test_table_errors_name_file_and_line(tmp_path):
     tasks.read_text_records(write(tmp_path, "h.jsonl", '{"text": "a"}\n{oops\n'))
 
 
+def test_labels_that_spell_one_class_two_ways_are_refused(tmp_path):
+  """0 / 1 / 1.0 / neg / positive used to train a 5-class model without a word."""
+  rows = ["sentence\tlabel"] + [f"text {i}\t{label}" for i, label in
+                                 enumerate(["0", "1", "1.0", "neg", "positive", "0", "1"])]
+  mixed = write(tmp_path, "mixed.tsv", "\n".join(rows) + "\n")
+  with pytest.raises(UserError, match=r"mixed\.tsv: the labels mix numbers and words "
+                                      r"\(0, 1, 1\.0, neg, positive\).*--label-column"):
+    tasks.build_label_map(tasks.read_text_records(mixed), mixed, None)
+  numbers = write(tmp_path, "numbers.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1.0\n")
+  with pytest.raises(UserError, match=r"spell one class two ways \('1' and '1\.0'\)"):
+    tasks.build_label_map(tasks.read_text_records(numbers), numbers, None)
+  words = write(tmp_path, "words.tsv", "sentence\tlabel\na\tPositive\nb\tpositive\nc\tneg\n")
+  with pytest.raises(UserError, match="spell one class two ways"):
+    tasks.build_label_map(tasks.read_text_records(words), words, None)
+  # Consistent labels are fine, and so is a numeric regression target.
+  ok = write(tmp_path, "ok.tsv", "sentence\tlabel\na\tneg\nb\tpos\n")
+  assert tasks.build_label_map(tasks.read_text_records(ok), ok, None) == (["neg", "pos"], False)
+  floats = write(tmp_path, "floats.tsv", "sentence\tlabel\na\t0.0\nb\t1.0\nc\t0.5\n")
+  assert tasks.build_label_map(tasks.read_text_records(floats), floats, None) == ([], True)
+
+
+def test_headerless_news_csv_names_the_column_flags(tmp_path):
+  """class, title, description without a header (the usual news-topic layout) is not read as
+  text = class id, pair = title, label = description."""
+  rows = [f'"{1 + i % 4}","Title number {i}","A longer description of story {i}, told."'
+          for i in range(60)]
+  news = write(tmp_path, "news.csv", "\n".join(rows) + "\n")
+  with pytest.raises(UserError, match=r"news\.csv: the text column '0' holds only numbers "
+                                      r"\(class ids\?\); a file without a header is read as "
+                                      r"text, pair, label; name the columns with --text-column "
+                                      r"and --label-column"):
+    tasks.read_text_records(news)
+  r = tasks.read_text_records(news, text_column="1", pair_column="2", label_column="0")
+  assert (r[0].text, r[0].label) == ("Title number 0", "1")
+  # A label column that is text (a different value in most rows) is refused the same way.
+  swapped = write(tmp_path, "swapped.tsv", "\n".join(
+      f"title {i}\tdescription of story number {i}" for i in range(60)) + "\n")
+  with pytest.raises(UserError, match="label column '1' has 60 different values in 60 rows, so "
+                                      "it looks like text; a file without a header"):
+    tasks.read_text_records(swapped)
+
+
 def test_unknown_validation_label_is_reported(tmp_path, tok):
   train = tasks.read_text_records(write(tmp_path, "t.tsv", "sentence\tlabel\na\tx\nb\ty\n"))
   names, _ = tasks.build_label_map(train, "t.tsv", None)

@@ -97,3 +97,16 @@ def test_interval_all_skipped_gives_nan_loss():
   m.add(1, {"loss": jnp.float32(float("inf")), "finite": jnp.float32(0)})
   s = m.summary(sequences_per_step=1, tokens_per_step=1)
   assert math.isnan(s["loss"]) and s["skipped_steps"] == 1
+
+
+def test_first_summary_after_a_resume_says_it_averages_only_the_steps_since():
+  m = IntervalMetrics(resumed_at=250)
+  for step in (251, 252, 253):
+    m.add(step, {"loss": jnp.float32(1.0), "finite": jnp.float32(1)})
+  first = m.summary(sequences_per_step=1, tokens_per_step=1)
+  assert (first["averaged_steps"], first["resumed_at_step"]) == (3, 250)
+  assert "mean of the 3 steps since the resume at 250" in MetricWriter.progress_line(
+      {"split": "train", "step": 253, "phase": 0, "seq_len": 8, **first})
+  m.add(254, {"loss": jnp.float32(1.0), "finite": jnp.float32(1)})
+  second = m.summary(sequences_per_step=1, tokens_per_step=1)
+  assert second["averaged_steps"] == 1 and "resumed_at_step" not in second

@@ -61,7 +61,7 @@ def test_adamw_matches_numpy_reference(bias_correction):
     updates, state = optimizer.update(grads, state, p, global_step=step)
     p = optax.apply_updates(p, updates)
   lrs = [float(schedule(s)) for s in range(4)]
-  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.1)
+  assert lrs[0] == 0.0 and lrs[2] == pytest.approx(0.1 * (1 - 2 / 10))  # decayed from step 0
   expected = _numpy_adamw(params, grads_seq, lrs, 0.9, 0.999, 1e-6, 0.1, 1.0, bias_correction)
   for mod in NAMES:
     for name in NAMES[mod]:
@@ -93,14 +93,72 @@ def test_decay_mask_on_the_real_param_tree():
   assert jax.tree.leaves(decay_mask(boxed)) == jax.tree.leaves(decay_mask(params))
 
 
-def _schedule_cfg(kind):
+def _schedule_cfg(kind, decay_from="warmup_end", **optim):
   cfg = make_cfg(total_steps=100, warmup_steps=10, learning_rate=1e-3, schedule=kind,
-                 end_learning_rate=1e-5)
+                 end_learning_rate=1e-5, decay_from=decay_from, **optim)
   cfg.phases[1].update(warmup_steps=2, learning_rate=5e-4)
   return cfg
 
 
+def _google_bert_lr(step, lr, warmup, total, end=0.0, power=1.0):
+  """google-research/bert optimization.py, written out: tf.train.polynomial_decay(lr, step,
+  total, end, power) from step 0, then the linear warmup lr * step / warmup overrides it for
+  step < warmup."""
+  decayed = (lr - end) * (1 - min(step, total) / total) ** power + end
+  return lr * step / warmup if warmup and step < warmup else decayed
+
+
+@pytest.mark.parametrize("power,end", [(1.0, 0.0), (1.0, 1e-5), (0.5, 0.0)])
+def test_paper_schedule_is_google_research_bert_formula(power, end):
+  """The default (decay_from="zero"): no T/(T-w) boost after warmup."""
+  cfg = _schedule_cfg("continuous", decay_from="zero", decay_power=power)
+  cfg.optim.end_learning_rate = end
+  sched = make_schedule(cfg, make_phases(cfg))
+  for step in (0, 1, 5, 9, 10, 11, 50, 89, 90, 99, 100, 150):
+    assert float(sched(step)) == pytest.approx(_google_bert_lr(step, 1e-3, 10, 100, end, power),
+                                               rel=1e-5, abs=1e-12), step
+  if (power, end) == (1.0, 0.0):
+    assert float(sched(10)) == pytest.approx(1e-3 * 0.9)  # after warmup: lr (1 - w/T), not lr
+  # Without decay_from in the config (an older or hand-written config) the paper form is used.
+  del cfg.optim["decay_from"]
+  assert float(make_schedule(cfg, make_phases(cfg))(50)) == pytest.approx(
+      _google_bert_lr(50, 1e-3, 10, 100, end, power), rel=1e-5)
+
+
+def test_paper_configs_default_to_the_google_research_bert_schedule():
+  from bert_jax.run_config import load_config_file
+  for name in ("bert_base_paper", "bert_large_paper", "chinese_base", "bert_large_lamb",
+               "tiny_cpu"):
+    assert load_config_file(f"configs/{name}.py").optim.decay_from == "zero", name
+  cfg = load_config_file("configs/bert_base_paper.py")
+  sched = make_schedule(cfg, make_phases(cfg))
+  for step in (0, 5_000, 10_000, 500_000, 900_000, 999_999):
+    assert float(sched(step)) == pytest.approx(_google_bert_lr(step, 1e-4, 10_000, 1_000_000),
+                                               rel=1e-5, abs=1e-11), step  # float32 steps
+
+
+def test_per_phase_schedule_decays_each_phase_from_its_start():
+  """NVIDIA's PolyWarmUpScheduler: lr * (1 - progress)^power after warmup, progress from the
+  phase's first step (the same shape as google-research/bert's, per phase)."""
+  cfg = _schedule_cfg("per_phase", decay_from="zero", decay_power=0.5)
+  cfg.optim.end_learning_rate = 0.0
+  sched = make_schedule(cfg, make_phases(cfg))
+  for step in (0, 5, 10, 40, 89):
+    assert float(sched(step)) == pytest.approx(_google_bert_lr(step, 1e-3, 10, 90, power=0.5),
+                                               rel=1e-5), step
+  for step in (90, 91, 92, 95, 99):
+    assert float(sched(step)) == pytest.approx(
+        _google_bert_lr(step - 90, 5e-4, 2, 10, power=0.5), rel=1e-5, abs=1e-12), step
+
+
+def test_decay_from_is_validated():
+  cfg = _schedule_cfg("continuous", decay_from="middle")
+  with pytest.raises(UserError, match="optim.decay_from"):
+    make_schedule(cfg, make_phases(cfg))
+
+
 def test_continuous_schedule_values():
+  """decay_from="warmup_end": the decay starts at the peak at warmup's end."""
   cfg = _schedule_cfg("continuous")
   sched = make_schedule(cfg, make_phases(cfg))
   lr = lambda s: float(sched(s))

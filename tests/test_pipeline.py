@@ -100,9 +100,11 @@ def test_process_sharding_splits_the_records(static_dir):
   assert not rows[0] & rows[1] and len(rows[0]) + len(rows[1]) == total - total % 2
 
 
-@pytest.mark.parametrize("skip", [3, 27])    # mid-epoch, and just before the epoch boundary
-def test_state_round_trip_gives_the_next_batches(static_dir, skip):
-  # 224 records / 8 = 28 batches an epoch: from 27, the next batches cross into epoch 2.
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch boundary"])
+def test_state_round_trip_gives_the_next_batches(static_dir, where):
+  # 8 records a batch: from the epoch's last batch, the next ones cross into epoch 2.
+  records = pipeline.manifest(static_dir)["splits"]["train"]["num_instances"]
+  skip = 3 if where == "mid-epoch" else records // 8 - 1
   it = _iter(static_dir)
   _take(it, skip)
   state = it.get_state()
@@ -115,20 +117,25 @@ def test_state_round_trip_gives_the_next_batches(static_dir, skip):
 def test_dynamic_masking_fresh_per_epoch_reproducible_and_resumable(dynamic_dir, vocab):
   man = pipeline.manifest(dynamic_dir)
   assert man["static_masking"] is False and man["whole_word_mask"] is True
-  epoch = 224 // 8
+  records = man["splits"]["train"]["num_instances"]
+  epoch = records // 8
   it = _iter(dynamic_dir, shuffle=False)
-  first, second = _take(it, epoch), _take(it, 2)
-  # Same record in epoch 2, new masks; the unmasked text is the same.
-  b1, b2 = first[0], second[0]
-  assert not np.array_equal(b1["masked_lm_positions"], b2["masked_lm_positions"])
-  restored = []
-  for b in (b1, b2):
-    ids = b["input_ids"].copy()
-    for row in range(8):
-      k = int(b["masked_lm_weights"][row].sum())
-      ids[row, b["masked_lm_positions"][row, :k]] = b["masked_lm_ids"][row, :k]
-    restored.append(ids)
-  np.testing.assert_array_equal(restored[0], restored[1])
+  first, second = _take(it, epoch), _take(it, 3)
+  # Records 0-7 again in epoch 2 (rows `records`..+7 of the stream), new masks, the same text.
+  def stream(batches, key):
+    return np.concatenate([b[key] for b in batches])
+
+  def restored(batches):
+    ids = stream(batches, "input_ids").copy()
+    positions, labels = stream(batches, "masked_lm_positions"), stream(batches, "masked_lm_ids")
+    for row, k in enumerate(stream(batches, "masked_lm_weights").sum(-1).astype(int)):
+      ids[row, positions[row, :k]] = labels[row, :k]
+    return ids
+
+  again = slice(records, records + 8)
+  assert not np.array_equal(stream(first, "masked_lm_positions")[:8],
+                            stream(first + second, "masked_lm_positions")[again])
+  np.testing.assert_array_equal(restored(first)[:8], restored(first + second)[again])
   masked_fraction = np.mean([b["masked_lm_weights"].sum() / (b["input_mask"].sum() - 3 * 8)
                              for b in first])
   assert 0.12 < masked_fraction < 0.17

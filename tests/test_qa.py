@@ -346,3 +346,44 @@ def test_bad_files(tmp_path, en_tok):
   featurize(examples, en_tok, max_seq_length=32, is_training=False)  # fine for prediction
   with pytest.raises(UserError, match=r"d\.json.*'R'"):
     featurize(examples, en_tok, max_seq_length=32, max_query_length=8, is_training=True)
+
+
+def test_limits_that_cut_gold_answers_are_counted(cmrc_dev, zh_tok, en_tok):
+  """On CMRC 2018, SQuAD's 30-token answer limit cuts gold answers (Chinese counts a token per
+  character): say how many, and how many fit in no window."""
+  from bert_jax.finetune.qa import coverage_warnings
+  features = featurize(cmrc_dev, zh_tok, max_seq_length=384, doc_stride=128, is_training=False)
+  lengths = features.answer_lengths
+  assert len(lengths) == len(cmrc_dev)            # every dev question has a located answer
+  longer = int((lengths > 30).sum())
+  assert 0.01 < longer / len(lengths) < 0.1
+  notes = coverage_warnings(features, "dev.json", max_answer_length=30, max_seq_length=384,
+                            doc_stride=128)
+  assert notes[0].startswith(f"dev.json: {longer} of {len(lengths)} gold answers "
+                             f"({longer / len(lengths):.1%}) are longer than "
+                             "--max-answer-length 30 tokens")
+  assert coverage_warnings(features, "dev.json", max_answer_length=int(lengths.max()),
+                           max_seq_length=384, doc_stride=128) == []
+  # A window too small for the answer: it fits in none (trains as no-answer, never predicted).
+  ex = _english_example()
+  answer = ex.context[ex.context.index("carries"):]
+  long_answer = QAExample(id="a", question=ex.question, context=ex.context,
+                          answers=[{"text": answer, "answer_start": ex.context.index(answer)}])
+  features = featurize([long_answer], en_tok, max_seq_length=16, doc_stride=4, is_training=True)
+  assert features.answers_in_no_window == 1
+  notes = coverage_warnings(features, "t.json", max_answer_length=100, max_seq_length=16,
+                            doc_stride=4)
+  assert notes == ["t.json: 1 of 1 gold answers (100.0%) fit in no window of --max-seq-length "
+                   "16 with --doc-stride 4 (they train as no-answer and can never be predicted); "
+                   "raise --max-seq-length or lower --doc-stride"]
+
+
+def test_default_max_answer_length_suits_the_language(cmrc_dev, shared_data):
+  from bert_jax.finetune import squad_eval
+  from bert_jax.finetune.__main__ import build_parser
+  from bert_jax.finetune.specs import DEFAULT_MAX_ANSWER_LENGTH
+  assert build_parser().parse_args(["--task", "qa", "--init", "x", "--train-file", "t",
+                                    "--validation-file", "v", "--output-dir", "o"]
+                                   ).max_answer_length is None   # chosen from the data
+  assert DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(cmrc_dev)] == 50
+  assert DEFAULT_MAX_ANSWER_LENGTH["en"] == 30

@@ -134,7 +134,8 @@ def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
             "--config.phases.1.batch_size=2", "--config.phases.1.data=gs://fake-bucket/data/d64",
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep_last=10",
             "--config.checkpoint.async_save=false", "--config.log_every=1",
-            "--config.eval_every=0", "--config.optim.warmup_steps=2"]
+            "--config.eval_every=0", "--config.optim.warmup_steps=2",
+            "--config.data.dynamic_masking=False"]
 
   # Phases split 9:1, so 10 steps are 9 at length 32 and 1 at 64 (both data dirs are read).
   assert train.main(args(6)) == 0

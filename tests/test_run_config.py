@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -46,6 +47,36 @@ def test_total_steps_override_keeps_proportions():
   c = load("bert_base_paper.py", "total_steps=200")
   phases = make_phases(c)
   assert [(p.start_step, p.end_step) for p in phases] == [(0, 180), (180, 200)]
+
+
+def test_total_steps_override_scales_warmup(capsys):
+  """The paper's 10k-of-1M warmup becomes 1% of the shortened run, and says so; a warmup given
+  on the command line is kept."""
+  c = load("bert_base_paper.py", "total_steps=20000")
+  assert c.optim.warmup_steps == 200
+  err = capsys.readouterr().err
+  assert "--config.total_steps=20000: warmup scaled" in err and "10000 -> 200" in err
+  assert load("bert_base_paper.py", "total_steps=20").optim.warmup_steps == 0
+  capsys.readouterr()
+  c = load("bert_base_paper.py", "total_steps=20000", "optim.warmup_steps=50")
+  assert c.optim.warmup_steps == 50
+  assert load("bert_base_paper.py").optim.warmup_steps == 10_000   # no override: untouched
+  assert "warmup scaled" not in capsys.readouterr().err
+  # NVIDIA's per-phase warmups scale too (2001 of 7038 and 200 of 1563 steps).
+  c = load("bert_large_lamb.py", f"total_steps={(7038 + 1563) // 10}")
+  p1, p2 = make_phases(c)
+  assert (p1.warmup_steps, p2.warmup_steps) == (200, 20)
+  assert p1.warmup_steps / p1.num_steps == pytest.approx(2001 / 7038, abs=0.01)
+
+
+def test_warmup_at_or_past_the_end_is_an_error():
+  with pytest.raises(UserError, match=r"warmup_steps=20: at or beyond the end of training "
+                                      r"\(total_steps=20\)"):
+    load("bert_base_paper.py", "total_steps=20", "optim.warmup_steps=20")
+  load("bert_base_paper.py", "total_steps=20", "optim.warmup_steps=19")
+  with pytest.raises(UserError, match=r"phases.1.warmup_steps=200: at or beyond the end of "
+                                      "phase 2"):
+    load("bert_large_lamb.py", "total_steps=1000", "phases.1.warmup_steps=200")
 
 
 def test_lamb_recipe():
@@ -110,6 +141,8 @@ def test_list_literal_override():
     ("--config.total_steps.x=1", "is a int, not a group"),
     ("--config.phases=[dict(a=1)]", "expected a Python literal"),
     ("--config.phases=['a']", "expected a list of dicts"),
+    ("--config.optim.decay_from=middle", "--config.optim.decay_from='middle': expected 'zero'"),
+    ("--config.optim.warmup_steps=800", "warmup_steps=800: at or beyond the end of training"),
 ])
 def test_bad_overrides_exit_2(tmp_path, capsys, flag, message):
   code = train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(tmp_path / "w"),
@@ -136,3 +169,15 @@ def test_config_loads_from_any_working_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   c = run_config.load_config_file(str(CONFIGS / "bert_large_paper.py"))
   assert c.model.preset == "large"
+
+
+def test_unwritable_workdir_exits_2_before_any_work(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for workdir, reason in ((blocker / "run", f"{blocker} is a file, not a directory"),
+                          ("/proc/bert-jax-run", "cannot write in /proc")):
+    assert train.main(["--config", str(CONFIGS / "tiny_cpu.py"), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --workdir {workdir}: {reason}" or (
+        err.startswith(f"error: --workdir {workdir}: {reason}") and "\n" not in err), err
+  assert os.listdir(tmp_path) == ["a_file"]

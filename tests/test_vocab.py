@@ -150,3 +150,35 @@ def test_cli_subprocess_missing_input(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0 and "nope.txt" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_sentencepiece_advice_is_in_this_commands_flags(tmp_path, capsys):
+  """sentencepiece says '--character_coverage option' / 'vocab_size': its flags, not ours."""
+  rare = tmp_path / "rare.txt"
+  chars = [chr(0x4E00 + i) for i in range(3000)]
+  rare.write_text("\n".join(" ".join(chars[(7 * k + j) % 3000] for j in range(20))
+                            for k in range(200)), encoding="utf-8")
+  assert main(["--input", str(rare), "--vocab-size", "64", "--output",
+               str(tmp_path / "v.txt")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: --input {rare}: ")
+  assert "--vocab-size 64" in err and "--character-coverage" in err
+  assert "character_coverage" not in err and "vocab_size" not in err and ".cc(" not in err
+  assert not (tmp_path / "v.txt").exists()
+
+
+def test_unwritable_output_is_refused_before_reading(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  for output, reason in ((blocker / "vocab.txt", f"{blocker} is a file, not a directory"),
+                         (tmp_path, "is a directory; expected a file name"),
+                         ("/proc/bert-jax/vocab.txt", "cannot write in /proc")):
+    assert main(["--input", "sample", "--vocab-size", "100", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--output {output}: {reason}" in err, err
+
+
+def test_special_tokens_in_the_text_are_not_learned_as_words():
+  """WikiText's <unk> is read as [UNK] (the tokenizer's special token), not as `unk`."""
+  counts = count_words(["The [UNK] sat on [MASK] mat .", "a [UNK] day"], lower_case=True)
+  assert counts["the"] == 1 and not {"unk", "[", "]", "mask"} & set(counts)

@@ -20,8 +20,14 @@ File formats (`input_format`):
   auto  per file: `text` when the name (without `.gz`) ends in `.tokens` or `.raw` or the first
         64 KiB hold a WikiText article heading; `bert` otherwise.
 
+WikiText marks rare words with the token `<unk>`; in WikiText files it becomes the literal
+"[UNK]", which the tokenizer (like BertTokenizerFast) maps to the vocab's [UNK] id, instead of
+the three pieces `<`, `unk`, `>`. Other text is left as it is, so ids stay BertTokenizerFast's.
+
 Robustness: bytes that are not UTF-8 are replaced with U+FFFD and counted (`CorpusStats.
-bad_bytes`, plus a warning per file); a line over 1 MiB is read in 1 MiB pieces; a "sentence"
+bad_bytes` of `CorpusStats.bytes`, plus a warning per file); a file where they are more than
+REPLACED_BYTES_LIMIT of the bytes (a binary file, another encoding) is refused unless
+`allow_replaced_bytes`; a line over 1 MiB is read in 1 MiB pieces; a "sentence"
 over MAX_SENTENCE_CHARS is split at sentence ends, then at spaces or commas, so no single
 string blows up memory or a tokenizer. Missing inputs, globs that match nothing and inputs
 without any text raise UserError naming them. Nothing reads a whole file into memory.
@@ -46,6 +52,11 @@ MAX_SENTENCE_CHARS = 1000
 _READ_CHUNK_BYTES = 1 << 20
 _SNIFF_BYTES = 64 << 10
 _SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
+# A file with more replaced bytes than this share (and at least _MIN_REFUSED of them) is refused.
+REPLACED_BYTES_LIMIT = 0.01
+_MIN_REFUSED = 64
+_REPLACED_FLAG = "--allow-replaced-bytes (pretrain: --config.data.allow_replaced_bytes=true)"
+_WIKITEXT_UNK = re.compile(r"(?<!\S)<unk>(?!\S)")
 
 
 class CorpusWarning(UserWarning):
@@ -59,6 +70,7 @@ class CorpusStats:
   documents: int = 0
   sentences: int = 0
   characters: int = 0
+  bytes: int = 0  # bytes read from files (after decompression)
   bad_bytes: int = 0  # non-UTF-8 bytes replaced with U+FFFD
   long_lines_split: int = 0  # lines/sentences over MAX_SENTENCE_CHARS that were split
   files_with_bad_bytes: list[str] = dataclasses.field(default_factory=list)
@@ -163,15 +175,27 @@ def _open_binary(path: str) -> IO[bytes]:
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def iter_lines(path: str, stats: CorpusStats | None = None) -> Iterator[str]:
-  """Decoded lines of a file (newline removed), in pieces of at most ~1 MiB."""
-  bad_total = 0
+def _check_replaced(path: str, bad: int, read: int, whole: bool) -> None:
+  if bad > max(_MIN_REFUSED, REPLACED_BYTES_LIMIT * read):
+    where = f"its {read:,} bytes" if whole else f"the first {read:,} bytes"
+    raise UserError(f"--input {path}: {bad:,} of {where} ({bad / read:.1%}) are not UTF-8: "
+                    "binary or another encoding (convert it, e.g. iconv -f latin1 -t utf-8); "
+                    f"to replace them with U+FFFD anyway pass {_REPLACED_FLAG}")
+
+
+def iter_lines(path: str, stats: CorpusStats | None = None,
+               allow_replaced_bytes: bool = False) -> Iterator[str]:
+  """Decoded lines of a file (newline removed), in pieces of at most ~1 MiB. Refuses a file
+  with more than REPLACED_BYTES_LIMIT non-UTF-8 bytes unless `allow_replaced_bytes`."""
+  bad_total = read = 0
+  checked_at = 0
   carry = b""
   first = True
   try:
     with _open_binary(path) as f:
       while True:
         chunk = f.readline(_READ_CHUNK_BYTES)
+        read += len(chunk)
         if not chunk and not carry:
           break
         chunk = carry + chunk
@@ -184,6 +208,9 @@ def iter_lines(path: str, stats: CorpusStats | None = None) -> Iterator[str]:
             chunk, carry = chunk[:-cut], chunk[-cut:]
         text, bad = _decode(chunk)
         bad_total += bad
+        if not allow_replaced_bytes and bad_total and read - checked_at >= _READ_CHUNK_BYTES:
+          _check_replaced(path, bad_total, read, whole=False)  # a binary file fails early
+          checked_at = read
         if first:
           text = text.removeprefix("\ufeff")
           first = False
@@ -191,12 +218,16 @@ def iter_lines(path: str, stats: CorpusStats | None = None) -> Iterator[str]:
   except (OSError, EOFError, gzip.BadGzipFile) as e:
     raise UserError(f"--input {path}: cannot read ({e})") from None
   finally:
+    if stats is not None:
+      stats.bytes += read
     if stats is not None and bad_total:
       stats.bad_bytes += bad_total
       stats.files_with_bad_bytes.append(path)
   if bad_total:
-    warnings.warn(f"{path}: {bad_total} byte(s) that are not UTF-8 replaced with U+FFFD",
-                  CorpusWarning, stacklevel=2)
+    if not allow_replaced_bytes:
+      _check_replaced(path, bad_total, read, whole=True)
+    warnings.warn(f"{path}: {bad_total:,} byte(s) of {read:,} that are not UTF-8 replaced "
+                  "with U+FFFD", CorpusWarning, stacklevel=2)
 
 
 # -- sentence splitting -----------------------------------------------------------------
@@ -301,6 +332,8 @@ def _text_documents(lines: Iterable[str], wikitext: bool,
                     stats: CorpusStats | None) -> Iterator[list[str]]:
   document: list[str] = []
   for line in lines:
+    if wikitext:
+      line = _WIKITEXT_UNK.sub("[UNK]", line)
     if wikitext and _TITLE.match(line):
       if document:
         yield document
@@ -318,9 +351,10 @@ def _text_documents(lines: Iterable[str], wikitext: bool,
     yield document
 
 
-def _file_documents(path: str, input_format: str, stats: CorpusStats | None) -> Iterator[list[str]]:
+def _file_documents(path: str, input_format: str, stats: CorpusStats | None,
+                    allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
   fmt = _sniff_format(path) if input_format == "auto" else input_format
-  lines = iter_lines(path, stats)
+  lines = iter_lines(path, stats, allow_replaced_bytes)
   if fmt == "bert":
     return _bert_documents(lines, stats)
   return _text_documents(lines, wikitext=_has_wikitext_titles(path), stats=stats)
@@ -358,14 +392,15 @@ def _tfds_documents(source: Source, text_field: str,
 
 
 def iter_source_documents(source: Source, input_format: str = "auto", text_field: str = "text",
-                          stats: CorpusStats | None = None) -> Iterator[list[str]]:
+                          stats: CorpusStats | None = None,
+                          allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
   """Documents of one resolved source (see `resolve_inputs`); lets callers shard by source."""
   if stats is not None:
     stats.files += 1
   if source.kind == "tfds":
     documents = _tfds_documents(source, text_field, stats)
   else:
-    documents = _file_documents(source.path, input_format, stats)
+    documents = _file_documents(source.path, input_format, stats, allow_replaced_bytes)
   for document in documents:
     if stats is not None:
       stats.documents += 1
@@ -376,24 +411,27 @@ def iter_source_documents(source: Source, input_format: str = "auto", text_field
 
 def iter_documents(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                    input_format: str = "auto", text_field: str = "text", split: str = "train",
-                   stats: CorpusStats | None = None) -> Iterator[list[str]]:
+                   stats: CorpusStats | None = None,
+                   allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
   """Streams documents (lists of non-empty, stripped sentences) from every input in order.
 
-  Missing inputs raise UserError at call time; an input spec that yields no text at all
-  raises UserError when the stream reaches its end.
+  Missing inputs raise UserError at call time; an input spec that yields no text at all, or a
+  file that is mostly not UTF-8 (unless `allow_replaced_bytes`), raises UserError when the
+  stream reaches it.
   """
   if input_format not in FORMATS:
     raise UserError(f"--input-format {input_format!r}: expected one of {', '.join(FORMATS)}")
   sources = resolve_inputs(inputs, split=split)
-  return _stream(sources, input_format, text_field, stats)
+  return _stream(sources, input_format, text_field, stats, allow_replaced_bytes)
 
 
 def _stream(sources: list[Source], input_format: str, text_field: str,
-            stats: CorpusStats | None) -> Iterator[list[str]]:
+            stats: CorpusStats | None, allow_replaced_bytes: bool) -> Iterator[list[str]]:
   documents_per_spec: dict[str, int] = {}
   for source in sources:
     count = documents_per_spec.setdefault(source.spec, 0)
-    for document in iter_source_documents(source, input_format, text_field, stats):
+    for document in iter_source_documents(source, input_format, text_field, stats,
+                                          allow_replaced_bytes):
       count += 1
       yield document
     documents_per_spec[source.spec] = count

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 from bert_jax.data import instances as inst_lib
 from bert_jax.data import masking, records
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import write_json_atomic
+from bert_jax.fileio import check_writable, write_json_atomic
 
 CHUNK_DOCUMENTS = 1000
 CHUNK_CHARS = 256 << 10
@@ -53,6 +54,7 @@ class ChunkResult(NamedTuple):
   num_tokens: int              # tokens in the instances written
   records: list[bytes]
   input_tokens: int            # tokens of the chunk's documents
+  nsp: tuple[int, int, int] = (0, 0, 0)  # random-next Bs: all, forced, from the same document
 
 
 # -- the work on one chunk (runs in a worker process) -------------------------------------
@@ -131,9 +133,10 @@ def process_chunk(job: Job) -> ChunkResult:
   chunk = inst_lib.build_chunk(doc_ids, doc_cont)
   if not chunk.sentence_bounds:
     return ChunkResult(job.split, job.index, len(job.documents), 0, [], 0)
+  nsp_counts = {"forced_random": 0, "random_same_document": 0}
   spans = inst_lib.chunk_pairs(chunk, py_rng, max_seq_length=params["max_seq_length"],
                                short_seq_prob=params["short_seq_prob"],
-                               dupe_factor=params["dupe_factor"])
+                               dupe_factor=params["dupe_factor"], counts=nsp_counts)
   rows = inst_lib.assemble(chunk, spans, cls_id=tok.cls_id, sep_id=tok.sep_id)
   wide = tok.vocab_size > 65535
   lengths, len_a = rows.lengths.tolist(), rows.len_a.tolist()
@@ -162,8 +165,10 @@ def process_chunk(job: Job) -> ChunkResult:
       cont = None if rows.continuation_NL is None else rows.continuation_NL[n, :lengths[n]]
       out.append(records.encode_record(rows.ids_NL[n, :lengths[n]], len_a[n], empty, empty,
                                        labels[n], cont, wide))
+  nsp = (int(spans.is_random_next.sum()), nsp_counts["forced_random"],
+         nsp_counts["random_same_document"])
   return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out,
-                     len(chunk.ids))
+                     len(chunk.ids), nsp)
 
 
 # -- chunking, the pool, the shards -------------------------------------------------------
@@ -235,6 +240,7 @@ class SplitWriter:
     self.writers: list = []
     self.counts: list[int] = []
     self.num_instances = self.num_documents = self.num_tokens = self.input_tokens = 0
+    self.nsp = [0, 0, 0]
 
   def _tmp_path(self, index: int) -> str:
     return os.path.join(self.output_dir, f"{self.split}-{index:05d}.array_record.tmp")
@@ -261,6 +267,7 @@ class SplitWriter:
     self.num_documents += result.num_documents
     self.num_tokens += result.num_tokens
     self.input_tokens += result.input_tokens
+    self.nsp = [a + b for a, b in zip(self.nsp, result.nsp)]
 
   def finish(self) -> list[str]:
     for writer in self.writers:
@@ -319,6 +326,23 @@ def _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_fact
     raise UserError(f"--num-shards {num_shards}: expected at least 1")
 
 
+def nsp_warnings(instances: int, random_next: int, forced: int, same_document: int) -> list[str]:
+  """One-line warnings when the corpus's shape weakens next-sentence prediction."""
+  out = []
+  if instances and forced > instances / 3:  # short documents alone give ~10-20%
+    out.append(f"NSP: {forced:,} of {instances:,} instances ({forced / instances:.0%}) got a "
+               f"random B because their segment was one sentence, so {random_next / instances:.0%}"
+               " of the labels are 'random next' instead of about 50%: one-sentence documents "
+               "(bert format: one sentence per line, a blank line between documents), or "
+               "sentences about as long as --max-seq-length?")
+  if random_next and same_document > 0.05 * random_next:
+    out.append(f"NSP: {same_document:,} of {random_next:,} random-next Bs "
+               f"({same_document / random_next:.0%}) come from the same document as A, since "
+               "no other document was at hand (one huge document?); separate the documents "
+               "with blank lines")
+  return out
+
+
 def default_workers() -> int:
   try:
     return len(os.sched_getaffinity(0))
@@ -338,8 +362,11 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
                 masked_lm_prob=0.15, dupe_factor=10, short_seq_prob=0.1, seed=12345,
                 whole_word_mask=False, workers=None, lower_case=None, input_format="auto",
                 eval_fraction=0.0, num_shards=None, static_masking=True, progress=True,
-                text_field="text") -> dict:
-  """Writes instances to `output_dir` (see the module docstring); returns the manifest."""
+                text_field="text", allow_replaced_bytes=False) -> dict:
+  """Writes instances to `output_dir` (see the module docstring); returns the manifest.
+
+  Suspect but usable input (a few non-UTF-8 bytes, documents too short or too few for NSP)
+  gives one-line warnings, and their counts go into the manifest."""
   from bert_jax.data.corpus import CorpusStats, iter_documents
   from bert_jax.tokenizer import load_tokenizer
   _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
@@ -347,9 +374,11 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
   workers = workers or default_workers()
   vocab_path = os.fspath(vocab_path)
   output_dir = os.fspath(output_dir)
+  check_writable(output_dir, "--output")
   tok = load_tokenizer(vocab_path, lower_case)   # validates the vocab before any work
   stats = CorpusStats()
-  documents = iter_documents(inputs, input_format=input_format, text_field=text_field, stats=stats)
+  documents = iter_documents(inputs, input_format=input_format, text_field=text_field, stats=stats,
+                             allow_replaced_bytes=allow_replaced_bytes)
   created_dir = not os.path.exists(output_dir)
   prepare_output_dir(output_dir)
   params = dict(vocab_path=vocab_path, lower_case=tok.lower_case, seed=int(seed),
@@ -391,7 +420,12 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
     if split == "train" or w.num_instances:
       splits[split] = dict(num_instances=w.num_instances, num_documents=w.num_documents,
                            num_tokens=w.num_tokens, num_input_tokens=w.input_tokens,
-                           shards=shards[split])
+                           shards=shards[split], random_next=w.nsp[0],
+                           forced_random_next=w.nsp[1], random_next_same_document=w.nsp[2])
+  nsp_totals = [sum(w.nsp[k] for w in writers.values()) for k in range(3)]
+  notes = nsp_warnings(sum(w.num_instances for w in writers.values()), *nsp_totals)
+  for note in notes:
+    warnings.warn(note, inst_lib.NSPWarning, stacklevel=2)
   manifest = dict(
       format=records.FORMAT_NAME, format_version=records.FORMAT_VERSION,
       created_by="bert-jax create-data", splits=splits,
@@ -399,8 +433,11 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
       eval_fraction=float(eval_fraction), num_shards=num_shards,
       seconds=round(time.perf_counter() - started, 3),
       corpus=dict(documents=stats.documents, sentences=stats.sentences,
-                  characters=stats.characters, bad_bytes=stats.bad_bytes,
+                  characters=stats.characters, bytes=stats.bytes, bad_bytes=stats.bad_bytes,
+                  files_with_bad_bytes=stats.files_with_bad_bytes[:100],
+                  allow_replaced_bytes=bool(allow_replaced_bytes),
                   long_lines_split=stats.long_lines_split),
+      warnings=notes,
       vocab=dict(path=os.path.abspath(vocab_path), sha256=_sha256(vocab_path),
                  size=tok.vocab_size, lower_case=tok.lower_case, pad_id=tok.pad_id,
                  unk_id=tok.unk_id, cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id),
@@ -441,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"shards per split (default: one per {RECORDS_PER_SHARD} instances)")
   p.add_argument("--no-static-masking", dest="static_masking", action="store_false",
                  help="store unmasked instances; the input pipeline masks them afresh each epoch")
+  p.add_argument("--allow-replaced-bytes", action="store_true",
+                 help="go on when over 1%% of a file's bytes are not UTF-8 (they become U+FFFD)")
   p.add_argument("--no-progress", dest="progress", action="store_false")
   return p
 
@@ -455,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
       whole_word_mask=args.whole_word_mask, workers=args.workers, lower_case=args.lower_case,
       input_format=args.input_format, eval_fraction=args.eval_fraction,
       num_shards=args.num_shards, static_masking=args.static_masking, progress=args.progress,
-      text_field=args.text_field)
+      text_field=args.text_field, allow_replaced_bytes=args.allow_replaced_bytes)
   counts = ", ".join(f"{split}: {info['num_instances']} instances in {len(info['shards'])} shard(s)"
                      for split, info in manifest["splits"].items())
   print(f"wrote {args.output}: {counts}")

@@ -19,6 +19,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 
+class NSPWarning(UserWarning):
+  """The corpus makes weak next-sentence pairs (one-sentence documents, one huge document)."""
+
+
 class Chunk(NamedTuple):
   """Tokenised documents: all token ids in one flat array; `sentence_bounds[d]` lists the
   offsets where document d's sentences start, followed by its end offset."""
@@ -87,8 +91,12 @@ def _trim_ends(rng: random.Random, start: int, end: int, new_len: int) -> tuple[
 
 
 def document_pairs(chunk: Chunk, doc: int, rng: random.Random, *, max_seq_length: int,
-                   short_seq_prob: float, out: list[tuple[int, int, int, int, int]]) -> None:
-  """Appends (a_start, a_end, b_start, b_end, is_random_next) for document `doc` to `out`."""
+                   short_seq_prob: float, out: list[tuple[int, int, int, int, int]],
+                   counts: dict | None = None) -> None:
+  """Appends (a_start, a_end, b_start, b_end, is_random_next) for document `doc` to `out`.
+  `counts` (if given) adds up the random Bs that were forced ("forced_random": the segment was
+  one sentence, so it has no real B) and those from the same document ("random_same_document":
+  the chunk has no other): both weaken next-sentence prediction."""
   max_tokens = max_seq_length - 3    # room for [CLS] A [SEP] B [SEP]
   target = max_tokens
   if rng.random() < short_seq_prob:
@@ -115,6 +123,9 @@ def document_pairs(chunk: Chunk, doc: int, rng: random.Random, *, max_seq_length
         other = rng.randrange(num_docs)
         if other != doc:
           break
+      if counts is not None:
+        counts["forced_random"] += count == 1
+        counts["random_same_document"] += other == doc
       other_bounds = chunk.sentence_bounds[other]
       j = rng.randrange(len(other_bounds) - 1)
       b_start = other_bounds[j]
@@ -135,13 +146,14 @@ def document_pairs(chunk: Chunk, doc: int, rng: random.Random, *, max_seq_length
 
 
 def chunk_pairs(chunk: Chunk, rng: random.Random, *, max_seq_length: int, short_seq_prob: float,
-                dupe_factor: int) -> PairSpans:
-  """All instances of a chunk: `dupe_factor` passes over its documents, in a shuffled order."""
+                dupe_factor: int, counts: dict | None = None) -> PairSpans:
+  """All instances of a chunk: `dupe_factor` passes over its documents, in a shuffled order
+  (`counts`: see document_pairs)."""
   rows: list[tuple[int, int, int, int, int]] = []
   for _ in range(dupe_factor):
     for doc in range(len(chunk.sentence_bounds)):
       document_pairs(chunk, doc, rng, max_seq_length=max_seq_length,
-                     short_seq_prob=short_seq_prob, out=rows)
+                     short_seq_prob=short_seq_prob, out=rows, counts=counts)
   rng.shuffle(rows)
   table = np.array(rows, dtype=np.int64).reshape(-1, 5)
   return PairSpans(table[:, 0], table[:, 1], table[:, 2], table[:, 3],

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("qa")
   g.add_argument("--doc-stride", type=positive(int), default=128)
   g.add_argument("--max-query-length", type=positive(int), default=64)
-  g.add_argument("--max-answer-length", type=positive(int), default=30)
+  g.add_argument("--max-answer-length", type=positive(int), default=None,
+                 help="in tokens, a Chinese character being one (default: 30; 50 for Chinese)")
   g.add_argument("--n-best", type=positive(int), default=20)
   g.add_argument("--version-2-with-negative", action="store_true",
                  help="SQuAD 2.0: questions may have no answer")

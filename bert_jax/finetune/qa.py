@@ -163,6 +163,8 @@ class QAFeatures:
   token_to_char: int32 [N, L, 2] [start, end) character offsets into the context; -1 for
       [CLS], question, [SEP] and padding
   token_is_max_context: bool [N, L] True where this row gives the token its most context
+  answer_lengths: int32 [examples with a located answer] the first answer's length in tokens
+  answers_in_no_window: how many of those answers no window holds whole (never predictable)
 """
   input_ids: np.ndarray
   token_type_ids: np.ndarray
@@ -172,6 +174,8 @@ class QAFeatures:
   example_index: np.ndarray
   token_to_char: np.ndarray
   token_is_max_context: np.ndarray
+  answer_lengths: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  answers_in_no_window: int = 0
 
   def __len__(self) -> int:
     return int(self.input_ids.shape[0])
@@ -231,6 +235,7 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   seq_len = max_seq_length
   rows: dict[str, list] = {k: [] for k in ("ids", "types", "starts", "ends", "example",
                                               "offsets", "max_ctx", "length")}
+  answer_lengths, in_no_window = [], 0
   for example_index, example in enumerate(examples):
     query_ids = list(tokenizer.encode(example.question))[:max_query_length]
     doc_ids, doc_offsets = tokenizer.encode_with_offsets(example.context)
@@ -238,15 +243,16 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
     doc_offsets = np.asarray(doc_offsets, dtype=np.int32).reshape(-1, 2)
     n_doc = len(doc_ids)
 
-    answer_tokens = None  # (first, last) context token of the training answer
-    if is_training and not example.is_impossible:
-      span = example.answer_char_span()
-      if span is None:
-        raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
-                        "with a position in the context to train on")
+    answer_tokens = None  # (first, last) context token of the (training) answer
+    span = None if example.is_impossible else example.answer_char_span()
+    if is_training and not example.is_impossible and span is None:
+      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
+                      "with a position in the context to train on")
+    if span is not None:
       overlapping = np.nonzero((doc_offsets[:, 0] < span[1]) & (doc_offsets[:, 1] > span[0]))[0]
       if len(overlapping):
         answer_tokens = int(overlapping[0]), int(overlapping[-1])
+        answer_lengths.append(answer_tokens[1] - answer_tokens[0] + 1)
       # else: the answer is only characters the tokenizer drops; its rows train on [CLS].
 
     header = [tokenizer.cls_id, *query_ids, tokenizer.sep_id]
@@ -257,6 +263,10 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
                       f"{len(query_ids)} question tokens leave no room for the context in "
                       f"--max-seq-length {seq_len} (lower --max-query-length)")
     windows = _doc_windows(n_doc, max_doc_tokens, doc_stride)
+    if answer_tokens is not None and not any(
+        start <= answer_tokens[0] and answer_tokens[1] < start + length
+        for start, length in windows):
+      in_no_window += 1
     best_window = _max_context(windows, n_doc)
     for window_index, (start, length) in enumerate(windows):
       ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int32)
@@ -271,7 +281,7 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
       offsets[body] = doc_offsets[start:start + length]
       max_ctx[body] = best_window[start:start + length] == window_index
       start_position = end_position = 0
-      if answer_tokens is not None:
+      if answer_tokens is not None and is_training:
         first, last = answer_tokens
         if first >= start and last < start + length:
           start_position = first - start + context_offset
@@ -298,7 +308,32 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
       end_positions=np.asarray(rows["ends"], dtype=np.int32),
       example_index=np.asarray(rows["example"], dtype=np.int32),
       token_to_char=np.stack(rows["offsets"]),
-      token_is_max_context=np.stack(rows["max_ctx"]))
+      token_is_max_context=np.stack(rows["max_ctx"]),
+      answer_lengths=np.asarray(answer_lengths, np.int32), answers_in_no_window=in_no_window)
+
+
+def coverage_warnings(features: QAFeatures, path: str, *, max_answer_length: int,
+                      max_seq_length: int, doc_stride: int) -> list[str]:
+  """One line each when the limits make gold answers unreachable: longer than
+  --max-answer-length (Chinese counts a token per character), or in no window."""
+  lengths = features.answer_lengths
+  out = []
+  if not len(lengths):
+    return out
+  longer = int((lengths > max_answer_length).sum())
+  if longer:
+    hint = int(np.percentile(lengths, 99.5))
+    out.append(f"{path}: {longer} of {len(lengths)} gold answers ({longer / len(lengths):.1%})"
+               f" are longer than --max-answer-length {max_answer_length} tokens (longest "
+               f"{int(lengths.max())}) and can never be predicted; e.g. --max-answer-length "
+               f"{max(hint, max_answer_length + 1)} keeps 99.5% of them")
+  missed = features.answers_in_no_window
+  if missed:
+    out.append(f"{path}: {missed} of {len(lengths)} gold answers ({missed / len(lengths):.1%}) "
+               f"fit in no window of --max-seq-length {max_seq_length} with --doc-stride "
+               f"{doc_stride} (they train as no-answer and can never be predicted); raise "
+               "--max-seq-length or lower --doc-stride")
+  return out
 
 
 # -- answers from logits ---------------------------------------------------------------------

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.finetune import squad_eval
 from bert_jax.fileio import write_text_atomic
 from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
                                      featurize_tags, featurize_text, read_choice, read_conll,
@@ -182,6 +184,11 @@ class ChoiceTask(Task):
     return path
 
 
+# --max-answer-length default per language: SQuAD's 30 tokens; Chinese answers are counted in
+# characters (one token each) and run longer: 50 keeps 98.8% of CMRC 2018 dev's (30 keeps 94%).
+DEFAULT_MAX_ANSWER_LENGTH = {"en": 30, "zh": 50}
+
+
 class QATask(Task):
   """Span QA through bert_jax.finetune.qa (featurisation, n-best) and squad_eval (EM/F1)."""
   name, architecture, main_metric = "qa", "BertForQuestionAnswering", "f1"
@@ -194,8 +201,14 @@ class QATask(Task):
               max_query_length=o.max_query_length)
     train = qa.read_squad(o.train_file)[:o.max_train_rows or None]
     self.valid = qa.read_squad(o.validation_file)
+    if o.max_answer_length is None:  # in tokens: a Chinese character is one
+      o.max_answer_length = DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(train)]
     train_f = qa.featurize(train, tokenizer, is_training=True, **kw)
     self.valid_qa = qa.featurize(self.valid, tokenizer, is_training=False, **kw)
+    for features, path in ((train_f, o.train_file), (self.valid_qa, o.validation_file)):
+      for note in qa.coverage_warnings(features, path, max_answer_length=o.max_answer_length,
+                                       max_seq_length=o.max_seq_length, doc_stride=o.doc_stride):
+        warnings.warn(note, stacklevel=2)
 
     def as_features(f, training):
       arrays = {k: np.asarray(getattr(f, k), np.int32)

@@ -129,7 +129,8 @@ def read_text_records(path: str, text_column: str | None = None,
     header = [c.strip() for c in table[0][1]]
     known = {c.lower() for c in (*TEXT_COLUMNS, *PAIR_COLUMNS, *LABEL_COLUMNS)}
     given = {c for c in (text_column, pair_column, label_column) if c and not c.isdigit()}
-    if any(h.lower() in known for h in header) or given & set(header):
+    headerless = not (any(h.lower() in known for h in header) or given & set(header))
+    if not headerless:
       names, body = header, table[1:]
     else:  # no header: text[, pair], label
       width = len(header)
@@ -164,7 +165,25 @@ def read_text_records(path: str, text_column: str | None = None,
                               None if label is None else str(label).strip(), line))
     if max_rows and len(records) >= max_rows:
       break
+  roles = (f"; a file without a header is read as text{', pair' if pair_key else ''}, label"
+           if not lower.endswith((".jsonl", ".json", ".ndjson")) and headerless else "")
+  _check_column_roles(records, path, text_key, label_key, roles)
   return records
+
+
+def _check_column_roles(records: Sequence[TextRecord], path: str, text_key: str,
+                        label_key: str | None, roles: str) -> None:
+  """Refuses column roles that are surely swapped: numbers as the text (class ids), or a label
+  column with a different value in most rows (text, e.g. a news description)."""
+  fix = "name the columns with --text-column and --label-column (a name or 0-based index)"
+  if len(records) >= 2 and all(_is_float(r.text.strip()) for r in records):
+    raise UserError(f"{path}: the text column {text_key!r} holds only numbers (class ids?)"
+                    f"{roles}; {fix}")
+  labels = [r.label for r in records if r.label]
+  distinct = len(set(labels))
+  if labels and not _all_float(set(labels)) and distinct > max(20, len(labels) // 2):
+    raise UserError(f"{path}: the label column {label_key!r} has {distinct} different values in "
+                    f"{len(labels)} rows, so it looks like text{roles}; {fix}")
 
 
 def _jsonl_rows(path: str, content: str):
@@ -202,6 +221,8 @@ def build_label_map(records: Sequence[TextRecord], path: str, regression: bool |
     if r.label is None or r.label == "":
       raise UserError(f"{path}:{r.line}: missing label; name its column with --label-column")
   names = sorted(set(labels))
+  if not regression:
+    _check_label_spellings(records, names, path)
   if regression is None:
     regression = _all_float(names) and not all(_is_int(n) for n in names)
   if regression:
@@ -212,6 +233,29 @@ def build_label_map(records: Sequence[TextRecord], path: str, regression: bool |
   if all(_is_int(n) for n in names):
     names.sort(key=int)
   return names, False
+
+
+def _check_label_spellings(records: Sequence[TextRecord], names: Sequence[str], path: str) -> None:
+  """Refuses class labels where one class is surely spelled two ways (0 / 1 / 1.0 / neg /
+  positive would otherwise train a 5-class model without a word)."""
+  numbers = [n for n in names if _is_float(n)]
+  words = [n for n in names if not _is_float(n)]
+  clash = None
+  if numbers and words:
+    clash = f"mix numbers and words ({', '.join(list(names)[:8])})"
+  else:
+    seen: dict[Any, str] = {}
+    for n in names:
+      key = float(n) if numbers else n.strip().lower()
+      if key in seen:
+        clash = f"spell one class two ways ({seen[key]!r} and {n!r})"
+        break
+      seen[key] = n
+  if clash:
+    line = next(r.line for r in records if r.label == names[-1])
+    raise UserError(f"{path}: the labels {clash}, e.g. line {line}; expected one spelling per "
+                    "class (--regression for a numeric target; --label-column if this is not "
+                    "the label column)")
 
 
 def _is_float(s: str) -> bool:

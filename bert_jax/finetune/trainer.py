@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import write_json_atomic
+from bert_jax.fileio import check_writable, write_json_atomic
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
+from bert_jax.lock import DirLock
 
 SORT_WINDOW_BATCHES = 50
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -366,9 +367,14 @@ def jax_get(tree):
 
 
 def finetune(opts) -> dict[str, Any]:
-  """Runs a whole fine-tuning from parsed CLI options; returns the best evaluation."""
+  """Runs a whole fine-tuning from parsed CLI options; returns the best evaluation. The output
+  locations are checked before anything is loaded (not after training), and --output-dir is
+  locked for the run."""
+  check_writable(opts.output_dir, "--output-dir")
   if opts.export_hf:
+    check_writable(opts.export_hf, "--export-hf")
     p = pathlib.Path(opts.export_hf)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
       raise UserError(f"--export-hf {p}: already exists and is not empty")
-  return Runner(opts).run()
+  with DirLock(opts.output_dir, "--output-dir"):
+    return Runner(opts).run()
