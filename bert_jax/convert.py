@@ -311,7 +311,11 @@ def write_checkpoint(ckpt_dir: str | os.PathLike, config: BertConfig, params: di
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
   try:
     params32 = _as_float32(params)
-    with ocp.StandardCheckpointer() as ckptr:
+    # Host arrays written by this process alone: no barrier with processes that do not write.
+    import jax
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
       ckptr.save(tmp / "params", params32)
     write_config_json(config, str(tmp / "config.json"))
     if vocab_path:

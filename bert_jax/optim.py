@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules for pretraining.
+"""Optimisers and learning-rate schedules: BERT's pretraining recipes and fine-tuning AdamW.
 
 - AdamW as BERT's original AdamWeightDecay (no bias correction: update = m / (sqrt(v) + eps)
   with m, v the raw moving averages) or the bias-corrected form, by `cfg.optim.bias_correction`.
@@ -15,6 +15,9 @@
   at the peak at the end of warmup instead (T/(T-w) higher from there on). The step is passed
   as the `global_step` extra argument of `update`, so a skipped (non-finite) step still
   advances the schedule; without it the optimiser falls back to its own update count.
+- Fine-tuning (`finetune_optimizer`): AdamW as transformers fine-tunes, from the same parts:
+  bias-corrected moments, eps 1e-8, decoupled weight decay under the same `decay_mask`, a
+  linear warmup and then a linear decay to 0 from the warmup's end.
 """
 
 from __future__ import annotations
@@ -167,4 +170,19 @@ def make_optimizer(cfg: Any, phases: Sequence[Phase]
   else:
     raise UserError(f"config.optim.name={name!r}: expected 'adamw' or 'lamb'")
   parts.append(scale_by_global_step_schedule(schedule))
+  return optax.chain(*parts), schedule
+
+
+def finetune_optimizer(learning_rate: float, total_updates: int, warmup_updates: int,
+                       weight_decay: float, max_grad_norm: float
+                       ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+  """(optimizer, schedule) for fine-tuning: what optax.adamw with transformers'
+  get_linear_schedule_with_warmup computes, as the parts the pretraining recipes use."""
+  def schedule(step):
+    return _warmup_poly(step, learning_rate, warmup_updates, total_updates, 0.0, 1.0,
+                        "warmup_end")
+  parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+  parts += [scale_by_bert_adam(0.9, 0.999, 1e-8, bias_correction=True),
+            optax.add_decayed_weights(weight_decay, mask=decay_mask),
+            scale_by_global_step_schedule(schedule)]
   return optax.chain(*parts), schedule

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from typing import Any, Mapping
 
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bert_jax import platforms
 from bert_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -62,6 +64,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     raise UserError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must equal the number "
                     f"of devices ({n}); set mesh.data=-1 to use all remaining devices")
   return Mesh(_place(devices, (data, fsdp, tensor)), MESH_AXES)
+
+
+def parse_mesh_flag(text: str | None, flag: str = "--mesh") -> dict[str, int]:
+  """`data=N,fsdp=M,tensor=K` (any subset; data=-1 takes the devices left) -> make_mesh's
+  keyword arguments; "" or None: all devices on data."""
+  sizes = {}
+  for part in filter(None, (text or "").split(",")):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in MESH_AXES or name in sizes or not re.fullmatch(r"-?\d+", value.strip()):
+      raise UserError(f"{flag} {text}: expected comma-separated data=N,fsdp=M,tensor=K")
+    sizes[name] = int(value)
+  return sizes
 
 
 def _place(devices: list, shape: tuple[int, ...]) -> np.ndarray:
@@ -147,6 +162,8 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 
 # Environment variables that mean "this process is one of several launched together".
 _CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+# A launch by hand: JAX_COORDINATOR_ADDRESS=host:port plus these (jax reads only the address).
+_BY_HAND = (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
 
 
 def _launched_on_several_hosts() -> bool:
@@ -184,5 +201,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   kwargs = {k: v for k, v in dict(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, local_device_ids=local_device_ids).items() if v is not None}
+  for key, env in _BY_HAND:
+    if key not in kwargs and os.environ.get(env):
+      kwargs[key] = int(os.environ[env])
+  if platforms.default_platform() == "cpu":  # CPU processes need a collectives backend
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True

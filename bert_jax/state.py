@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Any, Callable
 
 import flax
@@ -70,7 +71,8 @@ def shardings_of(abstract: Any) -> Any:
 
 
 def create_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.Mesh, rng,
-                 init_params: Any = None) -> tuple[TrainState, TrainState]:
+                 init_params: Any = None, source: str = "init params"
+                 ) -> tuple[TrainState, TrainState]:
   """-> (state, shardings). Params are initialised directly sharded; `init_params` (a plain
   pytree) replaces the random values where it has them (`merge_params`)."""
   shardings = shardings_of(abstract_state(init_params_fn, optimizer, mesh))
@@ -82,33 +84,43 @@ def create_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.Mes
       return state, shardings
     params = jax.jit(lambda k: nn.unbox(init_params_fn(k)), in_shardings=replicated(mesh),
                      out_shardings=shardings.params)(rng)
-  params = merge_params(params, init_params, shardings.params)
+  params = merge_params(params, init_params, shardings.params, source)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
   return TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 
-def merge_params(random_params: Any, given: Any, shardings: Any) -> Any:
-  """random_params with the leaves present in `given` replaced (placed with the target
-  sharding; safe with several processes since every process holds the full host value)."""
+def merge_params(random_params: Any, given: Any, shardings: Any, source: str = "init params"
+                 ) -> Any:
+  """The one merge rule of pretrained into fresh params: every leaf `given` has at the same path
+  and shape replaces the random one (placed with the target sharding; safe with several
+  processes since each holds the full host value). The encoder ("bert/...") must fit; a head
+  that is missing or has another shape (another num_labels, vocab) stays freshly initialised,
+  and the run says so."""
   flat_random = traverse_util.flatten_dict(random_params)
   flat_given = traverse_util.flatten_dict(flax.core.unfreeze(given))
   flat_shardings = traverse_util.flatten_dict(shardings)
   unused = sorted("/".join(k) for k in flat_given if k not in flat_random)
   if unused:
-    log.warning("init params not in the model (ignored): %s", ", ".join(unused[:10]))
-  missing = sorted("/".join(k) for k in flat_random if k not in flat_given)
-  if missing:
-    log.info("params kept from random init: %s", ", ".join(missing[:10]))
-  out = {}
+    log.warning("%s: tensors not in the model (ignored): %s", source, ", ".join(unused[:10]))
+  out, fresh = {}, []
   for key, leaf in flat_random.items():
-    if key not in flat_given:
+    value = flat_given.get(key)
+    if value is not None and tuple(np.shape(value)) != tuple(leaf.shape):
+      if key[0] == "bert":
+        raise UserError(f"{source}: tensor {'/'.join(key)} has shape {np.shape(value)}; the "
+                        f"model expects {tuple(leaf.shape)} (check the model config against "
+                        "the checkpoint)")
+      value = None
+    if value is None:
       out[key] = leaf
+      fresh.append(key)
       continue
-    value = np.asarray(flat_given[key], dtype=leaf.dtype)
-    if value.shape != leaf.shape:
-      raise UserError(f"init params: {'/'.join(key)} has shape {value.shape}; the model "
-                      f"expects {leaf.shape} (check the model config against the checkpoint)")
+    value = np.asarray(value, dtype=leaf.dtype)
     out[key] = jax.make_array_from_callback(value.shape, flat_shardings[key],
                                             lambda idx, v=value: v[idx])
+  if fresh and jax.process_index() == 0:
+    parts = sorted({"/".join(k[:2]) if k[0] == "bert" else k[0] for k in fresh})
+    print(f"freshly initialised: {', '.join(parts)} ({len(fresh)} tensors not in {source})",
+          file=sys.stderr, flush=True)
   return traverse_util.unflatten_dict(out)

@@ -266,29 +266,62 @@ def test_minilm_sst2_beats_majority_class(shared_data, tmp_path, minilm_dir):
   assert metrics["accuracy"] > majority + 0.15
 
 
-@pytest.mark.slow  # about a minute on a busy 2-core CPU
-def test_data_parallel_matches_single_device(shared_data, tmp_path, vocab):
-  """Two host devices (XLA_FLAGS) split each batch over the mesh's data axis; the result is
-  the single-device one up to float summation order."""
+def _finetune_processes(train, dev, vocab, out, devices, mesh="", processes=1, extra=()):
+  """Runs python -m bert_jax.finetune as `processes` processes of `devices` host devices each
+  (jax.distributed over localhost when several); returns (train losses, best params)."""
   import os
+  import socket
   from bert_jax.convert import load_pretrained
-  train, dev = sst2_slice(shared_data, tmp_path, 48, 16)
-  outs = []
-  for devices in (1, 2):
-    out = tmp_path / f"out{devices}"
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  procs = []
+  for pid in range(processes):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
         [sys.executable, "-m", "bert_jax.finetune", "--task", "classification", "--vocab", vocab,
          "--train-file", train, "--validation-file", dev, "--output-dir", str(out), *TINY,
-         "--max-seq-length", "16", "--learning-rate", "1e-4"],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr
-    assert ("data parallel over 2 devices" in result.stderr) == (devices == 2)
-    outs.append(load_pretrained(out / "best")[1])
+         "--batch-size", "16", "--max-seq-length", "16", "--eval-every", "1",
+         "--learning-rate", "1e-4", "--mesh", mesh, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+  for proc in procs:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+  history = json.loads((out / "metrics.json").read_text())["history"]
+  return [h["train_loss"] for h in history], load_pretrained(out / "best")[1]
+
+
+def _assert_same_run(a, b, loss_atol=1e-5, param_atol=2e-5):
   import jax
-  for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
-    np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(a[0], b[0], atol=loss_atol, rtol=0)
+  for x, y in zip(jax.tree_util.tree_leaves(a[1]), jax.tree_util.tree_leaves(b[1])):
+    np.testing.assert_allclose(x, y, atol=param_atol)
+
+
+@pytest.mark.slow  # about two minutes on a busy 2-core CPU
+def test_fsdp_mesh_matches_data_parallel(shared_data, tmp_path, vocab):
+  """8 host devices: fsdp 4 (parameters and optimizer state sharded, each batch over data x
+  fsdp) gives the losses of plain data parallelism over 8, step by step, with accumulation."""
+  train, dev = sst2_slice(shared_data, tmp_path, 64, 16)
+  runs = [_finetune_processes(train, dev, vocab, tmp_path / name, 8, mesh,
+                              extra=("--gradient-accumulation", "2"))
+          for name, mesh in (("data8", "data=8"), ("fsdp4", "data=2,fsdp=4"))]
+  assert len(runs[0][0]) == 2  # two updates, one train loss each
+  _assert_same_run(*runs)
+
+
+@pytest.mark.slow  # about two minutes on a busy 2-core CPU
+def test_two_processes_match_one(shared_data, tmp_path, vocab):
+  """Two processes of one device each (jax.distributed, gloo) feed half of every batch; the run
+  is the one of one process with both devices."""
+  train, dev = sst2_slice(shared_data, tmp_path, 48, 16)
+  one = _finetune_processes(train, dev, vocab, tmp_path / "one", 2)
+  two = _finetune_processes(train, dev, vocab, tmp_path / "two", 1, processes=2)
+  _assert_same_run(one, two)
 
 
 @pytest.mark.slow  # about a minute on a busy 2-core CPU

@@ -223,3 +223,30 @@ def test_lamb_trust_ratio_and_exclusions():
     # Excluded: plain bias-corrected Adam's first step, sign(g) * lr (no decay, no ratio).
     g = grads[mod][name]
     np.testing.assert_allclose(updates[mod][name], -lr * g / (np.abs(g) + 1e-6), rtol=1e-4)
+
+
+def test_finetune_optimizer_is_optax_adamw_with_linear_warmup_and_decay():
+  """The fine-tuning recipe, built from the pretraining parts, equals optax.adamw under
+  transformers' linear schedule (warmup from 0, then decay to 0 from the warmup's end)."""
+  from bert_jax.optim import finetune_optimizer
+  total, warmup, lr = 10, 3, 1e-2
+  ours, schedule = finetune_optimizer(lr, total, warmup, weight_decay=0.1, max_grad_norm=1.0)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                optax.linear_schedule(lr, 0.0, total - warmup)], [warmup])
+  mask = lambda p: {"dense": {"kernel": True, "bias": False}}
+  reference = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(sched, eps=1e-8, weight_decay=0.1, mask=mask))
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}}
+  p_ours, p_ref = params, params
+  s_ours, s_ref = ours.init(params), reference.init(params)
+  for step in range(total):
+    np.testing.assert_allclose(schedule(step), sched(step), rtol=1e-6, atol=1e-9)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    u, s_ours = ours.update(grads, s_ours, p_ours, global_step=step)
+    p_ours = optax.apply_updates(p_ours, u)
+    u, s_ref = reference.update(grads, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, u)
+  for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

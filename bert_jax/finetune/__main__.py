@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gradient-accumulation", type=positive(int), default=1,
                  help="micro-steps per optimizer update")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mesh", default="", metavar="data=N,fsdp=M,tensor=K",
+                 help="device mesh (default: all devices on data); fsdp shards parameters and "
+                      "optimizer state, tensor splits heads and FFN. Several processes (SLURM, "
+                      "TPU pods, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) "
+                      "each feed their share of every batch; process 0 writes")
   p.add_argument("--eval-every", type=int, default=0,
                  help="evaluate every N optimizer updates (0: at the end of each epoch)")
   p.add_argument("--max-train-rows", type=positive(int), default=None,

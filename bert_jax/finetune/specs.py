@@ -20,12 +20,13 @@ from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice
 
 
 def _masked_ce(logits, labels, weight):
+  """Cross-entropy summed over the rows (or tokens) of weight > 0; labels < 0 are ignored."""
   import jax
   import jax.numpy as jnp
   logp = jax.nn.log_softmax(logits, axis=-1)
   safe = jnp.where(labels < 0, 0, labels)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  return (nll * weight).sum(), weight.sum()
+  return (nll * weight).sum()
 
 
 class Task:
@@ -37,6 +38,11 @@ class Task:
 
   def __init__(self, opts):
     self.opts = opts
+
+  # The training loss is loss(outputs, batch) summed over what count(batch) counts (the rows of
+  # weight > 0; tokens for tagging), so accumulated micro-batches add up to one batch.
+  def count(self, batch):
+    return batch["weight"].sum()
 
   def model(self, config):
     from bert_jax import heads
@@ -72,7 +78,7 @@ class ClassificationTask(Task):
   def loss(self, logits, batch):
     w = batch["weight"]
     if self.regression:
-      return (((logits[:, 0] - batch["labels"]) ** 2) * w).sum(), w.sum()
+      return (((logits[:, 0] - batch["labels"]) ** 2) * w).sum()
     return _masked_ce(logits, batch["labels"], w)
 
   def predict(self, logits, batch):
@@ -117,9 +123,14 @@ class TokenTask(Task):
             featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
                            o.validation_file))
 
+  def _token_weight(self, batch):
+    return (batch["labels"] >= 0) * batch["weight"][:, None]
+
   def loss(self, logits, batch):
-    labels = batch["labels"]
-    return _masked_ce(logits, labels, (labels >= 0) * batch["weight"][:, None])
+    return _masked_ce(logits, batch["labels"], self._token_weight(batch))
+
+  def count(self, batch):
+    return self._token_weight(batch).sum()
 
   def predict(self, logits, batch):
     return {"prediction": logits.argmax(-1).astype("int32")}
@@ -222,9 +233,8 @@ class QATask(Task):
   def loss(self, logits, batch):
     start, end = logits
     w = batch["weight"]
-    s, n = _masked_ce(start, batch["start_positions"], w)
-    e, _ = _masked_ce(end, batch["end_positions"], w)
-    return (s + e) / 2, n
+    return (_masked_ce(start, batch["start_positions"], w)
+            + _masked_ce(end, batch["end_positions"], w)) / 2
 
   def predict(self, logits, batch):
     return {"start_logits": logits[0], "end_logits": logits[1]}

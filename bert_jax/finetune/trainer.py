@@ -1,5 +1,7 @@
-"""The fine-tuning loop: load an init, length-bucketed batches, a jitted train step with donated
-state, large sorted eval batches, keep the best evaluation, export to transformers.
+"""The fine-tuning loop: load an init, length-bucketed batches, the shared train state and step
+(bert_jax.state, bert_jax.steps: mesh shardings, donation, accumulation, several processes)
+with the task's loss, large sorted eval batches, keep the best evaluation, export to
+transformers.
 
 Speed on small inputs comes from padding each batch only to the smallest bucket (16, 32, 64,
 ... up to max_seq_length) that holds its longest row, so jit compiles a handful of shapes, and
@@ -8,6 +10,7 @@ from grouping rows of similar length (sorted within shuffled windows of 50 batch
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import shutil
@@ -15,13 +18,19 @@ import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from bert_jax import sharding, steps
+from bert_jax import state as state_lib
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
 from bert_jax.lock import DirLock
+from bert_jax.optim import finetune_optimizer
+from bert_jax.steps import Loss
 
 SORT_WINDOW_BATCHES = 50
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
@@ -79,31 +88,6 @@ def make_batch(feats: Features, idx: np.ndarray, batch_size: int, buckets: list[
   return batch
 
 
-# ----------------------------------------------------------------------------- optimisation
-
-def decay_mask(params):
-  """Weight decay on kernels and embeddings; not on biases or LayerNorm (as BERT and HF)."""
-  import jax
-
-  def wanted(path, _):
-    names = [getattr(p, "key", str(p)) for p in path]
-    return names[-1] != "bias" and not any("LayerNorm" in n for n in names)
-  return jax.tree_util.tree_map_with_path(wanted, params)
-
-
-def make_optimizer(learning_rate: float, total_updates: int, warmup_updates: int,
-                   weight_decay: float, max_grad_norm: float, accumulation: int):
-  """AdamW (bias-corrected, decoupled decay), linear warmup then linear decay to 0."""
-  import optax
-  decay = optax.linear_schedule(learning_rate, 0.0, max(total_updates - warmup_updates, 1))
-  schedule = decay if warmup_updates == 0 else optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, warmup_updates), decay], [warmup_updates])
-  parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
-  tx = optax.chain(*parts, optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                                       weight_decay=weight_decay, mask=decay_mask))
-  return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
-
-
 # ----------------------------------------------------------------------------- init
 
 def load_init(opts):
@@ -131,39 +115,39 @@ def load_init(opts):
   return config, params, tokenizer, vocab
 
 
-def merge_pretrained(fresh: dict, pretrained: dict | None, source: str) -> dict:
-  """`fresh` with every leaf the pretrained tree has at the same path and shape. The encoder
-  must fit; a head of another shape (other num_labels) stays freshly initialised."""
-  if pretrained is None:
-    return fresh
-  kept_fresh = []
-
-  def merge(f, p, path):
-    if isinstance(f, dict):
-      return {k: merge(v, p.get(k) if isinstance(p, dict) else None, path + (k,))
-              for k, v in f.items()}
-    if p is not None and tuple(np.shape(p)) == tuple(np.shape(f)):
-      return np.asarray(p, np.float32)
-    if p is not None and path[0] == "bert":
-      raise UserError(f"{source}: tensor {'/'.join(path)} has shape {np.shape(p)}; the model "
-                      f"needs {np.shape(f)}")
-    kept_fresh.append("/".join(path))
-    return f
-  merged = merge(fresh, pretrained, ())
-  if kept_fresh:
-    heads = sorted({p.split("/")[0] for p in kept_fresh})
-    print(f"freshly initialised: {', '.join(heads)} ({len(kept_fresh)} tensors)", file=sys.stderr)
-  return merged
-
-
 # ----------------------------------------------------------------------------- the run
 
+def task_loss(task: Task, model) -> Loss:
+  """The task's loss as a steps.Loss: its summed loss over the real rows (or tokens) of the
+  whole step, so accumulated micro-batches add up to one batch."""
+  def sums(params, batch, key):
+    outputs = forward(model, params, batch, key)
+    return {"loss_sum": task.loss(outputs, batch), **counts(batch)}
+
+  def counts(batch):
+    return {"count": task.count(batch)}
+
+  def metrics(s):
+    return {"loss": s["loss_sum"] / jnp.maximum(s["count"], 1.0), "count": s["count"]}
+  return Loss(sums=sums, counts=counts, terms=(("loss_sum", "count"),), metrics=metrics)
+
+
+def forward(model, params, batch, key=None):
+  """The model's outputs for a batch; dropout when `key` is given."""
+  return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                     batch["attention_mask"], deterministic=key is None,
+                     rngs=None if key is None else {"dropout": key})
+
+
 class Runner:
+  """One fine-tuning run on a (data, fsdp, tensor) mesh, one or several processes: the train
+  state and step are the pretraining ones (bert_jax.state, bert_jax.steps) with the task's
+  loss. Process 0 writes; every process feeds its share of each batch."""
+
   def __init__(self, opts):
-    import jax
     self.opts = opts
     self.task: Task = TASKS[opts.task](opts)
-    self.config, pretrained, self.tokenizer, self.vocab = load_init(opts)
+    self.config, self.pretrained, self.tokenizer, self.vocab = load_init(opts)
     if opts.dtype:
       self.config = self.config.replace(dtype=opts.dtype)
     if opts.max_seq_length > self.config.max_position_embeddings:
@@ -173,78 +157,79 @@ class Runner:
     if not len(self.train_feats):
       raise UserError(f"{opts.train_file}: no training records")
     self.model = self.task.model(self.config)
-    self.mesh, self.n_data = self._mesh()
-    key = jax.random.key(opts.seed)
-    example = {k: self.train_feats.arrays[k][:1, ..., :16] for k in MODEL_INPUTS}
-    import flax.linen as nn
-    fresh = jax.jit(self.model.init)(key, **example)["params"]
-    fresh = jax.tree_util.tree_map(np.asarray, nn.unbox(fresh))
-    self.params = merge_pretrained(fresh, pretrained, opts.init)
+    self.mesh = sharding.make_mesh(**sharding.parse_mesh_flag(opts.mesh, "--mesh"))
+    self.processes, self.process = jax.process_count(), jax.process_index()
+    # Rows of a micro-batch (and of an eval batch) split evenly over the batch shards and the
+    # processes feeding them.
+    self.unit = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.processes)
+    if opts.batch_size % self.unit:
+      raise UserError(f"--batch-size {opts.batch_size}: expected a multiple of {self.unit} "
+                      f"(the mesh {dict(self.mesh.shape)} splits each batch over data x fsdp"
+                      f"{f' and {self.processes} processes' if self.processes > 1 else ''})")
+    if self.mesh.devices.size > 1 and self.process == 0:
+      print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices",
+            file=sys.stderr)
     self.buckets = make_buckets(opts.max_seq_length, opts.smallest_bucket)
+    self.is_writer = self.process == 0
 
-  def _mesh(self):
-    import jax
-    try:
-      from bert_jax import sharding
-    except ImportError:  # no sharding module: one device
-      return None, 1
-    mesh = sharding.make_mesh(data=-1)
-    n = jax.device_count()
-    if n > 1 and self.opts.batch_size % n:
-      raise UserError(f"--batch-size {self.opts.batch_size} must be a multiple of the {n} "
-                      "devices (data parallel)")
-    if n > 1:
-      print(f"data parallel over {n} devices", file=sys.stderr)
-    return mesh, n
+  # -- state and steps ----------------------------------------------------------------------
 
-  def _put(self, tree, batch: bool):
-    import jax
-    if self.mesh is None:
-      return jax.device_put(tree)
-    from bert_jax import sharding
-    if batch:
-      return sharding.global_batch(tree, self.mesh)
-    return jax.device_put(tree, sharding.replicated(self.mesh))
-
-  # -- steps ----------------------------------------------------------------------------
-
-  def _compile(self, tx):
-    import jax
-    import jax.numpy as jnp
-    import optax
+  def _build(self, total_updates: int):
+    o = self.opts
+    warmup = int(round(o.warmup_ratio * total_updates))
+    optimizer, schedule = finetune_optimizer(o.learning_rate, total_updates, warmup,
+                                             o.weight_decay, o.max_grad_norm)
+    example = {k: self.train_feats.arrays[k][:1, ..., :16] for k in MODEL_INPUTS}
+    init_fn = lambda key: self.model.init({"params": key}, **example)["params"]
+    state, shardings = state_lib.create_state(init_fn, optimizer, self.mesh,
+                                              jax.random.PRNGKey(o.seed),
+                                              init_params=self.pretrained, source=o.init)
+    self.pretrained = None
+    self.train_step = steps.jit_train_step(
+        steps.make_train_step(task_loss(self.task, self.model), optimizer, schedule,
+                              grad_accum=o.gradient_accumulation), self.mesh, shardings)
     model, task = self.model, self.task
+    self.eval_step = steps.MeshStep(
+        lambda params, batch: task.predict(forward(model, params, batch), batch), self.mesh,
+        in_shardings=(shardings.params, sharding.batch_sharding(self.mesh)),
+        out_shardings=sharding.replicated(self.mesh))
+    self.gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self.mesh))
+    return state
 
-    def forward(params, batch, deterministic, rng=None):
-      return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                         batch["attention_mask"], deterministic=deterministic,
-                         rngs=None if rng is None else {"dropout": rng})
+  def _put(self, batch: dict) -> dict:
+    """This process's share of a global host batch, assembled into sharded global arrays."""
+    rows = len(batch["weight"]) // self.processes
+    return sharding.global_batch({k: v[self.process * rows:(self.process + 1) * rows]
+                                  for k, v in batch.items()}, self.mesh)
 
-    def train_step(state, batch):
-      rng = jax.random.fold_in(state["rng"], state["step"])
+  def _step_batch(self, group: list[np.ndarray], keys: tuple[str, ...]) -> dict:
+    """A train step's rows: the group's micro-batches padded to one length, interleaved so that
+    micro-batch i is rows i, i+A, ... (steps' accumulation layout); a short last group is
+    filled with weightless copies."""
+    o, feats = self.opts, self.train_feats
+    micros = [make_batch(feats, idx, o.batch_size, self.buckets, keys) for idx in group]
+    while len(micros) < o.gradient_accumulation:
+      micros.append(dict(micros[-1], weight=np.zeros_like(micros[-1]["weight"])))
+    length = max(m["input_ids"].shape[-1] for m in micros)
+    out = {}
+    for k in micros[0]:
+      parts = [_pad_last(m[k], length, -100 if k == "labels" else 0)
+               if k in feats.seq_keys else m[k] for m in micros]
+      stacked = np.stack(parts, axis=1)  # [B, A, ...]
+      out[k] = stacked.reshape((-1,) + stacked.shape[2:])
+    return out
 
-      def loss_fn(params):
-        total, count = task.loss(forward(params, batch, False, rng), batch)
-        return total / jnp.maximum(count, 1.0)
-      loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-              "step": state["step"] + 1, "rng": state["rng"]}, loss
-
-    def eval_step(params, batch):
-      return task.predict(forward(params, batch, True), batch)
-
-    self.train_step = jax.jit(train_step, donate_argnums=(0,))
-    self.eval_step = jax.jit(eval_step)
+  # -- evaluation ---------------------------------------------------------------------------
 
   def evaluate(self, params) -> tuple[dict, dict]:
     feats, o = self.eval_feats, self.opts
     keys = tuple(k for k in (*MODEL_INPUTS, "choice_mask") if k in feats.arrays)
-    eval_bs = max(o.eval_batch_size // self.n_data, 1) * self.n_data
+    eval_bs = max(o.eval_batch_size // self.unit, 1) * self.unit
     out: dict[str, np.ndarray] = {}
     T = o.max_seq_length
     for idx in eval_batches(feats.lengths, eval_bs):
       batch = make_batch(feats, idx, eval_bs, self.buckets, keys)
-      result = jax_get(self.eval_step(params, self._put(batch, batch=True)))
+      result = {k: np.asarray(v) for k, v in self.eval_step(params, self._put(batch)).items()}
       for k, v in result.items():
         v = v[:len(idx)]
         if k in self.task.seq_outputs and v.shape[-1] < T:
@@ -255,69 +240,65 @@ class Runner:
         out[k][idx] = v
     return self.task.score(feats, out), out
 
-  # -- loop -----------------------------------------------------------------------------
+  # -- loop -----------------------------------------------------------------------------------
 
   def run(self) -> dict[str, Any]:
-    import jax
     from tqdm import tqdm
     o = self.opts
-    steps_per_epoch = -(-len(self.train_feats) // o.batch_size)
-    total_micro = steps_per_epoch * o.epochs
-    total_updates = max(total_micro // o.gradient_accumulation, 1)
-    warmup = int(round(o.warmup_ratio * total_updates))
-    tx = make_optimizer(o.learning_rate, total_updates, warmup, o.weight_decay,
-                        o.max_grad_norm, o.gradient_accumulation)
-    self._compile(tx)
-    params = self._put(self.params, batch=False)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-             "step": jax.numpy.zeros((), jax.numpy.int32), "rng": jax.random.key(o.seed + 1)}
+    accum = o.gradient_accumulation
+    micro_per_epoch = -(-len(self.train_feats) // o.batch_size)
+    updates_per_epoch = -(-micro_per_epoch // accum)
+    state = self._build(updates_per_epoch * o.epochs)
+    base_rng = jax.random.PRNGKey(o.seed + 1)
     keys = tuple(k for k in self.train_feats.arrays)
     rng = np.random.default_rng(o.seed)
-    self.best, self.history = None, []
+    self.best, self.history, self.losses = None, [], []
     self.train_seconds = self.eval_seconds = 0.0
-    update, loss_value = 0, float("nan")
-    bar = tqdm(total=total_micro, desc=f"fine-tune {o.task}", unit="step", mininterval=1.0,
-               disable=o.quiet, file=sys.stderr)
+    update = 0
+    bar = tqdm(total=updates_per_epoch * o.epochs, desc=f"fine-tune {o.task}", unit="step",
+               mininterval=1.0, disable=o.quiet or not self.is_writer, file=sys.stderr)
     t0 = time.perf_counter()
     for epoch in range(o.epochs):
-      for micro, idx in enumerate(train_batches(self.train_feats.lengths, o.batch_size, rng)):
-        batch = make_batch(self.train_feats, idx, o.batch_size, self.buckets, keys)
-        state, loss = self.train_step(state, self._put(batch, batch=True))
-        bar.update(1)
-        if (micro + 1) % o.gradient_accumulation:
-          continue
+      micros = train_batches(self.train_feats.lengths, o.batch_size, rng)
+      for first in range(0, len(micros), accum):
+        batch = self._put(self._step_batch(micros[first:first + accum], keys))
+        state, metrics = self.train_step(state, batch, base_rng)
+        self.losses.append(metrics["loss"])  # device scalars: fetched at the next evaluation
         update += 1
+        bar.update(1)
         if update % 20 == 0:
-          loss_value = float(loss)
-          bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch + 1)
+          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", epoch=epoch + 1)
         if o.eval_every and update % o.eval_every == 0:
           t0 = self._timed_eval(state, epoch, update, t0)
       # Without --eval-every: after every epoch; with it: also once at the very end.
       if not o.eval_every or (epoch == o.epochs - 1 and update % o.eval_every):
         t0 = self._timed_eval(state, epoch, update, t0)
     bar.close()
-    jax.block_until_ready(state["params"])
     return self._finish()
 
   def _timed_eval(self, state, epoch, update, t0) -> float:
-    import jax
-    jax.block_until_ready(state["params"])
+    jax.block_until_ready(state.params)
     t1 = time.perf_counter()
     self.train_seconds += t1 - t0
-    scores, out = self.evaluate(state["params"])
-    record = {"epoch": epoch + 1, "step": update,
+    scores, out = self.evaluate(state.params)
+    train_loss = float(np.mean(jax.device_get(self.losses))) if self.losses else None
+    self.losses = []
+    record = {"epoch": epoch + 1, "step": update, "train_loss": train_loss,
               **{k: int(v) if isinstance(v, (int, np.integer)) else float(v)
                  for k, v in scores.items()}}
     self.history.append(record)
     main = self.task.main_metric
     better = self.best is None or record[main] > self.best[main]
-    summary = " ".join(f"{k}={v:.4f}" for k, v in scores.items())
-    print(f"eval step {update} (epoch {epoch + 1}): {summary}" + (" (best)" if better else ""),
-          file=sys.stderr)
+    if self.is_writer:
+      summary = " ".join(f"{k}={v:.4f}" for k, v in scores.items())
+      print(f"eval step {update} (epoch {epoch + 1}): {summary}" + (" (best)" if better else ""),
+            file=sys.stderr)
     if better:
       self.best = record
-      self.best_params = jax.tree_util.tree_map(np.asarray, jax.device_get(state["params"]))
-      self._save_best(out)
+      # Every process takes part in gathering sharded params; process 0 keeps and writes them.
+      self.best_params = jax.tree.map(np.asarray, self.gather(state.params))
+      if self.is_writer:
+        self._save_best(out)
     t2 = time.perf_counter()
     self.eval_seconds += t2 - t1
     return t2
@@ -352,6 +333,8 @@ class Runner:
   def _finish(self) -> dict[str, Any]:
     from bert_jax import convert
     o = self.opts
+    if not self.is_writer:
+      return dict(self.best)
     self._write_metrics()
     if o.export_hf:
       convert.write_hf_dir(o.export_hf, self.config, self.best_params, vocab_path=self.vocab,
@@ -361,20 +344,22 @@ class Runner:
     return {**self.best, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
 
 
-def jax_get(tree):
-  import jax
-  return {k: np.asarray(v) for k, v in jax.device_get(tree).items()}
+def _pad_last(x: np.ndarray, length: int, fill: int) -> np.ndarray:
+  return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=fill)
 
 
 def finetune(opts) -> dict[str, Any]:
   """Runs a whole fine-tuning from parsed CLI options; returns the best evaluation. The output
   locations are checked before anything is loaded (not after training), and --output-dir is
-  locked for the run."""
+  locked for the run (by process 0 when several processes run it together)."""
+  sharding.initialize_distributed()
   check_writable(opts.output_dir, "--output-dir")
   if opts.export_hf:
     check_writable(opts.export_hf, "--export-hf")
     p = pathlib.Path(opts.export_hf)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
       raise UserError(f"--export-hf {p}: already exists and is not empty")
+  if jax.process_index() != 0:
+    return Runner(opts).run()
   with DirLock(opts.output_dir, "--output-dir"):
     return Runner(opts).run()
