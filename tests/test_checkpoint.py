@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -42,7 +43,7 @@ def test_roundtrip_params_opt_state_meta_data(saved):
   r = ck.restore(ap, ao)
   assert r.step == 8 and r.meta["phase"] == 0 and r.meta["step"] == 8
   np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 8.0))
-  assert r.data_state == b'{"next": 8}'
+  assert r.data_state == {"next": 8}
   assert int(r.opt_state[0].count) == 0
   assert ck.restore(ap, ao, want_data=lambda meta: False).data_state is None
   ck.close()
@@ -153,4 +154,44 @@ def test_dict_data_state_roundtrip(tmp_path):
   ck.save(1, params=p, opt_state=optax.sgd(0.1).init(p), meta={}, data_state=state)
   ck.wait()
   assert ck.restore(abstract_like(p), abstract_like(optax.sgd(0.1).init(p))).data_state == state
+  ck.close()
+
+
+def test_data_item_is_grains_own_format(saved):
+  """One file per process, holding the iterator's get_state() JSON as grain's handler writes
+  it, so grain's handler reads what bert-jax wrote and the other way round."""
+  path, ck, _, _ = saved
+  ck.close()
+  data = path / "checkpoints" / "8" / "data"
+  assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-1.json"]
+  assert json.loads((data / "process_0-of-1.json").read_text()) == {"next": 8}
+  meta = json.loads((path / "checkpoints" / "8" / "_CHECKPOINT_METADATA").read_text())
+  assert meta["item_handlers"]["data"].startswith("grain.")
+
+
+OLD_LAYOUT = pathlib.Path(__file__).parent / "data" / "old_data_layout"
+
+
+def test_checkpoints_of_the_own_data_handler_still_restore(tmp_path):
+  """tests/data/old_data_layout was written by bert-jax's own DataStateHandler (before grain's
+  handler replaced it): step 2 with a BatchIterator state, step 4 with the bytes of a grain
+  DataLoader state."""
+  shutil.copytree(OLD_LAYOUT, tmp_path / "work")
+  opt = optax.adam(1e-3)
+  ck = Checkpointer(str(tmp_path / "work"), keep_last=10)
+  ap, ao = abstract_like(tree(0.0)), abstract_like(opt.init(tree(0.0)))
+  r = ck.restore(ap, ao)
+  assert r.step == 4 and r.data_state["last_seen_indices"] == {"0": 47}
+  np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 4.0))
+  ck.close()
+  shutil.rmtree(tmp_path / "work" / "checkpoints" / "4")
+  ck = Checkpointer(str(tmp_path / "work"), keep_last=10)
+  r = ck.restore(ap, ao)
+  assert r.step == 2 and r.data_state["format"] == "bert-jax-batches"
+  assert r.data_state["next_record"] == 48
+  # and the resumed run's next save is in grain's format beside it
+  p = tree(6.0)
+  ck.save(6, params=p, opt_state=opt.init(p), meta={}, data_state={"next_record": 60})
+  ck.wait()
+  assert ck.restore(ap, ao).data_state == {"next_record": 60}
   ck.close()
