@@ -226,8 +226,8 @@ def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | N
   return load_tokenizer(vocab_path).lower_case
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, vocab_path: str, lower_case: bool,
-                          model_max_length: int) -> None:
+def write_tokenizer_files(out_dir: str | os.PathLike, vocab_path: str | os.PathLike,
+                          lower_case: bool, model_max_length: int) -> None:
   """vocab.txt, tokenizer.json, special_tokens_map.json and tokenizer_config.json, as
   transformers' BertTokenizerFast.save_pretrained writes them, into `out_dir`."""
   out_dir = pathlib.Path(out_dir)
@@ -236,7 +236,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, vocab_path: str, lower_cas
   if absent:
     raise UserError(f"{vocab_path}: special token(s) {', '.join(absent)} missing")
   shutil.copyfile(vocab_path, out_dir / "vocab.txt")
-  BertWordPieceTokenizer(vocab_path, lowercase=lower_case, strip_accents=None if lower_case
+  BertWordPieceTokenizer(os.fspath(vocab_path), lowercase=lower_case, strip_accents=None if lower_case
                          else False).save(str(out_dir / "tokenizer.json"))
   special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "cls_token": "[CLS]", "mask_token": "[MASK]"}

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax.checkpoint import Checkpointer, abstract_like
+from bert_jax.checkpoint import Checkpointer, abstract_like, load_checkpoint
+from bert_jax.config import get_preset, write_config_json
+from bert_jax.errors import UserError
 
 
 def tree(value: float):
@@ -195,3 +197,39 @@ def test_checkpoints_of_the_own_data_handler_still_restore(tmp_path):
   ck.wait()
   assert ck.restore(ap, ao).data_state == {"next_record": 60}
   ck.close()
+
+
+def test_both_readers_pass_over_params_that_restore_but_are_not_the_saved_ones(saved, capsys):
+  """Step 8's params replaced by step 6's restore cleanly but fail the fingerprint saved with
+  step 8: resuming and load_pretrained (load_checkpoint) both fall back to step 6."""
+  path, ck, ap, ao = saved
+  ck.close()
+  step8 = path / "checkpoints" / "8"
+  shutil.rmtree(step8 / "params")
+  shutil.copytree(path / "checkpoints" / "6" / "params", step8 / "params")
+  write_config_json(get_preset("tiny"), str(path / "config.json"))
+  config, params, params_dir = load_checkpoint(path)
+  assert config.num_hidden_layers == get_preset("tiny").num_hidden_layers
+  assert params_dir.parent.name == "6" and params["bert"]["w"][0, 0] == 6.0
+  err = capsys.readouterr().err
+  assert f"warning: {step8 / 'params'}: cannot restore (" in err and "fingerprint" in err
+  assert err.count("\n") == 1
+  ck = Checkpointer(str(path), keep_last=10)
+  with pytest.warns(UserWarning, match="checkpoints/8 is incomplete or corrupt.*fingerprint"):
+    assert restore_step(ck, ap, ao) == 6
+  ck.close()
+
+
+def test_load_checkpoint_with_nothing_restorable_is_one_user_error(saved, capsys):
+  path, ck, _, _ = saved
+  ck.close()
+  write_config_json(get_preset("tiny"), str(path / "config.json"))
+  for step in (2, 4, 6, 8):
+    for f in (path / "checkpoints" / str(step) / "params").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(b"\0" * 16)
+  with pytest.raises(UserError, match=r"checkpoints/2/params: cannot restore checkpoint \("):
+    load_checkpoint(path)
+  assert capsys.readouterr().err.count("using the one before") == 3
+  with pytest.raises(UserError, match="no params/ checkpoint found"):
+    load_checkpoint(path / "checkpoints" / "9")
