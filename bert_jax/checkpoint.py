@@ -1,94 +1,92 @@
-"""Pretraining checkpoints: an orbax CheckpointManager over params, optimizer state, meta, data.
+"""The on-disk layout of bert-jax checkpoints, both kinds, and the one way they are read back.
 
-Layout (what `load_pretrained(workdir)` and `bert-jax-convert to-hf workdir` read):
+A pretraining workdir (written by `Checkpointer`, an orbax CheckpointManager):
 
   workdir/checkpoints/<step>/params     orbax StandardSave of the float32 params pytree
   workdir/checkpoints/<step>/opt_state  orbax StandardSave of the optax state
   workdir/checkpoints/<step>/meta       JSON: step, phase, seed, config hash, params fingerprint
-  workdir/checkpoints/<step>/data       JSON, one file per process: the data-iterator state
+  workdir/checkpoints/<step>/data       grain's orbax handler: process_<i>-of-<n>.json, each
+                                        process's data-iterator state as JSON
+  workdir/config.json, workdir/vocab.txt
 
+An exported checkpoint (`write_checkpoint`: bert-jax-convert from-hf, fine-tuning's best model):
+
+  dir/params                            the same params item as a step's
+  dir/config.json, dir/vocab.txt, dir/tokenizer_config.json (do_lower_case)
+
+Both readers, `Checkpointer.restore` (resuming) and `load_checkpoint` (load_pretrained, to-hf),
+try the newest step first and pass over a damaged one to the step before (`_first_restorable`).
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut
 short by SIGKILL never looks like a step. A step that is there but damaged (files deleted or
-truncated, an item missing) fails to restore or fails the params fingerprint check, and
-`restore` passes over it, with a warning, to the step before (and renames it <step>.corrupt-<time>,
-out of the way of the resumed run's saves).
+truncated, an item missing) fails to restore or fails the params fingerprint check;
+`Checkpointer.restore` warns and renames it <step>.corrupt-<time>, out of the way of the
+resumed run's saves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
+import os
 import re
+import shutil
+import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from grain.python import PyGrainCheckpointRestore, PyGrainCheckpointSave
 
-from bert_jax.errors import drop_closed_loop_noise, first_line
+from bert_jax.config import BertConfig, find_config, write_config_json
+from bert_jax.errors import UserError, drop_closed_loop_noise, first_line
+from bert_jax.fileio import new_directory, resolved, write_json_atomic
 
-log = logging.getLogger(__name__)
-
-ITEMS = ("params", "opt_state", "meta", "data")
+CHECKPOINTS = "checkpoints"
+PARAMS = "params"
+ITEMS = (PARAMS, "opt_state", "meta", "data")
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
-# The data item: each process writes its own iterator state (each host reads its own shard).
+# The data item, through grain's own handler (each host reads its own shard, so each process
+# writes its own file).
 
-class DataStateHandler(ocp.CheckpointHandler):
-  """Writes/reads one JSON file per process with that process's data-iterator state."""
+class _IteratorState:
+  """What grain's handler saves from and restores into, in place of the data iterator.
 
-  def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-    directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / _process_file()).write_text(json.dumps(_encode_state(args.state)))
+  The handler writes `get_state()` of a grain DataLoader iterator (JSON bytes) and restores by
+  calling `set_state()` and `start_prefetch()` on the iterator handed to it. The training loop
+  makes its iterator only once the restored step has said which phase it is in, so there is
+  none to hand over yet: this carries the state (a JSON value, or the bytes of one) instead.
+  """
 
-  def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> Any:
-    path = epath.Path(directory) / _process_file()
-    if not path.exists():
-      raise FileNotFoundError(f"{path}: no data-iterator state for this process")
-    return _decode_state(json.loads(path.read_text()))
+  def __init__(self, state: Any = None):
+    self.state = state
 
-  def metadata(self, directory: epath.Path) -> None:
-    return None
+  def get_state(self) -> bytes:
+    if isinstance(self.state, (bytes, str)):
+      return self.state.encode() if isinstance(self.state, str) else self.state
+    return json.dumps(self.state).encode()
 
-  def finalize(self, directory: epath.Path) -> None:
-    pass
+  def set_state(self, state: bytes) -> None:
+    self.state = _from_own_handler(json.loads(state))
 
-  def close(self) -> None:
-    pass
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-  state: Any
+  def start_prefetch(self) -> None:
+    """Nothing to start: the iterator that takes this state starts its own workers."""
 
 
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-  pass
-
-
-def _process_file() -> str:
-  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-def _encode_state(state: Any) -> dict:
-  # grain's DataLoader iterators give bytes (JSON text), dataset iterators give dicts.
-  if isinstance(state, bytes):
-    return {"kind": "bytes", "value": state.decode("utf-8")}
-  return {"kind": "json", "value": state}
-
-
-def _decode_state(d: dict) -> Any:
-  return d["value"].encode("utf-8") if d["kind"] == "bytes" else d["value"]
+def _from_own_handler(state: Any) -> Any:
+  """A state as bert-jax's own handler wrote it before grain's was used, at the same file
+  names: {"kind": "json", "value": state} or {"kind": "bytes", "value": JSON text}."""
+  if isinstance(state, dict) and set(state) == {"kind", "value"}:
+    return json.loads(state["value"]) if state["kind"] == "bytes" else state["value"]
+  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +136,28 @@ def describe_damage(error: BaseException, limit: int = 240) -> str:
   return line[:limit]
 
 
-# ---------------------------------------------------------------------------------------------
+def _check_fingerprint(meta: dict, params: Any) -> None:
+  if "fingerprint" in meta and not fingerprints_match(meta["fingerprint"],
+                                                      params_fingerprint(params)):
+    raise ValueError("restored parameters do not match the fingerprint saved with them")
+
+
+def _first_restorable(candidates: Iterable[T], restore: Callable[[T], Any]
+                      ) -> tuple[tuple[T, Any] | None, list[tuple[T, str]]]:
+  """The fall-back rule of both readers: `restore` each of `candidates` (newest first) until
+  one restores. Returns ((candidate, restored) or None, [(candidate, why)] for those passed
+  over), so that each reader words its own warnings."""
+  damaged = []
+  drop_closed_loop_noise()  # a damaged step's failed restore would print tracebacks
+  for candidate in candidates:
+    try:
+      return (candidate, restore(candidate)), damaged
+    except Exception as e:  # any damage: missing item, truncated file, bad JSON, mismatch
+      damaged.append((candidate, describe_damage(e)))
+  return None, damaged
+
+
+# --------------------------------------------------------------------------------- training
 
 @dataclasses.dataclass
 class Restored:
@@ -146,7 +165,7 @@ class Restored:
   params: Any
   opt_state: Any
   meta: dict
-  data_state: Any  # None when the caller asked for none (e.g. a finished phase's iterator)
+  data_state: Any  # a JSON value; None when the caller asked for none (a finished phase's)
 
 
 class Checkpointer:
@@ -158,7 +177,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0,
                keep_steps: Sequence[int] = (), async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = epath.Path(workdir) / CHECKPOINTS
     policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=max(1, keep_last))]
     if keep_every > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
@@ -182,7 +201,8 @@ class Checkpointer:
            data_state: Any = None, fingerprint: list | None = None) -> bool:
     """Starts an (async) save of `step`; returns False, saving nothing, if params are not finite.
 
-    `meta` must be JSON-serialisable; the params fingerprint is added to it.
+    `meta` must be JSON-serialisable; the params fingerprint is added to it. `data_state` is
+    the data iterator's get_state(): a JSON-serialisable value, or the bytes of its JSON.
     """
     fingerprint = params_fingerprint(params) if fingerprint is None else fingerprint
     if not fingerprint_is_finite(fingerprint):
@@ -196,7 +216,7 @@ class Checkpointer:
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta),
-        data=DataStateSave(data_state)), force=True)
+        data=PyGrainCheckpointSave(_IteratorState(data_state))), force=True)
     return True
 
   def restore(self, abstract_params: Any, abstract_opt_state: Any,
@@ -204,23 +224,17 @@ class Checkpointer:
     """Restores the newest step that restores cleanly; None when there is none.
 
     `abstract_*` are pytrees of jax.ShapeDtypeStruct (with shardings) giving structure and
-    placement. `want_data(meta)` says whether the data-iterator state of that step is needed.
+    placement. `want_data(meta)` says whether the data-iterator state of that step is needed;
+    it comes back as a JSON value (what the iterator's set_state takes).
     """
-    damaged = []
-    restored = None
-    drop_closed_loop_noise()  # a damaged step's failed restore would print tracebacks
-    for step in reversed(self.all_steps()):
-      try:
-        restored = self._restore_step(step, abstract_params, abstract_opt_state, want_data)
-        break
-      except Exception as e:  # any damage: missing item, truncated file, bad JSON, mismatch
-        msg = describe_damage(e)
-        warnings.warn(f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
-                      f"({msg}); falling back to the one before", stacklevel=2)
-        damaged.append(step)
+    found, damaged = _first_restorable(reversed(self.all_steps()), lambda step: (
+        self._restore_step(step, abstract_params, abstract_opt_state, want_data)))
+    for step, why in damaged:
+      warnings.warn(f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
+                    f"({why}); falling back to the one before", stacklevel=2)
     if damaged:
-      self._set_aside(damaged)
-    return restored
+      self._set_aside([step for step, _ in damaged])
+    return found[1] if found else None
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames damaged steps to <step>.corrupt-<time> (kept for inspection, no longer a step),
@@ -245,14 +259,11 @@ class Checkpointer:
     state = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
         opt_state=ocp.args.StandardRestore(abstract_opt_state)))
-    if "fingerprint" in meta and not fingerprints_match(
-        meta["fingerprint"], params_fingerprint(state["params"])):
-      raise ValueError("restored parameters do not match the fingerprint saved with them")
-    data_state = None
+    _check_fingerprint(meta, state["params"])
+    data = _IteratorState()
     if want_data(meta):
-      data_state = self.manager.restore(
-          step, args=ocp.args.Composite(data=DataStateRestore()))["data"]
-    return Restored(step, state["params"], state["opt_state"], meta, data_state)
+      self.manager.restore(step, args=ocp.args.Composite(data=PyGrainCheckpointRestore(data)))
+    return Restored(step, state["params"], state["opt_state"], meta, data.state)
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host preemption sync point (all hosts agree on the step to stop at)."""
@@ -275,11 +286,84 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def _step_dirs(directory: epath.Path) -> list[epath.Path]:
+  """The steps of a checkpoints/ directory, newest first (orbax's temporary directories and
+  set-aside damaged steps are not steps)."""
+  if not directory.is_dir():
+    return []
+  return [d for _, d in sorted(((int(d.name), d) for d in directory.iterdir()
+                                if d.name.isdigit()), reverse=True)]
+
+
 def workdir_has_checkpoint(workdir: str) -> bool:
-  d = epath.Path(workdir) / "checkpoints"
-  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+  return bool(_step_dirs(epath.Path(workdir) / CHECKPOINTS))
 
 
-__all__ = ["Checkpointer", "Restored", "abstract_like", "params_fingerprint",
-           "fingerprint_is_finite", "workdir_has_checkpoint", "DataStateSave",
-           "DataStateRestore"]
+# --------------------------------------------------------------------------------- exported
+
+def checkpoint_params_dirs(path: str | os.PathLike) -> list[epath.Path]:
+  """The params items of an exported checkpoint, a step or a workdir (local or gs://),
+  newest first."""
+  p = resolved(path)
+  if (p / PARAMS).is_dir():
+    return [p / PARAMS]
+  root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
+  return [d / PARAMS for d in _step_dirs(root) if (d / PARAMS).is_dir()]
+
+
+def restore_params(params_dir: str | os.PathLike) -> dict:
+  """A params item as float32 numpy arrays, placed nowhere (any device count reads it)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return _as_float32(ckptr.restore(resolved(params_dir)))
+
+
+def _restore_checked(params_dir: epath.Path) -> dict:
+  """restore_params, with a training step's fingerprint check as Checkpointer.restore makes."""
+  params = restore_params(params_dir)
+  meta_dir = params_dir.parent / "meta"
+  if meta_dir.is_dir():
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      _check_fingerprint(ckptr.restore(meta_dir), params)
+  return params
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, epath.Path]:
+  """(config, params, params dir) of the newest restorable params under `path`; a damaged
+  newest step is passed over with a warning on stderr."""
+  candidates = checkpoint_params_dirs(path)
+  if not candidates:
+    raise UserError(f"{path}: no params/ checkpoint found; expected a bert-jax checkpoint, a "
+                    "pretraining workdir, or a Hugging Face BERT directory")
+  config = find_config(candidates[0].parent)
+  if config is None:
+    raise UserError(f"{path}: no config.json beside the checkpoint or in its parents")
+  found, damaged = _first_restorable(candidates, _restore_checked)
+  last = None if found else damaged.pop()
+  for params_dir, why in damaged:
+    print(f"warning: {params_dir}: cannot restore ({why}); using the one before",
+          file=sys.stderr)
+  if last is not None:
+    raise UserError(f"{last[0]}: cannot restore checkpoint ({last[1]})")
+  params_dir, params = found
+  return config, params, params_dir
+
+
+def write_checkpoint(ckpt_dir: str | os.PathLike, config: BertConfig, params: dict,
+                     vocab_path: str | None = None, lower_case: bool | None = None) -> None:
+  """An exported checkpoint in local `ckpt_dir`, which must be new or empty; written
+  atomically (built under a temporary name, then renamed)."""
+  # Host arrays written by this process alone: no barrier with processes that do not write.
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+  with new_directory(ckpt_dir) as tmp:
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+      ckptr.save(tmp / PARAMS, _as_float32(params))
+    write_config_json(config, str(tmp / "config.json"))
+    if vocab_path:
+      shutil.copyfile(vocab_path, tmp / "vocab.txt")
+    if lower_case is not None:
+      write_json_atomic(tmp / "tokenizer_config.json", {"do_lower_case": bool(lower_case)})
+
+
+def _as_float32(params: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(x, dtype=np.float32), params)

@@ -96,6 +96,16 @@ def write_config_json(config: BertConfig, path: str | os.PathLike,
                            "torch_dtype": "float32", "use_cache": True})
 
 
+def find_config(path: str | os.PathLike, levels: int = 2) -> BertConfig | None:
+  """The BertConfig of a checkpoint, workdir or HF dir (local or gs://) from the config.json
+  in it or up to `levels` parents above (no weights read), or None when there is none."""
+  from bert_jax.fileio import local_copy, self_and_parents
+  for d in self_and_parents(path, levels):
+    if (d / "config.json").is_file():
+      return read_config_json(local_copy(str(d / "config.json")))
+  return None
+
+
 def _size(layers: int, hidden: int, vocab_size: int = 30522) -> BertConfig:
   return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                     num_attention_heads=hidden // 64, intermediate_size=4 * hidden)

@@ -1,13 +1,10 @@
-"""Checkpoints both ways between bert-jax (orbax) and Hugging Face (safetensors), and loading.
+"""Hugging Face's side of loading: the name mapping, HF directories (safetensors) both ways,
+`load_pretrained` and the bert-jax-convert CLI. bert-jax's own checkpoints are checkpoint.py's.
 
 The Flax parameter tree mirrors transformers' module names, so one generic rule maps any tree
 whose top-level keys are HF module names ("bert", "cls", "classifier", "qa_outputs"):
 path joined with ".", layer_N -> layer.N, Dense kernel -> weight (transposed; attention kernels
 [E,N,H] / [N,H,E] flattened), LayerNorm scale -> weight, Embed embedding -> weight.
-
-A bert-jax checkpoint is a directory holding `params/` (an orbax StandardCheckpointer item of the
-float32 params), with config.json and vocab.txt in it or up to two parents above (a pretraining
-workdir keeps them at its top and checkpoints under checkpoints/<step>/params).
 """
 
 from __future__ import annotations
@@ -16,20 +13,16 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
-from etils import epath
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
-from bert_jax.errors import UserError, cli_entry, drop_closed_loop_noise
-from bert_jax.fileio import check_writable, follow_umask, is_remote, local_copy, scratch_dir, \
-  write_json_atomic
+from bert_jax.errors import UserError, cli_entry
+from bert_jax.fileio import check_writable, is_remote, new_directory, resolved, write_json_atomic
+from bert_jax.tokenizer import find_lower_case, find_vocab, write_tokenizer_files
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -194,143 +187,6 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
 
 
-def vocab_from_tokenizer_json(path: pathlib.Path) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    model = json.load(f).get("model", {})
-  vocab = model.get("vocab")
-  if model.get("type") != "WordPiece" or not isinstance(vocab, dict):
-    raise UserError(f"{path}: expected a WordPiece tokenizer with a vocab")
-  return [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-
-
-def find_vocab(path: str | os.PathLike, levels: int = 2) -> str | None:
-  """vocab.txt of a checkpoint or HF dir (written from tokenizer.json if only that exists),
-  as a local file (a gs:// one, or one written from tokenizer.json, in fileio.scratch_dir())."""
-  for d in _self_and_parents(path, levels):
-    if (d / "vocab.txt").is_file():
-      return local_copy(str(d / "vocab.txt"))
-  for d in _self_and_parents(path, levels):
-    if (d / "tokenizer.json").is_file():
-      tokens = vocab_from_tokenizer_json(d / "tokenizer.json")
-      out = pathlib.Path(tempfile.mkdtemp(prefix="vocab-", dir=scratch_dir())) / "vocab.txt"
-      out.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-      return str(out)
-  return None
-
-
-def find_config(path: str | os.PathLike, levels: int = 2) -> BertConfig | None:
-  """The BertConfig of a checkpoint, workdir or HF dir from its config.json alone (no weights
-  read), or None when there is none."""
-  for d in _self_and_parents(path, levels):
-    if (d / "config.json").is_file():
-      return read_config_json(local_copy(str(d / "config.json")))
-  return None
-
-
-def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | None:
-  """do_lower_case from tokenizer_config.json, else inferred from the vocab."""
-  for d in _self_and_parents(path, 2):
-    cfg = d / "tokenizer_config.json"
-    if cfg.is_file():
-      value = json.loads(cfg.read_text(encoding="utf-8")).get("do_lower_case")
-      if value is not None:
-        return bool(value)
-  if vocab_path is None:
-    return None
-  from bert_jax.tokenizer import load_tokenizer
-  return load_tokenizer(vocab_path).lower_case
-
-
-def _resolved(path: str | os.PathLike) -> epath.Path:
-  """A local path resolved (symlinks too), or a gs:// URI as an epath."""
-  if is_remote(path):
-    return epath.Path(os.fspath(path))
-  return epath.Path(pathlib.Path(path).resolve())
-
-
-def _self_and_parents(path, levels: int) -> list[epath.Path]:
-  p = _resolved(path)
-  return [p] + list(p.parents)[:levels]
-
-
-# ----------------------------------------------------------------------------- bert-jax checkpoints
-
-def checkpoint_params_dirs(path: str | os.PathLike) -> list[epath.Path]:
-  """`params/` items under a checkpoint dir, a step dir or a workdir (local or gs://),
-  newest first."""
-  p = _resolved(path)
-  if (p / "params").is_dir():
-    return [p / "params"]
-  ckpts = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-  steps = sorted((int(d.name), d) for d in ckpts.iterdir() if d.name.isdigit()) \
-      if ckpts.is_dir() else []
-  return [d / "params" for _, d in reversed(steps) if (d / "params").is_dir()]
-
-
-def restore_params(params_dir: epath.Path) -> dict:
-  import jax
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(_resolved(params_dir))
-  return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), restored)
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict, epath.Path]:
-  """Newest restorable params of a bert-jax checkpoint; a damaged newest one is passed over."""
-  candidates = checkpoint_params_dirs(path)
-  if not candidates:
-    raise UserError(f"{path}: no params/ checkpoint found; expected a bert-jax checkpoint, a "
-                    "pretraining workdir, or a Hugging Face BERT directory")
-  config_path = next((d / "config.json" for d in _self_and_parents(candidates[0].parent, 2)
-                      if (d / "config.json").is_file()), None)
-  if config_path is None:
-    raise UserError(f"{path}: no config.json beside the checkpoint or in its parents")
-  config = read_config_json(local_copy(str(config_path)))
-  drop_closed_loop_noise()  # a damaged step's failed restore would print tracebacks
-  for i, params_dir in enumerate(candidates):
-    try:
-      params = restore_params(params_dir)
-      break
-    except Exception as e:  # orbax raises many types for a partial or corrupt checkpoint
-      from bert_jax.checkpoint import describe_damage
-      if i + 1 == len(candidates):
-        raise UserError(f"{params_dir}: cannot restore checkpoint ({describe_damage(e)})"
-                        ) from None
-      print(f"warning: {params_dir}: cannot restore ({describe_damage(e)}); using the one "
-            "before", file=sys.stderr)
-  return config, params, params_dir
-
-
-def write_checkpoint(ckpt_dir: str | os.PathLike, config: BertConfig, params: dict,
-                     vocab_path: str | None = None, lower_case: bool | None = None) -> None:
-  """Writes a bert-jax checkpoint atomically: built under a temporary name, then renamed."""
-  import orbax.checkpoint as ocp
-  final = pathlib.Path(ckpt_dir).resolve()
-  _refuse_nonempty(final)
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-  try:
-    params32 = _as_float32(params)
-    # Host arrays written by this process alone: no barrier with processes that do not write.
-    import jax
-    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                              active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
-      ckptr.save(tmp / "params", params32)
-    write_config_json(config, str(tmp / "config.json"))
-    if vocab_path:
-      shutil.copyfile(vocab_path, tmp / "vocab.txt")
-    if lower_case is not None:
-      write_json_atomic(tmp / "tokenizer_config.json", {"do_lower_case": bool(lower_case)})
-    follow_umask(tmp)
-    if final.exists():
-      final.rmdir()
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True
                     ) -> tuple[BertConfig, dict]:
   """(config, params) from a Hugging Face BERT directory or a bert-jax checkpoint.
@@ -338,12 +194,13 @@ def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True
   params is {"bert": ..., "cls": ...}; heads the source lacks (a bare BertModel) are freshly
   initialised from `seed` and listed on stderr.
   """
-  p = _resolved(path)  # a bert-jax checkpoint may be on gs://; HF directories are local
+  p = resolved(path)  # a bert-jax checkpoint may be on gs://; HF directories are local
   if not p.exists():
     raise UserError(f"{path}: no such file or directory")
   if not is_remote(path) and is_hf_dir(p):
     config, params, _ = load_hf(p, seed=seed, verbose=verbose)
     return config, params
+  from bert_jax.checkpoint import load_checkpoint  # orbax, only for bert-jax checkpoints
   config, params, _ = load_checkpoint(p)
   return config, params
 
@@ -382,61 +239,20 @@ def write_hf_dir(hf_dir: str | os.PathLike, config: BertConfig, params: dict, *,
                  extra_config: dict | None = None, force: bool = False) -> None:
   """A transformers directory (weights in float32, tokenizer files), written atomically."""
   from safetensors.numpy import save_file
-  final = pathlib.Path(hf_dir).resolve()
-  if not force:
-    _refuse_nonempty(final)
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-  try:
-    save_file(params_to_hf(_as_float32(params)), str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+  with new_directory(hf_dir, replace=force) as tmp:
+    save_file(params_to_hf(params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     write_config_json(config, str(tmp / "config.json"), architectures=tuple(architectures))
     if extra_config:
       cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
       write_json_atomic(tmp / "config.json", {**cfg, **extra_config})
     if vocab_path:
       write_tokenizer_files(tmp, vocab_path, bool(lower_case), config.max_position_embeddings)
-    follow_umask(tmp)  # not mkdtemp's 0700: others on a shared machine may read the model
-    if final.exists():
-      shutil.rmtree(final)
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def write_tokenizer_files(out_dir: pathlib.Path, vocab_path: str, lower_case: bool,
-                          model_max_length: int) -> None:
-  from tokenizers.implementations import BertWordPieceTokenizer
-  tokens = pathlib.Path(vocab_path).read_text(encoding="utf-8").splitlines()
-  absent = [t for t in SPECIAL_TOKENS if t not in tokens]
-  if absent:
-    raise UserError(f"{vocab_path}: special token(s) {', '.join(absent)} missing")
-  shutil.copyfile(vocab_path, out_dir / "vocab.txt")
-  BertWordPieceTokenizer(vocab_path, lowercase=lower_case, strip_accents=None if lower_case
-                         else False).save(str(out_dir / "tokenizer.json"))
-  special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-             "cls_token": "[CLS]", "mask_token": "[MASK]"}
-  write_json_atomic(out_dir / "special_tokens_map.json", special)
-  write_json_atomic(out_dir / "tokenizer_config.json", {
-      "tokenizer_class": "BertTokenizer", "do_lower_case": lower_case,
-      "tokenize_chinese_chars": True, "strip_accents": None,
-      "model_max_length": model_max_length, "clean_up_tokenization_spaces": True, **special})
-
-
-def _as_float32(params: dict) -> dict:
-  import jax
-  return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), params)
-
-
-def _refuse_nonempty(path: pathlib.Path) -> None:
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise UserError(f"{path}: already exists and is not empty; choose a new output directory")
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def from_hf(hf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
+  from bert_jax.checkpoint import write_checkpoint
   config, params, missing = load_hf(hf_dir, seed=seed)
   vocab = find_vocab(hf_dir, levels=0)
   if vocab is None:
@@ -447,6 +263,7 @@ def from_hf(hf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
 
 
 def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
+  from bert_jax.checkpoint import load_checkpoint
   config, params, params_dir = load_checkpoint(ckpt_dir)
   vocab = find_vocab(params_dir.parent)
   if vocab is None:

@@ -8,12 +8,14 @@ upload only becomes visible when complete, and the rename is a copy of a complet
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
+import pathlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -31,6 +33,19 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   """An epath.Path; local paths are made absolute, URIs are left as they are."""
   path = os.fspath(path)
   return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def resolved(path: str | os.PathLike) -> epath.Path:
+  """A local path resolved (symlinks too, so its parents are the real ones), or a URI."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(pathlib.Path(path).resolve())
+
+
+def self_and_parents(path: str | os.PathLike, levels: int) -> list[epath.Path]:
+  """`path` and up to `levels` of its parents: where a checkpoint's config and vocab live."""
+  p = resolved(path)
+  return [p] + list(p.parents)[:levels]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -118,6 +133,34 @@ def check_writable(path: str | os.PathLike, flag: str, *, is_file: bool = False)
     raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror})") from None
   os.close(fd)
   os.remove(name)
+
+
+def refuse_nonempty(path: str | os.PathLike) -> None:
+  """UserError unless `path` is absent or an empty directory: outputs never overwrite work."""
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise UserError(f"{path}: already exists and is not empty; choose a new output directory")
+
+
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike, *, replace: bool = False) -> Iterator[pathlib.Path]:
+  """Yields a temporary directory beside local `path` that becomes `path` (with the umask's
+  modes) when the block ends, and is removed if it raises: readers never see half a model.
+  An existing `path` must be empty unless `replace`."""
+  final = pathlib.Path(path).resolve()
+  if not replace:
+    refuse_nonempty(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  try:
+    yield tmp
+    follow_umask(tmp)  # not mkdtemp's 0700: others on a shared machine may read the model
+    if final.exists():
+      shutil.rmtree(final)
+    os.rename(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def follow_umask(root: str | os.PathLike) -> None:

@@ -106,7 +106,7 @@ def load_target(name: str) -> Target:
 def bert_config(cfg: Any) -> BertConfig:
   """The model `bert-jax pretrain` would build, without reading weights or data: the vocab's
   size from data.vocab when it is a file here, else init_from's, else data.vocab_size."""
-  from bert_jax.convert import find_config
+  from bert_jax.config import find_config
   from bert_jax.train import bert_config_for, count_lines
   vocab = str(cfg.data.vocab)
   init_config = None

@@ -8,6 +8,11 @@ The backend is the Rust `tokenizers` package, configured the way BERT tokenises:
 The special tokens are registered as special added tokens, as transformers does, so a literal
 "[MASK]" in the text maps to the [MASK] id in both.
 
+Also here: finding the vocabulary and casing of a checkpoint or Hugging Face directory
+(`find_vocab`, `find_lower_case`), and writing transformers' tokenizer files beside a model
+(`write_tokenizer_files`), so that pretraining, fine-tuning and conversion share them without
+loading jax.
+
 Vocabulary ids are line numbers. A token listed twice maps to its LATER line (as transformers
 does: bert-base-chinese has 53 duplicates); `vocab_size` counts lines, so it is the size the
 embedding table needs, and `convert_ids_to_tokens` works for every line.
@@ -15,14 +20,20 @@ embedding table needs, and `convert_ids_to_tokens` works for every line.
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import shutil
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 
 from bert_jax.errors import UserError
+from bert_jax.fileio import local_copy, scratch_dir, self_and_parents, write_json_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION_PREFIX = "##"
@@ -171,3 +182,66 @@ def load_tokenizer(vocab_path: str | os.PathLike, lower_case: bool | None = None
   if lower_case is None:
     lower_case = infer_lower_case(tokens)
   return WordPieceTokenizer(tokens, lower_case=lower_case, vocab_path=os.fspath(vocab_path))
+
+
+# ------------------------------------------------------------------ vocabularies of model dirs
+
+def vocab_from_tokenizer_json(path: str | os.PathLike) -> list[str]:
+  """The tokens of a WordPiece tokenizer.json, in id order."""
+  with open(path, encoding="utf-8") as f:
+    model = json.load(f).get("model", {})
+  vocab = model.get("vocab")
+  if model.get("type") != "WordPiece" or not isinstance(vocab, dict):
+    raise UserError(f"{path}: expected a WordPiece tokenizer with a vocab")
+  return [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+
+
+def find_vocab(path: str | os.PathLike, levels: int = 2) -> str | None:
+  """vocab.txt of a checkpoint, workdir or HF dir (in it or up to `levels` parents above;
+  written from tokenizer.json if only that exists), as a local file (a gs:// one, or one
+  written from tokenizer.json, in fileio.scratch_dir()); None when there is none."""
+  for d in self_and_parents(path, levels):
+    if (d / "vocab.txt").is_file():
+      return local_copy(str(d / "vocab.txt"))
+  for d in self_and_parents(path, levels):
+    if (d / "tokenizer.json").is_file():
+      tokens = vocab_from_tokenizer_json(local_copy(str(d / "tokenizer.json")))
+      out = pathlib.Path(tempfile.mkdtemp(prefix="vocab-", dir=scratch_dir())) / "vocab.txt"
+      out.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+      return str(out)
+  return None
+
+
+def find_lower_case(path: str | os.PathLike, vocab_path: str | None) -> bool | None:
+  """do_lower_case from the tokenizer_config.json of `path` or its two parents, else inferred
+  from the vocab; None with neither."""
+  for d in self_and_parents(path, 2):
+    cfg = d / "tokenizer_config.json"
+    if cfg.is_file():
+      value = json.loads(cfg.read_text(encoding="utf-8")).get("do_lower_case")
+      if value is not None:
+        return bool(value)
+  if vocab_path is None:
+    return None
+  return load_tokenizer(vocab_path).lower_case
+
+
+def write_tokenizer_files(out_dir: str | os.PathLike, vocab_path: str | os.PathLike,
+                          lower_case: bool, model_max_length: int) -> None:
+  """vocab.txt, tokenizer.json, special_tokens_map.json and tokenizer_config.json, as
+  transformers' BertTokenizerFast.save_pretrained writes them, into `out_dir`."""
+  out_dir = pathlib.Path(out_dir)
+  tokens = pathlib.Path(vocab_path).read_text(encoding="utf-8").splitlines()
+  absent = [t for t in SPECIAL_TOKENS if t not in tokens]
+  if absent:
+    raise UserError(f"{vocab_path}: special token(s) {', '.join(absent)} missing")
+  shutil.copyfile(vocab_path, out_dir / "vocab.txt")
+  BertWordPieceTokenizer(os.fspath(vocab_path), lowercase=lower_case, strip_accents=None if lower_case
+                         else False).save(str(out_dir / "tokenizer.json"))
+  special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+             "cls_token": "[CLS]", "mask_token": "[MASK]"}
+  write_json_atomic(out_dir / "special_tokens_map.json", special)
+  write_json_atomic(out_dir / "tokenizer_config.json", {
+      "tokenizer_class": "BertTokenizer", "do_lower_case": lower_case,
+      "tokenize_chinese_chars": True, "strip_accents": None,
+      "model_max_length": model_max_length, "clean_up_tokenization_spaces": True, **special})

@@ -50,7 +50,7 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
   target = as_path(workdir) / "vocab.txt"
   source = str(cfg.data.vocab)
   if not source and cfg.init_from:
-    from bert_jax.convert import find_vocab
+    from bert_jax.tokenizer import find_vocab
     source = find_vocab(str(cfg.init_from)) or ""
   if source:
     if not as_path(source).is_file():

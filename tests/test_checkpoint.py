@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -11,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax.checkpoint import Checkpointer, abstract_like
+from bert_jax.checkpoint import Checkpointer, abstract_like, load_checkpoint
+from bert_jax.config import get_preset, write_config_json
+from bert_jax.errors import UserError
 
 
 def tree(value: float):
@@ -42,7 +45,7 @@ def test_roundtrip_params_opt_state_meta_data(saved):
   r = ck.restore(ap, ao)
   assert r.step == 8 and r.meta["phase"] == 0 and r.meta["step"] == 8
   np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 8.0))
-  assert r.data_state == b'{"next": 8}'
+  assert r.data_state == {"next": 8}
   assert int(r.opt_state[0].count) == 0
   assert ck.restore(ap, ao, want_data=lambda meta: False).data_state is None
   ck.close()
@@ -154,3 +157,79 @@ def test_dict_data_state_roundtrip(tmp_path):
   ck.wait()
   assert ck.restore(abstract_like(p), abstract_like(optax.sgd(0.1).init(p))).data_state == state
   ck.close()
+
+
+def test_data_item_is_grains_own_format(saved):
+  """One file per process, holding the iterator's get_state() JSON as grain's handler writes
+  it, so grain's handler reads what bert-jax wrote and the other way round."""
+  path, ck, _, _ = saved
+  ck.close()
+  data = path / "checkpoints" / "8" / "data"
+  assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-1.json"]
+  assert json.loads((data / "process_0-of-1.json").read_text()) == {"next": 8}
+  meta = json.loads((path / "checkpoints" / "8" / "_CHECKPOINT_METADATA").read_text())
+  assert meta["item_handlers"]["data"].startswith("grain.")
+
+
+OLD_LAYOUT = pathlib.Path(__file__).parent / "data" / "old_data_layout"
+
+
+def test_checkpoints_of_the_own_data_handler_still_restore(tmp_path):
+  """tests/data/old_data_layout was written by bert-jax's own DataStateHandler (before grain's
+  handler replaced it): step 2 with a BatchIterator state, step 4 with the bytes of a grain
+  DataLoader state."""
+  shutil.copytree(OLD_LAYOUT, tmp_path / "work")
+  opt = optax.adam(1e-3)
+  ck = Checkpointer(str(tmp_path / "work"), keep_last=10)
+  ap, ao = abstract_like(tree(0.0)), abstract_like(opt.init(tree(0.0)))
+  r = ck.restore(ap, ao)
+  assert r.step == 4 and r.data_state["last_seen_indices"] == {"0": 47}
+  np.testing.assert_array_equal(r.params["bert"]["w"], np.full((4, 3), 4.0))
+  ck.close()
+  shutil.rmtree(tmp_path / "work" / "checkpoints" / "4")
+  ck = Checkpointer(str(tmp_path / "work"), keep_last=10)
+  r = ck.restore(ap, ao)
+  assert r.step == 2 and r.data_state["format"] == "bert-jax-batches"
+  assert r.data_state["next_record"] == 48
+  # and the resumed run's next save is in grain's format beside it
+  p = tree(6.0)
+  ck.save(6, params=p, opt_state=opt.init(p), meta={}, data_state={"next_record": 60})
+  ck.wait()
+  assert ck.restore(ap, ao).data_state == {"next_record": 60}
+  ck.close()
+
+
+def test_both_readers_pass_over_params_that_restore_but_are_not_the_saved_ones(saved, capsys):
+  """Step 8's params replaced by step 6's restore cleanly but fail the fingerprint saved with
+  step 8: resuming and load_pretrained (load_checkpoint) both fall back to step 6."""
+  path, ck, ap, ao = saved
+  ck.close()
+  step8 = path / "checkpoints" / "8"
+  shutil.rmtree(step8 / "params")
+  shutil.copytree(path / "checkpoints" / "6" / "params", step8 / "params")
+  write_config_json(get_preset("tiny"), str(path / "config.json"))
+  config, params, params_dir = load_checkpoint(path)
+  assert config.num_hidden_layers == get_preset("tiny").num_hidden_layers
+  assert params_dir.parent.name == "6" and params["bert"]["w"][0, 0] == 6.0
+  err = capsys.readouterr().err
+  assert f"warning: {step8 / 'params'}: cannot restore (" in err and "fingerprint" in err
+  assert err.count("\n") == 1
+  ck = Checkpointer(str(path), keep_last=10)
+  with pytest.warns(UserWarning, match="checkpoints/8 is incomplete or corrupt.*fingerprint"):
+    assert restore_step(ck, ap, ao) == 6
+  ck.close()
+
+
+def test_load_checkpoint_with_nothing_restorable_is_one_user_error(saved, capsys):
+  path, ck, _, _ = saved
+  ck.close()
+  write_config_json(get_preset("tiny"), str(path / "config.json"))
+  for step in (2, 4, 6, 8):
+    for f in (path / "checkpoints" / str(step) / "params").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        f.write_bytes(b"\0" * 16)
+  with pytest.raises(UserError, match=r"checkpoints/2/params: cannot restore checkpoint \("):
+    load_checkpoint(path)
+  assert capsys.readouterr().err.count("using the one before") == 3
+  with pytest.raises(UserError, match="no params/ checkpoint found"):
+    load_checkpoint(path / "checkpoints" / "9")

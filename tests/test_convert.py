@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bert_jax import BertForPreTraining, load_pretrained
-from bert_jax.convert import (init_pretraining_params, main, read_hf_state_dict,
-                              write_checkpoint, write_hf_dir)
+from bert_jax.checkpoint import write_checkpoint
+from bert_jax.convert import init_pretraining_params, main, read_hf_state_dict, write_hf_dir
 from bert_jax.config import get_preset
 from hf_util import padded_batch, save_random_hf
 

@@ -160,7 +160,8 @@ def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
   assert {r["phase"] for r in rows} == {0, 1}
 
   # The checkpoint loads back through load_pretrained from its gs:// workdir.
-  from bert_jax.convert import find_vocab, load_pretrained
+  from bert_jax.convert import load_pretrained
+  from bert_jax.tokenizer import find_vocab
   config, params = load_pretrained("gs://fake-bucket/run")
   assert config.num_hidden_layers == 2
   assert open(find_vocab("gs://fake-bucket/run/checkpoints/10")).read() == \

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import json
+import pathlib
 import unicodedata
 
 import pytest
 
 from bert_jax.errors import UserError
-from bert_jax.tokenizer import SPECIAL_TOKENS, infer_lower_case, load_tokenizer
+from bert_jax.tokenizer import (SPECIAL_TOKENS, find_lower_case, find_vocab, infer_lower_case,
+                                load_tokenizer, write_tokenizer_files)
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,3 +199,49 @@ def test_pickles_for_worker_processes(minilm_dir):
   clone = pickle.loads(pickle.dumps(tok))
   text = "Worker processes get the same tokenizer: naïve 中文 [MASK]."
   assert clone.encode(text) == tok.encode(text) and clone.lower_case and clone.vocab == tok.vocab
+
+
+def test_import_loads_no_jax():
+  """Data tools and fine-tuning's vocabulary discovery import this without jax's start-up."""
+  import subprocess
+  import sys
+  code = ("import sys, bert_jax.tokenizer; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'orbax', 'flax')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_vocab_and_casing_found_beside_or_above_a_model(minilm_dir, tmp_path):
+  """vocab.txt in the dir or up to two parents, else one written from tokenizer.json; casing
+  from tokenizer_config.json, else from the vocab."""
+  step = tmp_path / "work" / "checkpoints" / "10"
+  step.mkdir(parents=True)
+  assert find_vocab(step) is None and find_lower_case(step, None) is None
+  vocab = _minilm_vocab(minilm_dir)
+  (tmp_path / "work" / "vocab.txt").write_bytes(pathlib.Path(vocab).read_bytes())
+  assert pathlib.Path(find_vocab(step)).read_bytes() == pathlib.Path(vocab).read_bytes()
+  assert find_vocab(step, levels=1) is None
+  assert find_lower_case(step, find_vocab(step)) is True   # inferred: an uncased vocab
+  (step / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+  assert find_lower_case(step, find_vocab(step)) is False
+
+  only_json = tmp_path / "hf"
+  only_json.mkdir()
+  (only_json / "tokenizer.json").write_bytes((minilm_dir / "tokenizer.json").read_bytes())
+  found = find_vocab(only_json)
+  assert pathlib.Path(found).read_text(encoding="utf-8").splitlines() == \
+      pathlib.Path(vocab).read_text(encoding="utf-8").splitlines()
+
+
+def test_written_tokenizer_files_load_in_transformers(minilm_dir, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  write_tokenizer_files(tmp_path, _minilm_vocab(minilm_dir), True, 256)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = load_tokenizer(find_vocab(tmp_path), find_lower_case(tmp_path, None))
+  text = "Tokenizer files written here: Naïve café, 中文 [MASK]."
+  assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+  assert hf.model_max_length == 256
+  bad = tmp_path / "bad_vocab.txt"
+  bad.write_text("[PAD]\n[UNK]\nhello\n", encoding="utf-8")
+  with pytest.raises(UserError, match=r"bad_vocab.txt: special token\(s\) \[CLS\]"):
+    write_tokenizer_files(tmp_path / "x", str(bad), True, 128)

@@ -230,6 +230,29 @@ def test_damaged_newest_checkpoint_falls_back_and_rerun_is_bit_exact(prepared, r
   assert_bit_equal(final_params(workdir), final_params(reference[0]))
 
 
+def test_checkpoint_of_the_own_data_handler_resumes_bit_exact(prepared, reference, tmp_path):
+  """A step saved before grain's handler wrote the data item (bert-jax's own handler, named in
+  the step's metadata, wrapped the state as {"kind": "json", "value": state} under the same
+  file names) resumes bit for bit: it is mid-phase, so its iterator state decides the batches."""
+  workdir = tmp_path / "old_layout"
+  shutil.copytree(reference[0], workdir)
+  for later in (14, TOTAL):
+    shutil.rmtree(workdir / "checkpoints" / str(later))
+  step = workdir / "checkpoints" / "12"
+  files = list((step / "data").glob("process_*-of-*.json"))
+  assert [f.name for f in files] == ["process_0-of-1.json"]
+  state = json.loads(files[0].read_text())
+  assert state["next_record"] == 12 * 8
+  files[0].write_text(json.dumps({"kind": "json", "value": state}))
+  meta = json.loads((step / "_CHECKPOINT_METADATA").read_text())
+  meta["item_handlers"]["data"] = "bert_jax.checkpoint.DataStateHandler"
+  (step / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+  code, out = finish(start(run_args(prepared, workdir)))
+  assert code == 0, out
+  assert "resuming at step 12" in out and "incomplete or corrupt" not in out
+  assert_bit_equal(final_params(workdir), final_params(reference[0]))
+
+
 def test_two_runs_on_one_workdir_the_second_refuses(prepared, tmp_path):
   """The second used to run too, and its metrics.jsonl rewrite lost the first's rows."""
   import socket

@@ -94,7 +94,7 @@ def load_init(opts):
   """(config, pretrained params or None, tokenizer, vocab_path)."""
   from bert_jax import convert
   from bert_jax.config import get_preset
-  from bert_jax.tokenizer import load_tokenizer
+  from bert_jax.tokenizer import find_lower_case, find_vocab, load_tokenizer
   lower = {"auto": None, "yes": True, "no": False}[opts.lower_case]
   if opts.init == "random":
     if not opts.vocab:
@@ -103,11 +103,11 @@ def load_init(opts):
     config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
     return config, None, tokenizer, opts.vocab
   config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False)
-  vocab = opts.vocab or convert.find_vocab(opts.init)
+  vocab = opts.vocab or find_vocab(opts.init)
   if not vocab:
     raise UserError(f"{opts.init}: no vocab.txt (or tokenizer.json) found; pass --vocab")
   if lower is None:
-    lower = convert.find_lower_case(opts.init, vocab)
+    lower = find_lower_case(opts.init, vocab)
   tokenizer = load_tokenizer(vocab, lower)
   if tokenizer.vocab_size != config.vocab_size:
     raise UserError(f"{vocab}: {tokenizer.vocab_size} tokens but the checkpoint {opts.init} "
@@ -304,7 +304,7 @@ class Runner:
     return t2
 
   def _save_best(self, out) -> None:
-    from bert_jax import convert
+    from bert_jax.checkpoint import write_checkpoint
     o = self.opts
     d = pathlib.Path(o.output_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -312,8 +312,8 @@ class Runner:
     # A complete new best/ replaces the old one only once fully written.
     tmp = d / ".best.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    convert.write_checkpoint(tmp, self.config, self.best_params, vocab_path=self.vocab,
-                             lower_case=self.tokenizer.lower_case)
+    write_checkpoint(tmp, self.config, self.best_params, vocab_path=self.vocab,
+                     lower_case=self.tokenizer.lower_case)
     info = {**self.task.finetune_info(), "max_seq_length": o.max_seq_length, **self.best}
     write_json_atomic(tmp / "finetune.json", info, ensure_ascii=False, sort_keys=False)
     old = d / ".best.old"
