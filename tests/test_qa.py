@@ -348,6 +348,26 @@ def test_bad_files(tmp_path, en_tok):
     featurize(examples, en_tok, max_seq_length=32, max_query_length=8, is_training=True)
 
 
+@pytest.mark.parametrize("is_training,length,stride", [(True, 128, 32), (False, 64, 16)])
+def test_features_of_many_examples_are_those_of_each_alone(cmrc_dev, zh_tok, is_training,
+                                                           length, stride):
+  """featurize tokenises each distinct context once, all in one batch, and fills the rows with
+  numpy: every example still gets the rows it gets alone."""
+  examples = cmrc_dev[:200]
+  kw = dict(max_seq_length=length, doc_stride=stride, is_training=is_training)
+  together = featurize(examples, zh_tok, **kw)
+  alone = [featurize([e], zh_tok, **kw) for e in examples]
+  assert len(together) > len(examples) and len({e.context for e in examples}) < len(examples)
+  for key in ("input_ids", "token_type_ids", "attention_mask", "start_positions",
+              "end_positions", "token_to_char", "token_is_max_context", "answer_lengths"):
+    expected = np.concatenate([getattr(f, key) for f in alone])
+    assert getattr(together, key).dtype == expected.dtype
+    np.testing.assert_array_equal(getattr(together, key), expected, err_msg=key)
+  np.testing.assert_array_equal(together.example_index, np.concatenate(
+      [np.full(len(f), i) for i, f in enumerate(alone)]))
+  assert together.answers_in_no_window == sum(f.answers_in_no_window for f in alone)
+
+
 def test_limits_that_cut_gold_answers_are_counted(cmrc_dev, zh_tok, en_tok):
   """On CMRC 2018, SQuAD's 30-token answer limit cuts gold answers (Chinese counts a token per
   character): say how many, and how many fit in no window."""

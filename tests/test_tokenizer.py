@@ -111,6 +111,8 @@ def test_edge_cases_match_transformers(minilm_dir, cased_vocab, lower_case):
   for text in EDGE_CASES:
     assert tok.encode(text) == _hf_ids(hf, [text])[0], text
     assert tok.tokenize(text) == hf.tokenize(text), text
+  # encode_batch cuts the texts into pieces that tokenise alone: the same ids
+  assert tok.encode_batch(EDGE_CASES) == _hf_ids(hf, EDGE_CASES)
 
 
 def test_edge_case_behaviour(minilm_dir):
@@ -149,10 +151,13 @@ def test_offsets_point_at_the_token_text(shared_data, minilm_dir, language):
     data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text(encoding="utf-8"))
     texts = [p["context"] for a in data["data"] for p in a["paragraphs"]][:50]
   tok = load_tokenizer(vocab)
+  ragged = tok.encode_ragged(texts, offsets=True)  # many texts at once: the same as each alone
   checked = exact = 0
-  for text in texts:
+  for index, text in enumerate(texts):
     ids, offsets = tok.encode_with_offsets(text)
     assert ids == tok.encode(text)
+    cut = slice(ragged.splits[index], ragged.splits[index + 1])
+    assert ragged.ids[cut].tolist() == ids and ragged.offsets[cut].tolist() == list(map(list, offsets))
     assert len(offsets) == len(ids)
     for token, (start, end) in zip(tok.convert_ids_to_tokens(ids), offsets):
       assert 0 <= start < end <= len(text)

@@ -4,7 +4,7 @@ The pipeline keeps character offsets from end to end, so an answer goes back to 
 the original context substring (its case, accents, spacing and full-width punctuation):
 
   read_squad(path)        -> [QAExample]     SQuAD JSON (CMRC 2018 and DRCD use the same layout)
-  featurize(examples, tok) -> QAFeatures     the context is tokenised ONCE with char offsets,
+  featurize(examples, tok) -> QAFeatures     each distinct context is tokenised once, with offsets,
                                              then windows of `max_seq_length` slide over its
                                              tokens `doc_stride` apart:
                                              [CLS] question [SEP] context window [SEP]
@@ -204,20 +204,25 @@ def _doc_windows(n_doc: int, max_doc_tokens: int, doc_stride: int) -> list[tuple
     start += min(length, doc_stride)
 
 
-def _max_context(windows: list[tuple[int, int]], n_doc: int) -> np.ndarray:
-  """Index of the window where each context token has the most context on its shorter side
-  (ties to the longer window, then the earlier one), as the original BERT run_squad."""
-  position = np.arange(n_doc)
-  best_score = np.full(n_doc, -np.inf)
-  best_window = np.zeros(n_doc, dtype=np.int64)
-  for index, (start, length) in enumerate(windows):
-    end = start + length - 1
-    inside = (position >= start) & (position <= end)
-    score = np.minimum(position - start, end - position) + 0.01 * length
-    better = inside & (score > best_score)
-    best_score[better] = score[better]
-    best_window[better] = index
-  return best_window
+def _cells(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(row, index within the row) of `counts[row]` consecutive cells per row."""
+  row = np.repeat(np.arange(len(counts)), counts)
+  return row, np.arange(len(row)) - (np.cumsum(counts) - counts)[row]
+
+
+def _best_windows(window: np.ndarray, key: np.ndarray, position: np.ndarray,
+                  start: np.ndarray, length: np.ndarray) -> np.ndarray:
+  """For (window, context token) pairs, True where that window gives the token the most
+  context on its shorter side (ties to the longer window, then the earlier one), as the
+  original BERT run_squad. `key` numbers the tokens over all examples, `position` is the
+  token's index in its context."""
+  score = np.minimum(position - start, start + length - 1 - position) + 0.01 * length
+  best = np.full(int(key.max()) + 1 if len(key) else 0, -np.inf)
+  np.maximum.at(best, key, score)
+  first = np.full(len(best), np.iinfo(np.int64).max)
+  tied = score == best[key]
+  np.minimum.at(first, key[tied], window[tied])
+  return tied & (first[key] == window)
 
 
 def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int = 384,
@@ -226,89 +231,84 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   """Windows over each example's context tokens; see QAFeatures for the arrays.
 
   Training rows get the token positions of the example's first located answer, or 0 when
-  the window does not hold the whole answer (or the question is impossible).
+  the window does not hold the whole answer (or the question is impossible). All questions
+  and each distinct context are tokenised in one batch; the rows are filled with numpy.
   """
   if doc_stride < 1:
     raise UserError(f"--doc-stride: expected a positive number of tokens, got {doc_stride}")
   if max_query_length < 1:
     raise UserError(f"--max-query-length: expected a positive number, got {max_query_length}")
+  if not examples:
+    raise UserError("QA data: no examples to featurize")
   seq_len = max_seq_length
-  rows: dict[str, list] = {k: [] for k in ("ids", "types", "starts", "ends", "example",
-                                              "offsets", "max_ctx", "length")}
-  answer_lengths, in_no_window = [], 0
-  for example_index, example in enumerate(examples):
-    query_ids = list(tokenizer.encode(example.question))[:max_query_length]
-    doc_ids, doc_offsets = tokenizer.encode_with_offsets(example.context)
-    doc_ids = np.asarray(doc_ids, dtype=np.int32)
-    doc_offsets = np.asarray(doc_offsets, dtype=np.int32).reshape(-1, 2)
-    n_doc = len(doc_ids)
+  contexts: dict[str, int] = {}
+  context_of = np.asarray([contexts.setdefault(e.context, len(contexts)) for e in examples])
+  docs = tokenizer.encode_ragged(list(contexts), offsets=True)
+  queries = tokenizer.encode_ragged([e.question for e in examples])
+  query_len = np.minimum(queries.lengths, max_query_length)
+  header = query_len + 2                                   # [CLS] question [SEP]
+  n_doc = docs.lengths[context_of]
+  doc_first = docs.splits[:-1][context_of]                 # the context's first token in docs
+  token_base = np.cumsum(n_doc) - n_doc                    # numbers (example, token) pairs
 
+  windows, answer_lengths, in_no_window = [], [], 0        # windows: (example, start, length)
+  starts_ends = []                                         # training labels per window
+  for index, example in enumerate(examples):
     answer_tokens = None  # (first, last) context token of the (training) answer
     span = None if example.is_impossible else example.answer_char_span()
     if is_training and not example.is_impossible and span is None:
       raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
                       "with a position in the context to train on")
     if span is not None:
-      overlapping = np.nonzero((doc_offsets[:, 0] < span[1]) & (doc_offsets[:, 1] > span[0]))[0]
+      offsets = docs.offsets[doc_first[index]:doc_first[index] + n_doc[index]]
+      overlapping = np.flatnonzero((offsets[:, 0] < span[1]) & (offsets[:, 1] > span[0]))
       if len(overlapping):
         answer_tokens = int(overlapping[0]), int(overlapping[-1])
         answer_lengths.append(answer_tokens[1] - answer_tokens[0] + 1)
       # else: the answer is only characters the tokenizer drops; its rows train on [CLS].
-
-    header = [tokenizer.cls_id, *query_ids, tokenizer.sep_id]
-    context_offset = len(header)
-    max_doc_tokens = seq_len - len(header) - 1
+    max_doc_tokens = seq_len - int(header[index]) - 1
     if max_doc_tokens < 1:
       raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: its "
-                      f"{len(query_ids)} question tokens leave no room for the context in "
-                      f"--max-seq-length {seq_len} (lower --max-query-length)")
-    windows = _doc_windows(n_doc, max_doc_tokens, doc_stride)
-    if answer_tokens is not None and not any(
-        start <= answer_tokens[0] and answer_tokens[1] < start + length
-        for start, length in windows):
-      in_no_window += 1
-    best_window = _max_context(windows, n_doc)
-    for window_index, (start, length) in enumerate(windows):
-      ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int32)
-      types = np.zeros(seq_len, dtype=np.int32)
-      offsets = np.full((seq_len, 2), -1, dtype=np.int32)
-      max_ctx = np.zeros(seq_len, dtype=bool)
-      body = slice(context_offset, context_offset + length)
-      ids[:context_offset] = header
-      ids[body] = doc_ids[start:start + length]
-      ids[context_offset + length] = tokenizer.sep_id
-      types[context_offset:context_offset + length + 1] = 1
-      offsets[body] = doc_offsets[start:start + length]
-      max_ctx[body] = best_window[start:start + length] == window_index
-      start_position = end_position = 0
-      if answer_tokens is not None and is_training:
-        first, last = answer_tokens
-        if first >= start and last < start + length:
-          start_position = first - start + context_offset
-          end_position = last - start + context_offset
-      rows["ids"].append(ids)
-      rows["types"].append(types)
-      rows["starts"].append(start_position)
-      rows["ends"].append(end_position)
-      rows["example"].append(example_index)
-      rows["offsets"].append(offsets)
-      rows["max_ctx"].append(max_ctx)
-      rows["length"].append(context_offset + length + 1)
+                      f"{int(query_len[index])} question tokens leave no room for the context"
+                      f" in --max-seq-length {seq_len} (lower --max-query-length)")
+    spans = _doc_windows(int(n_doc[index]), max_doc_tokens, doc_stride)
+    held = [answer_tokens is not None and start <= answer_tokens[0]
+            and answer_tokens[1] < start + length for start, length in spans]
+    in_no_window += answer_tokens is not None and not any(held)
+    for (start, length), holds in zip(spans, held):
+      windows.append((index, start, length))
+      offset = int(header[index]) - start
+      starts_ends.append((answer_tokens[0] + offset, answer_tokens[1] + offset)
+                         if holds and is_training else (0, 0))
 
-  if not rows["ids"]:
-    raise UserError("QA data: no examples to featurize")
-  input_ids = np.stack(rows["ids"])
-  lengths = np.asarray(rows["length"])
-  attention_mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+  example, start, length = (np.asarray(c, np.int64) for c in zip(*windows))
+  rows, head = len(windows), header[example]
+  input_ids = np.full((rows, seq_len), tokenizer.pad_id, np.int32)
+  input_ids[:, 0] = tokenizer.cls_id
+  row, i = _cells(query_len[example])
+  input_ids[row, 1 + i] = queries.ids[queries.splits[example[row]] + i]
+  input_ids[np.arange(rows), head - 1] = tokenizer.sep_id
+  ends = head + length                                     # the final [SEP]
+  input_ids[np.arange(rows), ends] = tokenizer.sep_id
+  position = np.arange(seq_len)[None, :]
+  token_type_ids = ((position >= head[:, None]) & (position <= ends[:, None])).astype(np.int32)
+  attention_mask = (position <= ends[:, None]).astype(np.int32)
+  row, i = _cells(length)                                  # the context window's cells
+  doc_token = start[row] + i
+  cell = row * seq_len + head[row] + i                     # into the flattened [rows, L]
+  at = doc_first[example[row]] + doc_token
+  input_ids.reshape(-1)[cell] = docs.ids[at]
+  token_to_char = np.full((rows, seq_len, 2), -1, np.int32)
+  token_to_char.reshape(-1, 2)[cell] = docs.offsets[at]
+  token_is_max_context = np.zeros((rows, seq_len), bool)
+  token_is_max_context.reshape(-1)[cell] = _best_windows(
+      row, token_base[example[row]] + doc_token, doc_token, start[row], length[row])
+  labels = np.asarray(starts_ends, np.int32).reshape(rows, 2)
   return QAFeatures(
-      input_ids=input_ids,
-      token_type_ids=np.stack(rows["types"]),
-      attention_mask=attention_mask,
-      start_positions=np.asarray(rows["starts"], dtype=np.int32),
-      end_positions=np.asarray(rows["ends"], dtype=np.int32),
-      example_index=np.asarray(rows["example"], dtype=np.int32),
-      token_to_char=np.stack(rows["offsets"]),
-      token_is_max_context=np.stack(rows["max_ctx"]),
+      input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+      start_positions=labels[:, 0].copy(), end_positions=labels[:, 1].copy(),
+      example_index=example.astype(np.int32), token_to_char=token_to_char,
+      token_is_max_context=token_is_max_context,
       answer_lengths=np.asarray(answer_lengths, np.int32), answers_in_no_window=in_no_window)
 
 
