@@ -100,9 +100,12 @@ def _pieces(texts: list[str]):
   for index, run in enumerate(unique_runs):
     unique_runs[run] = index
   iso_at = np.flatnonzero(isolated)
-  unique_chars, char_index = np.unique(code[iso_at], return_inverse=True)
+  seen = np.zeros(_ISOLATED_RANGES[-1][1] + 1, np.int64)  # a table, not a sort: O(n)
+  seen[code[iso_at]] = 1
+  unique_chars = np.flatnonzero(seen)
+  seen[unique_chars] = np.arange(len(unique_chars))
   piece_of = np.empty(n, np.int64)
-  piece_of[iso_at] = char_index.ravel()
+  piece_of[iso_at] = seen[code[iso_at]]
   piece_of[run_lo] = np.fromiter(map(unique_runs.__getitem__, runs), np.int64, len(runs))
   piece_of[run_lo] += len(unique_chars)
   at = np.flatnonzero(isolated | run_start)
@@ -343,8 +346,9 @@ def write_tokenizer_files(out_dir: str | os.PathLike, vocab_path: str | os.PathL
   if absent:
     raise UserError(f"{vocab_path}: special token(s) {', '.join(absent)} missing")
   shutil.copyfile(vocab_path, out_dir / "vocab.txt")
-  BertWordPieceTokenizer(os.fspath(vocab_path), lowercase=lower_case, strip_accents=None if lower_case
-                         else False).save(str(out_dir / "tokenizer.json"))
+  BertWordPieceTokenizer(os.fspath(vocab_path), lowercase=lower_case,
+                         strip_accents=None if lower_case else False
+                         ).save(str(out_dir / "tokenizer.json"))
   special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "cls_token": "[CLS]", "mask_token": "[MASK]"}
   write_json_atomic(out_dir / "special_tokens_map.json", special)

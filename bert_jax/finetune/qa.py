@@ -191,38 +191,47 @@ class QAFeatures:
             "attention_mask": self.attention_mask[rows]}
 
 
-def _doc_windows(n_doc: int, max_doc_tokens: int, doc_stride: int) -> list[tuple[int, int]]:
-  """(start, length) windows over the context tokens, `doc_stride` apart, the last one
-  reaching the end (one empty window for an empty context)."""
-  windows = []
-  start = 0
-  while True:
-    length = min(n_doc - start, max_doc_tokens)
-    windows.append((start, length))
-    if start + length >= n_doc:
-      return windows
-    start += min(length, doc_stride)
+def _windows(n_doc: np.ndarray, max_doc: np.ndarray, doc_stride: int):
+  """(example, start, length) of the windows over each example's `n_doc` context tokens:
+  `max_doc` long, min(max_doc, doc_stride) apart, the last one reaching the end (one empty
+  window for an empty context)."""
+  step = np.minimum(max_doc, doc_stride)
+  count = np.where(n_doc > max_doc, -(-(n_doc - max_doc) // step) + 1, 1)
+  example = np.repeat(np.arange(len(n_doc)), count)
+  start = (np.arange(len(example)) - (np.cumsum(count) - count)[example]) * step[example]
+  return example, start, np.minimum(n_doc[example] - start, max_doc[example])
 
 
-def _cells(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(row, index within the row) of `counts[row]` consecutive cells per row."""
-  row = np.repeat(np.arange(len(counts)), counts)
-  return row, np.arange(len(row)) - (np.cumsum(counts) - counts)[row]
+def _best_windows(window: np.ndarray, key: np.ndarray, context: np.ndarray,
+                  length: np.ndarray) -> np.ndarray:
+  """For (window, context token) pairs, True where the window gives the token its most
+  `context` on the shorter side, ties to the longer window (run_squad's score: context +
+  0.01 x length), then to the earlier one. `key` numbers the tokens."""
+  if not len(key):
+    return np.zeros(0, bool)
+  rank = (100 * context + length) * (window.max() + 2) - window   # the best pair ranks highest
+  best = np.full(int(key.max()) + 1, np.iinfo(np.int64).min)
+  np.maximum.at(best, key, rank)
+  return rank == best[key]
 
 
-def _best_windows(window: np.ndarray, key: np.ndarray, position: np.ndarray,
-                  start: np.ndarray, length: np.ndarray) -> np.ndarray:
-  """For (window, context token) pairs, True where that window gives the token the most
-  context on its shorter side (ties to the longer window, then the earlier one), as the
-  original BERT run_squad. `key` numbers the tokens over all examples, `position` is the
-  token's index in its context."""
-  score = np.minimum(position - start, start + length - 1 - position) + 0.01 * length
-  best = np.full(int(key.max()) + 1 if len(key) else 0, -np.inf)
-  np.maximum.at(best, key, score)
-  first = np.full(len(best), np.iinfo(np.int64).max)
-  tied = score == best[key]
-  np.minimum.at(first, key[tied], window[tied])
-  return tied & (first[key] == window)
+def _answer_tokens(examples: Sequence[QAExample], docs, context_of: np.ndarray,
+                   is_training: bool) -> tuple[np.ndarray, np.ndarray]:
+  """First and last context token overlapping each example's answer characters (-1: none, an
+  impossible question, or an answer of only characters the tokenizer drops)."""
+  first, last = np.full(len(examples), -1), np.full(len(examples), -1)
+  for index, example in enumerate(examples):
+    span = None if example.is_impossible else example.answer_char_span()
+    if is_training and not example.is_impossible and span is None:
+      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
+                      "with a position in the context to train on")
+    if span is not None:
+      context = context_of[index]
+      offsets = docs.offsets[docs.splits[context]:docs.splits[context + 1]]
+      overlapping = np.flatnonzero((offsets[:, 0] < span[1]) & (offsets[:, 1] > span[0]))
+      if len(overlapping):
+        first[index], last[index] = overlapping[0], overlapping[-1]
+  return first, last
 
 
 def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int = 384,
@@ -247,69 +256,58 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   queries = tokenizer.encode_ragged([e.question for e in examples])
   query_len = np.minimum(queries.lengths, max_query_length)
   header = query_len + 2                                   # [CLS] question [SEP]
+  max_doc = seq_len - header - 1
+  no_room = np.flatnonzero(max_doc < 1)
+  checked = examples[:no_room[0] + 1] if len(no_room) else examples  # errors in file order
+  first_answer, last_answer = _answer_tokens(checked, docs, context_of, is_training)
+  if len(no_room):
+    example = examples[no_room[0]]
+    raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: its "
+                    f"{int(query_len[no_room[0]])} question tokens leave no room for the "
+                    f"context in --max-seq-length {seq_len} (lower --max-query-length)")
   n_doc = docs.lengths[context_of]
-  doc_first = docs.splits[:-1][context_of]                 # the context's first token in docs
-  token_base = np.cumsum(n_doc) - n_doc                    # numbers (example, token) pairs
+  doc_first = docs.splits[context_of]                      # the context's first token in docs
+  example, start, length = _windows(n_doc, max_doc, doc_stride)
+  rows, head = len(example), header[example]
+  ends = head + length                                     # the final [SEP]
 
-  windows, answer_lengths, in_no_window = [], [], 0        # windows: (example, start, length)
-  starts_ends = []                                         # training labels per window
-  for index, example in enumerate(examples):
-    answer_tokens = None  # (first, last) context token of the (training) answer
-    span = None if example.is_impossible else example.answer_char_span()
-    if is_training and not example.is_impossible and span is None:
-      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
-                      "with a position in the context to train on")
-    if span is not None:
-      offsets = docs.offsets[doc_first[index]:doc_first[index] + n_doc[index]]
-      overlapping = np.flatnonzero((offsets[:, 0] < span[1]) & (offsets[:, 1] > span[0]))
-      if len(overlapping):
-        answer_tokens = int(overlapping[0]), int(overlapping[-1])
-        answer_lengths.append(answer_tokens[1] - answer_tokens[0] + 1)
-      # else: the answer is only characters the tokenizer drops; its rows train on [CLS].
-    max_doc_tokens = seq_len - int(header[index]) - 1
-    if max_doc_tokens < 1:
-      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: its "
-                      f"{int(query_len[index])} question tokens leave no room for the context"
-                      f" in --max-seq-length {seq_len} (lower --max-query-length)")
-    spans = _doc_windows(int(n_doc[index]), max_doc_tokens, doc_stride)
-    held = [answer_tokens is not None and start <= answer_tokens[0]
-            and answer_tokens[1] < start + length for start, length in spans]
-    in_no_window += answer_tokens is not None and not any(held)
-    for (start, length), holds in zip(spans, held):
-      windows.append((index, start, length))
-      offset = int(header[index]) - start
-      starts_ends.append((answer_tokens[0] + offset, answer_tokens[1] + offset)
-                         if holds and is_training else (0, 0))
-
-  example, start, length = (np.asarray(c, np.int64) for c in zip(*windows))
-  rows, head = len(windows), header[example]
+  # Every cell of the [rows, L] grid, as the column `position` of row `example`'s window:
+  position = np.arange(seq_len)[None, :]
+  query = (position >= 1) & (position < head[:, None] - 1)
+  body = (position >= head[:, None]) & (position < ends[:, None])
   input_ids = np.full((rows, seq_len), tokenizer.pad_id, np.int32)
   input_ids[:, 0] = tokenizer.cls_id
-  row, i = _cells(query_len[example])
-  input_ids[row, 1 + i] = queries.ids[queries.splits[example[row]] + i]
+  input_ids[query] = queries.ids[((queries.splits[:-1] - 1)[example][:, None] + position)[query]]
   input_ids[np.arange(rows), head - 1] = tokenizer.sep_id
-  ends = head + length                                     # the final [SEP]
   input_ids[np.arange(rows), ends] = tokenizer.sep_id
-  position = np.arange(seq_len)[None, :]
   token_type_ids = ((position >= head[:, None]) & (position <= ends[:, None])).astype(np.int32)
   attention_mask = (position <= ends[:, None]).astype(np.int32)
-  row, i = _cells(length)                                  # the context window's cells
-  doc_token = start[row] + i
-  cell = row * seq_len + head[row] + i                     # into the flattened [rows, L]
-  at = doc_first[example[row]] + doc_token
-  input_ids.reshape(-1)[cell] = docs.ids[at]
+  at = ((doc_first[example] + start - head)[:, None] + position)[body]  # into docs' tokens
+  input_ids[body] = docs.ids[at]
   token_to_char = np.full((rows, seq_len, 2), -1, np.int32)
-  token_to_char.reshape(-1, 2)[cell] = docs.offsets[at]
+  pairs = np.ascontiguousarray(docs.offsets).view(np.int64)[:, 0]  # (start, end) as one item
+  token_to_char.view(np.int64)[..., 0][body] = pairs[at]
+  inside = position - head[:, None]                        # index within the window
+  context = np.minimum(inside, (length - 1)[:, None] - inside)[body]
+  window = np.broadcast_to(np.arange(rows)[:, None], body.shape)[body]
+  token_base = np.cumsum(n_doc) - n_doc                    # numbers (example, token) pairs
+  key = ((token_base[example] + start - head)[:, None] + position)[body]
   token_is_max_context = np.zeros((rows, seq_len), bool)
-  token_is_max_context.reshape(-1)[cell] = _best_windows(
-      row, token_base[example[row]] + doc_token, doc_token, start[row], length[row])
-  labels = np.asarray(starts_ends, np.int32).reshape(rows, 2)
+  token_is_max_context[body] = _best_windows(window, key, context, length[window])
+
+  located = first_answer >= 0
+  first, last = first_answer[example], last_answer[example]
+  holds = located[example] & (start <= first) & (last < start + length)
+  label = holds & is_training
   return QAFeatures(
       input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-      start_positions=labels[:, 0].copy(), end_positions=labels[:, 1].copy(),
+      start_positions=np.where(label, first - start + head, 0).astype(np.int32),
+      end_positions=np.where(label, last - start + head, 0).astype(np.int32),
       example_index=example.astype(np.int32), token_to_char=token_to_char,
       token_is_max_context=token_is_max_context,
-      answer_lengths=np.asarray(answer_lengths, np.int32), answers_in_no_window=in_no_window)
+      answer_lengths=(last_answer - first_answer + 1)[located].astype(np.int32),
+      answers_in_no_window=int((located & (np.bincount(example, holds, len(examples)) == 0))
+                               .sum()))
 
 
 def coverage_warnings(features: QAFeatures, path: str, *, max_answer_length: int,
