@@ -107,7 +107,7 @@ def bert_config(cfg: Any) -> BertConfig:
   """The model `bert-jax pretrain` would build, without reading weights or data: the vocab's
   size from data.vocab when it is a file here, else init_from's, else data.vocab_size."""
   from bert_jax.config import find_config
-  from bert_jax.train import bert_config_for, count_lines
+  from bert_jax.workdir import bert_config_for, count_lines
   vocab = str(cfg.data.vocab)
   init_config = None
   if cfg.init_from:
@@ -167,7 +167,7 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tu
         f" for {target.name}: {chips} x {target.kind}, mesh {dict(mesh.shape)} ...",
         file=sys.stderr, flush=True)
   start = time.perf_counter()
-  step = steps.phase_train_step(model_config, cfg, phase, optimizer, schedule, mesh, shardings)
+  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
   try:
     compiled = step.lower(abstract, batch, ABSTRACT_RNG).compile()
   except Exception as e:

@@ -230,12 +230,17 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 
 def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+  return resolve_config_and_phases(spec, overrides)[0]
+
+
+def resolve_config_and_phases(spec: str, overrides: list[tuple[str, str]]
+                              ) -> tuple[ml_collections.ConfigDict, list]:
+  """The validated config and the phases that validating it made (so they are made once)."""
   cfg = load_config_file(spec)
   configured_total = int(cfg.total_steps)
   apply_overrides(cfg, overrides)
   scale_warmup(cfg, configured_total, {key for key, _ in overrides})
-  validate_config(cfg)
-  return cfg
+  return cfg, validate_config(cfg)
 
 
 def scale_warmup(cfg: ml_collections.ConfigDict, configured_total: int,
@@ -269,7 +274,8 @@ def scale_warmup(cfg: ml_collections.ConfigDict, configured_total: int,
   return notes
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_config(cfg: ml_collections.ConfigDict) -> list:
+  """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
   from bert_jax.phases import make_phases
   from bert_jax.steps import NAN_POLICIES
@@ -307,3 +313,4 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       raise UserError(f"--config.phases.{phase.index}.warmup_steps={phase.warmup_steps}: at or "
                       f"beyond the end of phase {phase.index + 1} ({phase.num_steps} steps; "
                       "per_phase schedules warm up in every phase); expected fewer")
+  return phases

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,10 +65,11 @@ def abstract_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.
 
 
 def create_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh, rng,
-                       init_params: Any = None):
+                       init_params: Any = None, phases: Sequence[Phase] | None = None):
   """-> (state, shardings, optimizer, schedule). Params are initialised directly sharded;
-  `init_params` (plain pytree) replaces the random values where given."""
-  optimizer, schedule = make_optimizer(cfg, make_phases(cfg))
+  `init_params` (plain pytree) replaces the random values where given. `phases`: cfg's, if
+  the caller has made them."""
+  optimizer, schedule = make_optimizer(cfg, make_phases(cfg) if phases is None else phases)
   state, shardings = state_lib.create_state(_init_params_fn(model_config), optimizer, mesh, rng,
                                             init_params=init_params)
   return state, shardings, optimizer, schedule
@@ -158,18 +159,16 @@ def _split_micro(x, grad_accum: int):
 # ----------------------------------------------------------------------------- train step
 
 def make_train_step(loss: Loss, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum: int = 1,
-                    nan_policy: str = "skip") -> Callable:
+                    schedule: optax.Schedule, *, grad_accum: int = 1) -> Callable:
   """-> train_step(state, batch, rng) -> (state, metrics), pure, for any Loss (pretraining's
   MLM + NSP, each fine-tuning task's).
 
   `rng` is the run's base key; the step uses fold_in(rng, state.step). With grad_accum > 1 the
   batch's rows are scanned as grad_accum micro-batches. A non-finite loss or gradient leaves
   params and opt_state unchanged (the step still advances, metrics report finite=0) under both
-  policies; under "stop" the loop ends the run on finite=0.
+  nan policies, so the step does not depend on one; under "stop" the loop ends the run on
+  finite=0.
   """
-  if nan_policy not in NAN_POLICIES:
-    raise UserError(f"config.nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
   if grad_accum < 1:
     raise UserError(f"grad_accum={grad_accum}: expected a positive integer")
 
@@ -264,14 +263,13 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any
                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def phase_train_step(model_config: BertConfig, cfg: Any, phase: Phase,
+def phase_train_step(model_config: BertConfig, phase: Phase,
                      optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                      mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
   """The jitted pretraining step of one phase, exactly as `bert-jax pretrain` runs it (and
-  `bert-jax plan` compiles it)."""
+  `bert-jax plan` compiles it); the same under every nan_policy (the loop applies it)."""
   return jit_train_step(make_train_step(pretraining_loss(model_config), optimizer, schedule,
-                                        grad_accum=phase.grad_accum,
-                                        nan_policy=str(cfg.nan_policy)), mesh, shardings)
+                                        grad_accum=phase.grad_accum), mesh, shardings)
 
 
 # ----------------------------------------------------------------------------- eval step

@@ -41,7 +41,7 @@ def _lowered_text(cfg, devices):
   mesh = sharding.make_mesh(devices=devices)
   abstract, shardings, optimizer, schedule = steps.abstract_train_state(model_config, cfg, mesh)
   phase = plan.make_phases(cfg)[0]
-  step = steps.phase_train_step(model_config, cfg, phase, optimizer, schedule, mesh, shardings)
+  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
   batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
   return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
 

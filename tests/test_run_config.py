@@ -10,6 +10,7 @@ import pytest
 from bert_jax import run_config, train
 from bert_jax.errors import UserError
 from bert_jax.phases import make_phases
+from bert_jax.workdir import prepare_vocab
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -97,7 +98,7 @@ def test_chinese_base_takes_vocab_argument(tmp_path):
   assert c.data.vocab == "/some/vocab.txt" and c.data.whole_word_mask
   assert c.model.preset == "chinese-base"
   with pytest.raises(UserError, match="needs a vocab"):
-    train.prepare_vocab(load("chinese_base.py"), str(tmp_path), True)
+    prepare_vocab(load("chinese_base.py"), str(tmp_path), True)
 
 
 def test_tiny_cpu_languages():

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from bert_jax import train
+from bert_jax.run_config import resolve_config
+from bert_jax.workdir import prepare_vocab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.py")
@@ -297,9 +299,9 @@ def test_failed_setup_leaves_nothing_that_blocks_the_corrected_rerun(prepared, t
   assert code == 2
   assert "vocab_size=500 is smaller than" in capsys.readouterr().err
   assert not (workdir / "vocab.txt").exists() and not (workdir / "config.pretrain.json").exists()
-  cfg = train.resolve_config(TINY, [("data.vocab", _permuted_vocab(
+  cfg = resolve_config(TINY, [("data.vocab", _permuted_vocab(
       prepared[0], tmp_path / "corrected_vocab.txt"))])
-  assert train.prepare_vocab(cfg, str(workdir), is_writer=True) == str(workdir / "vocab.txt")
+  assert prepare_vocab(cfg, str(workdir), is_writer=True) == str(workdir / "vocab.txt")
 
 
 def test_corrupt_or_truncated_phase_2_shard_is_one_line_before_training(prepared, tmp_path,
@@ -377,6 +379,24 @@ def test_init_from_vocab_mismatch_is_a_user_error(prepared, minilm_dir, tmp_path
   assert code == 2
   err = capsys.readouterr().err
   assert "init_from" in err and "vocab_size is 30522" in err
+
+
+def test_resumed_run_does_not_read_init_from_weights(prepared, reference, tmp_path, capsys):
+  """init_from's weights are loaded only for a fresh start: a resumed run needs its
+  config.json alone, and not even that once init_from is gone."""
+  init = tmp_path / "init"   # a bert-jax checkpoint whose weights are gone since
+  init.mkdir()
+  shutil.copy(reference[0] / "config.json", init / "config.json")
+  workdir = tmp_path / "w"
+  shutil.copytree(reference[0], workdir)
+  for step in ("14", "16"):
+    shutil.rmtree(workdir / "checkpoints" / step)
+  assert train.main(run_args(prepared, workdir, f"--config.init_from={init}")) == 0
+  assert "resuming at step 12" in capsys.readouterr().out
+  assert_bit_equal(final_params(workdir), final_params(reference[0]))
+  shutil.rmtree(init)
+  assert train.main(run_args(prepared, workdir, f"--config.init_from={init}")) == 0
+  assert "already complete: step 16" in capsys.readouterr().out
 
 
 def test_exported_checkpoint_matches_transformers(reference, tmp_path):

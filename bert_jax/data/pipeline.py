@@ -250,7 +250,8 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
                   num_epochs: int | None = None, dynamic_masking: bool = False,
                   masked_lm_prob: float = 0.15, process_index: int | None = None,
                   process_count: int | None = None, worker_count: int = 0,
-                  prefetch: int = 0, place=None, drop_remainder: bool = True):
+                  prefetch: int = 0, place=None, drop_remainder: bool = True,
+                  man: dict | None = None):
   """An iterator of per-process batches (dicts of fixed-shape numpy arrays):
   input_ids, input_mask, segment_ids [B, seq_len] int32; masked_lm_positions, masked_lm_ids
   [B, P] int32 and masked_lm_weights [B, P] float32; next_sentence_labels [B] int32.
@@ -260,10 +261,11 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
   `process_index`/`process_count` default to jax.process_index()/process_count().
   `worker_count`: grain worker processes (-1: `default_worker_count()`); `prefetch` > 0 builds
   that many batches ahead in a background thread, which also applies `place` (e.g. the copy
-  to the devices), so the training loop receives `place(batch)`.
+  to the devices), so the training loop receives `place(batch)`. `man`: the directory's
+  manifest, when the caller has read it already (each read is a round trip on gs://).
   """
   data_dir = os.fspath(data_dir)
-  man = manifest(data_dir)
+  man = manifest(data_dir) if man is None else man
   check_fits(man, seq_len, max_predictions, where=f"data directory {data_dir}")
   if batch_size < 1:
     raise UserError(f"batch_size {batch_size}: expected at least 1")
@@ -281,7 +283,7 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
   if process_index is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
-  reader = records.ShardReader(records.shard_paths(data_dir, split))
+  reader = records.ShardReader(records.shard_paths(data_dir, split, man))
   if len(reader) < process_count:
     raise UserError(f"data directory {data_dir}: split {split!r} has {len(reader)} "
                     f"instances, fewer than the {process_count} processes")

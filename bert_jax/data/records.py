@@ -252,10 +252,12 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
   return man
 
 
-def shard_paths(data_dir: str | os.PathLike, split: str = "train") -> list[str]:
-  """Absolute shard paths (or gs:// URIs) of one split, from the manifest. array_record's
-  reader opens gs:// shards itself (its own GCS client, application-default credentials)."""
-  man = read_manifest(data_dir)
+def shard_paths(data_dir: str | os.PathLike, split: str = "train",
+                man: dict | None = None) -> list[str]:
+  """Absolute shard paths (or gs:// URIs) of one split, from the manifest (`man`, when the
+  caller has read it already). array_record's reader opens gs:// shards itself (its own GCS
+  client, application-default credentials)."""
+  man = read_manifest(data_dir) if man is None else man
   if split not in man["splits"]:
     raise UserError(f"data directory {os.fspath(data_dir)}: no split {split!r} (it has "
                     f"{', '.join(sorted(man['splits'])) or 'none'})")
