@@ -104,10 +104,12 @@ def _normalise_hf_keys(state_dict: dict[str, Any], wanted: set[str]) -> dict[str
 
 def params_from_hf(state_dict: dict[str, Any], template: dict, source: str = "state dict"
                    ) -> tuple[dict, list[str], list[str]]:
-  """Fills `template` (a params tree or its shapes) from an HF state dict.
+  """Fills `template` (a params tree, or its shapes) from an HF state dict.
 
-  Returns (params, missing HF keys whose template values were kept, unused HF keys).
+  Returns (params, missing HF keys, unused HF keys); a missing key keeps the template's value,
+  or is left out when the template holds only its shape.
   """
+  import jax
   flat = _flatten(template)
   names = {hf_name(p): p for p in flat}
   state_dict = _normalise_hf_keys(state_dict, set(names))
@@ -115,7 +117,8 @@ def params_from_hf(state_dict: dict[str, Any], template: dict, source: str = "st
   for name, path in names.items():
     if name not in state_dict:
       missing.append(name)
-      out[path] = np.asarray(flat[path], dtype=np.float32)
+      if not isinstance(flat[path], jax.ShapeDtypeStruct):
+        out[path] = np.asarray(flat[path], dtype=np.float32)
       continue
     try:
       out[path] = from_hf_tensor(path, state_dict[name], tuple(flat[path].shape))
@@ -129,15 +132,20 @@ def params_from_hf(state_dict: dict[str, Any], template: dict, source: str = "st
 
 # ----------------------------------------------------------------------------- model init
 
-def init_pretraining_params(config: BertConfig, seed: int = 0) -> dict:
-  """Freshly initialised float32 BertForPreTraining params (a plain pytree)."""
+def init_pretraining_params(config: BertConfig, seed: int = 0, shapes_only: bool = False
+                            ) -> dict:
+  """Freshly initialised float32 BertForPreTraining params (a plain pytree), or with
+  `shapes_only` their jax.ShapeDtypeStructs (nothing compiled or computed)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
 
   from bert_jax.heads import BertForPreTraining
   ids = jnp.zeros((1, 8), jnp.int32)
-  variables = jax.jit(BertForPreTraining(config).init)(jax.random.key(seed), ids)
+  init = BertForPreTraining(config).init
+  if shapes_only:
+    return nn.unbox(jax.eval_shape(init, jax.random.key(seed), ids)["params"])
+  variables = jax.jit(init)(jax.random.key(seed), ids)
   return jax.tree_util.tree_map(np.asarray, nn.unbox(variables["params"]))
 
 
@@ -187,39 +195,40 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
 
 
-def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True
-                    ) -> tuple[BertConfig, dict]:
+def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True,
+                    fresh_heads: bool = True) -> tuple[BertConfig, dict]:
   """(config, params) from a Hugging Face BERT directory or a bert-jax checkpoint.
 
   params is {"bert": ..., "cls": ...}; heads the source lacks (a bare BertModel) are freshly
-  initialised from `seed` and listed on stderr.
+  initialised from `seed` and listed on stderr, or, with fresh_heads=False (for a merge into
+  a model's own fresh params, state.merge_params), left out: no init is compiled or run.
   """
   p = resolved(path)  # a bert-jax checkpoint may be on gs://; HF directories are local
   if not p.exists():
     raise UserError(f"{path}: no such file or directory")
   if not is_remote(path) and is_hf_dir(p):
-    config, params, _ = load_hf(p, seed=seed, verbose=verbose)
+    config, params, _ = load_hf(p, seed=seed, verbose=verbose, fresh_heads=fresh_heads)
     return config, params
   from bert_jax.checkpoint import load_checkpoint  # orbax, only for bert-jax checkpoints
   config, params, _ = load_checkpoint(p)
   return config, params
 
 
-def load_hf(hf_dir: str | os.PathLike, seed: int = 0, verbose: bool = True
-            ) -> tuple[BertConfig, dict, list[str]]:
+def load_hf(hf_dir: str | os.PathLike, seed: int = 0, verbose: bool = True,
+            fresh_heads: bool = True) -> tuple[BertConfig, dict, list[str]]:
   """An HF BERT dir -> (config, params, HF keys that were missing and initialised)."""
   d = pathlib.Path(hf_dir)
   if not (d / "config.json").is_file():
     raise UserError(f"{d}: no config.json; expected a Hugging Face BERT directory")
   config = read_config_json(str(d / "config.json"))
   state, source = read_hf_state_dict(d)
-  template = init_pretraining_params(config, seed)
+  template = init_pretraining_params(config, seed, shapes_only=not fresh_heads)
   params, missing, unused = params_from_hf(state, template, source)
   encoder_missing = [k for k in missing if k.startswith("bert.") and "pooler" not in k]
   if encoder_missing:
     raise UserError(f"{source}: tensor {encoder_missing[0]} is missing "
                     f"({len(encoder_missing)} encoder tensors in all); not a BERT checkpoint?")
-  if verbose and missing:
+  if verbose and missing and fresh_heads:
     print(f"initialised {len(missing)} tensors absent from {source}: "
           f"{_summarise(missing)}", file=sys.stderr)
   if verbose and unused:

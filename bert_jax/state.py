@@ -74,37 +74,45 @@ def create_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.Mes
                  init_params: Any = None, source: str = "init params"
                  ) -> tuple[TrainState, TrainState]:
   """-> (state, shardings). Params are initialised directly sharded; `init_params` (a plain
-  pytree) replaces the random values where it has them (`merge_params`)."""
-  shardings = shardings_of(abstract_state(init_params_fn, optimizer, mesh))
+  pytree) replaces the random values where it has them (`merge_params`), and only the leaves
+  it lacks are computed (the rest of the init is pruned from the compiled program)."""
+  abstract = abstract_state(init_params_fn, optimizer, mesh)
+  shardings = shardings_of(abstract)
   rng = host_rng(rng)
   with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     if init_params is None:  # one compiled init for everything
       state = jax.jit(lambda k: nn.unbox(_boxed_state(init_params_fn, optimizer, k)),
                       in_shardings=replicated(mesh), out_shardings=shardings)(rng)
       return state, shardings
-    params = jax.jit(lambda k: nn.unbox(init_params_fn(k)), in_shardings=replicated(mesh),
-                     out_shardings=shardings.params)(rng)
-  params = merge_params(params, init_params, shardings.params, source)
+
+    def init_only(keys):
+      flat_shardings = traverse_util.flatten_dict(shardings.params)
+
+      def pick(key):
+        flat = traverse_util.flatten_dict(nn.unbox(init_params_fn(key)))
+        return {k: flat[k] for k in keys}
+      return jax.jit(pick, in_shardings=replicated(mesh),
+                     out_shardings={k: flat_shardings[k] for k in keys})(rng)
+    params = merge_params(abstract.params, init_params, init_only, source)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
   step = jax.jit(lambda: jnp.zeros([], jnp.int32), out_shardings=shardings.step)()
   return TrainState(step=step, params=params, opt_state=opt_state), shardings
 
 
-def merge_params(random_params: Any, given: Any, shardings: Any, source: str = "init params"
-                 ) -> Any:
+def merge_params(abstract_params: Any, given: Any, init_only: Callable[[list], dict],
+                 source: str = "init params") -> Any:
   """The one merge rule of pretrained into fresh params: every leaf `given` has at the same path
-  and shape replaces the random one (placed with the target sharding; safe with several
-  processes since each holds the full host value). The encoder ("bert/...") must fit; a head
-  that is missing or has another shape (another num_labels, vocab) stays freshly initialised,
-  and the run says so."""
-  flat_random = traverse_util.flatten_dict(random_params)
+  and shape is taken (placed with the abstract leaf's sharding; safe with several processes
+  since each holds the full host value). The encoder ("bert/...") must fit; a head that is
+  missing or has another shape (another num_labels, vocab) is freshly initialised by
+  `init_only(paths)` -> {path: array}, and the run says so."""
+  flat_abstract = traverse_util.flatten_dict(abstract_params)
   flat_given = traverse_util.flatten_dict(flax.core.unfreeze(given))
-  flat_shardings = traverse_util.flatten_dict(shardings)
-  unused = sorted("/".join(k) for k in flat_given if k not in flat_random)
+  unused = sorted("/".join(k) for k in flat_given if k not in flat_abstract)
   if unused:
     log.warning("%s: tensors not in the model (ignored): %s", source, ", ".join(unused[:10]))
   out, fresh = {}, []
-  for key, leaf in flat_random.items():
+  for key, leaf in flat_abstract.items():
     value = flat_given.get(key)
     if value is not None and tuple(np.shape(value)) != tuple(leaf.shape):
       if key[0] == "bert":
@@ -113,14 +121,15 @@ def merge_params(random_params: Any, given: Any, shardings: Any, source: str = "
                         "the checkpoint)")
       value = None
     if value is None:
-      out[key] = leaf
       fresh.append(key)
       continue
     value = np.asarray(value, dtype=leaf.dtype)
-    out[key] = jax.make_array_from_callback(value.shape, flat_shardings[key],
+    out[key] = jax.make_array_from_callback(value.shape, leaf.sharding,
                                             lambda idx, v=value: v[idx])
-  if fresh and jax.process_index() == 0:
-    parts = sorted({"/".join(k[:2]) if k[0] == "bert" else k[0] for k in fresh})
-    print(f"freshly initialised: {', '.join(parts)} ({len(fresh)} tensors not in {source})",
-          file=sys.stderr, flush=True)
+  if fresh:
+    out.update(init_only(fresh))
+    if jax.process_index() == 0:
+      parts = sorted({"/".join(k[:2]) if k[0] == "bert" else k[0] for k in fresh})
+      print(f"freshly initialised: {', '.join(parts)} ({len(fresh)} tensors not in {source})",
+            file=sys.stderr, flush=True)
   return traverse_util.unflatten_dict(out)

@@ -11,6 +11,8 @@ import pathlib
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Each test compiles afresh (no XLA cache from an earlier run or another test), unless it asks.
+os.environ.setdefault("BERT_JAX_COMPILATION_CACHE", "none")
 
 
 def _shared_data_dir() -> pathlib.Path:

@@ -314,6 +314,20 @@ def test_fsdp_mesh_matches_data_parallel(shared_data, tmp_path, vocab):
   _assert_same_run(*runs)
 
 
+def test_rerun_loads_its_compiled_steps_from_the_cache(shared_data, tmp_path, vocab):
+  """--compilation-cache: the first run writes its compiled steps; a rerun with the same shapes
+  (another output dir) compiles nothing new and trains the same."""
+  train, dev = sst2_slice(shared_data, tmp_path, 32, 16)
+  cache = tmp_path / "cache"
+  extra = ("--compilation-cache", str(cache))
+  first = _finetune_processes(train, dev, vocab, tmp_path / "a", 1, extra=extra)
+  entries = sorted(p.name for p in cache.iterdir())
+  assert any(name.startswith("jit_") for name in entries), entries
+  second = _finetune_processes(train, dev, vocab, tmp_path / "b", 1, extra=extra)
+  assert sorted(p.name for p in cache.iterdir()) == entries
+  _assert_same_run(first, second, loss_atol=0, param_atol=0)
+
+
 @pytest.mark.slow  # about two minutes on a busy 2-core CPU
 def test_two_processes_match_one(shared_data, tmp_path, vocab):
   """Two processes of one device each (jax.distributed, gloo) feed half of every batch; the run

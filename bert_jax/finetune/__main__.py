@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from bert_jax import hostmem
+from bert_jax import hostmem, xla_cache
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.finetune import TASK_NAMES
 
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "optimizer state, tensor splits heads and FFN. Several processes (SLURM, "
                       "TPU pods, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) "
                       "each feed their share of every batch; process 0 writes")
+  p.add_argument("--compilation-cache", default=xla_cache.default_dir(), metavar="DIR",
+                 help="keep compiled steps here for reruns with the same shapes ('none': "
+                      f"off; default ${xla_cache.ENV} or ~/.cache/bert-jax/xla/<CPU>)")
   p.add_argument("--eval-every", type=int, default=0,
                  help="evaluate every N optimizer updates (0: at the end of each epoch)")
   p.add_argument("--max-train-rows", type=positive(int), default=None,

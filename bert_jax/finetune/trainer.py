@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import sharding, steps
+from bert_jax import sharding, steps, xla_cache
 from bert_jax import state as state_lib
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
@@ -102,7 +102,8 @@ def load_init(opts):
     tokenizer = load_tokenizer(opts.vocab, lower)
     config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
     return config, None, tokenizer, opts.vocab
-  config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False)
+  config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False,
+                                           fresh_heads=False)
   vocab = opts.vocab or find_vocab(opts.init)
   if not vocab:
     raise UserError(f"{opts.init}: no vocab.txt (or tokenizer.json) found; pass --vocab")
@@ -353,6 +354,7 @@ def finetune(opts) -> dict[str, Any]:
   locations are checked before anything is loaded (not after training), and --output-dir is
   locked for the run (by process 0 when several processes run it together)."""
   sharding.initialize_distributed()
+  xla_cache.enable(opts.compilation_cache)
   check_writable(opts.output_dir, "--output-dir")
   if opts.export_hf:
     check_writable(opts.export_hf, "--export-hf")
