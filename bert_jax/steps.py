@@ -38,8 +38,8 @@ from bert_jax.state import TrainState, host_rng
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
-              "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
+              "masked_lm_ids", "masked_lm_weights", "next_sentence_label")
 NAN_POLICIES = ("skip", "stop")
 
 
@@ -80,9 +80,9 @@ def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int,
   """A global pretraining batch as ShapeDtypeStructs, split over (data, fsdp) like the real
   one (`sharding.global_batch`)."""
   sharding = batch_sharding(mesh)
-  shapes = {"input_ids": (seq_len,), "input_mask": (seq_len,), "segment_ids": (seq_len,),
+  shapes = {"input_ids": (seq_len,), "token_type_ids": (seq_len,), "attention_mask": (seq_len,),
             "masked_lm_positions": (max_predictions,), "masked_lm_ids": (max_predictions,),
-            "masked_lm_weights": (max_predictions,), "next_sentence_labels": ()}
+            "masked_lm_weights": (max_predictions,), "next_sentence_label": ()}
   return {k: jax.ShapeDtypeStruct((batch_size,) + shapes[k],
                                   jnp.float32 if k == "masked_lm_weights" else jnp.int32,
                                   sharding=sharding) for k in BATCH_KEYS}
@@ -123,14 +123,14 @@ def pretraining_loss(model_config: BertConfig) -> Loss:
 
   def sums(params, batch, key):
     mlm_logits_BPV, nsp_logits_B2 = model.apply(
-        {"params": params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+        {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
         masked_positions=batch["masked_lm_positions"],
         deterministic=key is None or deterministic,
         rngs=None if key is None else {"dropout": key})
     ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
     w_BP = batch["masked_lm_weights"].astype(jnp.float32)
     mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
-    labels_B = batch["next_sentence_labels"].reshape(-1).astype(jnp.int32)
+    labels_B = batch["next_sentence_label"].reshape(-1).astype(jnp.int32)
     nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
     nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
     return dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),

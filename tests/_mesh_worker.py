@@ -52,10 +52,10 @@ def synthetic_batch(seed: int, batch: int = BATCH, seq: int = SEQ, pred: int = P
   weights = (np.arange(pred)[None] < n_real[:, None]).astype(np.float32)
   positions = positions * (weights > 0)
   ids = np.take_along_axis(input_ids, positions, 1) * (weights > 0)
-  return dict(input_ids=input_ids.astype(np.int32), input_mask=input_mask,
-              segment_ids=segment_ids, masked_lm_positions=positions,
+  return dict(input_ids=input_ids.astype(np.int32), attention_mask=input_mask,
+              token_type_ids=segment_ids, masked_lm_positions=positions,
               masked_lm_ids=ids.astype(np.int32), masked_lm_weights=weights,
-              next_sentence_labels=rs.randint(0, 2, size=batch).astype(np.int32))
+              next_sentence_label=rs.randint(0, 2, size=batch).astype(np.int32))
 
 
 def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):

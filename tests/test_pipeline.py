@@ -67,19 +67,19 @@ def test_shapes_and_contents_match_the_records(static_dir):
   batch = next(it)
   shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
   assert shapes == {
-      "input_ids": ((8, SEQ), np.int32), "input_mask": ((8, SEQ), np.int32),
-      "segment_ids": ((8, SEQ), np.int32), "masked_lm_positions": ((8, PRED), np.int32),
+      "input_ids": ((8, SEQ), np.int32), "attention_mask": ((8, SEQ), np.int32),
+      "token_type_ids": ((8, SEQ), np.int32), "masked_lm_positions": ((8, PRED), np.int32),
       "masked_lm_ids": ((8, PRED), np.int32), "masked_lm_weights": ((8, PRED), np.float32),
-      "next_sentence_labels": ((8,), np.int32)}
+      "next_sentence_label": ((8,), np.int32)}
   for row, inst in enumerate(insts[:8]):
     n, k = len(inst["input_ids"]), len(inst["masked_lm_ids"])
     np.testing.assert_array_equal(batch["input_ids"][row, :n], inst["input_ids"])
-    assert not batch["input_ids"][row, n:].any() and batch["input_mask"][row].sum() == n
-    np.testing.assert_array_equal(batch["segment_ids"][row, :n], inst["segment_ids"])
+    assert not batch["input_ids"][row, n:].any() and batch["attention_mask"][row].sum() == n
+    np.testing.assert_array_equal(batch["token_type_ids"][row, :n], inst["segment_ids"])
     np.testing.assert_array_equal(batch["masked_lm_positions"][row, :k], inst["masked_lm_positions"])
     np.testing.assert_array_equal(batch["masked_lm_ids"][row, :k], inst["masked_lm_ids"])
     assert batch["masked_lm_weights"][row].tolist() == [1.0] * k + [0.0] * (PRED - k)
-    assert batch["next_sentence_labels"][row] == inst["next_sentence_label"]
+    assert batch["next_sentence_label"][row] == inst["next_sentence_label"]
 
 
 def test_one_epoch_visits_every_record_once_and_shuffle_differs(static_dir):
@@ -136,7 +136,7 @@ def test_dynamic_masking_fresh_per_epoch_reproducible_and_resumable(dynamic_dir,
   assert not np.array_equal(stream(first, "masked_lm_positions")[:8],
                             stream(first + second, "masked_lm_positions")[again])
   np.testing.assert_array_equal(restored(first)[:8], restored(first + second)[again])
-  masked_fraction = np.mean([b["masked_lm_weights"].sum() / (b["input_mask"].sum() - 3 * 8)
+  masked_fraction = np.mean([b["masked_lm_weights"].sum() / (b["attention_mask"].sum() - 3 * 8)
                              for b in first])
   assert 0.12 < masked_fraction < 0.17
   assert (np.concatenate([b["input_ids"] for b in first]) == man["vocab"]["mask_id"]).any()
@@ -176,7 +176,7 @@ def test_dynamic_token_masking_budget(tmp_path, vocab):
                      progress=False, static_masking=False)
   assert "continuation" not in next(read_instances(out))
   for batch in _take(_iter(out, shuffle=False), 5):
-    maskable = batch["input_mask"].sum(1) - 3
+    maskable = batch["attention_mask"].sum(1) - 3
     expected = np.clip(np.floor(maskable * 0.15 + 0.5), 1, PRED)
     np.testing.assert_array_equal(batch["masked_lm_weights"].sum(1), expected)
     labels = batch["masked_lm_ids"][batch["masked_lm_weights"] > 0]
@@ -203,12 +203,12 @@ def _padded_like_before(raw):
     n, k = len(inst["input_ids"]), len(inst["masked_lm_ids"])
     rows.append(dict(
         input_ids=np.pad(inst["input_ids"], (0, SEQ - n)),
-        input_mask=(np.arange(SEQ) < n).astype(np.int32),
-        segment_ids=np.pad(inst["segment_ids"], (0, SEQ - n)),
+        attention_mask=(np.arange(SEQ) < n).astype(np.int32),
+        token_type_ids=np.pad(inst["segment_ids"], (0, SEQ - n)),
         masked_lm_positions=np.pad(inst["masked_lm_positions"], (0, PRED - k)),
         masked_lm_ids=np.pad(inst["masked_lm_ids"], (0, PRED - k)),
         masked_lm_weights=(np.arange(PRED) < k).astype(np.float32),
-        next_sentence_labels=inst["next_sentence_label"]))
+        next_sentence_label=inst["next_sentence_label"]))
   return {k: np.stack([r[k] for r in rows]).astype(rows[0][k].dtype) for k in rows[0]}
 
 
@@ -278,7 +278,7 @@ def test_prefetch_hands_out_the_consumers_state_and_stops_at_the_end(static_dir)
   _assert_same([next(_resumed_at(static_dir, state))], [expected])
   it.close()
   finite = _iter(static_dir, prefetch=2, num_epochs=1, drop_remainder=False, batch_size=100)
-  sizes = [len(b["next_sentence_labels"]) for b in finite]
+  sizes = [len(b["next_sentence_label"]) for b in finite]
   records = pipeline.manifest(static_dir)["splits"]["train"]["num_instances"]
   assert sizes == [100] * (records // 100) + [records % 100] * bool(records % 100)
 
@@ -407,7 +407,7 @@ def test_dynamic_masking_statistics_on_wikitext(wiki_unmasked):
     len_a = int(np.argmax(inst["segment_ids"])) - 2
     k = int(batch["masked_lm_weights"][row].sum())
     pos = batch["masked_lm_positions"][row, :k]
-    assert (batch["input_ids"][row, n:] == 0).all() and (batch["input_mask"][row, :n] == 1).all()
+    assert (batch["input_ids"][row, n:] == 0).all() and (batch["attention_mask"][row, :n] == 1).all()
     np.testing.assert_array_equal(batch["masked_lm_ids"][row, :k], ids[pos])
     assert not set(pos.tolist()) & {0, len_a + 1, n - 1} and (pos < n).all()   # no CLS/SEP/PAD
     maskable = n - 3
@@ -442,6 +442,6 @@ def test_dynamic_masking_statistics_on_wikitext(wiki_unmasked):
   capped = next(_iter(wiki_unmasked, batch_size=64, seq_len=128, max_predictions=5,
                       shuffle=False))
   assert capped["masked_lm_weights"].shape == (64, 5)
-  full = capped["input_mask"].sum(1) > 60
+  full = capped["attention_mask"].sum(1) > 60
   assert (capped["masked_lm_weights"].sum(1)[full] <= 5).all()
   assert (capped["masked_lm_weights"].sum(1)[full] >= 3).all()

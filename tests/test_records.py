@@ -71,24 +71,24 @@ def test_batch_decoder_matches_single(wide, continuation):
   batch, len_a, cont = records.decode_batch(data, L, P, pad_id=7)
   assert (cont is None) == (not continuation)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      "input_ids": ((50, L), np.int32), "input_mask": ((50, L), np.int32),
-      "segment_ids": ((50, L), np.int32), "masked_lm_positions": ((50, P), np.int32),
+      "input_ids": ((50, L), np.int32), "attention_mask": ((50, L), np.int32),
+      "token_type_ids": ((50, L), np.int32), "masked_lm_positions": ((50, P), np.int32),
       "masked_lm_ids": ((50, P), np.int32), "masked_lm_weights": ((50, P), np.float32),
-      "next_sentence_labels": ((50,), np.int32)}
+      "next_sentence_label": ((50,), np.int32)}
   for row, record in enumerate(data):
     one = records.decode_record(record)
     n, k = len(one["input_ids"]), len(one["masked_lm_ids"])
     assert len_a[row] == np.argmax(one["segment_ids"]) - 2
     np.testing.assert_array_equal(batch["input_ids"][row], np.pad(one["input_ids"], (0, L - n),
                                                                   constant_values=7))
-    np.testing.assert_array_equal(batch["input_mask"][row], np.arange(L) < n)
-    np.testing.assert_array_equal(batch["segment_ids"][row], np.pad(one["segment_ids"], (0, L - n)))
+    np.testing.assert_array_equal(batch["attention_mask"][row], np.arange(L) < n)
+    np.testing.assert_array_equal(batch["token_type_ids"][row], np.pad(one["segment_ids"], (0, L - n)))
     np.testing.assert_array_equal(batch["masked_lm_positions"][row],
                                   np.pad(one["masked_lm_positions"], (0, P - k)))
     np.testing.assert_array_equal(batch["masked_lm_ids"][row],
                                   np.pad(one["masked_lm_ids"], (0, P - k)))
     np.testing.assert_array_equal(batch["masked_lm_weights"][row], np.arange(P) < k)
-    assert batch["next_sentence_labels"][row] == one["next_sentence_label"]
+    assert batch["next_sentence_label"][row] == one["next_sentence_label"]
     if continuation:
       np.testing.assert_array_equal(cont[row], np.pad(one["continuation"], (0, L - n)))
 

@@ -53,7 +53,7 @@ def test_loss_matches_full_logits_reference(mesh):
   metrics = steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)(
       state.params, batch)
   full_BTV, nsp_B2 = BertForPreTraining(model_config).apply(
-      {"params": state.params}, batch["input_ids"], batch["segment_ids"], batch["input_mask"])
+      {"params": state.params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   logp = np.asarray(jax.nn.log_softmax(full_BTV.astype(jnp.float64)
                                        if jax.config.jax_enable_x64 else full_BTV))
   pos, ids, w = batch["masked_lm_positions"], batch["masked_lm_ids"], batch["masked_lm_weights"]
@@ -61,7 +61,7 @@ def test_loss_matches_full_logits_reference(mesh):
   mlm = (nll * w).sum() / w.sum()
   hits = (logp[np.arange(BATCH)[:, None], pos].argmax(-1) == ids)
   nsp_logp = np.asarray(jax.nn.log_softmax(nsp_B2))
-  nsp = -nsp_logp[np.arange(BATCH), batch["next_sentence_labels"]].mean()
+  nsp = -nsp_logp[np.arange(BATCH), batch["next_sentence_label"]].mean()
   np.testing.assert_allclose(metrics["mlm_loss"], mlm, rtol=1e-5)
   np.testing.assert_allclose(metrics["nsp_loss"], nsp, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], mlm + nsp, rtol=1e-5)

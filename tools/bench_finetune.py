@@ -10,7 +10,9 @@ reports medians), so both pay their imports. Per run: wall-clock end to end, the
 split each side reports, and the child's own resource usage from wait4 (CPU user and system
 seconds, minor/major page faults, peak RSS). The PyTorch loop pads every row to
 --max-seq-length (the usual `padding="max_length"`); --torch-dynamic-padding pads each batch to
-its longest row instead. --jax-env and --jax-arg try variants of the bert-jax side.
+its longest row instead. --jax-env and --jax-arg try variants of the bert-jax side. bert-jax
+runs cold (an empty compilation cache each run); `--jax-arg=--compilation-cache=DIR` with
+--repeat 2 shows a rerun's time.
 
   python tools/bench_finetune.py [--task sst2|wiki4 --rows 4000 --epochs 1 --batch-size 32
                                   --max-seq-length 64|128 --repeat 1 --json out.json]
@@ -120,7 +122,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd=None) -> tu
 
 def run_bert_jax(args, files, model, env_extra) -> dict:
   train, dev = files
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
     cmd = [sys.executable, "-m", "bert_jax.finetune", "--task", "classification", "--init", model,
            "--train-file", train, "--validation-file", dev, "--output-dir", tmp,
            "--max-train-rows", str(args.rows), "--epochs", str(args.epochs),
@@ -129,6 +131,8 @@ def run_bert_jax(args, files, model, env_extra) -> dict:
            str(args.learning_rate), "--warmup-ratio", str(args.warmup_ratio),
            "--weight-decay", str(args.weight_decay), "--seed", str(args.seed), "--quiet",
            *args.jax_arg]
+    if not any(a.startswith("--compilation-cache") for a in args.jax_arg):
+      cmd += ["--compilation-cache", cache]  # empty: every step compiles, as a first run
     _, usage = run_child(cmd, env={**os.environ, **env_extra}, cwd=REPO)
     m = json.loads(pathlib.Path(tmp, "metrics.json").read_text())
   return {"accuracy": m["accuracy"], "train_seconds": m["train_seconds"],

@@ -49,10 +49,10 @@ def synthetic_batch(batch_size: int, seq_len: int, predictions: int, vocab_size:
                         for _ in range(batch_size)]).astype(np.int32)
   labels = np.take_along_axis(ids, positions, axis=1).copy()
   np.put_along_axis(ids, positions, 103, axis=1)  # [MASK]
-  return dict(input_ids=ids, input_mask=np.ones_like(ids), segment_ids=segments,
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=segments,
               masked_lm_positions=positions, masked_lm_ids=labels,
               masked_lm_weights=np.ones((batch_size, predictions), np.float32),
-              next_sentence_labels=rng.integers(0, 2, size=(batch_size, 1), dtype=np.int32))
+              next_sentence_label=rng.integers(0, 2, size=(batch_size, 1), dtype=np.int32))
 
 
 def peak_rss_mb() -> float:
@@ -146,9 +146,9 @@ def bench_torch(args) -> dict:
   labels = torch.full_like(input_ids, -100)
   positions = torch.from_numpy(b["masked_lm_positions"]).long()
   labels.scatter_(1, positions, torch.from_numpy(b["masked_lm_ids"]).long())
-  inputs = dict(input_ids=input_ids, attention_mask=torch.from_numpy(b["input_mask"]).long(),
-                token_type_ids=torch.from_numpy(b["segment_ids"]).long(), labels=labels,
-                next_sentence_label=torch.from_numpy(b["next_sentence_labels"][:, 0]).long())
+  inputs = dict(input_ids=input_ids, attention_mask=torch.from_numpy(b["attention_mask"]).long(),
+                token_type_ids=torch.from_numpy(b["token_type_ids"]).long(), labels=labels,
+                next_sentence_label=torch.from_numpy(b["next_sentence_label"][:, 0]).long())
   last = {}
 
   def step():

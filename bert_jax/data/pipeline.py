@@ -126,7 +126,7 @@ class BatchSource:
 
   def _mask(self, batch: dict, len_a_B, continuation_BL, first: int) -> None:
     """Dynamic masking of the whole batch; never [CLS], the two [SEP]s or padding."""
-    ids_BL, tokens_BL = batch["input_ids"], batch["input_mask"] != 0
+    ids_BL, tokens_BL = batch["input_ids"], batch["attention_mask"] != 0
     cols_L = np.arange(ids_BL.shape[1])
     special_BL = ((cols_L == 0)[None, :] | (cols_L[None, :] == len_a_B[:, None] + 1)
                   | (cols_L[None, :] == tokens_BL.sum(1)[:, None] - 1))
@@ -171,7 +171,7 @@ class BatchIterator:
                       f"{code[1] if code else '?'}; negative: killed by that signal); rerun "
                       "to resume from the last checkpoint, with fewer workers "
                       "(--config.data.worker_count) if it ran out of memory") from None
-    self.position += len(batch["next_sentence_labels"])
+    self.position += len(batch["next_sentence_label"])
     return batch
 
   def _start(self):
@@ -253,8 +253,9 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
                   prefetch: int = 0, place=None, drop_remainder: bool = True,
                   man: dict | None = None):
   """An iterator of per-process batches (dicts of fixed-shape numpy arrays):
-  input_ids, input_mask, segment_ids [B, seq_len] int32; masked_lm_positions, masked_lm_ids
-  [B, P] int32 and masked_lm_weights [B, P] float32; next_sentence_labels [B] int32.
+  input_ids, token_type_ids, attention_mask [B, seq_len] int32 (transformers' names);
+  masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32;
+  next_sentence_label [B] int32.
 
   Data created with --no-static-masking is masked here, afresh each epoch, whatever
   `dynamic_masking` says; asking for dynamic masking of statically masked data is an error.

@@ -126,9 +126,9 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
   joined buffer, no per-record Python), padded to the pipeline's fixed shapes.
 
   Returns (batch, len_a [B], continuation [B, seq_len] bool or None when no record has it);
-  batch holds input_ids, input_mask, segment_ids [B, L] int32 (input_ids `pad_id` past the
+  batch holds input_ids, token_type_ids, attention_mask [B, L] int32 (input_ids `pad_id` past the
   tokens), masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32
-  (0 past the record's predictions), next_sentence_labels [B] int32.
+  (0 past the record's predictions), next_sentence_label [B] int32.
   """
   B, L, P = len(data), seq_len, max_predictions
   sizes_B = np.fromiter(map(len, data), np.int64, B)
@@ -160,12 +160,12 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
   preds_BP = np.arange(P)[None, :] < num_pred_B[:, None]
   batch = dict(
       input_ids=_gather(buf_u8, ids_at_B, width_B, tokens_BL, pad_id),
-      input_mask=tokens_BL.astype(np.int32),
-      segment_ids=(tokens_BL & (np.arange(L)[None, :] >= len_a_B[:, None] + 2)).astype(np.int32),
+      attention_mask=tokens_BL.astype(np.int32),
+      token_type_ids=(tokens_BL & (np.arange(L)[None, :] >= len_a_B[:, None] + 2)).astype(np.int32),
       masked_lm_positions=_gather(buf_u8, pos_at_B, np.full(B, 2), preds_BP, 0),
       masked_lm_ids=_gather(buf_u8, labels_at_B, width_B, preds_BP, 0),
       masked_lm_weights=preds_BP.astype(np.float32),
-      next_sentence_labels=((flags_B & FLAG_RANDOM_NEXT) != 0).astype(np.int32))
+      next_sentence_label=((flags_B & FLAG_RANDOM_NEXT) != 0).astype(np.int32))
   continuation_BL = None
   if has_cont_B.any():
     cols_L = np.arange(L)
