@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import ml_collections
 
-from bert_jax import hostmem, mfu
+from bert_jax import hostmem, mfu, xla_cache
 from bert_jax import sharding  # sharding.global_batch looked up per call (tests substitute it)
 from bert_jax.checkpoint import Checkpointer, abstract_like
 from bert_jax.data.pipeline import make_iterator
@@ -388,6 +388,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
   """Runs (or resumes) the whole schedule in `workdir`; returns the process exit code.
   `phases`: cfg's, when validating it made them already."""
   check_writable(workdir, "--workdir")
+  xla_cache.enable(xla_cache.default_dir())  # a resume after preemption skips the compile
   trainer = Trainer(cfg, workdir, phases)
   try:
     return trainer.run()

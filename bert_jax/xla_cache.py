@@ -1,4 +1,4 @@
-"""A persistent XLA compilation cache for the training commands.
+"""A persistent XLA compilation cache for the training commands (pretrain, finetune).
 
 A rerun with the same shapes (another seed or learning rate, a resume after preemption) then
 loads its compiled steps instead of compiling them again: on a 2-core CPU one all-MiniLM-L6-v2

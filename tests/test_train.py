@@ -3,6 +3,7 @@ checkpoints, the NaN policies, learning through both phases, and export to trans
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -77,8 +79,14 @@ def run_args(prepared, workdir, *extra):
           "--config.data.dynamic_masking=False", *extra]
 
 
+# The runs of this module share one compilation cache (the same tiny programs, compiled once);
+# a loaded executable is the compiled one, so bit-exact comparisons still hold.
+RUN_CACHE = tempfile.mkdtemp(prefix="bert-jax-test-xla-")
+atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
+
+
 def start(args, delay=0.0):
-  env = dict(os.environ, BERT_JAX_TEST_STEP_DELAY=str(delay))
+  env = dict(os.environ, BERT_JAX_TEST_STEP_DELAY=str(delay), BERT_JAX_COMPILATION_CACHE=RUN_CACHE)
   return subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
