@@ -235,7 +235,7 @@ class Runner:
         v = v[:len(idx)]
         if k in self.task.seq_outputs and v.shape[-1] < T:
           fill = -1e9 if np.issubdtype(v.dtype, np.floating) else 0
-          v = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, T - v.shape[-1])], constant_values=fill)
+          v = _pad_last(v, T, fill)
         if k not in out:
           out[k] = np.zeros((len(feats),) + v.shape[1:], v.dtype)
         out[k][idx] = v
@@ -345,7 +345,7 @@ class Runner:
     return {**self.best, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
 
 
-def _pad_last(x: np.ndarray, length: int, fill: int) -> np.ndarray:
+def _pad_last(x: np.ndarray, length: int, fill: float) -> np.ndarray:
   return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=fill)
 
 
