@@ -126,7 +126,7 @@ class Projection(nn.Module):
 
   def __call__(self, x):
     kernel, bias = self.weights(x.shape[x.ndim - self.n_in:])
-    return ops.linear(x.astype(kernel.dtype), kernel, self.n_in) + bias
+    return ops.add_bias(ops.linear(x.astype(kernel.dtype), kernel, self.n_in), bias)
 
 
 class BertSelfAttention(nn.Module):
@@ -141,12 +141,12 @@ class BertSelfAttention(nn.Module):
                    name=name).weights((c.hidden_size,))
         for name in ("query", "key", "value")))
     # One fused [E, 3, N, H] matmul instead of three (forward and backward): fewer, larger GEMMs.
-    qkv_BT3NH = (ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1)
-                 + jnp.stack(biases, 0))
+    qkv_BT3NH = ops.add_bias(ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1),
+                             jnp.stack(biases, 0))
     q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
     rate = c.attention_probs_dropout_prob
     if self.deterministic or rate == 0.0:
-      return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B11S)
+      return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S)
     if rate >= 1.0:
       return jnp.zeros_like(q_BTNH)
     # jax.nn.dot_product_attention has no dropout on the probabilities; BERT trains with it.

@@ -26,6 +26,21 @@ _SQRT_HALF = np.float32(np.sqrt(0.5))
 _INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
+# ----------------------------------------------------------------------------- matmuls
+
+def _mm(a, b):
+  """a @ b accumulated in float32, returned in the operands' dtype. XLA CPU runs a bfloat16
+  dot on its fast kernels (AMX / AVX-512 BF16: about 6x float32 here) only when it returns
+  float32, and TPUs accumulate in float32 anyway; for float32 operands this is a plain a @ b."""
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
+
+
+def _einsum(spec, a, b):
+  """jnp.einsum with float32 accumulation, returned in the operands' dtype (as `_mm`)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(
+      jnp.result_type(a, b))
+
+
 # ----------------------------------------------------------------------------- linear
 
 def _as_matrices(x, kernel, n_in):
@@ -41,7 +56,7 @@ def linear(x, kernel, n_in: int):
 
 def _linear_fwd(x, kernel, n_in):
   x_MK, kernel_KO = _as_matrices(x, kernel, n_in)
-  y_MO = x_MK @ kernel_KO
+  y_MO = _mm(x_MK, kernel_KO)
   return y_MO.reshape(x.shape[:x.ndim - n_in] + kernel.shape[n_in:]), (x, kernel)
 
 
@@ -49,8 +64,9 @@ def _linear_bwd(n_in, residuals, g):
   x, kernel = residuals
   x_MK, kernel_KO = _as_matrices(x, kernel, n_in)
   g_MO = g.reshape(x_MK.shape[0], kernel_KO.shape[1])
-  g_x = (g_MO @ kernel_KO.T).reshape(x.shape)
-  return g_x, _weight_grad(x_MK, g_MO).reshape(kernel.shape)
+  g_x = jax.lax.platform_dependent(g_MO, kernel_KO, cpu=_input_grad_cpu,
+                                   default=lambda g, k: _mm(g, k.T))
+  return g_x.reshape(x.shape), _weight_grad(x_MK, g_MO).reshape(kernel.shape)
 
 
 def _weight_grad(x_MK, g_MO):
@@ -60,19 +76,28 @@ def _weight_grad(x_MK, g_MO):
 
 
 def _weight_grad_plain(x_MK, g_MO):
-  return x_MK.T @ g_MO  # TPU/GPU compilers lay out this dot well themselves
+  return _mm(x_MK.T, g_MO)  # TPU/GPU compilers lay out this dot well themselves
+
+
+def _row_major_t(x):
+  """x.T copied in memory, row-major. XLA CPU's fast dot kernels (and all of its bfloat16 ones)
+  take row-major [M, K] @ [K, N] only: it upcasts any other bfloat16 dot to a float32 one
+  (~6x slower), and a transpose kept behind a barrier may still stay a layout change.
+  Flattening behind the barrier forces the copy."""
+  return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(x.shape[::-1])
+
+
+def _input_grad_cpu(g_MO, kernel_KO):
+  return _mm(g_MO, _row_major_t(kernel_KO))  # the kernel is the small operand
 
 
 def _weight_grad_cpu(x_MK, g_MO):
-  # XLA CPU's fast matmul path takes [K, M] @ [M, O], not a dot contracting axis 0 of both,
-  # and its transposes are slow: either transpose x in memory, or transpose g and then the
-  # [O, K] product back, whichever moves fewer elements (the barriers keep XLA from folding
-  # the transposes into the dot again).
-  barrier = jax.lax.optimization_barrier
+  # Either transpose x, or transpose g and then the [O, K] product back, whichever moves fewer
+  # elements.
   (m, k), o = x_MK.shape, g_MO.shape[1]
   if m * k < m * o + o * k:
-    return barrier(x_MK.T) @ g_MO
-  return barrier(barrier(g_MO.T) @ x_MK).T
+    return _mm(_row_major_t(x_MK), g_MO)
+  return _row_major_t(_mm(_row_major_t(g_MO), x_MK))
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
@@ -85,7 +110,7 @@ def unembed(x, table):
 
 
 def _unembed_fwd(x, table):
-  logits = x.reshape(-1, x.shape[-1]) @ table.T
+  logits = _mm(x.reshape(-1, x.shape[-1]), table.T)
   return logits.reshape(x.shape[:-1] + table.shape[:1]), (x, table)
 
 
@@ -93,7 +118,7 @@ def _unembed_bwd(residuals, g):
   x, table = residuals
   x_MK = x.reshape(-1, x.shape[-1])
   g_MV = g.reshape(x_MK.shape[0], table.shape[0])
-  g_x = (g_MV @ table).reshape(x.shape)
+  g_x = _mm(g_MV, table).reshape(x.shape)
   # The table's gradient g.T @ x is a kernel gradient with g in x's place: on CPU, BERT-mini's
   # 640 positions transpose x and the [E, V] product (5 ms instead of 15 ms for g), BERT-base's
   # 160 transpose g.
@@ -175,6 +200,13 @@ def _softmax_probs(q_BTNH, k_BSNH, mask_B11S):
   return jax.nn.softmax(logits_BNTS, axis=-1)
 
 
+def attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S):
+  """softmax(q·k/sqrt(H), masked)·v without dropout (evaluation): as jax.nn's
+  dot_product_attention, with float32 accumulation for bfloat16 operands (see `_mm`)."""
+  probs_BNTS = _softmax_probs(q_BTNH, k_BSNH, mask_B11S).astype(v_BSNH.dtype)
+  return _einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale: float):
   """softmax(q·k/sqrt(H), masked) with dropout (`keep_BNTS`, kept values times `keep_scale`),
@@ -185,7 +217,7 @@ def dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale: 
 def _dropout_attention_fwd(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale):
   probs_BNTS = _softmax_probs(q_BTNH, k_BSNH, mask_B11S)
   dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(v_BSNH.dtype)
-  out_BTNH = jnp.einsum("bnts,bsnh->btnh", dropped_BNTS, v_BSNH)
+  out_BTNH = _einsum("bnts,bsnh->btnh", dropped_BNTS, v_BSNH)
   return out_BTNH, (q_BTNH, k_BSNH, v_BSNH, probs_BNTS.astype(v_BSNH.dtype), keep_BNTS)
 
 
@@ -193,7 +225,7 @@ def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
   q_BTNH, k_BSNH, v_BSNH, probs_BNTS, keep_BNTS = residuals
   dtype = v_BSNH.dtype
   dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(dtype)
-  g_v = jnp.einsum("bnts,btnh->bsnh", dropped_BNTS, g_BTNH.astype(dtype))
+  g_v = _einsum("bnts,btnh->bsnh", dropped_BNTS, g_BTNH.astype(dtype))
   g_dropped_BNTS = jnp.einsum("btnh,bsnh->bnts", g_BTNH.astype(dtype), v_BSNH,
                               preferred_element_type=jnp.float32)
   g_probs_BNTS = jnp.where(keep_BNTS, g_dropped_BNTS * keep_scale, 0.0)
@@ -201,8 +233,8 @@ def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
   g_logits_BNTS = probs_f32 * (g_probs_BNTS
                                - jnp.sum(g_probs_BNTS * probs_f32, -1, keepdims=True))
   g_logits_BNTS = (g_logits_BNTS / np.sqrt(q_BTNH.shape[-1])).astype(dtype)
-  g_q = jnp.einsum("bnts,bsnh->btnh", g_logits_BNTS, k_BSNH)
-  g_k = jnp.einsum("bnts,btnh->bsnh", g_logits_BNTS, q_BTNH)
+  g_q = _einsum("bnts,bsnh->btnh", g_logits_BNTS, k_BSNH)
+  g_k = _einsum("bnts,btnh->bsnh", g_logits_BNTS, q_BTNH)
   return (g_q.astype(q_BTNH.dtype), g_k.astype(k_BSNH.dtype), g_v.astype(dtype), None, None)
 
 
@@ -211,10 +243,16 @@ dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 # ----------------------------------------------------------------------------- MLM output
 
-@jax.custom_vjp
 def add_bias(x, bias):
-  """x + bias over the last axis. The bias gradient is a ones-vector matmul: XLA CPU reduces
-  the rows of a [positions, vocab] gradient ~25x slower than it multiplies them by ones."""
+  """x + bias over x's trailing bias.ndim axes. The bias gradient is a ones-vector matmul: XLA
+  CPU sums the rows of a gradient (a [positions, vocab] one, or a layer's [B, T, F]) many times
+  slower than it multiplies them by ones (25x for the vocabulary)."""
+  rows = x.shape[:x.ndim - bias.ndim]
+  return _add_bias(x.reshape(rows + (-1,)), bias.reshape(-1)).reshape(x.shape)
+
+
+@jax.custom_vjp
+def _add_bias(x, bias):
   return x + bias
 
 
@@ -228,7 +266,7 @@ def _add_bias_bwd(_, g):
   return g, g_bias.astype(g.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 @jax.custom_vjp
