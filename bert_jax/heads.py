@@ -90,8 +90,8 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                deterministic: bool = True):
     c = self.config
-    _, pooled_BE = BertModel(c, name="bert")(input_ids, token_type_ids, attention_mask,
-                                            deterministic)
+    _, pooled_BE = BertModel(c, pooled_only=True, name="bert")(
+        input_ids, token_type_ids, attention_mask, deterministic)
     pooled_BE = nn.Dropout(c.hidden_dropout_prob)(pooled_BE, deterministic=deterministic)
     return _classifier(c, self.num_labels)(pooled_BE).astype(jnp.float32)
 
@@ -138,8 +138,8 @@ class BertForMultipleChoice(nn.Module):
     c = self.config
     B, C, T = input_ids.shape
     flat = lambda x: None if x is None else x.reshape(B * C, T)
-    _, pooled_NE = BertModel(c, name="bert")(flat(input_ids), flat(token_type_ids),
-                                            flat(attention_mask), deterministic)
+    _, pooled_NE = BertModel(c, pooled_only=True, name="bert")(
+        flat(input_ids), flat(token_type_ids), flat(attention_mask), deterministic)
     pooled_NE = nn.Dropout(c.hidden_dropout_prob)(pooled_NE, deterministic=deterministic)
     return _classifier(c, 1)(pooled_NE).astype(jnp.float32).reshape(B, C)
 

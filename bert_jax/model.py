@@ -134,7 +134,7 @@ class BertSelfAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S):
+  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
     c = self.config
     kernels, biases = zip(*(
         Projection(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"),
@@ -144,6 +144,8 @@ class BertSelfAttention(nn.Module):
     qkv_BT3NH = ops.add_bias(ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1),
                              jnp.stack(biases, 0))
     q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    if first_only:
+      q_BTNH = q_BTNH[:, :1]
     rate = c.attention_probs_dropout_prob
     if self.deterministic or rate == 0.0:
       return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S)
@@ -160,10 +162,12 @@ class BertAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S):
+  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
     c = self.config
-    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S)
-    return BertSelfOutput(c, self.deterministic, name="output")(ctx_BTNH, x_BTE)
+    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S,
+                                                                     first_only)
+    residual_BTE = x_BTE[:, :1] if first_only else x_BTE
+    return BertSelfOutput(c, self.deterministic, name="output")(ctx_BTNH, residual_BTE)
 
 
 class BertSelfOutput(nn.Module):
@@ -208,24 +212,30 @@ class BertLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S):
+  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
+    """first_only: the output at the first position only ([B, 1, E]; keys and values still
+    from every position)."""
     c = self.config
-    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S)
+    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S, first_only)
     h_BTF = BertIntermediate(c, name="intermediate")(x_BTE)
     x_BTE = BertOutput(c, self.deterministic, name="output")(h_BTF, x_BTE)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
 
 
 class BertEncoder(nn.Module):
+  """first_only: the last layer computes the first position only (all a [CLS] head reads)."""
   config: BertConfig
   deterministic: bool = True
+  first_only: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, mask_B11S):
     c = self.config
-    layer_cls = nn.remat(BertLayer) if c.remat else BertLayer
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if c.remat else BertLayer
+    last = c.num_hidden_layers - 1
     for i in range(c.num_hidden_layers):
-      x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(x_BTE, mask_B11S)
+      x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(
+          x_BTE, mask_B11S, self.first_only and i == last)
     return x_BTE
 
 
@@ -239,9 +249,12 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-  """Returns (sequence_output [B,T,E], pooled_output [B,E]), both in the compute dtype."""
+  """Returns (sequence_output [B,T,E], pooled_output [B,E]), both in the compute dtype. With
+  pooled_only the sequence output is the first position's ([B,1,E]): the last layer skips the
+  rest (~1/8 of a 6-layer encoder's work; heads that read [CLS] only)."""
   config: BertConfig
   add_pooling_layer: bool = True
+  pooled_only: bool = False
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -254,6 +267,6 @@ class BertModel(nn.Module):
     input_ids = nn.with_logical_constraint(input_ids, ("batch", "length"))
     mask_B11S = attention_mask[:, None, None, :].astype(bool)
     x_BTE = BertEmbeddings(c, deterministic, name="embeddings")(input_ids, token_type_ids)
-    x_BTE = BertEncoder(c, deterministic, name="encoder")(x_BTE, mask_B11S)
+    x_BTE = BertEncoder(c, deterministic, self.pooled_only, name="encoder")(x_BTE, mask_B11S)
     pooled_BE = BertPooler(c, name="pooler")(x_BTE) if self.add_pooling_layer else None
     return x_BTE, pooled_BE

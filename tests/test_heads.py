@@ -122,3 +122,28 @@ def test_head_param_names_are_transformers_modules():
     params = nn.unbox(cls(CONFIG, num_labels=2).init(jax.random.key(0), ids, types, mask)["params"])
     assert set(params) == {"bert", head}
     assert ("pooler" in params["bert"]) == (cls is heads.BertForSequenceClassification)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_pooled_only_encoder_matches_the_full_one_with_gradients(remat):
+  """The [CLS] heads' last layer computes the first position only: pooled output and every
+  parameter's gradient as the full encoder's (dropout off, where the two are the same math)."""
+  from bert_jax.model import BertModel
+  config = CONFIG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, remat=remat)
+  ids, types, mask = inputs((3, 12))
+  full, first = BertModel(config), BertModel(config, pooled_only=True)
+  params = nn.unbox(full.init(jax.random.key(0), ids, types, mask)["params"])
+
+  def pooled(model):
+    def loss(p):
+      out = model.apply({"params": p}, ids, types, mask, deterministic=False)[1]
+      return (out * np.arange(out.shape[-1])).sum(), out
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (_, want), want_grads = pooled(full)
+  (_, got), got_grads = pooled(first)
+  assert first.apply({"params": params}, ids, types, mask)[0].shape == (3, 1, 64)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  close = lambda a, b: np.testing.assert_allclose(  # noqa: E731  float32 noise of the tensor
+      a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()) + 1e-7)
+  jax.tree.map(close, got_grads, want_grads)

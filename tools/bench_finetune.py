@@ -10,7 +10,7 @@ reports medians), so both pay their imports. Per run: wall-clock end to end, the
 split each side reports, and the child's own resource usage from wait4 (CPU user and system
 seconds, minor/major page faults, peak RSS). The PyTorch loop pads every row to
 --max-seq-length (the usual `padding="max_length"`); --torch-dynamic-padding pads each batch to
-its longest row instead. --jax-env and --jax-arg try variants of the bert-jax side. bert-jax
+its longest row instead; --torch-bf16 runs it under bfloat16 autocast. --jax-env and --jax-arg try variants of the bert-jax side. bert-jax
 runs cold (an empty compilation cache each run); `--jax-arg=--compilation-cache=DIR` with
 --repeat 2 shows a rerun's time.
 
@@ -59,6 +59,7 @@ train_y, dev_y = [index[n] for n in train_labels], [index[n] for n in dev_labels
 model = transformers.AutoModelForSequenceClassification.from_pretrained(
     a["model"], num_labels=len(names))
 padding = "longest" if a["dynamic"] else "max_length"
+autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=a["bf16"])
 def batches(x, p, y, bs, shuffle):
   order = np.random.default_rng(a["seed"]).permutation(len(x)) if shuffle else np.arange(len(x))
   for i in range(0, len(x), bs):
@@ -79,7 +80,8 @@ t_train = time.perf_counter()
 model.train()
 for epoch in range(a["epochs"]):
   for enc, labels in batches(train_x, train_p, train_y, a["bs"], True):
-    loss = model(**enc, labels=labels).loss
+    with autocast():
+      loss = model(**enc, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step(); sched.step(); opt.zero_grad()
@@ -88,7 +90,8 @@ model.eval()
 preds = []
 with torch.no_grad():
   for enc, _ in batches(dev_x, dev_p, dev_y, a["eval_bs"], False):
-    preds += model(**enc).logits.argmax(-1).tolist()
+    with autocast():
+      preds += model(**enc).logits.argmax(-1).tolist()
 t_end = time.perf_counter()
 print(json.dumps({"accuracy": float(np.mean(np.array(preds) == np.array(dev_y))),
                   "train_seconds": t_eval - t_train, "eval_seconds": t_end - t_eval,
@@ -144,7 +147,8 @@ def run_torch(args, files, model) -> dict:
   spec = {"model": model, "train": train, "dev": dev, "rows": args.rows, "epochs": args.epochs,
           "bs": args.batch_size, "eval_bs": args.eval_batch_size, "max_len": args.max_seq_length,
           "lr": args.learning_rate, "warmup": args.warmup_ratio, "wd": args.weight_decay,
-          "seed": args.seed, "dynamic": args.torch_dynamic_padding}
+          "seed": args.seed, "dynamic": args.torch_dynamic_padding,
+          "bf16": args.torch_bf16}
   out, usage = run_child([sys.executable, "-c", TORCH_LOOP, json.dumps(spec)])
   return {**json.loads(out.strip().splitlines()[-1]), **usage}
 
@@ -187,6 +191,9 @@ def main() -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--repeat", type=int, default=1, help="runs of each side (medians reported)")
   p.add_argument("--torch-dynamic-padding", action="store_true")
+  p.add_argument("--torch-bf16", action="store_true",
+                 help="the PyTorch loop under torch.autocast(bfloat16) (the peer of --dtype "
+                      "bfloat16; a plain loop is float32)")
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--jax-env", action="append", default=[], metavar="KEY=VALUE",
                  help="environment for the bert-jax side only (repeatable)")
