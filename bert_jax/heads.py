@@ -81,6 +81,17 @@ def _classifier(config: BertConfig, num_labels: int, name: str = "classifier") -
   return dense(config, num_labels, ("embed", None), name)
 
 
+def _encoder(config: BertConfig, pooled: bool) -> BertModel:
+  """The encoder a head reads: with its pooler and only [CLS] from the last layer (`pooled`),
+  or every position and no pooler (as transformers)."""
+  return BertModel(config, add_pooling_layer=pooled, pooled_only=pooled, name="bert")
+
+
+def _dropout_classifier(config: BertConfig, num_labels: int, x, deterministic: bool):
+  x = nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
+  return _classifier(config, num_labels)(x).astype(jnp.float32)
+
+
 class BertForSequenceClassification(nn.Module):
   """[CLS] pooled output -> dropout -> classifier: logits [B, num_labels] (1: regression)."""
   config: BertConfig
@@ -89,26 +100,22 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                deterministic: bool = True):
-    c = self.config
-    _, pooled_BE = BertModel(c, pooled_only=True, name="bert")(
-        input_ids, token_type_ids, attention_mask, deterministic)
-    pooled_BE = nn.Dropout(c.hidden_dropout_prob)(pooled_BE, deterministic=deterministic)
-    return _classifier(c, self.num_labels)(pooled_BE).astype(jnp.float32)
+    _, pooled_BE = _encoder(self.config, pooled=True)(input_ids, token_type_ids, attention_mask,
+                                                      deterministic)
+    return _dropout_classifier(self.config, self.num_labels, pooled_BE, deterministic)
 
 
 class BertForTokenClassification(nn.Module):
-  """Per-token logits [B, T, num_labels]; the encoder has no pooler (as transformers)."""
+  """Per-token logits [B, T, num_labels]."""
   config: BertConfig
   num_labels: int = 2
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                deterministic: bool = True):
-    c = self.config
-    seq_BTE, _ = BertModel(c, add_pooling_layer=False, name="bert")(
-        input_ids, token_type_ids, attention_mask, deterministic)
-    seq_BTE = nn.Dropout(c.hidden_dropout_prob)(seq_BTE, deterministic=deterministic)
-    return _classifier(c, self.num_labels)(seq_BTE).astype(jnp.float32)
+    seq_BTE, _ = _encoder(self.config, pooled=False)(input_ids, token_type_ids, attention_mask,
+                                                     deterministic)
+    return _dropout_classifier(self.config, self.num_labels, seq_BTE, deterministic)
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -120,8 +127,8 @@ class BertForQuestionAnswering(nn.Module):
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                deterministic: bool = True):
     c = self.config
-    seq_BTE, _ = BertModel(c, add_pooling_layer=False, name="bert")(
-        input_ids, token_type_ids, attention_mask, deterministic)
+    seq_BTE, _ = _encoder(c, pooled=False)(input_ids, token_type_ids, attention_mask,
+                                           deterministic)
     logits_BT2 = _classifier(c, self.num_labels, "qa_outputs")(seq_BTE).astype(jnp.float32)
     return logits_BT2[..., 0], logits_BT2[..., 1]
 
@@ -135,13 +142,11 @@ class BertForMultipleChoice(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                deterministic: bool = True):
-    c = self.config
     B, C, T = input_ids.shape
-    flat = lambda x: None if x is None else x.reshape(B * C, T)
-    _, pooled_NE = BertModel(c, pooled_only=True, name="bert")(
+    flat = lambda x: None if x is None else x.reshape(B * C, T)  # noqa: E731
+    _, pooled_NE = _encoder(self.config, pooled=True)(
         flat(input_ids), flat(token_type_ids), flat(attention_mask), deterministic)
-    pooled_NE = nn.Dropout(c.hidden_dropout_prob)(pooled_NE, deterministic=deterministic)
-    return _classifier(c, 1)(pooled_NE).astype(jnp.float32).reshape(B, C)
+    return _dropout_classifier(self.config, 1, pooled_NE, deterministic).reshape(B, C)
 
 
 FINETUNE_HEADS = {

@@ -167,32 +167,22 @@ class BertAttention(nn.Module):
     ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S,
                                                                      first_only)
     residual_BTE = x_BTE[:, :1] if first_only else x_BTE
-    return BertSelfOutput(c, self.deterministic, name="output")(ctx_BTNH, residual_BTE)
+    return BertResidualOutput(c, ("heads", "kv"), self.deterministic, name="output")(
+        ctx_BTNH, residual_BTE)
 
 
-class BertSelfOutput(nn.Module):
-  """Projects the heads back to E, then dropout, residual and post-LN."""
+class BertResidualOutput(nn.Module):
+  """A projection back to E from `in_axes` (the attention heads, or the FFN's mlp), then
+  dropout, residual and post-LN: transformers' BertSelfOutput and BertOutput."""
   config: BertConfig
+  in_axes: tuple[str, ...]
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, ctx_BTNH, residual_BTE):
+  def __call__(self, h, residual_BTE):
     c = self.config
-    y_BTE = Projection(c, (c.hidden_size,), ("heads", "kv", "embed"), n_in=2,
-                       name="dense")(ctx_BTNH)
-    y_BTE = Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
-    return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
-
-
-class BertOutput(nn.Module):
-  """The FFN's second projection, then dropout, residual and post-LN."""
-  config: BertConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, h_BTF, residual_BTE):
-    c = self.config
-    y_BTE = dense(c, c.hidden_size, ("mlp", "embed"), "dense")(h_BTF)
+    y_BTE = Projection(c, (c.hidden_size,), (*self.in_axes, "embed"), n_in=len(self.in_axes),
+                       name="dense")(h)
     y_BTE = Dropout(c.hidden_dropout_prob)(y_BTE, deterministic=self.deterministic)
     return layer_norm(c, "LayerNorm")(y_BTE + residual_BTE)
 
@@ -218,7 +208,7 @@ class BertLayer(nn.Module):
     c = self.config
     x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S, first_only)
     h_BTF = BertIntermediate(c, name="intermediate")(x_BTE)
-    x_BTE = BertOutput(c, self.deterministic, name="output")(h_BTF, x_BTE)
+    x_BTE = BertResidualOutput(c, ("mlp",), self.deterministic, name="output")(h_BTF, x_BTE)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
 
 
