@@ -10,9 +10,10 @@ reports medians), so both pay their imports. Per run: wall-clock end to end, the
 split each side reports, and the child's own resource usage from wait4 (CPU user and system
 seconds, minor/major page faults, peak RSS). The PyTorch loop pads every row to
 --max-seq-length (the usual `padding="max_length"`); --torch-dynamic-padding pads each batch to
-its longest row instead; --torch-bf16 runs it under bfloat16 autocast. --jax-env and --jax-arg try variants of the bert-jax side. bert-jax
-runs cold (an empty compilation cache each run); `--jax-arg=--compilation-cache=DIR` with
---repeat 2 shows a rerun's time.
+its longest row instead; --torch-bf16 runs it under bfloat16 autocast (the peer of
+`--jax-arg=--dtype=bfloat16`). --jax-env and --jax-arg try variants of the bert-jax side.
+bert-jax runs cold (an empty compilation cache each run); `--jax-arg=--compilation-cache=DIR`
+with --repeat 2 shows a rerun's time.
 
   python tools/bench_finetune.py [--task sst2|wiki4 --rows 4000 --epochs 1 --batch-size 32
                                   --max-seq-length 64|128 --repeat 1 --json out.json]
