@@ -201,8 +201,12 @@ def _softmax_probs(q_BTNH, k_BSNH, mask_B11S):
 
 
 def attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S):
-  """softmax(q·k/sqrt(H), masked)·v without dropout (evaluation): as jax.nn's
-  dot_product_attention, with float32 accumulation for bfloat16 operands (see `_mm`)."""
+  """softmax(q·k/sqrt(H), masked)·v without dropout (evaluation): jax.nn's
+  dot_product_attention, or for bfloat16 the same with float32 accumulation (see `_mm`; on
+  XLA CPU 1.35 s -> 1.11 s for a MiniLM forward at 128 x 128, while in float32 jax.nn's runs
+  2.2 s against this one's 3.4 s)."""
+  if v_BSNH.dtype == jnp.float32:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_B11S)
   probs_BNTS = _softmax_probs(q_BTNH, k_BSNH, mask_B11S).astype(v_BSNH.dtype)
   return _einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
 
