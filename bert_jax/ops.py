@@ -93,11 +93,12 @@ def _input_grad_cpu(g_MO, kernel_KO):
 
 def _weight_grad_cpu(x_MK, g_MO):
   # Either transpose x, or transpose g and then the [O, K] product back, whichever moves fewer
-  # elements.
+  # elements. The product's own transpose may stay a layout change (its consumers are
+  # elementwise), so only a barrier keeps XLA from folding it into the dot.
   (m, k), o = x_MK.shape, g_MO.shape[1]
   if m * k < m * o + o * k:
     return _mm(_row_major_t(x_MK), g_MO)
-  return _row_major_t(_mm(_row_major_t(g_MO), x_MK))
+  return jax.lax.optimization_barrier(_mm(_row_major_t(g_MO), x_MK)).T
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
