@@ -10,6 +10,7 @@ import pytest
 from bert_jax import heads
 from bert_jax.config import BertConfig
 from bert_jax.convert import params_from_hf, params_to_hf
+from bert_jax.model import BertModel
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -128,7 +129,6 @@ def test_head_param_names_are_transformers_modules():
 def test_pooled_only_encoder_matches_the_full_one_with_gradients(remat):
   """The [CLS] heads' last layer computes the first position only: pooled output and every
   parameter's gradient as the full encoder's (dropout off, where the two are the same math)."""
-  from bert_jax.model import BertModel
   config = CONFIG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, remat=remat)
   ids, types, mask = inputs((3, 12))
   full, first = BertModel(config), BertModel(config, pooled_only=True)
