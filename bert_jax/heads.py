@@ -93,15 +93,16 @@ def _dropout_classifier(config: BertConfig, num_labels: int, x, deterministic: b
 
 
 class BertForSequenceClassification(nn.Module):
-  """[CLS] pooled output -> dropout -> classifier: logits [B, num_labels] (1: regression)."""
+  """[CLS] pooled output -> dropout -> classifier: logits [B, num_labels] (1: regression);
+  with `packed` (model.Packed: several sequences per row) one row of logits per sequence."""
   config: BertConfig
   num_labels: int = 2
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
-               deterministic: bool = True):
+               deterministic: bool = True, packed=None):
     _, pooled_BE = _encoder(self.config, pooled=True)(input_ids, token_type_ids, attention_mask,
-                                                      deterministic)
+                                                      deterministic, packed)
     return _dropout_classifier(self.config, self.num_labels, pooled_BE, deterministic)
 
 

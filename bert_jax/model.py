@@ -9,6 +9,7 @@ Shape suffixes: B batch, T/S query/key length, E hidden, N heads, H head dim, F 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -84,12 +85,52 @@ class Dropout(nn.Module):
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
+class FirstPositions(NamedTuple):
+  """Reads each row's first position ([CLS]); keys and values from the whole row."""
+
+  def queries(self, x_BT):
+    return x_BT[:, :1]
+
+  def keys(self, x_BS):
+    return x_BS
+
+  def key_mask(self, mask_B11S):
+    return mask_B11S
+
+
+class Packed(NamedTuple):
+  """Several sequences per row: each token's position within its sequence and the sequence's
+  number (1 + its index, 0 for padding), and where each sequence's [CLS] sits (row, column).
+  Attention stays inside a sequence and positions restart, so every sequence's outputs are
+  the ones it gets alone in a row of its own. As a readout (a [CLS] head's last layer) it
+  reads the Q sequences' first positions, with keys and values from their own rows."""
+  position_ids: jax.Array  # [R, P]
+  sequence_ids: jax.Array  # [R, P]
+  rows: jax.Array  # [Q]
+  starts: jax.Array  # [Q]
+
+  def attention_mask(self):
+    """[R, 1, P, P]: token t attends to s when both belong to one sequence."""
+    ids_RP = self.sequence_ids
+    return ((ids_RP[:, :, None] == ids_RP[:, None, :]) & (ids_RP[:, None, :] > 0))[:, None]
+
+  def queries(self, x_RP):
+    return x_RP[self.rows, self.starts][:, None]
+
+  def keys(self, x_RP):
+    return x_RP[self.rows]
+
+  def key_mask(self, _):
+    numbers_Q = jnp.arange(1, self.rows.shape[0] + 1, dtype=self.sequence_ids.dtype)
+    return (self.sequence_ids[self.rows] == numbers_Q[:, None])[:, None, None, :]
+
+
 class BertEmbeddings(nn.Module):
   config: BertConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, input_ids_BT, token_type_ids_BT):
+  def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT=None):
     c = self.config
     embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.dtype,
                               param_dtype=c.param_dtype)
@@ -99,8 +140,11 @@ class BertEmbeddings(nn.Module):
                      name="position_embeddings")
     token_type = embed(c.type_vocab_size, embedding_init=kernel_init(c, (None, "embed")),
                        name="token_type_embeddings")
-    positions_T = jnp.arange(input_ids_BT.shape[1])
-    x_BTE = word(input_ids_BT) + position(positions_T)[None] + token_type(token_type_ids_BT)
+    if position_ids_BT is None:
+      position_BTE = position(jnp.arange(input_ids_BT.shape[1]))[None]
+    else:
+      position_BTE = position(position_ids_BT)
+    x_BTE = word(input_ids_BT) + position_BTE + token_type(token_type_ids_BT)
     x_BTE = layer_norm(c, "LayerNorm")(x_BTE)
     return Dropout(c.hidden_dropout_prob)(x_BTE, deterministic=self.deterministic)
 
@@ -134,7 +178,7 @@ class BertSelfAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
+  def __call__(self, x_BTE, mask_B11S, readout=None):
     c = self.config
     kernels, biases = zip(*(
         Projection(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"),
@@ -144,8 +188,9 @@ class BertSelfAttention(nn.Module):
     qkv_BT3NH = ops.add_bias(ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1),
                              jnp.stack(biases, 0))
     q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
-    if first_only:
-      q_BTNH = q_BTNH[:, :1]
+    if readout is not None:
+      q_BTNH, k_BSNH, v_BSNH = readout.queries(q_BTNH), readout.keys(k_BSNH), readout.keys(v_BSNH)
+      mask_B11S = readout.key_mask(mask_B11S)
     rate = c.attention_probs_dropout_prob
     if self.deterministic or rate == 0.0:
       return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S)
@@ -162,11 +207,10 @@ class BertAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
+  def __call__(self, x_BTE, mask_B11S, readout=None):
     c = self.config
-    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S,
-                                                                     first_only)
-    residual_BTE = x_BTE[:, :1] if first_only else x_BTE
+    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S, readout)
+    residual_BTE = x_BTE if readout is None else readout.queries(x_BTE)
     return BertResidualOutput(c, ("heads", "kv"), self.deterministic, name="output")(
         ctx_BTNH, residual_BTE)
 
@@ -202,30 +246,29 @@ class BertLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, first_only: bool = False):
-    """first_only: the output at the first position only ([B, 1, E]; keys and values still
-    from every position)."""
+  def __call__(self, x_BTE, mask_B11S, readout=None):
+    """readout (FirstPositions, Packed): the output at its query positions only ([Q, 1, E];
+    keys and values still from every position of their rows)."""
     c = self.config
-    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S, first_only)
+    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S, readout)
     h_BTF = BertIntermediate(c, name="intermediate")(x_BTE)
     x_BTE = BertResidualOutput(c, ("mlp",), self.deterministic, name="output")(h_BTF, x_BTE)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
 
 
 class BertEncoder(nn.Module):
-  """first_only: the last layer computes the first position only (all a [CLS] head reads)."""
+  """readout: the last layer computes only its positions (all a [CLS] head reads)."""
   config: BertConfig
   deterministic: bool = True
-  first_only: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S):
+  def __call__(self, x_BTE, mask_B11S, readout=None):
     c = self.config
-    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if c.remat else BertLayer
+    layer_cls = nn.remat(BertLayer) if c.remat else BertLayer
     last = c.num_hidden_layers - 1
     for i in range(c.num_hidden_layers):
       x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(
-          x_BTE, mask_B11S, self.first_only and i == last)
+          x_BTE, mask_B11S, readout if i == last else None)
     return x_BTE
 
 
@@ -241,22 +284,32 @@ class BertPooler(nn.Module):
 class BertModel(nn.Module):
   """Returns (sequence_output [B,T,E], pooled_output [B,E]), both in the compute dtype. With
   pooled_only the sequence output is the first position's ([B,1,E]): the last layer skips the
-  rest (~1/8 of a 6-layer encoder's work; heads that read [CLS] only)."""
+  rest (~1/8 of a 6-layer encoder's work; heads that read [CLS] only).
+
+  `packed` (model.Packed) lays several sequences into each row instead of one (attention_mask
+  is then unused): the pooled output is per sequence ([Q,E]), and so is the sequence output
+  with pooled_only ([Q,1,E]); without it the sequence output stays per row ([R,P,E])."""
   config: BertConfig
   add_pooling_layer: bool = True
   pooled_only: bool = False
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
-               deterministic: bool = True):
+               deterministic: bool = True, packed: Packed | None = None):
     c = self.config
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
     input_ids = nn.with_logical_constraint(input_ids, ("batch", "length"))
-    mask_B11S = attention_mask[:, None, None, :].astype(bool)
-    x_BTE = BertEmbeddings(c, deterministic, name="embeddings")(input_ids, token_type_ids)
-    x_BTE = BertEncoder(c, deterministic, self.pooled_only, name="encoder")(x_BTE, mask_B11S)
-    pooled_BE = BertPooler(c, name="pooler")(x_BTE) if self.add_pooling_layer else None
+    if packed is not None:
+      mask_B1TS, readout = packed.attention_mask(), packed
+    else:
+      if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+      mask_B1TS, readout = attention_mask[:, None, None, :].astype(bool), FirstPositions()
+    x_BTE = BertEmbeddings(c, deterministic, name="embeddings")(
+        input_ids, token_type_ids, None if packed is None else packed.position_ids)
+    x_BTE = BertEncoder(c, deterministic, name="encoder")(
+        x_BTE, mask_B1TS, readout if self.pooled_only else None)
+    first_BTE = x_BTE if self.pooled_only else readout.queries(x_BTE)
+    pooled_BE = BertPooler(c, name="pooler")(first_BTE) if self.add_pooling_layer else None
     return x_BTE, pooled_BE

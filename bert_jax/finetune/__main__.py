@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-seq-length", type=positive(int), default=None,
                  help="default 128 (384 for qa)")
   p.add_argument("--smallest-bucket", type=positive(int), default=16,
-                 help="batches are padded to 16, 32, 64, ... up to --max-seq-length")
+                 help="without packing, batches are padded to 16, 32, 64, ... up to "
+                      "--max-seq-length")
+  p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                 help="several short sequences per row, one compiled shape (default: on for "
+                      "classification)")
   p.add_argument("--gradient-accumulation", type=positive(int), default=1,
                  help="micro-steps per optimizer update")
   p.add_argument("--seed", type=int, default=0)

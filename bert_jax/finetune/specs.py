@@ -35,6 +35,7 @@ class Task:
   main_metric = ""
   seq_outputs: tuple[str, ...] = ()  # predict() outputs with a token axis (padded back to T)
   num_labels = 2
+  packable = False  # reads [CLS] only, so several sequences can share a row (packing.py)
 
   def __init__(self, opts):
     self.opts = opts
@@ -57,6 +58,7 @@ class Task:
 
 class ClassificationTask(Task):
   name, architecture = "classification", "BertForSequenceClassification"
+  packable = True
 
   def load(self, tokenizer):
     o = self.opts

@@ -1,11 +1,13 @@
-"""The fine-tuning loop: load an init, length-bucketed batches, the shared train state and step
-(bert_jax.state, bert_jax.steps: mesh shardings, donation, accumulation, several processes)
-with the task's loss, large sorted eval batches, keep the best evaluation, export to
+"""The fine-tuning loop: load an init, packed or length-bucketed batches, the shared train state
+and step (bert_jax.state, bert_jax.steps: mesh shardings, donation, accumulation, several
+processes) with the task's loss, large eval batches, keep the best evaluation, export to
 transformers.
 
-Speed on small inputs comes from padding each batch only to the smallest bucket (16, 32, 64,
-... up to max_seq_length) that holds its longest row, so jit compiles a handful of shapes, and
-from grouping rows of similar length (sorted within shuffled windows of 50 batches).
+Speed on short inputs: the [CLS] heads pack several sequences into each row (packing.py: one
+compiled shape, mostly real tokens); the other tasks pad each batch only to the smallest
+bucket (16, 32, 64, ... up to max_seq_length) that holds its longest row, so jit compiles a
+handful of shapes, and group rows of similar length (sorted within shuffled windows of 50
+batches).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from bert_jax import sharding, steps, xla_cache
 from bert_jax import state as state_lib
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
+from bert_jax.finetune import packing
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
 from bert_jax.lock import DirLock
+from bert_jax.model import Packed
 from bert_jax.optim import finetune_optimizer
 from bert_jax.steps import Loss
 
@@ -134,10 +138,15 @@ def task_loss(task: Task, model) -> Loss:
 
 
 def forward(model, params, batch, key=None):
-  """The model's outputs for a batch; dropout when `key` is given."""
+  """The model's outputs for a batch (packed or one sequence per row); dropout when `key` is
+  given."""
+  extra = {}
+  if "sequence_ids" in batch:
+    extra["packed"] = Packed(batch["position_ids"], batch["sequence_ids"],
+                             batch["sequence_rows"], batch["sequence_starts"])
   return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                     batch["attention_mask"], deterministic=key is None,
-                     rngs=None if key is None else {"dropout": key})
+                     batch.get("attention_mask"), deterministic=key is None,
+                     rngs=None if key is None else {"dropout": key}, **extra)
 
 
 class Runner:
@@ -171,6 +180,11 @@ class Runner:
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices",
             file=sys.stderr)
     self.buckets = make_buckets(opts.max_seq_length, opts.smallest_bucket)
+    self.packed = self.task.packable if opts.packing is None else opts.packing
+    if self.packed and not self.task.packable:
+      raise UserError(f"--packing: the {opts.task} task reads every position of a row; packing "
+                      "is for the [CLS] heads (classification)")
+    self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs
     self.is_writer = self.process == 0
 
   # -- state and steps ----------------------------------------------------------------------
@@ -199,16 +213,42 @@ class Runner:
 
   def _put(self, batch: dict) -> dict:
     """This process's share of a global host batch, assembled into sharded global arrays."""
-    rows = len(batch["weight"]) // self.processes
-    return sharding.global_batch({k: v[self.process * rows:(self.process + 1) * rows]
-                                  for k, v in batch.items()}, self.mesh)
+    def share(v):
+      rows = len(v) // self.processes
+      return v[self.process * rows:(self.process + 1) * rows]
+    return sharding.global_batch({k: share(v) for k, v in batch.items()}, self.mesh)
+
+  def _epochs(self, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Every epoch's micro-batches (row indices), planned up front so that a packed run knows
+    its rows per step before the first one."""
+    o, lengths = self.opts, self.train_feats.lengths
+    if not self.packed:
+      return [train_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
+    epochs = [packing.random_batches(len(lengths), o.batch_size, rng) for _ in range(o.epochs)]
+    self.train_rows = packing.rows_needed([b for e in epochs for b in e], lengths,
+                                          o.max_seq_length, self.unit)
+    # Evaluation batches hold eval_batch_size sequences in proportionally many rows.
+    eval_bs = self._eval_batch_size()
+    self.eval_rows = min(eval_bs, math.ceil(self.train_rows * eval_bs / o.batch_size
+                                            / self.unit) * self.unit)
+    return epochs
+
+  def _eval_batch_size(self) -> int:
+    return max(self.opts.eval_batch_size // self.unit, 1) * self.unit
+
+  def _micro_batch(self, feats: Features, idx: np.ndarray, sequences: int, rows: int,
+                   keys: tuple[str, ...]) -> dict:
+    if self.packed:
+      return packing.packed_batch(feats, idx, sequences, rows, keys)
+    return make_batch(feats, idx, sequences, self.buckets, keys)
 
   def _step_batch(self, group: list[np.ndarray], keys: tuple[str, ...]) -> dict:
     """A train step's rows: the group's micro-batches padded to one length, interleaved so that
     micro-batch i is rows i, i+A, ... (steps' accumulation layout); a short last group is
     filled with weightless copies."""
     o, feats = self.opts, self.train_feats
-    micros = [make_batch(feats, idx, o.batch_size, self.buckets, keys) for idx in group]
+    micros = [self._micro_batch(feats, idx, o.batch_size, self.train_rows, keys)
+              for idx in group]
     while len(micros) < o.gradient_accumulation:
       micros.append(dict(micros[-1], weight=np.zeros_like(micros[-1]["weight"])))
     length = max(m["input_ids"].shape[-1] for m in micros)
@@ -225,11 +265,15 @@ class Runner:
   def evaluate(self, params) -> tuple[dict, dict]:
     feats, o = self.eval_feats, self.opts
     keys = tuple(k for k in (*MODEL_INPUTS, "choice_mask") if k in feats.arrays)
-    eval_bs = max(o.eval_batch_size // self.unit, 1) * self.unit
+    eval_bs = self._eval_batch_size()
     out: dict[str, np.ndarray] = {}
     T = o.max_seq_length
-    for idx in eval_batches(feats.lengths, eval_bs):
-      batch = make_batch(feats, idx, eval_bs, self.buckets, keys)
+    if self.packed:
+      batches = packing.eval_packs(feats.lengths, T, self.eval_rows, eval_bs)
+    else:
+      batches = eval_batches(feats.lengths, eval_bs)
+    for idx in batches:
+      batch = self._micro_batch(feats, idx, eval_bs, self.eval_rows, keys)
       result = {k: np.asarray(v) for k, v in self.eval_step(params, self._put(batch)).items()}
       for k, v in result.items():
         v = v[:len(idx)]
@@ -252,7 +296,7 @@ class Runner:
     state = self._build(updates_per_epoch * o.epochs)
     base_rng = jax.random.PRNGKey(o.seed + 1)
     keys = tuple(k for k in self.train_feats.arrays)
-    rng = np.random.default_rng(o.seed)
+    epochs = self._epochs(np.random.default_rng(o.seed))
     self.best, self.history, self.losses = None, [], []
     self.train_seconds = self.eval_seconds = 0.0
     update = 0
@@ -260,7 +304,7 @@ class Runner:
                mininterval=1.0, disable=o.quiet or not self.is_writer, file=sys.stderr)
     t0 = time.perf_counter()
     for epoch in range(o.epochs):
-      micros = train_batches(self.train_feats.lengths, o.batch_size, rng)
+      micros = epochs[epoch]
       for first in range(0, len(micros), accum):
         batch = self._put(self._step_batch(micros[first:first + accum], keys))
         state, metrics = self.train_step(state, batch, base_rng)

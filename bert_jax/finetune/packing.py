@@ -1,0 +1,99 @@
+"""Packing for the [CLS] heads: several short sequences laid end to end in one row of
+max_seq_length tokens (model.Packed says how the model reads them), so a run computes mostly
+real tokens and compiles one shape for training and one for evaluation instead of one per
+length bucket.
+
+A train step keeps exactly --batch-size sequences; its row count is the most any of the run's
+batches needs (first-fit decreasing), fixed up front. An evaluation batch is as many sequences
+(longest first, at most --eval-batch-size) as fill its rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bert_jax.finetune.tasks import Features
+
+# The batch keys of a packed batch besides the task's per-sequence arrays (labels, weight).
+PACKED_KEYS = ("input_ids", "token_type_ids", "position_ids", "sequence_ids", "sequence_rows",
+               "sequence_starts")
+
+
+def first_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """(row, start column) of each sequence and the rows used: longest first, each into the
+  first row with room."""
+  rows = np.zeros(len(lengths), np.int32)
+  starts = np.zeros(len(lengths), np.int32)
+  used: list[int] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[i])
+    r = next((r for r, u in enumerate(used) if u + n <= capacity), len(used))
+    if r == len(used):
+      used.append(0)
+    rows[i], starts[i] = r, used[r]
+    used[r] += n
+  return rows, starts, len(used)
+
+
+def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+  """A shuffled epoch cut into batches (no length sorting: mixed lengths pack evenly)."""
+  order = rng.permutation(n)
+  return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def rows_needed(batches: list[np.ndarray], lengths: np.ndarray, capacity: int, unit: int) -> int:
+  """The rows a step must have so that every batch fits, rounded up to a multiple of `unit`."""
+  most = max(first_fit(lengths[idx], capacity)[2] for idx in batches)
+  return math.ceil(most / unit) * unit
+
+
+def eval_packs(lengths: np.ndarray, capacity: int, rows: int,
+               max_sequences: int) -> list[np.ndarray]:
+  """Sequences longest first, each into the first row with room; a batch closes when no row
+  has room (and all `rows` are open) or when it holds `max_sequences`."""
+  packs, current = [], []
+  free = np.full(rows, capacity)
+  opened = 0
+  for i in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[i])
+    fits = np.flatnonzero(free[:opened] >= n)
+    if not len(fits) and opened == rows or len(current) == max_sequences:
+      packs.append(np.asarray(current))
+      current, opened = [], 0
+      free[:] = capacity
+      fits = fits[:0]
+    r = fits[0] if len(fits) else opened
+    opened = max(opened, r + 1)
+    free[r] -= n
+    current.append(i)
+  if current:
+    packs.append(np.asarray(current))
+  return packs
+
+
+def packed_batch(feats: Features, idx: np.ndarray, sequences: int, rows: int,
+                 keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Sequences `idx` packed into `rows` rows of feats' length (first-fit decreasing); the
+  per-sequence arrays among `keys` (labels, ...) padded to `sequences` (weight 0)."""
+  capacity = feats.arrays["input_ids"].shape[-1]
+  lengths = feats.lengths[idx]
+  row_of, start_of, used = first_fit(lengths, capacity)
+  if used > rows:
+    raise ValueError(f"{len(idx)} sequences need {used} rows, the batch has {rows}")
+  batch = {k: np.zeros((rows, capacity), np.int32) for k in PACKED_KEYS[:4]}
+  for j, (i, r, s, n) in enumerate(zip(idx, row_of, start_of, lengths)):
+    batch["input_ids"][r, s:s + n] = feats.arrays["input_ids"][i, :n]
+    batch["token_type_ids"][r, s:s + n] = feats.arrays["token_type_ids"][i, :n]
+    batch["position_ids"][r, s:s + n] = np.arange(n)
+    batch["sequence_ids"][r, s:s + n] = j + 1
+  pad = sequences - len(idx)
+  batch["sequence_rows"] = np.pad(row_of, (0, pad))
+  batch["sequence_starts"] = np.pad(start_of, (0, pad))
+  for k in keys:
+    if k not in feats.seq_keys:
+      x = feats.arrays[k][idx]
+      batch[k] = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  batch["weight"] = (np.arange(sequences) < len(idx)).astype(np.float32)
+  return batch
