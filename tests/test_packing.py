@@ -62,7 +62,12 @@ def test_packed_rows_hold_each_sequence_once():
 
 def test_every_batch_fits_the_planned_rows():
   feats = features(300, seed=1)
-  batches = packing.random_batches(300, 32, np.random.default_rng(0))
+  batches = packing.balanced_batches(feats.lengths, 32, np.random.default_rng(0))
+  assert [len(b) for b in batches].count(32) == 9 and sorted(map(len, batches))[0] == 300 % 32
+  np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(300))
+  # Like mixes: the batches' token counts spread far less than random batches' do.
+  tokens = [feats.lengths[b].sum() for b in batches if len(b) == 32]
+  assert max(tokens) - min(tokens) < 0.1 * np.mean(tokens)
   rows = packing.rows_needed(batches, feats.lengths, T, unit=4)
   assert rows % 4 == 0 and rows < 32
   for idx in batches:

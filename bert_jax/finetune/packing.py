@@ -3,8 +3,9 @@ max_seq_length tokens (model.Packed says how the model reads them), so a run com
 real tokens and compiles one shape for training and one for evaluation instead of one per
 length bucket.
 
-A train step keeps exactly --batch-size sequences; its row count is the most any of the run's
-batches needs (first-fit decreasing), fixed up front. An evaluation batch is as many sequences
+A train step keeps exactly --batch-size sequences, drawn so that every batch has a like mix of
+lengths; its row count is the most any of the run's batches needs (first-fit decreasing),
+fixed up front. An evaluation batch is as many sequences
 (longest first, at most --eval-batch-size) as fill its rows.
 """
 
@@ -37,10 +38,21 @@ def first_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
   return rows, starts, len(used)
 
 
-def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-  """A shuffled epoch cut into batches (no length sorting: mixed lengths pack evenly)."""
-  order = rng.permutation(n)
-  return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def balanced_batches(lengths: np.ndarray, batch_size: int,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+  """A shuffled epoch in batches whose length mixes are alike, so that every batch needs about
+  the mean rows and the fixed row count (the most any batch needs) wastes little: sorted by
+  length (ties in random order), the sequences form strata of one per batch, each stratum
+  dealt to the batches in random order. The n % batch_size left over (drawn at random) are a
+  shorter batch at a random place; the batches' order is random."""
+  order = rng.permutation(len(lengths))
+  rest, order = order[:len(order) % batch_size], order[len(order) % batch_size:]
+  by_length = order[np.argsort(lengths[order], kind="stable")]
+  strata = rng.permuted(by_length.reshape(batch_size, -1), axis=1)  # [batch_size, batches]
+  batches = [strata[:, b] for b in rng.permutation(strata.shape[1])]
+  if len(rest):
+    batches.insert(int(rng.integers(len(batches) + 1)), rest)
+  return batches
 
 
 def rows_needed(batches: list[np.ndarray], lengths: np.ndarray, capacity: int, unit: int) -> int:

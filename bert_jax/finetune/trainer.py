@@ -224,7 +224,7 @@ class Runner:
     o, lengths = self.opts, self.train_feats.lengths
     if not self.packed:
       return [train_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
-    epochs = [packing.random_batches(len(lengths), o.batch_size, rng) for _ in range(o.epochs)]
+    epochs = [packing.balanced_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
     self.train_rows = packing.rows_needed([b for e in epochs for b in e], lengths,
                                           o.max_seq_length, self.unit)
     # Evaluation batches hold eval_batch_size sequences in proportionally many rows.
