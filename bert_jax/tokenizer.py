@@ -49,6 +49,12 @@ _UPPERCASE_FRACTION_FOR_CASED = 0.01
 # a range it does not isolate would be wrong here, one left out only slower.
 _ISOLATED_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF))
 _CHARS_PER_ROUND = 1 << 22  # encode_ragged takes texts in rounds of about this many characters
+# Isolated characters whose token is their vocab entry (else [UNK]) without asking the backend:
+# assigned by Unicode 3.1 (so no release's tables drop them as unassigned), no decomposition,
+# no case. The compatibility ideographs (F900-FAFF) decompose, so they are left to the backend.
+_PLAIN_RANGES = ((0x3400, 0x4DB5), (0x4E00, 0x9FA5), (0x20000, 0x2A6D6))
+_CHAR_TABLE = _ISOLATED_RANGES[-1][1] + 1  # one-character pieces below this: keyed by code point
+_JOINED_CHARS = 1 << 12  # the backend gets the distinct pieces in texts of about this size
 
 
 @dataclasses.dataclass
@@ -71,21 +77,28 @@ class Ragged:
     return [ids[a:b] for a, b in zip(cut[:-1], cut[1:])]
 
 
+def _in_ranges(code: np.ndarray, ranges) -> np.ndarray:
+  inside = np.zeros(len(code), bool)
+  for lo, hi in ranges:
+    inside |= (code >= lo) & (code <= hi)
+  return inside
+
+
 def _pieces(texts: list[str]):
   """Cuts the joined texts where BERT's normalizer and pre-tokenizer always cut: around each
   isolated (Chinese) character and at each ASCII space. Nothing in the pipeline looks across
   such a cut (normalising is per character, canonical reordering stops at a starter, special
   tokens hold no space), so each piece tokenises alone as it does in its text.
-  Returns (unique piece strings, piece index into them, piece start in the joined text,
-  text start offsets in the joined text, text lengths)."""
+  A one-character piece is named by its code point (a table, not a sort: O(n)), a longer one
+  by its string. Returns (the distinct one-character pieces' code points, ascending; the
+  distinct longer pieces; each piece's index into those two back to back; piece start in the
+  joined text; text start offsets in the joined text)."""
   lengths = np.fromiter(map(len, texts), np.int64, len(texts))
   starts = np.cumsum(lengths) - lengths
   joined = "".join(texts)
   code = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
   n = len(code)
-  isolated = np.zeros(n, bool)
-  for lo, hi in _ISOLATED_RANGES:
-    isolated |= (code >= lo) & (code <= hi)
+  isolated = _in_ranges(code, _ISOLATED_RANGES)
   in_run = ~isolated & (code != 0x20)
   text_first = np.zeros(n + 1, bool)
   text_first[starts] = True
@@ -95,22 +108,26 @@ def _pieces(texts: list[str]):
   run_end = in_run.copy()
   run_end[:-1] &= ~in_run[1:] | text_first[1:n]
   run_lo, run_hi = np.flatnonzero(run_start), np.flatnonzero(run_end) + 1
-  runs = [joined[a:b] for a, b in zip(run_lo.tolist(), run_hi.tolist())]
+  single = isolated.copy()
+  one = (run_hi - run_lo == 1) & (code[run_lo] < _CHAR_TABLE)  # e.g. the "，" between 中文
+  single[run_lo[one]] = True
+  long_lo = run_lo[~one].tolist()
+  runs = [joined[a:b] for a, b in zip(long_lo, run_hi[~one].tolist())]
   unique_runs = dict.fromkeys(runs)
   for index, run in enumerate(unique_runs):
     unique_runs[run] = index
-  iso_at = np.flatnonzero(isolated)
-  seen = np.zeros(_ISOLATED_RANGES[-1][1] + 1, np.int64)  # a table, not a sort: O(n)
-  seen[code[iso_at]] = 1
+  single_at = np.flatnonzero(single)
+  single_code = code[single_at].astype(np.intp)
+  seen = np.zeros(_CHAR_TABLE, np.int32)  # int32: the table's random reads stay in cache
+  seen[single_code] = 1
   unique_chars = np.flatnonzero(seen)
   seen[unique_chars] = np.arange(len(unique_chars))
   piece_of = np.empty(n, np.int64)
-  piece_of[iso_at] = seen[code[iso_at]]
-  piece_of[run_lo] = np.fromiter(map(unique_runs.__getitem__, runs), np.int64, len(runs))
-  piece_of[run_lo] += len(unique_chars)
+  piece_of[single_at] = seen[single_code]
+  piece_of[long_lo] = np.fromiter(map(unique_runs.__getitem__, runs), np.int64, len(runs))
+  piece_of[long_lo] += len(unique_chars)
   at = np.flatnonzero(isolated | run_start)
-  unique = [chr(c) for c in unique_chars.tolist()] + list(unique_runs)
-  return unique, piece_of[at], at, starts, lengths
+  return unique_chars, list(unique_runs), piece_of[at], at, starts
 
 
 def read_vocab_lines(vocab_path: str | os.PathLike) -> list[str]:
@@ -212,7 +229,8 @@ class WordPieceTokenizer:
     """Token ids of many texts (and character offsets, as `encode_with_offsets`), the same as
     encoding each alone, several times faster: the texts are cut into pieces that tokenise
     independently (see `_pieces`), and each distinct piece (a word, a Chinese character) is
-    encoded once by the Rust backend."""
+    encoded once: a common Chinese character by a vocab lookup, the others by the Rust backend,
+    thousands of pieces per text it encodes."""
     texts = list(texts)
     parts, size, start = [], 0, 0
     for end, text in enumerate(texts, 1):
@@ -229,30 +247,68 @@ class WordPieceTokenizer:
                   np.concatenate([p.offsets for p in parts]) if offsets else None)
 
   def _encode_round(self, texts: list[str], offsets: bool) -> Ragged:
-    unique, piece, at, text_start, text_len = _pieces(texts)
-    backend = self._tokenizer
-    if offsets or not hasattr(backend, "encode_batch_fast"):  # < 0.20: no fast batch
-      encodings = backend.encode_batch(unique, add_special_tokens=False)
-    else:
-      encodings = backend.encode_batch_fast(unique, add_special_tokens=False)
-    count = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-    flat_ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
-                           int(count.sum()))
+    chars, runs, piece, at, text_start = _pieces(texts)
+    count, flat_ids, flat_offsets = self._encode_pieces(chars, runs)
     first = np.cumsum(count) - count
     n = count[piece]
     before = np.cumsum(n) - n
-    gather = np.repeat(first[piece] - before, n) + np.arange(int(n.sum()))
-    text = np.searchsorted(np.cumsum(text_len), at, side="right")
-    splits = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum(np.bincount(text, weights=n, minlength=len(texts)).astype(np.int64),
-              out=splits[1:])
+    total = int(n.sum())
+    gather = np.repeat(first[piece] - before, n) + np.arange(total)
+    text_first = np.append(np.searchsorted(at, text_start), len(at))  # each text's first piece
+    splits = np.append(before, total)[text_first]
     spans = None
     if offsets:
-      flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
-          e.offsets for e in encodings)), np.int32, 2 * int(count.sum())).reshape(-1, 2)
+      text = np.repeat(np.arange(len(texts)), np.diff(text_first))
       shift = np.repeat((at - text_start[text]).astype(np.int32), n)
-      spans = flat[gather] + shift[:, None]
+      spans = flat_offsets[gather] + shift[:, None]
     return Ragged(flat_ids[gather], splits, spans)
+
+  def _encode_pieces(self, chars: np.ndarray, runs: list[str]):
+    """(token count, ids, offsets into the piece) of each distinct piece, `chars` first. A
+    character of _PLAIN_RANGES is looked up in the vocab; the others go to the backend."""
+    plain = _in_ranges(chars, _PLAIN_RANGES)
+    other = np.flatnonzero(~plain)
+    rest_count, rest_ids, rest_offsets = self._encode_joined(
+        [chr(c) for c in chars[other].tolist()] + runs)
+    count = np.ones(len(chars) + len(runs), np.int64)
+    rest = np.concatenate([other, np.arange(len(chars), len(count))])
+    count[rest] = rest_count
+    first = np.cumsum(count) - count
+    ids = np.empty(int(count.sum()), np.int32)
+    offsets = np.empty((len(ids), 2), np.int32)
+    plain_at = first[:len(chars)][plain]
+    vocab, unk = self.vocab, self.unk_id
+    ids[plain_at] = np.fromiter((vocab.get(chr(c), unk) for c in chars[plain].tolist()),
+                                np.int32, len(plain_at))
+    offsets[plain_at] = (0, 1)
+    rest_first = np.cumsum(rest_count) - rest_count
+    dest = np.repeat(first[rest] - rest_first, rest_count) + np.arange(len(rest_ids))
+    ids[dest] = rest_ids
+    offsets[dest] = rest_offsets
+    return count, ids, offsets
+
+  def _encode_joined(self, strings: list[str]):
+    """(token count, ids, offsets into the string) of each string. The backend gets them
+    joined by spaces (a cut, as in `_pieces`), _JOINED_CHARS at a time: a call per string
+    costs more than tokenising it."""
+    size = np.fromiter(map(len, strings), np.int64, len(strings)) + 1  # with its space
+    begin = np.cumsum(size) - size
+    if not strings:
+      return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, 2), np.int32)
+    bounds = np.unique(np.append(np.searchsorted(
+        begin, np.arange(0, int(begin[-1]) + 1, _JOINED_CHARS)), len(strings))).tolist()
+    encodings = self._tokenizer.encode_batch(
+        [" ".join(strings[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
+        add_special_tokens=False)
+    n = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
+                      int(n.sum()))
+    offsets = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(
+        e.offsets for e in encodings)), np.int64, 2 * len(ids)).reshape(-1, 2)
+    offsets += np.repeat(begin[bounds[:-1]], n)[:, None]  # into the strings back to back
+    owner = np.searchsorted(begin, offsets[:, 0], side="right") - 1  # no token starts at a space
+    offsets -= begin[owner][:, None]
+    return np.bincount(owner, minlength=len(strings)), ids, offsets.astype(np.int32)
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and (start, end) character offsets into the original `text`.

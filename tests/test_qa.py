@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bert_jax.errors import UserError
+from bert_jax.finetune import qa_windows
 from bert_jax.finetune.qa import QAExample, featurize, parse_squad, postprocess, read_squad
 from bert_jax.finetune.squad_eval import evaluate
 from bert_jax.tokenizer import load_tokenizer
@@ -127,6 +128,75 @@ def test_each_context_token_has_one_max_context_window(cmrc_dev, zh_tok):
     _, offsets = zh_tok.encode_with_offsets(e.context)
     # every context token is owned by exactly one window
     assert owned == collections.Counter(tuple(o) for o in offsets)
+
+
+def _owned_by_comparing_windows(n_doc, max_doc, doc_stride):
+  """run_squad's max-context rule the long way: every window scores every token it holds,
+  min(left, right context) + 0.01 x its length (x 100, in integers), ties to the earlier."""
+  _, start, length = qa_windows.windows(np.array([n_doc]), np.array([max_doc]), doc_stride)
+  token = np.arange(n_doc)
+  rank = np.full((len(start), n_doc), np.iinfo(np.int64).min)
+  for w, (s, n) in enumerate(zip(start.tolist(), length.tolist())):
+    inside = (token >= s) & (token < s + n)
+    score = 100 * np.minimum(token - s, s + n - 1 - token) + n
+    rank[w, inside] = (score * (len(start) + 1) - w)[inside]
+  return rank.argmax(axis=0) if n_doc else np.zeros(0, int)
+
+
+def test_max_context_spans_equal_comparing_every_window():
+  """The closed form (nearest centre, the last window's suffix by bisection) against the long
+  way, for many windowings at once: small ones exhaustively, long ones (where the 0.01 x
+  length term outweighs a token of context) at random."""
+  rng = np.random.default_rng(0)
+  cases = [(n, m, s) for n in range(0, 25) for m in range(1, 11) for s in range(1, 13)]
+  cases += [(int(rng.integers(0, 1500)), int(rng.integers(1, 400)), int(rng.integers(1, 200)))
+            for _ in range(200)]
+  n_doc, max_doc, strides = (np.array(c) for c in zip(*cases))
+  for doc_stride in (4, 128):  # one stride for all, as featurize has; max_doc differs
+    example, start, length = qa_windows.windows(n_doc, max_doc, doc_stride)
+    lo, hi = qa_windows.max_context_spans(n_doc, max_doc, doc_stride, example, start)
+    for index, (n, m, _) in enumerate(cases):
+      rows = np.flatnonzero(example == index)
+      best = _owned_by_comparing_windows(n, m, doc_stride)
+      token = np.arange(n)
+      for w, row in enumerate(rows):
+        assert start[row] <= lo[row] or lo[row] >= hi[row]
+        assert hi[row] <= start[row] + length[row]
+        np.testing.assert_array_equal((token >= lo[row]) & (token < hi[row]), best == w,
+                                      err_msg=f"n_doc {n}, max_doc {m}, stride {doc_stride}")
+  # and the strides of the cases themselves, one windowing at a time
+  for n, m, doc_stride in cases[::5]:
+    example, start, _ = qa_windows.windows(np.array([n]), np.array([m]), doc_stride)
+    lo, hi = qa_windows.max_context_spans(np.array([n]), np.array([m]), doc_stride, example,
+                                          start)
+    best = _owned_by_comparing_windows(n, m, doc_stride)
+    for w in range(len(start)):
+      np.testing.assert_array_equal((np.arange(n) >= lo[w]) & (np.arange(n) < hi[w]),
+                                    best == w)
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_answer_tokens_equal_checking_every_token(cmrc_dev, zh_tok, shuffled):
+  """Two binary searches over all contexts' tokens (offsets that do not ascend: one example
+  at a time) against testing every token for overlap."""
+  contexts = list(dict.fromkeys(e.context for e in cmrc_dev[:300]))
+  docs = zh_tok.encode_ragged(contexts, offsets=True)
+  rng = np.random.default_rng(1)
+  if shuffled:
+    docs.offsets = docs.offsets[rng.permutation(len(docs.offsets))]
+  context_of = rng.integers(0, len(contexts), 3000)
+  size = np.array([len(contexts[c]) for c in context_of])
+  start = (rng.random(3000) * (size + 4)).astype(int) - 2
+  spans = np.stack([start, start + rng.integers(0, 6, 3000)], axis=1)
+  spans[::10] = -1                                            # no answer
+  spans[1::10] = (size[1::10] + np.array([[5], [9]])).T       # past the end
+  first, last = qa_windows.answer_tokens(spans, docs, context_of)
+  for i, c in enumerate(context_of):
+    offsets = docs.offsets[docs.splits[c]:docs.splits[c + 1]]
+    hit = np.flatnonzero((offsets[:, 0] < spans[i, 1]) & (offsets[:, 1] > spans[i, 0]))
+    expected = (hit[0], hit[-1]) if spans[i, 0] >= 0 and len(hit) else (-1, -1)
+    assert (first[i], last[i]) == expected, (i, spans[i])
+  assert (first >= 0).sum() > 1000
 
 
 def test_offsets_map_to_exact_original_text_english(en_tok):

@@ -171,6 +171,56 @@ def test_offsets_point_at_the_token_text(shared_data, minilm_dir, language):
   assert checked > 1000 and exact > 0.99 * checked
 
 
+# Texts around the shortcuts of encode_ragged: compatibility ideographs (they decompose), the
+# Extension B and late-assigned (or unassigned) ideographs, punctuation alone between Chinese
+# characters, combining marks and special tokens beside them, long words, odd whitespace.
+RAGGED_EDGE_CASES = EDGE_CASES + [
+    "中文，测试。（括号）「引号」……",
+    "\uf900\uf901\ufa0e\ufa2d中\uf9ff",
+    "\U00020000\U0002a6d6\U0002a6d7\U0002a6df\U0002a6e0\U0002b740",
+    "\u9fa5\u9fa6\u9fd5\u9fff\u4db5\u4db6\u4dbf\u3400",
+    "中\u0301文\u0308a\u0301\u0302 \u0301",
+    "[MASK]中[SEP]文[MA中SK] 中[mask]",
+    "\u3000中\u3000文\t\n中\x00文\ufffd",
+    "x" * 120 + "中" + "y" * 120 + "，" + "z" * 99,
+    " ",
+]
+
+
+@pytest.mark.parametrize("joined_chars", [1, 7, None])
+@pytest.mark.parametrize("lower_case", [True, False])
+def test_ragged_edge_cases_are_those_of_each_text_alone(shared_data, monkeypatch, joined_chars,
+                                                        lower_case):
+  """encode_ragged looks the common Chinese characters up in the vocab and sends the other
+  distinct pieces to the backend joined into long texts (cut anywhere: joined_chars)."""
+  from bert_jax import tokenizer as tokenizer_module
+  if joined_chars:
+    monkeypatch.setattr(tokenizer_module, "_JOINED_CHARS", joined_chars)
+  tok = load_tokenizer(shared_data / "vocab" / "bert-base-chinese-vocab.txt", lower_case)
+  texts = RAGGED_EDGE_CASES + RAGGED_EDGE_CASES[::-1]  # repeated pieces, in other orders
+  ragged = tok.encode_ragged(texts, offsets=True)
+  for index, text in enumerate(texts):
+    ids, offsets = tok.encode_with_offsets(text)
+    cut = slice(ragged.splits[index], ragged.splits[index + 1])
+    assert ragged.ids[cut].tolist() == ids, text
+    assert ragged.offsets[cut].tolist() == list(map(list, offsets)), text
+  assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_plain_chinese_characters_are_their_vocab_entries(shared_data, minilm_dir):
+  """What encode_ragged assumes of the characters it looks up itself: the backend makes each
+  one token, its vocab entry or [UNK], spanning the character."""
+  from bert_jax.tokenizer import _PLAIN_RANGES
+  codes = [c for lo, hi in _PLAIN_RANGES for c in range(lo, hi + 1)]
+  text = " ".join(map(chr, codes))
+  for vocab in (shared_data / "vocab" / "bert-base-chinese-vocab.txt", _minilm_vocab(minilm_dir)):
+    for lower_case in (True, False):
+      tok = load_tokenizer(vocab, lower_case)
+      ids, offsets = tok.encode_with_offsets(text)
+      assert ids == [tok.vocab.get(chr(c), tok.unk_id) for c in codes]
+      assert offsets == [(2 * i, 2 * i + 1) for i in range(len(codes))]
+
+
 def test_decode_and_lookups(minilm_dir):
   tok = load_tokenizer(_minilm_vocab(minilm_dir))
   text = "the unaffable tokenizer runs quickly"

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.finetune import qa_windows
 
 # How far (in characters) a stated answer_start may be from where the text really is.
 ANSWER_START_TOLERANCE = 16
@@ -191,49 +192,6 @@ class QAFeatures:
             "attention_mask": self.attention_mask[rows]}
 
 
-def _windows(n_doc: np.ndarray, max_doc: np.ndarray, doc_stride: int):
-  """(example, start, length) of the windows over each example's `n_doc` context tokens:
-  `max_doc` long, min(max_doc, doc_stride) apart, the last one reaching the end (one empty
-  window for an empty context)."""
-  step = np.minimum(max_doc, doc_stride)
-  count = np.where(n_doc > max_doc, -(-(n_doc - max_doc) // step) + 1, 1)
-  example = np.repeat(np.arange(len(n_doc)), count)
-  start = (np.arange(len(example)) - (np.cumsum(count) - count)[example]) * step[example]
-  return example, start, np.minimum(n_doc[example] - start, max_doc[example])
-
-
-def _best_windows(window: np.ndarray, key: np.ndarray, context: np.ndarray,
-                  length: np.ndarray) -> np.ndarray:
-  """For (window, context token) pairs, True where the window gives the token its most
-  `context` on the shorter side, ties to the longer window (run_squad's score: context +
-  0.01 x length), then to the earlier one. `key` numbers the tokens."""
-  if not len(key):
-    return np.zeros(0, bool)
-  rank = (100 * context + length) * (window.max() + 2) - window   # the best pair ranks highest
-  best = np.full(int(key.max()) + 1, np.iinfo(np.int64).min)
-  np.maximum.at(best, key, rank)
-  return rank == best[key]
-
-
-def _answer_tokens(examples: Sequence[QAExample], docs, context_of: np.ndarray,
-                   is_training: bool) -> tuple[np.ndarray, np.ndarray]:
-  """First and last context token overlapping each example's answer characters (-1: none, an
-  impossible question, or an answer of only characters the tokenizer drops)."""
-  first, last = np.full(len(examples), -1), np.full(len(examples), -1)
-  for index, example in enumerate(examples):
-    span = None if example.is_impossible else example.answer_char_span()
-    if is_training and not example.is_impossible and span is None:
-      raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: no answer "
-                      "with a position in the context to train on")
-    if span is not None:
-      context = context_of[index]
-      offsets = docs.offsets[docs.splits[context]:docs.splits[context + 1]]
-      overlapping = np.flatnonzero((offsets[:, 0] < span[1]) & (offsets[:, 1] > span[0]))
-      if len(overlapping):
-        first[index], last[index] = overlapping[0], overlapping[-1]
-  return first, last
-
-
 def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int = 384,
               doc_stride: int = 128, max_query_length: int = 64,
               is_training: bool) -> QAFeatures:
@@ -241,7 +199,8 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
 
   Training rows get the token positions of the example's first located answer, or 0 when
   the window does not hold the whole answer (or the question is impossible). All questions
-  and each distinct context are tokenised in one batch; the rows are filled with numpy.
+  and each distinct context are tokenised in one batch; the rows are filled with whole-array
+  numpy (qa_windows), not per example or window.
   """
   if doc_stride < 1:
     raise UserError(f"--doc-stride: expected a positive number of tokens, got {doc_stride}")
@@ -259,41 +218,22 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   max_doc = seq_len - header - 1
   no_room = np.flatnonzero(max_doc < 1)
   checked = examples[:no_room[0] + 1] if len(no_room) else examples  # errors in file order
-  first_answer, last_answer = _answer_tokens(checked, docs, context_of, is_training)
+  spans = qa_windows.training_spans(checked, is_training)
   if len(no_room):
     example = examples[no_room[0]]
     raise UserError(f"{example.source or 'QA data'}: question id {example.id!r}: its "
                     f"{int(query_len[no_room[0]])} question tokens leave no room for the "
                     f"context in --max-seq-length {seq_len} (lower --max-query-length)")
+  first_answer, last_answer = qa_windows.answer_tokens(spans, docs, context_of)
   n_doc = docs.lengths[context_of]
-  doc_first = docs.splits[context_of]                      # the context's first token in docs
-  example, start, length = _windows(n_doc, max_doc, doc_stride)
-  rows, head = len(example), header[example]
-  ends = head + length                                     # the final [SEP]
-
-  # Every cell of the [rows, L] grid, as the column `position` of row `example`'s window:
-  position = np.arange(seq_len)[None, :]
-  query = (position >= 1) & (position < head[:, None] - 1)
-  body = (position >= head[:, None]) & (position < ends[:, None])
-  input_ids = np.full((rows, seq_len), tokenizer.pad_id, np.int32)
-  input_ids[:, 0] = tokenizer.cls_id
-  input_ids[query] = queries.ids[((queries.splits[:-1] - 1)[example][:, None] + position)[query]]
-  input_ids[np.arange(rows), head - 1] = tokenizer.sep_id
-  input_ids[np.arange(rows), ends] = tokenizer.sep_id
-  token_type_ids = ((position >= head[:, None]) & (position <= ends[:, None])).astype(np.int32)
-  attention_mask = (position <= ends[:, None]).astype(np.int32)
-  at = ((doc_first[example] + start - head)[:, None] + position)[body]  # into docs' tokens
-  input_ids[body] = docs.ids[at]
-  token_to_char = np.full((rows, seq_len, 2), -1, np.int32)
-  pairs = np.ascontiguousarray(docs.offsets).view(np.int64)[:, 0]  # (start, end) as one item
-  token_to_char.view(np.int64)[..., 0][body] = pairs[at]
-  inside = position - head[:, None]                        # index within the window
-  context = np.minimum(inside, (length - 1)[:, None] - inside)[body]
-  window = np.broadcast_to(np.arange(rows)[:, None], body.shape)[body]
-  token_base = np.cumsum(n_doc) - n_doc                    # numbers (example, token) pairs
-  key = ((token_base[example] + start - head)[:, None] + position)[body]
-  token_is_max_context = np.zeros((rows, seq_len), bool)
-  token_is_max_context[body] = _best_windows(window, key, context, length[window])
+  example, start, length = qa_windows.windows(n_doc, max_doc, doc_stride)
+  input_ids, token_type_ids, attention_mask, token_to_char = qa_windows.fill_rows(
+      tokenizer, seq_len, queries, query_len, docs, context_of, example, start, length)
+  own_lo, own_hi = qa_windows.max_context_spans(n_doc, max_doc, doc_stride, example, start)
+  column = header[example] - start                         # + context token = its column
+  position = np.arange(seq_len)
+  token_is_max_context = ((position >= (own_lo + column)[:, None])
+                          & (position < (own_hi + column)[:, None]))
 
   located = first_answer >= 0
   first, last = first_answer[example], last_answer[example]
@@ -301,8 +241,8 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   label = holds & is_training
   return QAFeatures(
       input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-      start_positions=np.where(label, first - start + head, 0).astype(np.int32),
-      end_positions=np.where(label, last - start + head, 0).astype(np.int32),
+      start_positions=np.where(label, first + column, 0).astype(np.int32),
+      end_positions=np.where(label, last + column, 0).astype(np.int32),
       example_index=example.astype(np.int32), token_to_char=token_to_char,
       token_is_max_context=token_is_max_context,
       answer_lengths=(last_answer - first_answer + 1)[located].astype(np.int32),
