@@ -201,6 +201,9 @@ def test_bad_input_exits_2(tmp_path, vocab, minilm_dir, shared_data):
                     "good.tsv", "gold")
   assert_user_error(run_cli(*common, "--train-file", str(good), "--validation-file", str(good)),
                     "--vocab")
+  assert_user_error(run_cli(*common, "--vocab", vocab, "--train-file", str(good),
+                            "--validation-file", str(good), "--task", "token", "--packing"),
+                    "--packing", "token")
   zh_vocab = str(shared_data / "vocab" / "bert-base-chinese-vocab.txt")
   assert_user_error(run_cli("--task", "classification", "--init", str(minilm_dir), "--vocab",
                             zh_vocab, "--train-file", str(good), "--validation-file", str(good),

@@ -157,6 +157,10 @@ class Runner:
   def __init__(self, opts):
     self.opts = opts
     self.task: Task = TASKS[opts.task](opts)
+    self.packed = self.task.packable if opts.packing is None else opts.packing
+    if self.packed and not self.task.packable:
+      raise UserError(f"--packing: the {opts.task} task reads every position of a row; packing "
+                      "is for the [CLS] heads (classification)")
     self.config, self.pretrained, self.tokenizer, self.vocab = load_init(opts)
     if opts.dtype:
       self.config = self.config.replace(dtype=opts.dtype)
@@ -180,10 +184,6 @@ class Runner:
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices",
             file=sys.stderr)
     self.buckets = make_buckets(opts.max_seq_length, opts.smallest_bucket)
-    self.packed = self.task.packable if opts.packing is None else opts.packing
-    if self.packed and not self.task.packable:
-      raise UserError(f"--packing: the {opts.task} task reads every position of a row; packing "
-                      "is for the [CLS] heads (classification)")
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs
     self.is_writer = self.process == 0
 
