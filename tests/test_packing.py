@@ -68,15 +68,23 @@ def test_every_batch_fits_the_planned_rows():
   # Like mixes: the batches' token counts spread far less than random batches' do.
   tokens = [feats.lengths[b].sum() for b in batches if len(b) == 32]
   assert max(tokens) - min(tokens) < 0.1 * np.mean(tokens)
-  rows = packing.rows_needed(batches, feats.lengths, T, unit=4)
+  (evened,), rows = packing.fit_rows([batches], feats.lengths, T, unit=4)
   assert rows % 4 == 0 and rows < 32
-  for idx in batches:
+  assert [len(b) for b in evened] == [len(b) for b in batches]
+  np.testing.assert_array_equal(np.sort(np.concatenate(evened)), np.arange(300))
+  for idx in evened:
     packing.packed_batch(feats, idx, 32, rows, ())
-  packs = packing.eval_packs(feats.lengths, T, rows=6, max_sequences=16)
-  np.testing.assert_array_equal(np.sort(np.concatenate(packs)), np.arange(300))
-  assert max(len(p) for p in packs) == 16
-  for idx in packs:
-    packing.packed_batch(feats, idx, 16, 6, ())
+
+
+def test_a_badly_fitting_batch_trades_sequences_instead_of_costing_every_step_a_row():
+  # Rows of 16: batch 0 (10, 10, 7, 5) first-fit packs into 3 rows, the others (8, 8, 4, 4) 2.
+  lengths = np.array([10, 10, 7, 5] + [8, 8, 4, 4] * 3)
+  batches = [np.arange(4 * i, 4 * i + 4) for i in range(4)]
+  assert packing.first_fit(lengths[batches[0]], T)[2] == 3
+  (evened,), rows = packing.fit_rows([batches], lengths, T, unit=1)
+  assert rows == 2 and all(packing.first_fit(lengths[b], T)[2] == 2 for b in evened)
+  np.testing.assert_array_equal(np.sort(np.concatenate(evened)), np.arange(16))
+  assert [len(b) for b in evened] == [4] * 4
 
 
 @pytest.mark.parametrize("remat", [False, True])

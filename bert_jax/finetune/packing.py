@@ -55,10 +55,42 @@ def balanced_batches(lengths: np.ndarray, batch_size: int,
   return batches
 
 
-def rows_needed(batches: list[np.ndarray], lengths: np.ndarray, capacity: int, unit: int) -> int:
-  """The rows a step must have so that every batch fits, rounded up to a multiple of `unit`."""
-  most = max(first_fit(lengths[idx], capacity)[2] for idx in batches)
-  return math.ceil(most / unit) * unit
+def fit_rows(epochs: list[list[np.ndarray]], lengths: np.ndarray, capacity: int,
+             unit: int) -> tuple[list[list[np.ndarray]], int]:
+  """(epochs, rows): the rows every step gets, a multiple of `unit`, and the epochs' batches
+  evened out to fit them. The rows are the fewest the median batch's tokens allow; a batch
+  that first-fit packs into more trades sequences with batches that have room, within its
+  epoch (a few heavy or badly fitting batches would otherwise cost every step a row); failing
+  that the rows grow to what the batches need."""
+  tokens = [int(lengths[b].sum()) for e in epochs for b in e]
+  target = math.ceil(math.ceil(np.median(tokens) / capacity) / unit) * unit
+  epochs = [_even_out(list(batches), lengths, capacity, target) for batches in epochs]
+  most = max(first_fit(lengths[b], capacity)[2] for e in epochs for b in e)
+  return epochs, math.ceil(most / unit) * unit
+
+
+def _even_out(batches: list[np.ndarray], lengths: np.ndarray, capacity: int,
+              target: int) -> list[np.ndarray]:
+  """Swaps a long sequence of each batch that needs more than `target` rows for a shorter one
+  of the lightest batches, as long as both then fit `target` rows."""
+  rows = lambda idx: first_fit(lengths[idx], capacity)[2]  # noqa: E731
+  for a in range(len(batches)):
+    if rows(batches[a]) <= target:
+      continue
+    heavy = batches[a]
+    lightest = np.argsort([lengths[b].sum() for b in batches])[:10]
+    trades = ((i, b, k) for i in np.argsort(-lengths[heavy])[:4] for b in lightest if b != a
+              for k in np.argsort(lengths[batches[b]]))
+    for i, b, k in trades:
+      light = batches[b]
+      if lengths[light[k]] >= lengths[heavy[i]]:
+        continue
+      new_heavy, new_light = heavy.copy(), light.copy()
+      new_heavy[i], new_light[k] = light[k], heavy[i]
+      if rows(new_heavy) <= target and rows(new_light) <= target:
+        batches[a], batches[b] = new_heavy, new_light
+        break
+  return batches
 
 
 def eval_packs(lengths: np.ndarray, capacity: int, rows: int,

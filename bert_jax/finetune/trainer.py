@@ -225,8 +225,7 @@ class Runner:
     if not self.packed:
       return [train_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
     epochs = [packing.balanced_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
-    self.train_rows = packing.rows_needed([b for e in epochs for b in e], lengths,
-                                          o.max_seq_length, self.unit)
+    epochs, self.train_rows = packing.fit_rows(epochs, lengths, o.max_seq_length, self.unit)
     # Evaluation batches hold eval_batch_size sequences in proportionally many rows.
     eval_bs = self._eval_batch_size()
     self.eval_rows = min(eval_bs, math.ceil(self.train_rows * eval_bs / o.batch_size
