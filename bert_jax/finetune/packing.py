@@ -4,9 +4,10 @@ real tokens and compiles one shape for training and one for evaluation instead o
 length bucket.
 
 A train step keeps exactly --batch-size sequences, drawn so that every batch has a like mix of
-lengths; its row count is the most any of the run's batches needs (first-fit decreasing),
-fixed up front. An evaluation batch is as many sequences
-(longest first, at most --eval-batch-size) as fill its rows.
+lengths; its row count, fixed up front, is what the median batch's tokens need, with the few
+batches that first-fit decreasing packs into more evened out by trading sequences. An
+evaluation batch is as many sequences (longest first, at most --eval-batch-size) as fill its
+rows.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import numpy as np
 
 from bert_jax.finetune.tasks import Features
 
-# The batch keys of a packed batch besides the task's per-sequence arrays (labels, weight).
-PACKED_KEYS = ("input_ids", "token_type_ids", "position_ids", "sequence_ids", "sequence_rows",
-               "sequence_starts")
+# A packed batch's [rows, capacity] arrays; sequence_rows/starts and the task's per-sequence
+# arrays (labels, weight) have one entry per sequence.
+ROW_KEYS = ("input_ids", "token_type_ids", "position_ids", "sequence_ids")
 
 
 def first_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -126,7 +127,7 @@ def packed_batch(feats: Features, idx: np.ndarray, sequences: int, rows: int,
   row_of, start_of, used = first_fit(lengths, capacity)
   if used > rows:
     raise ValueError(f"{len(idx)} sequences need {used} rows, the batch has {rows}")
-  batch = {k: np.zeros((rows, capacity), np.int32) for k in PACKED_KEYS[:4]}
+  batch = {k: np.zeros((rows, capacity), np.int32) for k in ROW_KEYS}
   for j, (i, r, s, n) in enumerate(zip(idx, row_of, start_of, lengths)):
     batch["input_ids"][r, s:s + n] = feats.arrays["input_ids"][i, :n]
     batch["token_type_ids"][r, s:s + n] = feats.arrays["token_type_ids"][i, :n]
