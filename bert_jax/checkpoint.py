@@ -152,9 +152,42 @@ def _first_restorable(candidates: Iterable[T], restore: Callable[[T], Any]
   for candidate in candidates:
     try:
       return (candidate, restore(candidate)), damaged
-    except Exception as e:  # any damage: missing item, truncated file, bad JSON, mismatch
+    except UserError:  # not damage (e.g. a step written for another model): nothing passed over
+      raise
+    except Exception as e:  # any damage: missing item, truncated file, bad JSON, bad fingerprint
       damaged.append((candidate, describe_damage(e)))
   return None, damaged
+
+
+def _leaf_name(path: tuple) -> str:
+  """A pytree path as orbax names the array it saves ("opt_state" item: "0.mu.bert.w")."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def structure_mismatch(item_dir: epath.Path, abstract: Any) -> str | None:
+  """How a saved pytree item differs in names or shapes from `abstract`, or None when it
+  matches or its metadata cannot be read (which is damage, not a mismatch)."""
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(item_dir).tree
+  except Exception:  # unreadable metadata: damage, for the caller's fall-back
+    return None
+  def shapes(t):  # empty nodes (optax's EmptyState; None in the metadata) count too
+    empty = lambda x: x is None or (isinstance(x, (tuple, list, dict)) and not x)
+    return {_leaf_name(p): tuple(x.shape) if hasattr(x, "shape") else "empty"
+            for p, x in jax.tree_util.tree_leaves_with_path(t, is_leaf=empty)}
+  saved = shapes(tree)
+  wanted = shapes(ocp.tree.serialize_tree(abstract, keep_empty_nodes=True))
+  if saved == wanted:
+    return None
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  resized = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+  parts = [f"{k} saved as {saved[k]}, the config makes {wanted[k]}" for k in resized[:2]]
+  if missing:
+    parts.append(f"{len(missing)} arrays of the config's are not in it (e.g. {missing[0]})")
+  if extra:
+    parts.append(f"{len(extra)} saved arrays the config does not make (e.g. {extra[0]})")
+  return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------- training
@@ -228,7 +261,7 @@ class Checkpointer:
     it comes back as a JSON value (what the iterator's set_state takes).
     """
     found, damaged = _first_restorable(reversed(self.all_steps()), lambda step: (
-        self._restore_step(step, abstract_params, abstract_opt_state, want_data)))
+        self._restore_checked_step(step, abstract_params, abstract_opt_state, want_data)))
     for step, why in damaged:
       warnings.warn(f"checkpoint {self.directory / str(step)} is incomplete or corrupt "
                     f"({why}); falling back to the one before", stacklevel=2)
@@ -249,6 +282,23 @@ class Checkpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("bert_jax_checkpoint_set_aside")
     self.manager.reload()
+
+  def _restore_checked_step(self, step: int, abstract_params: Any, abstract_opt_state: Any,
+                            want_data: Callable[[dict], bool]) -> Restored:
+    """_restore_step; a step that fails because it was written for another model or optimizer
+    is a UserError (exit 2, the step left as it is), not damage to fall back past."""
+    try:
+      return self._restore_step(step, abstract_params, abstract_opt_state, want_data)
+    except Exception:
+      for item, abstract in ((PARAMS, abstract_params), ("opt_state", abstract_opt_state)):
+        why = structure_mismatch(self.directory / str(step) / item, abstract)
+        if why:
+          raise UserError(
+              f"{self.directory / str(step)}: its {item} were written for another model or "
+              f"optimizer config ({why}); it is not damaged and was left as it is. Resume with "
+              "the config it was written with (config.pretrain.json), or use a new --workdir"
+              ) from None
+      raise
 
   def _restore_step(self, step: int, abstract_params: Any, abstract_opt_state: Any,
                     want_data: Callable[[dict], bool]) -> Restored:

@@ -62,6 +62,8 @@ def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bo
   try:  # the cheap checks come before data creation, the writes of configs after all checks
     vocab = prepare_vocab(cfg, workdir, is_writer)
     bert_config, init_params = model_config(cfg, vocab, workdir, load_weights=not resuming)
+    if resuming:
+      _check_same_model(bert_config, workdir)
     _check_model(bert_config, phases, process_count)
     data_dirs = prepare_data(cfg, phases, workdir, vocab, is_writer)
     manifests = read_manifests(phases, data_dirs)
@@ -169,6 +171,26 @@ def load_init_params(cfg: Any) -> Any:
   if not cfg.init_from:
     return None
   return load_pretrained(str(cfg.init_from), seed=int(cfg.seed))[1]
+
+
+# Fields a resumed run may change: they shape no parameter and only matter from now on.
+_RESUMABLE_CHANGES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
+
+
+def _check_same_model(bert_config: BertConfig, workdir: str) -> None:
+  """A resumed run's model must be the one its checkpoints were written for (config.json):
+  refused here, before the checkpoints are read (a mismatch is not damage)."""
+  written = as_path(workdir) / "config.json"
+  if not written.is_file():
+    return
+  before = read_config_json(local_copy(str(written))).to_hf_dict()
+  now = bert_config.to_hf_dict()
+  changed = [f"{k} {before[k]} -> {now[k]}" for k in now
+             if k not in _RESUMABLE_CHANGES and before.get(k) != now[k]]
+  if changed:
+    raise UserError(f"--workdir {workdir}: its checkpoints were written for another model "
+                    f"(changed: {', '.join(changed)}); resume with the model config it was "
+                    "started with (config.json, config.pretrain.json), or use a new --workdir")
 
 
 def _check_model(bert_config: BertConfig, phases: Sequence[Phase], process_count: int) -> None:

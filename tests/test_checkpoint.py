@@ -118,6 +118,33 @@ def test_partial_step_directory_and_killed_save_are_passed_over(saved):
   ck.close()
 
 
+def _tree_bytes(root: pathlib.Path) -> dict:
+  return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+@pytest.mark.parametrize("change", ["params", "opt_state"])
+def test_a_step_written_for_another_model_or_optimizer_is_refused_not_set_aside(saved, change):
+  """Every good step used to fail to restore ("tree structures do not match"), be renamed
+  N.corrupt-* and training restarted at step 0."""
+  path, ck, ap, ao = saved
+  before = _tree_bytes(path / "checkpoints")
+  other = dict(tree(0.0), cls={"bias": jnp.zeros((7,))})   # another vocab: another head
+  if change == "params":
+    ap = abstract_like(other)
+  else:
+    ao = abstract_like(optax.lamb(1e-3).init(tree(0.0)))
+  with pytest.raises(UserError) as e:
+    ck.restore(ap, ao)
+  message = str(e.value)
+  assert message.startswith(f"{path / 'checkpoints' / '8'}: its {change} were written for "
+                            "another model or optimizer config") and "\n" not in message
+  if change == "params":
+    assert "cls.bias saved as (5,), the config makes (7,)" in message
+  assert "left as it is" in message
+  assert ck.all_steps() == [2, 4, 6, 8] and _tree_bytes(path / "checkpoints") == before
+  ck.close()
+
+
 def test_all_damaged_returns_none(saved):
   path, ck, ap, ao = saved
   for step in ck.all_steps():

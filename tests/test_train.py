@@ -337,6 +337,28 @@ def test_corrupt_or_truncated_phase_2_shard_is_one_line_before_training(prepared
     assert not rows(workdir)   # refused at set-up, not when phase 2 begins
 
 
+def _file_bytes(root):
+  return {str(f.relative_to(root)): f.read_bytes() for f in pathlib.Path(root).rglob("*")
+          if f.is_file()}
+
+
+def test_resume_with_another_model_is_refused_and_checkpoints_stay_byte_identical(
+    prepared, reference, tmp_path, capsys):
+  """It used to warn "config differs (changed: model); continuing", call every good
+  checkpoint "incomplete or corrupt", rename it N.corrupt-*, and restart at step 0."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(TOTAL))   # mid-run: there is work to resume
+  before = _file_bytes(workdir)
+  code = train.main(run_args(prepared, workdir, "--config.model.preset=mini"))
+  assert code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: --workdir {workdir}: its checkpoints were written for another "
+                        "model (changed: hidden_size 128 -> 256, num_hidden_layers 2 -> 4") and \
+      "\n" not in err, err
+  assert _file_bytes(workdir) == before   # nothing renamed, no config rewritten
+
+
 def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
   workdir = reference[0]
   before = sorted(os.listdir(workdir / "checkpoints"))
