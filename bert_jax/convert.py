@@ -24,6 +24,8 @@ from bert_jax.fileio import check_writable, is_remote, new_directory, resolved, 
 from bert_jax.tokenizer import find_lower_case, find_vocab, write_tokenizer_files
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+FINETUNE_INFO = "finetune.json"  # beside a fine-tune's best/ params: its task and head
+HF_HEAD_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")  # of config.json
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -278,11 +280,19 @@ def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
   if vocab is None:
     print(f"warning: {ckpt_dir}: no vocab.txt found; writing weights without tokenizer files",
           file=sys.stderr)
+  lower_case = find_lower_case(params_dir.parent, vocab)
+  finetuned = params_dir.parent / FINETUNE_INFO
+  if finetuned.is_file():  # a fine-tune's best/: exported with its task head
+    info = json.loads(finetuned.read_text(encoding="utf-8"))
+    write_hf_dir(hf_dir, config, params, vocab_path=vocab, lower_case=lower_case,
+                 architectures=(info["architecture"],), force=force,
+                 extra_config={k: info[k] for k in HF_HEAD_FIELDS if k in info})
+    return params_dir
   if "cls" not in params:
-    raise UserError(f"{params_dir}: has no pretraining heads (cls); expected a pretraining "
-                    "checkpoint (fine-tuned models are exported by bert_jax.finetune --export-hf)")
+    raise UserError(f"{params_dir}: has no pretraining heads (cls) and no {FINETUNE_INFO}; "
+                    "expected a pretraining checkpoint or a fine-tuning run's best/")
   write_hf_dir(hf_dir, config, {"bert": params["bert"], "cls": params["cls"]}, vocab_path=vocab,
-               lower_case=find_lower_case(params_dir.parent, vocab), force=force)
+               lower_case=lower_case, force=force)
   return params_dir
 
 
@@ -296,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("hf_dir")
   p.add_argument("ckpt_dir")
   p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
-  p = sub.add_parser("to-hf", help="a bert-jax checkpoint or pretraining workdir -> Hugging Face")
+  p = sub.add_parser("to-hf", help="a bert-jax checkpoint, pretraining workdir or fine-tuning "
+                     "run's OUTPUT_DIR/best (with its task head) -> Hugging Face")
   p.add_argument("ckpt_dir")
   p.add_argument("hf_dir")
   p.add_argument("--force", action="store_true", help="replace an existing output directory")

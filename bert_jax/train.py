@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 import warnings
@@ -33,33 +32,13 @@ from bert_jax.fileio import as_path, check_writable
 from bert_jax.lock import DirLock
 from bert_jax.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.phases import Phase, phase_at
+from bert_jax.preemption import Preemption
 from bert_jax.run_config import parse_args, resolve_config_and_phases
 from bert_jax.steps import (create_train_state, jit_eval_step, make_eval_step, phase_train_step,
                             pretraining_loss)
 from bert_jax.workdir import RunPlan, load_init_params, prepare_workdir
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
-
-
-class Preemption:
-  """SIGTERM sets a flag; the loop finishes its step, saves and exits. On several hosts the
-  JAX preemption sync point (through orbax) makes every host stop at the same step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self) -> None:
-    def handler(signum, frame):
-      del frame
-      self.requested = True
-      print(f"received signal {signum}: saving a checkpoint after this step", flush=True)
-    self._previous = signal.signal(signal.SIGTERM, handler)
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
 
 
 def _mesh_peak_flops() -> float | None:

@@ -120,6 +120,99 @@ def test_token_task_and_export(tmp_path, vocab):
 
 
 @pytest.mark.slow  # about a minute on a busy 2-core CPU
+def test_to_hf_exports_a_finetuned_best_with_its_head(tmp_path, vocab):
+  """A fine-tune's best/ used to be refused by to-hf ("a fine-tuned checkpoint"), so an export
+  forgotten or cut short by a kill could only be had by training again."""
+  from safetensors.numpy import load_file
+
+  from bert_jax.convert import main as convert_main
+  (tmp_path / "train.conll").write_text(CONLL_TRAIN)
+  out, hf_dir, later = tmp_path / "out", tmp_path / "hf", tmp_path / "later"
+  assert main(["--task", "token", "--vocab", vocab, "--train-file", str(tmp_path / "train.conll"),
+               "--validation-file", str(tmp_path / "train.conll"), "--output-dir", str(out),
+               "--export-hf", str(hf_dir), *TINY]) == 0
+  assert convert_main(["to-hf", str(out / "best"), str(later)]) == 0
+  assert json.loads((later / "config.json").read_text()) == \
+      json.loads((hf_dir / "config.json").read_text())
+  a, b = load_file(str(hf_dir / "model.safetensors")), load_file(str(later / "model.safetensors"))
+  assert a.keys() == b.keys() and "classifier.weight" in a
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert (later / "vocab.txt").read_bytes() == (hf_dir / "vocab.txt").read_bytes()
+
+
+def test_export_hf_location_is_checked_before_any_training(tmp_path, vocab, capsys):
+  """--export-hf equal to --output-dir used to be refused only after training."""
+  (tmp_path / "train.conll").write_text(CONLL_TRAIN)
+  out = tmp_path / "out"
+  common = ["--task", "token", "--vocab", vocab, "--train-file", str(tmp_path / "train.conll"),
+            "--validation-file", str(tmp_path / "train.conll"), "--output-dir", str(out), *TINY]
+  for export, where in ((out, "is"), (out / "hf", "is inside"), (tmp_path, "contains")):
+    assert main([*common, "--export-hf", str(export)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --export-hf {export}: {where} --output-dir {out}; expected a "
+                   "directory of its own"), err
+  assert not out.exists()
+
+
+def _sigterm_at_call(monkeypatch, n):
+  """The process sends itself SIGTERM during its `n`-th train step (as a preemption would)."""
+  import os
+  import signal
+
+  from bert_jax import steps
+  make, calls = steps.jit_train_step, {"n": 0}
+
+  def with_signal(*args, **kwargs):
+    fn = make(*args, **kwargs)
+
+    def step(*a):
+      calls["n"] += 1
+      if calls["n"] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return fn(*a)
+    return step
+  monkeypatch.setattr(steps, "jit_train_step", with_signal)
+
+
+def _tree_bytes(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_sigterm_marks_the_output_incomplete_and_a_finished_one_is_never_overwritten(
+    tmp_path, vocab, monkeypatch, capsys):
+  """SIGTERM used to leave the files of a finished run; and a rerun on a finished --output-dir
+  replaced its model, metrics and predictions without a word."""
+  from bert_jax.finetune.outputs import EXIT_STOPPED
+  (tmp_path / "train.conll").write_text(CONLL_TRAIN)
+  out, hf_dir = tmp_path / "out", tmp_path / "hf"
+  base = ["--task", "token", "--vocab", vocab, "--train-file", str(tmp_path / "train.conll"),
+          "--validation-file", str(tmp_path / "train.conll"), "--output-dir", str(out), *TINY,
+          "--epochs", "2", "--eval-every", "1"]
+  args = [*base, "--export-hf", str(hf_dir)]
+  with monkeypatch.context() as m:
+    _sigterm_at_call(m, 2)
+    assert main(args) == EXIT_STOPPED
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert (metrics["status"], metrics["stopped_at_step"], metrics["total_steps"]) == \
+      ("incomplete", 2, 6)
+  assert (out / "best" / "params").is_dir() and not hf_dir.exists()   # the best so far; no export
+  assert "stopped at step 2 of 6" in capsys.readouterr().err
+  # The same command again replaces the stopped run's output and finishes it.
+  assert main(args) == 0
+  assert "replacing an incomplete run (stopped at step 2 of 6)" in capsys.readouterr().err
+  assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+  assert (hf_dir / "model.safetensors").is_file()
+  # Once more: the finished output is refused and left byte for byte as it was.
+  finished = _tree_bytes(out)
+  other_hf = tmp_path / "hf2"
+  assert main([*base, "--export-hf", str(other_hf)]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: --output-dir {out}: holds a finished fine-tuning run (metrics.json, best/, "
+      "predictions); give --overwrite-output-dir to replace it, or choose another --output-dir")
+  assert _tree_bytes(out) == finished and not other_hf.exists()
+
+
 def test_qa_task_and_export(shared_data, tmp_path):
   data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text("utf-8"))
   small = {"version": "v1", "data": data["data"][:2]}

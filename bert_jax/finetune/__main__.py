@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--train-file", required=True)
   p.add_argument("--validation-file", required=True)
   p.add_argument("--output-dir", required=True)
+  p.add_argument("--overwrite-output-dir", action="store_true",
+                 help="replace the results of a finished run in --output-dir (refused "
+                      "without it; an incomplete run's are replaced anyway)")
   p.add_argument("--export-hf", metavar="DIR",
-                 help="also write the best model as a transformers directory")
+                 help="also write the best model as a transformers directory (later: "
+                      "bert-jax-convert to-hf OUTPUT_DIR/best DIR)")
   p.add_argument("--epochs", type=positive(int), default=3)
   p.add_argument("--batch-size", type=positive(int), default=32, help="rows per micro-step")
   p.add_argument("--eval-batch-size", type=positive(int), default=128)
@@ -104,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     raise UserError(f"--warmup-ratio {opts.warmup_ratio}: expected a value in [0, 1)")
   if opts.smallest_bucket > opts.max_seq_length:
     opts.smallest_bucket = opts.max_seq_length
+  from bert_jax.finetune.outputs import EXIT_STOPPED, INCOMPLETE
   from bert_jax.finetune.trainer import finetune
   best = finetune(opts)
   shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}
   print(json.dumps(shown))
-  return 0
+  return EXIT_STOPPED if best["status"] == INCOMPLETE else 0
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ import numpy as np
 
 from bert_jax import sharding, steps, xla_cache
 from bert_jax import state as state_lib
+from bert_jax.convert import FINETUNE_INFO
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
-from bert_jax.finetune import packing
+from bert_jax.finetune import outputs, packing
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
 from bert_jax.lock import DirLock
 from bert_jax.model import Packed
 from bert_jax.optim import finetune_optimizer
+from bert_jax.preemption import Preemption
 from bert_jax.steps import Loss
 
 SORT_WINDOW_BATCHES = 50
@@ -292,7 +294,8 @@ class Runner:
     accum = o.gradient_accumulation
     micro_per_epoch = -(-len(self.train_feats) // o.batch_size)
     updates_per_epoch = -(-micro_per_epoch // accum)
-    state = self._build(updates_per_epoch * o.epochs)
+    self.total_updates = updates_per_epoch * o.epochs
+    state = self._build(self.total_updates)
     base_rng = jax.random.PRNGKey(o.seed + 1)
     keys = tuple(k for k in self.train_feats.arrays)
     epochs = self._epochs(np.random.default_rng(o.seed))
@@ -302,21 +305,25 @@ class Runner:
     bar = tqdm(total=updates_per_epoch * o.epochs, desc=f"fine-tune {o.task}", unit="step",
                mininterval=1.0, disable=o.quiet or not self.is_writer, file=sys.stderr)
     t0 = time.perf_counter()
-    for epoch in range(o.epochs):
-      micros = epochs[epoch]
-      for first in range(0, len(micros), accum):
-        batch = self._put(self._step_batch(micros[first:first + accum], keys))
-        state, metrics = self.train_step(state, batch, base_rng)
-        self.losses.append(metrics["loss"])  # device scalars: fetched at the next evaluation
-        update += 1
-        bar.update(1)
-        if update % 20 == 0:
-          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", epoch=epoch + 1)
-        if o.eval_every and update % o.eval_every == 0:
+    with Preemption() as stop:
+      for epoch in range(o.epochs):
+        micros = epochs[epoch]
+        for first in range(0, len(micros), accum):
+          batch = self._put(self._step_batch(micros[first:first + accum], keys))
+          state, metrics = self.train_step(state, batch, base_rng)
+          self.losses.append(metrics["loss"])  # device scalars: fetched at the next evaluation
+          update += 1
+          bar.update(1)
+          if update % 20 == 0:
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", epoch=epoch + 1)
+          if o.eval_every and update % o.eval_every == 0:
+            t0 = self._timed_eval(state, epoch, update, t0)
+          if stop.requested:  # SIGTERM: the best so far stays; marked incomplete, no export
+            bar.close()
+            return self._finish(stopped_at=update)
+        # Without --eval-every: after every epoch; with it: also once at the very end.
+        if not o.eval_every or (epoch == o.epochs - 1 and update % o.eval_every):
           t0 = self._timed_eval(state, epoch, update, t0)
-      # Without --eval-every: after every epoch; with it: also once at the very end.
-      if not o.eval_every or (epoch == o.epochs - 1 and update % o.eval_every):
-        t0 = self._timed_eval(state, epoch, update, t0)
     bar.close()
     return self._finish()
 
@@ -359,33 +366,43 @@ class Runner:
     write_checkpoint(tmp, self.config, self.best_params, vocab_path=self.vocab,
                      lower_case=self.tokenizer.lower_case)
     info = {**self.task.finetune_info(), "max_seq_length": o.max_seq_length, **self.best}
-    write_json_atomic(tmp / "finetune.json", info, ensure_ascii=False, sort_keys=False)
+    write_json_atomic(tmp / FINETUNE_INFO, info, ensure_ascii=False, sort_keys=False)
     old = d / ".best.old"
     shutil.rmtree(old, ignore_errors=True)
     if (d / "best").exists():
       os.rename(d / "best", old)
     os.rename(tmp, d / "best")
     shutil.rmtree(old, ignore_errors=True)
-    self._write_metrics()
+    self._write_metrics(stopped_at=self.best["step"])
 
-  def _write_metrics(self) -> None:
-    metrics = {**self.best, "train_seconds": round(self.train_seconds, 2),
+  def _write_metrics(self, stopped_at: int | None = None) -> None:
+    """metrics.json; `stopped_at`: the step of a run that has not finished (yet)."""
+    status = ({"status": outputs.COMPLETE} if stopped_at is None else
+              {"status": outputs.INCOMPLETE, "stopped_at_step": stopped_at})
+    metrics = {**status, "total_steps": self.total_updates, **(self.best or {}),
+               "train_seconds": round(self.train_seconds, 2),
                "eval_seconds": round(self.eval_seconds, 2), "history": self.history}
-    write_json_atomic(pathlib.Path(self.opts.output_dir) / "metrics.json", metrics,
+    pathlib.Path(self.opts.output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(pathlib.Path(self.opts.output_dir) / outputs.METRICS, metrics,
                       ensure_ascii=False, sort_keys=False)
 
-  def _finish(self) -> dict[str, Any]:
+  def _finish(self, stopped_at: int | None = None) -> dict[str, Any]:
     from bert_jax import convert
     o = self.opts
+    status = {"status": outputs.COMPLETE if stopped_at is None else outputs.INCOMPLETE}
     if not self.is_writer:
-      return dict(self.best)
-    self._write_metrics()
-    if o.export_hf:
+      return {**(self.best or {}), **status}
+    self._write_metrics(stopped_at)
+    if stopped_at is not None:
+      print(f"stopped at step {stopped_at} of {self.total_updates}: {o.output_dir} holds the "
+            "best evaluation so far, marked incomplete in metrics.json", file=sys.stderr)
+    elif o.export_hf:
       convert.write_hf_dir(o.export_hf, self.config, self.best_params, vocab_path=self.vocab,
                            lower_case=self.tokenizer.lower_case,
                            architectures=(self.task.architecture,),
                            extra_config=self.task.hf_config())
-    return {**self.best, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
+    return {**(self.best or {}), **status, "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds}
 
 
 def _pad_last(x: np.ndarray, length: int, fill: float) -> np.ndarray:
@@ -400,10 +417,8 @@ def finetune(opts) -> dict[str, Any]:
   xla_cache.enable(opts.compilation_cache)
   check_writable(opts.output_dir, "--output-dir")
   if opts.export_hf:
-    check_writable(opts.export_hf, "--export-hf")
-    p = pathlib.Path(opts.export_hf)
-    if p.exists() and (not p.is_dir() or any(p.iterdir())):
-      raise UserError(f"--export-hf {p}: already exists and is not empty")
+    outputs.check_export_hf(opts.export_hf, opts.output_dir)
+  outputs.check_output_dir(opts.output_dir, opts.overwrite_output_dir)
   if jax.process_index() != 0:
     return Runner(opts).run()
   with DirLock(opts.output_dir, "--output-dir"):
