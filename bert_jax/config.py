@@ -36,11 +36,15 @@ class BertConfig:
   dtype: str = "float32"        # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"  # master weights
   remat: bool = False           # rematerialise each encoder layer in the backward pass
+  attention: str = "auto"       # auto | xla | pallas | splash (bert_jax.attention)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
       raise UserError(f"hidden_size {self.hidden_size} is not divisible by "
                       f"num_attention_heads {self.num_attention_heads}")
+    if self.attention not in ATTENTIONS:
+      raise UserError(f"attention {self.attention!r} is not supported; expected one of "
+                      f"{', '.join(ATTENTIONS)}")
     if self.hidden_act not in ACTIVATIONS:
       raise UserError(f"hidden_act {self.hidden_act!r} is not supported; expected one of "
                       f"{', '.join(ACTIVATIONS)}")
@@ -70,6 +74,8 @@ class BertConfig:
       raise UserError(f"{source}: {e}") from None
 
 
+# auto: fused where the platform has a kernel (bert_jax.attention.choose); xla: never fused.
+ATTENTIONS = ("auto", "xla", "pallas", "splash")
 # gelu is BERT's exact erf GELU; gelu_new/gelu_pytorch_tanh the tanh approximation.
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "tanh")
 

@@ -57,6 +57,16 @@ def _counters(shape: tuple[int, ...]):
   return within, jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
 
 
+def keep_threshold(rate: float) -> int:
+  """Kept when a 16-bit draw is below this: keep probability round((1 - rate) * 2**16) / 2**16."""
+  return round((1.0 - rate) * 65536)
+
+
+def key_words_of(key: jax.Array) -> jax.Array:
+  """The two uint32 Threefry key words a dropout key stands for."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.Array, float]:
   """(boolean mask of the kept elements, the scale of kept values) for inverted dropout at
   `rate` (0 < rate < 1). The keep probability is round((1 - rate) * 2**16) / 2**16 (within 8e-6
@@ -65,10 +75,10 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[jax.
   if len(shape) < 2:
     mask, scale = keep_mask(key, (1, math.prod(shape)), rate)
     return mask.reshape(shape), scale
-  threshold = round((1.0 - rate) * 65536)
+  threshold = keep_threshold(rate)
   last = shape[-1]
   counter_shape = shape[:-1] + (-(-last // 4),)
-  key_words = jax.random.bits(key, (2,), jnp.uint32)
+  key_words = key_words_of(key)
   # Hash once per counter into two word arrays. On XLA CPU a barrier keeps the hash from being
   # fused into each of the four compares below (computed four times, four large kernels to
   # compile); other compilers fuse as they see fit. The bits are the same either way.

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax import dropout, ops
+from bert_jax import attention, dropout, ops
+from bert_jax.attention import Segments
 from bert_jax.config import BertConfig
 
 ACT_FNS = {
@@ -74,7 +75,11 @@ class Dropout(nn.Module):
 
   def keep_mask(self, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
     """(boolean mask of the kept elements, the scale of kept values); needs 0 < rate < 1."""
-    return dropout.keep_mask(self.make_rng("dropout"), shape, self.rate)
+    return dropout.keep_mask(self.key(), shape, self.rate)
+
+  def key(self) -> jax.Array:
+    """This dropout's key (what a fused kernel that drops inside itself is given)."""
+    return self.make_rng("dropout")
 
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
@@ -109,10 +114,9 @@ class Packed(NamedTuple):
   rows: jax.Array  # [Q]
   starts: jax.Array  # [Q]
 
-  def attention_mask(self):
-    """[R, 1, P, P]: token t attends to s when both belong to one sequence."""
-    ids_RP = self.sequence_ids
-    return ((ids_RP[:, :, None] == ids_RP[:, None, :]) & (ids_RP[:, None, :] > 0))[:, None]
+  def segments(self) -> Segments:
+    """Token t attends to s when both belong to one sequence."""
+    return Segments(self.sequence_ids, self.sequence_ids)
 
   def queries(self, x_RP):
     return x_RP[self.rows, self.starts][:, None]
@@ -132,7 +136,10 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids_BT, token_type_ids_BT, position_ids_BT=None):
     c = self.config
-    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.dtype,
+    # Looked up in the parameter dtype and summed there: the tables' gradients (scatter-adds,
+    # the token-type table's over every position into 2 rows) stay float32. LayerNorm then
+    # casts to the compute dtype.
+    embed = functools.partial(nn.Embed, features=c.hidden_size, dtype=c.param_dtype,
                               param_dtype=c.param_dtype)
     word = embed(c.vocab_size, embedding_init=kernel_init(c, ("vocab", "embed")),
                  name="word_embeddings")
@@ -178,7 +185,7 @@ class BertSelfAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, readout=None):
+  def __call__(self, x_BTE, segments: Segments, readout=None):
     c = self.config
     kernels, biases = zip(*(
         Projection(c, (c.num_attention_heads, c.head_dim), ("embed", "heads", "kv"),
@@ -189,17 +196,21 @@ class BertSelfAttention(nn.Module):
                              jnp.stack(biases, 0))
     # One split (its gradient is one concatenate) rather than three slices (three pads and adds).
     q_BTNH, k_BSNH, v_BSNH = (x[:, :, 0] for x in jnp.split(qkv_BT3NH, 3, axis=2))
-    if readout is not None:
-      q_BTNH, k_BSNH, v_BSNH = readout.queries(q_BTNH), readout.keys(k_BSNH), readout.keys(v_BSNH)
-      mask_B11S = readout.key_mask(mask_B11S)
     rate = c.attention_probs_dropout_prob
-    if self.deterministic or rate == 0.0:
+    training = not self.deterministic and rate > 0.0
+    if training and rate >= 1.0:
+      return jnp.zeros_like(readout.queries(q_BTNH) if readout is not None else q_BTNH)
+    # BERT drops attention probabilities; the fused kernels do it inside themselves.
+    key = Dropout(rate).key() if training else None
+    if readout is None:
+      return attention.attend(q_BTNH, k_BSNH, v_BSNH, segments, rate=rate, key=key,
+                              implementation=c.attention)
+    q_BTNH, k_BSNH, v_BSNH = readout.queries(q_BTNH), readout.keys(k_BSNH), readout.keys(v_BSNH)
+    mask_B11S = readout.key_mask(segments.mask())
+    if key is None:
       return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S)
-    if rate >= 1.0:
-      return jnp.zeros_like(q_BTNH)
-    # jax.nn.dot_product_attention has no dropout on the probabilities; BERT trains with it.
     b, t, n, _ = q_BTNH.shape
-    keep_BNTS, keep_scale = Dropout(rate).keep_mask((b, n, t, k_BSNH.shape[1]))
+    keep_BNTS, keep_scale = dropout.keep_mask(key, (b, n, t, k_BSNH.shape[1]), rate)
     return ops.dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_scale)
 
 
@@ -208,9 +219,9 @@ class BertAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, readout=None):
+  def __call__(self, x_BTE, segments: Segments, readout=None):
     c = self.config
-    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, mask_B11S, readout)
+    ctx_BTNH = BertSelfAttention(c, self.deterministic, name="self")(x_BTE, segments, readout)
     residual_BTE = x_BTE if readout is None else readout.queries(x_BTE)
     return BertResidualOutput(c, ("heads", "kv"), self.deterministic, name="output")(
         ctx_BTNH, residual_BTE)
@@ -247,11 +258,11 @@ class BertLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, readout=None):
+  def __call__(self, x_BTE, segments: Segments, readout=None):
     """readout (FirstPositions, Packed): the output at its query positions only ([Q, 1, E];
     keys and values still from every position of their rows)."""
     c = self.config
-    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, mask_B11S, readout)
+    x_BTE = BertAttention(c, self.deterministic, name="attention")(x_BTE, segments, readout)
     h_BTF = BertIntermediate(c, name="intermediate")(x_BTE)
     x_BTE = BertResidualOutput(c, ("mlp",), self.deterministic, name="output")(h_BTF, x_BTE)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
@@ -263,13 +274,13 @@ class BertEncoder(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTE, mask_B11S, readout=None):
+  def __call__(self, x_BTE, segments: Segments, readout=None):
     c = self.config
     layer_cls = nn.remat(BertLayer) if c.remat else BertLayer
     last = c.num_hidden_layers - 1
     for i in range(c.num_hidden_layers):
       x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(
-          x_BTE, mask_B11S, readout if i == last else None)
+          x_BTE, segments, readout if i == last else None)
     return x_BTE
 
 
@@ -302,15 +313,16 @@ class BertModel(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     input_ids = nn.with_logical_constraint(input_ids, ("batch", "length"))
     if packed is not None:
-      mask_B1TS, readout = packed.attention_mask(), packed
+      segments, readout = packed.segments(), packed
     else:
       if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
-      mask_B1TS, readout = attention_mask[:, None, None, :].astype(bool), FirstPositions()
+      segments = Segments(None, (attention_mask != 0).astype(jnp.int32))
+      readout = FirstPositions()
     x_BTE = BertEmbeddings(c, deterministic, name="embeddings")(
         input_ids, token_type_ids, None if packed is None else packed.position_ids)
     x_BTE = BertEncoder(c, deterministic, name="encoder")(
-        x_BTE, mask_B1TS, readout if self.pooled_only else None)
+        x_BTE, segments, readout if self.pooled_only else None)
     first_BTE = x_BTE if self.pooled_only else readout.queries(x_BTE)
     pooled_BE = BertPooler(c, name="pooler")(first_BTE) if self.add_pooling_layer else None
     return x_BTE, pooled_BE

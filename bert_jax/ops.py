@@ -223,11 +223,12 @@ def _dropout_attention_fwd(q_BTNH, k_BSNH, v_BSNH, mask_B11S, keep_BNTS, keep_sc
   probs_BNTS = _softmax_probs(q_BTNH, k_BSNH, mask_B11S)
   dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(v_BSNH.dtype)
   out_BTNH = _einsum("bnts,bsnh->btnh", dropped_BNTS, v_BSNH)
-  return out_BTNH, (q_BTNH, k_BSNH, v_BSNH, probs_BNTS.astype(v_BSNH.dtype), keep_BNTS)
+  return out_BTNH, (q_BTNH, k_BSNH, v_BSNH, mask_B11S, probs_BNTS.astype(v_BSNH.dtype),
+                    keep_BNTS)
 
 
 def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
-  q_BTNH, k_BSNH, v_BSNH, probs_BNTS, keep_BNTS = residuals
+  q_BTNH, k_BSNH, v_BSNH, mask_B11S, probs_BNTS, keep_BNTS = residuals
   dtype = v_BSNH.dtype
   dropped_BNTS = jnp.where(keep_BNTS, probs_BNTS * keep_scale, 0.0).astype(dtype)
   g_v = _einsum("bnts,btnh->bsnh", dropped_BNTS, g_BTNH.astype(dtype))
@@ -237,7 +238,10 @@ def _dropout_attention_bwd(keep_scale, residuals, g_BTNH):
   probs_f32 = probs_BNTS.astype(jnp.float32)
   g_logits_BNTS = probs_f32 * (g_probs_BNTS
                                - jnp.sum(g_probs_BNTS * probs_f32, -1, keepdims=True))
-  g_logits_BNTS = (g_logits_BNTS / np.sqrt(q_BTNH.shape[-1])).astype(dtype)
+  # Masked logits are constants: no gradient, also where a query sees no key at all (its
+  # probabilities are uniform, not zero).
+  g_logits_BNTS = jnp.where(mask_B11S, g_logits_BNTS / np.sqrt(q_BTNH.shape[-1]), 0.0)
+  g_logits_BNTS = g_logits_BNTS.astype(dtype)
   g_q = _einsum("bnts,bsnh->btnh", g_logits_BNTS, k_BSNH)
   g_k = _einsum("bnts,btnh->bsnh", g_logits_BNTS, q_BTNH)
   return (g_q.astype(q_BTNH.dtype), g_k.astype(k_BSNH.dtype), g_v.astype(dtype), None, None)

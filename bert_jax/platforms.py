@@ -3,6 +3,7 @@
 - `default_platform()`: the platform jax will train on here ("cpu", "tpu" or "gpu"): the first
   entry of JAX_PLATFORMS when set, else an accelerator whose chips are on this host's PCI bus
   *and* whose jax plugin is installed, else the CPU.
+- `compute_dtype("auto", device)`: bfloat16 where the device has bfloat16 matrix units.
 - `skip_absent_tpu()`: with libtpu installed (the `tpu` extra, for `bert-jax plan`) but no TPU
   on this host, jax would still try libtpu for its default backend, print five lines of errors
   and fall back to the CPU; this makes it start on the CPU directly.
@@ -71,3 +72,51 @@ def skip_absent_tpu() -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; inherited by subprocesses
   if "jax" in sys.modules:  # imported already: its config has read the environment
     sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+# ----------------------------------------------------------------------------- precision
+
+_CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+  """The first processor's feature flags (Linux); empty where unreadable."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.partition(":")[2].split())
+  except OSError:
+    pass
+  return set()
+
+
+def has_bfloat16_units(device) -> bool:
+  """Whether `device` multiplies bfloat16 matrices in hardware: every TPU, NVIDIA GPUs from
+  Ampere on (compute capability 8.0), AMD's Instinct GPUs, CPUs with AMX or AVX-512 BF16."""
+  if device.platform == "tpu":
+    return True
+  if device.platform == "gpu":
+    capability = getattr(device, "compute_capability", None)
+    if capability is None:  # ROCm devices report none; their bfloat16 units are MI200 on
+      return True
+    return float(capability) >= 8.0
+  return bool(cpu_flags() & set(_CPU_BF16_FLAGS))
+
+
+def compute_dtype(name: str, device) -> str:
+  """`name` itself, or for "auto" bfloat16 where `device` has bfloat16 matrix units and
+  float32 elsewhere."""
+  if name != "auto":
+    return name
+  return "bfloat16" if has_bfloat16_units(device) else "float32"
+
+
+def describe_dtype(name: str, device) -> str:
+  """One line for a run's log: the compute dtype and, for auto, why."""
+  chosen = compute_dtype(name, device)
+  if name != "auto":
+    return f"compute dtype {chosen}"
+  kind = getattr(device, "device_kind", device.platform)
+  has = "has" if chosen == "bfloat16" else "has no"
+  return f"compute dtype {chosen} (auto: {kind} {has} bfloat16 matrix units)"
