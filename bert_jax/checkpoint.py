@@ -26,9 +26,12 @@ resumed run's saves.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import math
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -190,6 +193,25 @@ def structure_mismatch(item_dir: epath.Path, abstract: Any) -> str | None:
   return "; ".join(parts)
 
 
+def disk_full_error(error: BaseException, path: epath.Path) -> UserError | None:
+  """A one-line UserError naming `path` and the free space there when `error`, or what it
+  was raised from, is a full disk or quota; None for any other error."""
+  seen: BaseException | None = error
+  while seen is not None:
+    if ((isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen)):
+      probe = pathlib.Path(path)
+      while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+      try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:,.0f} MiB free"
+      except OSError:
+        free = "free space unknown"
+      return UserError(f"{path}: no space left on device ({free} in {probe})")
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 # --------------------------------------------------------------------------------- training
 
 @dataclasses.dataclass
@@ -222,6 +244,28 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # leftovers of a save that was killed mid-way
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.failed_save: UserError | None = None
+
+  def _guarded(self, call: Callable[[], T], step: int | None = None) -> T:
+    """`call` (a save, or a wait for an async one), with a full disk as one UserError naming
+    the step's directory and the free space: the run stops at the failed save."""
+    try:
+      return call()
+    except Exception as e:
+      full = disk_full_error(e, self.directory / str(step) if step is not None
+                             else self.directory)
+      if full is None:
+        raise
+      # The run stops here; the failed save's other writes (orbax threads) fail too and would
+      # each log a traceback under the one line.
+      logging.getLogger("absl").setLevel(logging.CRITICAL)
+      drop_closed_loop_noise()
+      last = [s for s in self.all_steps() if s != step]
+      self.failed_save = UserError(
+          f"{full}: checkpoint not saved; the last complete one is "
+          f"{'step ' + str(last[-1]) if last else 'none'}. Free space (or lower "
+          "--config.checkpoint.keep_last) and rerun the same command to resume")
+      raise self.failed_save from None
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -245,12 +289,16 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return True  # already saved (e.g. the final step after a boundary save at the same step)
     meta = dict(meta, step=int(step), fingerprint=fingerprint)
-    self.manager.save(step, args=ocp.args.Composite(
+    self._guarded(lambda: self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta),
-        data=PyGrainCheckpointSave(_IteratorState(data_state))), force=True)
+        data=PyGrainCheckpointSave(_IteratorState(data_state))), force=True), step)
     return True
+
+  def check(self) -> None:
+    """Raises the failure of an async save that has ended (a full disk: one UserError)."""
+    self._guarded(self.manager.check_for_errors)
 
   def restore(self, abstract_params: Any, abstract_opt_state: Any,
               want_data: Callable[[dict], bool] = lambda meta: True) -> Restored | None:
@@ -320,11 +368,16 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._guarded(self.manager.wait_until_finished)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    reported = self.failed_save is not None
+    try:
+      self.wait()
+      self.manager.close()
+    except Exception:
+      if not reported:  # else the failed save was reported: one line is enough
+        raise
 
 
 def abstract_like(tree: Any) -> Any:

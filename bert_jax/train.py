@@ -140,6 +140,7 @@ class Trainer:
 
   def _after_step(self, phase: Phase, step: int, total: int) -> int | None:
     """The events due after `step`, in order; an exit code when the run ends here."""
+    self.ckpt.check()  # an async save that failed (a full disk) stops the run here
     cfg, every_checkpoint = self.cfg, int(self.cfg.checkpoint.every_steps)
     phase_end = step == phase.end_step
     log_due, eval_due = _every(cfg.log_every, step), _every(cfg.eval_every, step)

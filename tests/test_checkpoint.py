@@ -145,6 +145,36 @@ def test_a_step_written_for_another_model_or_optimizer_is_refused_not_set_aside(
   ck.close()
 
 
+def _disk_full_from_save(monkeypatch, after: int = 0):
+  """The meta item's writer raises ENOSPC from its (`after` + 1)-th save on."""
+  import errno
+
+  import orbax.checkpoint as ocp
+  real, calls = ocp.JsonCheckpointHandler.async_save, {"n": 0}
+
+  async def full(self, directory, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] > after:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await real(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", full)
+
+
+def test_a_full_disk_is_one_user_error_naming_the_step_and_free_space(saved, monkeypatch):
+  """It used to be 872 lines of tracebacks, exit 1, and two more steps of training."""
+  path, ck, ap, ao = saved
+  _disk_full_from_save(monkeypatch)
+  p = tree(10.0)
+  with pytest.raises(UserError) as e:
+    ck.save(10, params=p, opt_state=optax.adam(1e-3).init(p), meta={})
+  message = str(e.value)
+  assert message.startswith(f"{path / 'checkpoints' / '10'}: no space left on device (")
+  assert " MiB free in " in message and "the last complete one is step 8" in message
+  assert "\n" not in message
+  ck.close()   # the failure was reported once: closing adds nothing
+  assert ck.all_steps() == [2, 4, 6, 8]
+
+
 def test_all_damaged_returns_none(saved):
   path, ck, ap, ao = saved
   for step in ck.all_steps():

@@ -359,6 +359,20 @@ def test_resume_with_another_model_is_refused_and_checkpoints_stay_byte_identica
   assert _file_bytes(workdir) == before   # nothing renamed, no config rewritten
 
 
+def test_full_disk_at_a_checkpoint_stops_there_with_one_line(prepared, tmp_path, monkeypatch,
+                                                            capsys):
+  from test_checkpoint import _disk_full_from_save
+  _disk_full_from_save(monkeypatch, after=1)   # step 4 saves, step 8 finds the disk full
+  code = train.main(run_args(prepared, tmp_path))
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      f"error: {tmp_path / 'checkpoints' / '8'}: no space left on device ("), err
+  assert "the last complete one is step 4" in err[0]
+  assert max(r["step"] for r in rows(tmp_path)) == 8   # no step after the failed save
+  assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["4"]
+
+
 def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
   workdir = reference[0]
   before = sorted(os.listdir(workdir / "checkpoints"))

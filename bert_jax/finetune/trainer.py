@@ -355,6 +355,16 @@ class Runner:
     return t2
 
   def _save_best(self, out) -> None:
+    from bert_jax.checkpoint import disk_full_error
+    try:
+      self._write_best(out)
+    except Exception as e:
+      full = disk_full_error(e, pathlib.Path(self.opts.output_dir))
+      if full is None:
+        raise
+      raise UserError(f"{full}: the best model so far was not saved") from None
+
+  def _write_best(self, out) -> None:
     from bert_jax.checkpoint import write_checkpoint
     o = self.opts
     d = pathlib.Path(o.output_dir)
