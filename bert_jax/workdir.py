@@ -263,6 +263,13 @@ def read_manifests(phases: Sequence[Phase], data_dirs: Sequence[str]) -> list[di
     man = manifest(data_dir)
     check_fits(man, phase.seq_len, phase.max_predictions,
                where=f"phase {phase.index + 1} data {data_dir}")
+    # The pipeline pads shorter data, but a phase's longer positions would never be trained.
+    if man["max_seq_length"] < phase.seq_len:
+      raise UserError(f"--config.phases.{phase.index}.data={data_dir}: instances were created "
+                      f"with --max-seq-length {man['max_seq_length']}, shorter than this "
+                      f"phase's seq_len {phase.seq_len} (positions {man['max_seq_length']}-"
+                      f"{phase.seq_len - 1} would never be trained); run create-data with "
+                      f"--max-seq-length {phase.seq_len}")
     manifests.append(man)
   return manifests
 
