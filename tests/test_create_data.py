@@ -244,6 +244,25 @@ def test_cli_bad_inputs(tmp_path, capsys, vocab):
   _assert_one_line_error(code, err, "--max-predictions-per-seq")
 
 
+def test_degenerate_inputs_are_one_line_and_leave_nothing(tmp_path, capsys, vocab):
+  """A vocab of special tokens only ended in a worker's traceback ("high <= 0"); an eval
+  fraction that took every document blamed the vocab and left a finished-looking eval shard."""
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("The cat sat. It purred.\nThen it slept.\n\nA dog ran. It barked.\n")
+  specials = tmp_path / "specials.txt"
+  specials.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+  out = tmp_path / "out"
+  code, err = _cli(["--input", str(corpus), "--vocab", str(specials), "--output", str(out)],
+                   capsys)
+  _assert_one_line_error(code, err, f"--vocab {specials}", "all special tokens")
+  assert not out.exists()
+  code, err = _cli(["--input", str(corpus), "--vocab", vocab, "--output", str(out),
+                    "--eval-fraction", "0.999"], capsys)
+  _assert_one_line_error(code, err, "--eval-fraction 0.999: all 2 documents went to the eval "
+                         "split, none to training")
+  assert not out.exists()
+
+
 def test_cli_unknown_tfds_dataset(tmp_path, capsys, vocab):
   code, err = _cli(["--input", "tfds:no_such_dataset_xyz", "--vocab", vocab, "--output",
                     str(tmp_path / "o")], capsys)

@@ -223,6 +223,16 @@ def test_choice_json_variants_and_errors(tmp_path, tok):
     tasks.read_choice(write(tmp_path, "bad.csv", "sent1,label\na,0\n"))
 
 
+def test_blank_choice_candidates_are_refused(tmp_path):
+  """A blank candidate (a shifted column, a lost field) used to be trained as a choice."""
+  swag = SWAG.replace(",eat.,", ",,")
+  with pytest.raises(UserError, match=r"swag\.csv:2: candidate ending2 is blank"):
+    tasks.read_choice(write(tmp_path, "swag.csv", swag))
+  bad = [{"question": "q", "candidates": ["a", "  "], "gold": 0}]
+  with pytest.raises(UserError, match="record 1: candidate 1 is blank"):
+    tasks.read_choice(write(tmp_path, "blank.json", json.dumps(bad)))
+
+
 # -- batching --------------------------------------------------------------------------------
 
 def test_length_buckets_and_batches():

@@ -286,6 +286,15 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def _no_training_data(inputs, eval_fraction: float, eval_documents: int) -> UserError:
+  if eval_documents:
+    return UserError(f"--eval-fraction {eval_fraction}: all {eval_documents} documents went to "
+                     "the eval split, none to training; lower --eval-fraction or give more "
+                     "documents")
+  return UserError(f"--input {', '.join(map(str, _as_list(inputs)))}: produced no instances "
+                   "(no text that the vocab tokenises)")
+
+
 def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predictions_per_seq=20,
                 masked_lm_prob=0.15, dupe_factor=10, short_seq_prob=0.1, seed=12345,
                 whole_word_mask=False, workers=None, lower_case=None, input_format="auto",
@@ -304,6 +313,11 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
   output_dir = os.fspath(output_dir)
   check_writable(output_dir, "--output")
   tok = load_tokenizer(vocab_path, lower_case)   # validates the vocab before any work
+  try:
+    masking.random_token_pool(tok.vocab_size, (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id,
+                                               tok.mask_id))
+  except UserError as e:
+    raise UserError(f"--vocab {vocab_path}: {e}") from None
   stats = CorpusStats()
   documents = iter_documents(inputs, input_format=input_format, text_field=text_field, stats=stats,
                              allow_replaced_bytes=allow_replaced_bytes)
@@ -328,21 +342,22 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
         bar.update(result.num_documents)
         bar.set_postfix(instances=sum(w.num_instances for w in writers.values()), refresh=False)
     shards = {split: w.finish() for split, w in writers.items()}
+    if writers["train"].num_instances == 0:
+      raise _no_training_data(inputs, eval_fraction, writers["eval"].num_documents)
   except BaseException:
     for w in writers.values():     # leave nothing behind that a rerun would have to explain
       for index, writer in enumerate(w.writers):
         writer.close()
         if os.path.exists(w._tmp_path(index)):
           os.remove(w._tmp_path(index))
+      for name in w.names:         # finished shards of a run refused at the end
+        os.remove(os.path.join(output_dir, name))
     if created_dir and not os.listdir(output_dir):
       os.rmdir(output_dir)
     raise
   finally:
     if bar is not None:
       bar.close()
-  if writers["train"].num_instances == 0:
-    raise UserError(f"--input {', '.join(map(str, _as_list(inputs)))}: produced no instances "
-                    "(no text that the vocab tokenises)")
   splits = {}
   for split, w in writers.items():
     if split == "train" or w.num_instances:

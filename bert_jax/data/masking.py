@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bert_jax.errors import UserError
+
 MASK_FRACTION = 0.8     # of chosen words: replaced by [MASK]
 RANDOM_FRACTION = 0.1   # of chosen words: replaced by random tokens; the rest stay unchanged
 
@@ -137,4 +139,8 @@ def random_token_pool(vocab_size: int, special_ids) -> np.ndarray:
   """Ids a 10%-random replacement is drawn from: the whole vocab except the special tokens."""
   keep = np.ones(vocab_size, dtype=bool)
   keep[np.asarray(list(special_ids), dtype=np.int64)] = False
-  return np.nonzero(keep)[0].astype(np.int32)
+  pool = np.nonzero(keep)[0].astype(np.int32)
+  if not len(pool):
+    raise UserError(f"the vocab has {vocab_size} entries, all special tokens ([PAD], [UNK], "
+                    "[CLS], [SEP], [MASK]); expected ordinary tokens to mask with")
+  return pool

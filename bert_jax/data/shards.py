@@ -24,6 +24,7 @@ class SplitWriter:
     self.output_dir, self.split, self.num_shards = output_dir, split, num_shards
     self.writers: list = []
     self.counts: list[int] = []
+    self.names: list[str] = []  # the finished shards' file names
     self.num_instances = self.num_documents = self.num_tokens = self.input_tokens = 0
     self.nsp = [0, 0, 0]
 
@@ -65,6 +66,7 @@ class SplitWriter:
       name = records.shard_name(self.split, new_index, len(kept))
       os.replace(self._tmp_path(old_index), os.path.join(self.output_dir, name))
       names.append(name)
+    self.names = names
     for old_index, count in enumerate(self.counts):
       if count == 0:
         os.remove(self._tmp_path(old_index))

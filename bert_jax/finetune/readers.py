@@ -290,6 +290,7 @@ def read_swag(path: str) -> list[ChoiceRecord]:
     label = (r.get("label") or "").strip()
     if not _is_int(label) or not 0 <= int(label) < len(endings):
       raise UserError(f"{path}:{line}: label {label!r}; expected 0..{len(endings) - 1}")
+    _refuse_blank(f"{path}:{line}", [r[e] for e in endings], endings)
     records.append(ChoiceRecord(
         str(r.get("fold-ind") or r.get("video-id") or i), [r["sent1"] or ""] * len(endings),
         [f"{r['sent2'] or ''} {r[e] or ''}".strip() for e in endings], int(label), line))
@@ -328,6 +329,7 @@ def read_choice_json(path: str) -> list[ChoiceRecord]:
                       "paragraphs: a non-empty list) and gold (an index)")
     cands = [c.get("text", c.get("paragraph", "")) if isinstance(c, dict) else str(c)
              for c in cands]
+    _refuse_blank(f"{path}: record {n}", cands)
     if isinstance(gold, str) and not _is_int(gold):
       if gold not in cands:
         raise UserError(f"{path}: record {n}: gold {gold[:40]!r} is not one of the candidates")
@@ -337,6 +339,14 @@ def read_choice_json(path: str) -> list[ChoiceRecord]:
       raise UserError(f"{path}: record {n}: gold index {gold}; expected 0..{len(cands) - 1}")
     records.append(ChoiceRecord(str(r.get("id", n)), [str(q)] * len(cands), cands, gold, n))
   return records
+
+
+def _refuse_blank(where: str, candidates: list, names: list[str] | None = None) -> None:
+  """A blank candidate is a broken row (a shifted column, a lost field), not a choice."""
+  for i, text in enumerate(candidates):
+    if not str(text or "").strip():
+      raise UserError(f"{where}: candidate {names[i] if names else i} is blank; expected text "
+                      "in every candidate")
 
 
 def read_choice(path: str) -> list[ChoiceRecord]:
