@@ -291,6 +291,11 @@ def _check_data(cfg: Any, bert_config: BertConfig, vocab: str, phases: Sequence[
                       f"{vocab_sha[:12]}); recreate the data with bert-jax create-data --vocab "
                       "of this run, or pretrain with the data's vocab (--config.data.vocab)")
     _check_shards(data_dir, man, f"--config.phases.{phase.index}.data")
+    train = man["splits"]["train"]["num_instances"]
+    if phase.batch_size > train:  # every batch would repeat instances within itself
+      raise UserError(f"--config.phases.{phase.index}.batch_size={phase.batch_size}: larger than "
+                      f"the {train} training instances of {data_dir}; expected at most {train} "
+                      "(or more data: a larger corpus or --dupe-factor)")
 
 
 def _check_shards(data_dir: str, man: dict, flag: str) -> None:

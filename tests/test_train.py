@@ -373,7 +373,8 @@ def test_full_disk_at_a_checkpoint_stops_there_with_one_line(prepared, tmp_path,
   assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["4"]
 
 
-def test_phase_longer_than_its_data_is_refused_at_set_up(prepared, tmp_path, capsys):
+def test_phase_longer_or_batch_larger_than_its_data_is_refused_at_set_up(prepared, tmp_path,
+                                                                        capsys):
   """A seq-64 phase given seq-32 data used to train, its positions 32-63 never seen."""
   d32 = prepared[1][0]
   code = train.main(run_args(prepared, tmp_path, f"--config.phases.1.data={d32}"))
@@ -383,6 +384,14 @@ def test_phase_longer_than_its_data_is_refused_at_set_up(prepared, tmp_path, cap
                  "--max-seq-length 32, shorter than this phase's seq_len 64 (positions 32-63 "
                  "would never be trained); run create-data with --max-seq-length 64"), err
   assert not rows(tmp_path)
+  train_instances = json.loads((pathlib.Path(d32) / "manifest.json").read_text())[
+      "splits"]["train"]["num_instances"]
+  code = train.main(run_args(prepared, tmp_path, f"--config.phases.0.batch_size={10 ** 6}"))
+  assert code == 2
+  assert capsys.readouterr().err.strip() == (
+      f"error: --config.phases.0.batch_size=1000000: larger than the {train_instances} training "
+      f"instances of {d32}; expected at most {train_instances} (or more data: a larger corpus "
+      "or --dupe-factor)")
 
 
 def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
