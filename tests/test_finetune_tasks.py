@@ -168,8 +168,9 @@ def test_conll_reader_and_first_subtoken_labels(tmp_path, tok):
   assert [names[labels[p]] for p in firsts] == sentences[0].tags
   ignored = np.setdiff1d(np.arange(32), firsts)
   assert (labels[ignored] == tasks.IGNORE).all()
-  # Truncation keeps whole words only.
-  short = tasks.featurize_tags(sentences, tok, 5, names, path)
+  # Truncation keeps whole words only, and says how many it cut.
+  with pytest.warns(UserWarning, match=r"train\.conll: 2 of 6 words lie past --max-seq-length 5"):
+    short = tasks.featurize_tags(sentences, tok, 5, names, path)
   assert short.extra["first_positions"][0].tolist() == [1, 2] and short.lengths[0] == 4
 
 

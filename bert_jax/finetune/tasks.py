@@ -7,6 +7,7 @@ raises UserError naming the file and line (or record).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -106,7 +107,7 @@ def featurize_tags(sentences: Sequence[TaggedSentence], tokenizer, max_seq_lengt
   lengths = np.zeros(n, np.int32)
   flat_words = [w for s in sentences for w in s.words]
   flat_pieces = tokenizer.encode_batch(flat_words)
-  first_positions, cursor = [], 0
+  first_positions, cursor, cut = [], 0, 0
   for i, s in enumerate(sentences):
     row, positions = [tokenizer.cls_id], []
     for j, (word, tag) in enumerate(zip(s.words, s.tags)):
@@ -120,10 +121,16 @@ def featurize_tags(sentences: Sequence[TaggedSentence], tokenizer, max_seq_lengt
       positions.append(len(row))
       row += pieces
     cursor += len(s.words)
+    cut += len(s.words) - len(positions)
     row.append(tokenizer.sep_id)
     ids[i, :len(row)] = row
     lengths[i] = len(row)
     first_positions.append(np.array(positions, np.int32))
+  if cut:  # as QA warns of unreachable answers: these labels are neither trained nor scored
+    warnings.warn(f"{path}: {cut} of {len(flat_words)} words lie past --max-seq-length "
+                  f"{max_seq_length} and are cut (not trained, predicted 'O'); raise "
+                  "--max-seq-length, or split long sentences (a blank line between sentences)",
+                  stacklevel=2)
   return Features({"input_ids": ids, "token_type_ids": np.zeros_like(ids),
                    "attention_mask": _attention(ids, lengths), "labels": labels}, lengths,
                   seq_keys=("input_ids", "token_type_ids", "attention_mask", "labels"),
