@@ -1,6 +1,15 @@
-"""Attention without [B,N,T,S] tensors in memory: a flash-attention Pallas kernel with BERT's
-attention dropout inside it (GPU), TPU splash attention (no dropout), and the choice between
-them and the unfused XLA path (`ops.attention` / `ops.dropout_attention`).
+"""Attention without [B,N,T,S] tensors in memory: cuDNN's flash attention (GPU) and TPU splash
+attention where nothing is dropped, a flash-attention Pallas kernel with BERT's attention
+dropout inside it, and the choice between them and the unfused XLA path (`ops.attention` /
+`ops.dropout_attention`).
+
+On an H200 the Pallas kernel computes what the XLA path computes (its tests pass there), but a
+BERT-base step through it did not finish compiling and running within 150 s (tools/
+device_check.sh, README): until it is measured, `auto` takes it nowhere and it runs only when
+named (attention="pallas"). With attention dropout on, `auto` therefore trains through the XLA
+path on GPUs and TPUs and says so in the run's log; the fast recipe (attention dropout 0, as
+ModernBERT, MosaicBERT and Cramming train; configs/bert_base_fast.py) is fused on both.
+cuDNN reads a padding mask as lengths: padding at the end, as every batch made here.
 
 Which keys a query sees is given by segment ids: query t attends key s when
 q_seg[t] == kv_seg[s] and kv_seg[s] != 0. A padded batch is q_seg = 1, kv_seg = its attention
@@ -65,10 +74,11 @@ def target_platform() -> str:
 
 
 def choose(implementation: str, platform: str, rate: float, training: bool,
-           shape: tuple[int, int, int]) -> str:
-  """The path one attention call takes: "xla", "pallas" or "splash". `shape` is (T, S, H).
-  "auto" fuses where a kernel fits: the Pallas kernel (with dropout) on GPUs, splash on TPUs
-  when nothing is dropped; the XLA path elsewhere and for shapes the kernels do not take."""
+           shape: tuple[int, int, int], dtype: str = "bfloat16", packed: bool = False) -> str:
+  """The path one attention call takes: "xla", "pallas", "splash" or "cudnn". `shape` is
+  (T, S, H). "auto" fuses where nothing is dropped and a kernel fits: cuDNN on GPUs (16-bit,
+  padded rows), splash on TPUs; the XLA path elsewhere and for shapes the kernels do not
+  take."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
@@ -76,25 +86,28 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   dropping = training and rate > 0.0
   fits_pallas = all(x >= _MIN_BLOCK and x & (x - 1) == 0 for x in (t, s, h))
   fits_splash = t % 128 == 0 and s % 128 == 0
+  fits_cudnn = dtype in ("bfloat16", "float16") and not packed and h <= 128 and h % 8 == 0
   if implementation == "auto":
-    if platform == "gpu" and fits_pallas:
-      return "pallas"
+    if platform == "gpu" and fits_cudnn and not dropping:
+      return "cudnn"
     if platform == "tpu" and fits_splash and not dropping:
       return "splash"
     return "xla"
-  if implementation == "splash" and dropping:
-    raise ValueError("attention splash has no dropout: set attention_probs_dropout_prob=0 "
-                     "(the fast recipe) or attention=auto")
+  if implementation in ("splash", "cudnn") and dropping:
+    raise ValueError(f"attention {implementation} has no dropout: set "
+                     "attention_probs_dropout_prob=0 (the fast recipe) or attention=auto")
+  if implementation == "pallas" and not fits_pallas:
+    return "xla"
   return implementation
 
 
-def describe(implementation: str, platform: str, rate: float) -> str:
+def describe(implementation: str, platform: str, rate: float, dtype: str = "bfloat16") -> str:
   """One line for a run's log: the attention path training takes at full length, and its
   dropout."""
-  train = choose(implementation, platform, rate, True, (128, 128, 64))
-  evaluate = choose(implementation, platform, rate, False, (128, 128, 64))
+  train = choose(implementation, platform, rate, True, (128, 128, 64), dtype)
+  evaluate = choose(implementation, platform, rate, False, (128, 128, 64), dtype)
   where = {"pallas": "fused Pallas kernel", "splash": "fused splash kernel",
-           "xla": "unfused XLA"}
+           "cudnn": "fused cuDNN kernel", "xla": "unfused XLA"}
   if rate > 0.0:
     drop = (f"attention dropout {rate} inside the kernel" if train == "pallas"
             else f"attention dropout {rate} on materialised probabilities")
@@ -110,7 +123,8 @@ def attend(q_BTNH, k_BSNH, v_BSNH, segments: Segments, *, rate: float = 0.0,
   probabilities at `rate` when `key` is given."""
   t, n, h = q_BTNH.shape[1:]
   training = key is not None and rate > 0.0
-  path = choose(implementation, target_platform(), rate, training, (t, k_BSNH.shape[1], h))
+  path = choose(implementation, target_platform(), rate, training, (t, k_BSNH.shape[1], h),
+                jnp.dtype(q_BTNH.dtype).name, segments.q_BT is not None)
   if path == "xla":
     mask = segments.mask()
     if not training:
@@ -119,9 +133,15 @@ def attend(q_BTNH, k_BSNH, v_BSNH, segments: Segments, *, rate: float = 0.0,
     return ops.dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask, keep, scale)
   if path == "splash":
     return _splash(q_BTNH, k_BSNH, v_BSNH, segments)
+  if path == "cudnn":
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH, v_BSNH, implementation="cudnn",
+        key_value_seq_lengths=jnp.sum(segments.kv_BS != 0, axis=1, dtype=jnp.int32))
   words = dropout.key_words_of(key) if training else jnp.zeros((2,), jnp.uint32)
+  # On a CPU (attention="pallas" asked for by name: tests) the kernel runs interpreted.
   return flash_attention(q_BTNH, k_BSNH, v_BSNH, segments.queries(t), segments.kv_BS, words,
-                         rate=rate if training else 0.0)
+                         rate=rate if training else 0.0,
+                         interpret=target_platform() == "cpu")
 
 
 # ----------------------------------------------------------------------------- sharding

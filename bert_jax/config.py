@@ -36,7 +36,7 @@ class BertConfig:
   dtype: str = "float32"        # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"  # master weights
   remat: bool = False           # rematerialise each encoder layer in the backward pass
-  attention: str = "auto"       # auto | xla | pallas | splash (bert_jax.attention)
+  attention: str = "auto"       # auto | xla | pallas | splash | cudnn (bert_jax.attention)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -75,7 +75,7 @@ class BertConfig:
 
 
 # auto: fused where the platform has a kernel (bert_jax.attention.choose); xla: never fused.
-ATTENTIONS = ("auto", "xla", "pallas", "splash")
+ATTENTIONS = ("auto", "xla", "pallas", "splash", "cudnn")
 # gelu is BERT's exact erf GELU; gelu_new/gelu_pytorch_tanh the tanh approximation.
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "tanh")
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import hostmem, mfu, steps
+from bert_jax import hostmem, mfu, platforms, steps
 from bert_jax.config import BertConfig
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path
@@ -103,9 +103,10 @@ def load_target(name: str) -> Target:
 
 # ----------------------------------------------------------------------------- the model
 
-def bert_config(cfg: Any) -> BertConfig:
-  """The model `bert-jax pretrain` would build, without reading weights or data: the vocab's
-  size from data.vocab when it is a file here, else init_from's, else data.vocab_size."""
+def bert_config(cfg: Any, device: Any = None) -> BertConfig:
+  """The model `bert-jax pretrain` would build on `device` (dtype auto), without reading
+  weights or data: the vocab's size from data.vocab when it is a file here, else init_from's,
+  else data.vocab_size."""
   from bert_jax.config import find_config
   from bert_jax.workdir import bert_config_for, count_lines
   vocab = str(cfg.data.vocab)
@@ -119,7 +120,7 @@ def bert_config(cfg: Any) -> BertConfig:
   else:
     entries = init_config.vocab_size if init_config else int(cfg.data.vocab_size)
     vocab = "config.data.vocab_size"
-  return bert_config_for(cfg, entries, init_config, vocab)
+  return bert_config_for(cfg, entries, init_config, vocab, device)
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -300,7 +301,7 @@ def format_report(report: dict) -> str:
 
 def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu: float,
          config_name: str = "") -> dict:
-  model_config = bert_config(cfg)
+  model_config = bert_config(cfg, target.devices[0])
   phases = make_phases(cfg)
   chosen = phases if phase_numbers is None else [phases[n - 1] for n in phase_numbers]
   mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
@@ -353,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     raise UserError(f"--mfu {args.mfu}: expected a fraction in (0, 1]")
   cfg = resolve_config(args.config, parse_overrides(rest))
   numbers = _phase_numbers(args.phase, len(make_phases(cfg)))
+  if args.topology == "local":
+    platforms.check_install("plan --topology local")
   target = load_target(args.topology)
   report = plan(cfg, target, numbers, args.mfu, config_name=args.config)
   print(json.dumps(report, indent=1) if args.json else format_report(report), flush=True)

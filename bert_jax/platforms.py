@@ -61,6 +61,30 @@ def default_platform() -> str:
   return "cpu"
 
 
+# What installs a host's accelerator backend for jax.
+INSTALLS = {"gpu": "pip install 'bert-jax[cuda]'", "tpu": "pip install 'bert-jax[tpu]'"}
+_PINNED = "BERT_JAX_PINNED_CPU"
+
+
+def check_install(command: str) -> None:
+  """UserError when this host has GPUs or TPUs but jax would start on its CPU (the CPU jaxlib,
+  a plain `pip install`): training there would take days unnoticed. An explicit
+  JAX_PLATFORMS=cpu runs on the CPU."""
+  from bert_jax.errors import UserError
+  if os.environ.get("JAX_PLATFORMS") and not os.environ.get(_PINNED):
+    return
+  present = accelerators_on_host()
+  if not present:
+    return
+  kind = "tpu" if "tpu" in present else "gpu"
+  if kind == "tpu" and _installed("libtpu") or kind == "gpu" and any(
+      _installed(p) for p in _GPU_PLUGINS):
+    return
+  raise UserError(f"{command}: this host has {kind.upper()}s but jax has no {kind.upper()} "
+                  f"backend installed and would run on the CPU; install it with "
+                  f"{INSTALLS[kind]} (or set JAX_PLATFORMS=cpu to run on the CPU anyway)")
+
+
 def skip_absent_tpu() -> None:
   """Start jax on the CPU when libtpu is installed but this host has no TPU and no GPU plugin
   either (then the CPU is what jax would end up on anyway). Leaves an explicit JAX_PLATFORMS
@@ -70,6 +94,7 @@ def skip_absent_tpu() -> None:
   if "tpu" in accelerators_on_host() or any(_installed(p) for p in _GPU_PLUGINS):
     return
   os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; inherited by subprocesses
+  os.environ[_PINNED] = "1"  # ours, not the user's: check_install still looks at the host
   if "jax" in sys.modules:  # imported already: its config has read the environment
     sys.modules["jax"].config.update("jax_platforms", "cpu")
 

@@ -284,9 +284,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> list:
   if cfg.model.preset not in PRESETS:
     raise UserError(f"--config.model.preset={cfg.model.preset!r}: expected one of "
                     f"{', '.join(PRESETS)}")
-  if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-    raise UserError(f"--config.model.dtype={cfg.model.dtype!r}: expected float32, bfloat16 "
-                    "or float16")
+  if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+    raise UserError(f"--config.model.dtype={cfg.model.dtype!r}: expected auto, float32, "
+                    "bfloat16 or float16")
+  from bert_jax.config import ATTENTIONS
+  if cfg.model.get("attention", "auto") not in ATTENTIONS:
+    raise UserError(f"--config.model.attention={cfg.model.attention!r}: expected one of "
+                    f"{', '.join(ATTENTIONS)}")
   if cfg.optim.schedule not in ("continuous", "per_phase"):
     raise UserError(f"--config.optim.schedule={cfg.optim.schedule!r}: expected 'continuous' "
                     "or 'per_phase'")

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import ml_collections
 
-from bert_jax import hostmem, mfu, xla_cache
+from bert_jax import attention, hostmem, mfu, platforms, xla_cache
 from bert_jax import sharding  # sharding.global_batch looked up per call (tests substitute it)
 from bert_jax.checkpoint import Checkpointer, abstract_like
 from bert_jax.data.pipeline import make_iterator
@@ -84,6 +84,10 @@ class Trainer:
                         f"model {bc.num_hidden_layers} layers x {bc.hidden_size}, vocab "
                         f"{bc.vocab_size}; {jax.device_count()} device(s), mesh "
                         f"{dict(self.mesh.shape)}")
+    device = self.mesh.devices.flat[0]
+    self.writer.message(f"{platforms.describe_dtype(str(self.cfg.model.dtype), device)}; "
+                        + attention.describe(bc.attention, device.platform,
+                                             bc.attention_probs_dropout_prob, bc.dtype))
     self._prepare_loop(step)
     self.preemption = Preemption()
     self.preemption.install()
@@ -367,6 +371,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
              phases: Sequence[Phase] | None = None) -> int:
   """Runs (or resumes) the whole schedule in `workdir`; returns the process exit code.
   `phases`: cfg's, when validating it made them already."""
+  platforms.check_install("pretrain")
   check_writable(workdir, "--workdir")
   xla_cache.enable(xla_cache.default_dir())  # a resume after preemption skips the compile
   trainer = Trainer(cfg, workdir, phases)

@@ -20,6 +20,7 @@ import jax
 from array_record.python.array_record_module import ArrayRecordReader
 from jax.experimental import multihost_utils
 
+from bert_jax import platforms
 from bert_jax.checkpoint import workdir_has_checkpoint
 from bert_jax.config import (BertConfig, find_config, get_preset, read_config_json,
                              write_config_json)
@@ -128,10 +129,12 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
 # --------------------------------------------------------------------------- the model
 
 def bert_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None = None,
-                    vocab: str = "the vocab") -> BertConfig:
+                    vocab: str = "the vocab", device: Any = None) -> BertConfig:
   """The model of a run: init_from's config (`init_config`) or the preset, plus
-  model.overrides, dtype and remat; checked against the vocab's size. No I/O."""
-  run = dict(dtype=str(cfg.model.dtype), remat=bool(cfg.model.remat))
+  model.overrides, dtype (auto: by `device`, default jax's first), remat and attention;
+  checked against the vocab's size. No I/O."""
+  run = dict(dtype=platforms.compute_dtype(str(cfg.model.dtype), device or jax.devices()[0]),
+             remat=bool(cfg.model.remat), attention=str(cfg.model.get("attention", "auto")))
   overrides = to_plain(cfg.model.overrides)
   if init_config is not None:
     bert_config = init_config.replace(**{**overrides, **run})

@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "base"
   c.model.overrides = ml_collections.ConfigDict()  # BertConfig fields, e.g. vocab_size
-  c.model.dtype = "bfloat16"   # compute dtype; params stay float32
+  c.model.dtype = "auto"       # compute dtype (params stay float32); auto: bfloat16 where the
+                               # chips have bfloat16 matrix units (TPU, Ampere+, AMX), else float32
+  c.model.attention = "auto"   # fused kernel where the platform has one (bert_jax.attention)
   c.model.remat = False
 
   c.init_from = ""             # "" (random) | HF BERT dir | bert-jax checkpoint/workdir

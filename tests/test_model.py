@@ -111,3 +111,38 @@ def test_minilm_matches_transformers_on_real_sentences(minilm_dir):
   real = enc["attention_mask"].astype(bool)
   assert enc["attention_mask"].min() == 0  # the batch really has padding
   assert np.abs(np.asarray(seq)[real] - ref[real]).max() <= 1e-4
+
+
+
+def test_embedding_gradients_are_float32_under_bfloat16_compute():
+  """The tables are looked up in float32 and cast after the sum: their gradients (scatter-adds;
+  the token-type table's over every position into 2 rows) equal a float64 scatter of the
+  LayerNorm's input gradient within 1e-5."""
+  from bert_jax import ops
+  from bert_jax.config import BertConfig
+  from bert_jax.model import BertEmbeddings
+  config = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, dtype="bfloat16",
+                      hidden_dropout_prob=0.0)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 50, size=(8, 64)), jnp.int32)
+  types = jnp.asarray(rng.integers(0, 2, size=(8, 64)), jnp.int32)
+  module = BertEmbeddings(config)
+  params = nn.unbox(module.init(jax.random.PRNGKey(0), ids, types)["params"])
+  weight = jnp.asarray(rng.normal(size=(8, 64, 64)), jnp.float32)
+  tables = {k: params[k] for k in ("word_embeddings", "token_type_embeddings")}
+  grads = jax.grad(lambda t: jnp.sum(
+      module.apply({"params": {**params, **t}}, ids, types).astype(jnp.float32) * weight))(tables)
+
+  ln = params["LayerNorm"]
+  x = (params["word_embeddings"]["embedding"][ids] + params["position_embeddings"]["embedding"][
+      jnp.arange(64)][None] + params["token_type_embeddings"]["embedding"][types])
+  g_x = np.asarray(jax.grad(lambda x: jnp.sum(ops.layer_norm(
+      x, ln["scale"], ln["bias"], config.layer_norm_eps, "bfloat16").astype(jnp.float32)
+      * weight))(x), np.float64).reshape(-1, 64)
+  for name, index, size in (("word_embeddings", ids, 50), ("token_type_embeddings", types, 2)):
+    ref = np.zeros((size, 64), np.float64)
+    np.add.at(ref, np.asarray(index).reshape(-1), g_x)
+    got = grads[name]["embedding"]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -79,3 +79,85 @@ def test_importing_bert_jax_keeps_jax_off_an_absent_tpu():
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "cpu"
   assert out.stderr == ""
+
+
+# ----------------------------------------------------------------------------- install check
+
+def _pretrain_exit(argv, capsys):
+  from bert_jax import train
+  code = train.main(argv)
+  return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("device", [NVIDIA_GPU, TPU])
+def test_an_accelerator_host_with_a_cpu_only_jax_stops_with_the_install(host, capsys, tmp_path,
+                                                                       monkeypatch, device):
+  """pretrain, finetune and plan --topology local: one line naming the install, exit 2, before
+  any work (the workdir is never made); JAX_PLATFORMS=cpu still runs on the CPU."""
+  from bert_jax import plan
+  from bert_jax.finetune.__main__ import main as finetune_main
+  host([INTEL, device])
+  monkeypatch.delenv(platforms._PINNED, raising=False)
+  workdir = tmp_path / "run"
+  code, err = _pretrain_exit(["--config", "configs/tiny_cpu.py", "--workdir", str(workdir)],
+                             capsys)
+  kind = "tpu" if device == TPU else "gpu"
+  assert code == 2 and len(err) == 1 and platforms.INSTALLS[kind] in err[0], err
+  assert not workdir.exists()
+  assert finetune_main(["--task", "classification", "--init", "random", "--train-file", "x",
+                        "--validation-file", "y", "--output-dir", str(tmp_path / "o")]) == 2
+  assert platforms.INSTALLS[kind] in capsys.readouterr().err
+  assert plan.main(["--config", "configs/tiny_cpu.py", "--topology", "local"]) == 2
+  assert platforms.INSTALLS[kind] in capsys.readouterr().err
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the user's own choice: no check
+  platforms.check_install("pretrain")
+  host([INTEL, device], installed=("libtpu", "jax_cuda12_plugin"))  # the right jax
+  platforms.check_install("pretrain")
+
+
+def test_our_own_cpu_pin_does_not_hide_a_gpu(host, monkeypatch):
+  """skip_absent_tpu pins a host without a TPU to the CPU; on a GPU host without the CUDA
+  plugin that pin must not pass for the user's JAX_PLATFORMS=cpu."""
+  host([NVIDIA_GPU], installed=("libtpu",))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv(platforms._PINNED, "1")
+  with pytest.raises(platforms_errors().UserError, match=r"bert-jax\[cuda\]"):
+    platforms.check_install("pretrain")
+
+
+def platforms_errors():
+  from bert_jax import errors
+  return errors
+
+
+# ----------------------------------------------------------------------------- precision
+
+class _Device:
+  def __init__(self, platform, kind="", capability=None):
+    self.platform, self.device_kind = platform, kind
+    if capability is not None:
+      self.compute_capability = capability
+
+
+@pytest.mark.parametrize("device,flags,dtype", [
+    (_Device("tpu", "TPU v5 lite"), set(), "bfloat16"),
+    (_Device("gpu", "NVIDIA H200", "9.0"), set(), "bfloat16"),
+    (_Device("gpu", "NVIDIA A100-SXM4-80GB", "8.0"), set(), "bfloat16"),
+    (_Device("gpu", "Tesla V100-SXM2-16GB", "7.0"), set(), "float32"),
+    (_Device("gpu", "Tesla T4", "7.5"), set(), "float32"),
+    (_Device("cpu", "cpu"), {"avx2", "amx_bf16", "amx_tile"}, "bfloat16"),
+    (_Device("cpu", "cpu"), {"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    (_Device("cpu", "cpu"), {"avx2", "avx512f"}, "float32"),
+])
+def test_auto_dtype_follows_the_hardware(monkeypatch, device, flags, dtype):
+  monkeypatch.setattr(platforms, "cpu_flags", lambda: flags)
+  assert platforms.compute_dtype("auto", device) == dtype
+  assert platforms.compute_dtype("float32", device) == "float32"  # a named dtype stands
+  assert dtype in platforms.describe_dtype("auto", device)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16\n\nprocessor\t: 1\n")
+  assert platforms.cpu_flags(str(info)) == {"fpu", "sse", "avx2", "amx_bf16"}
+  assert platforms.cpu_flags(str(tmp_path / "absent")) == set()

@@ -2,6 +2,8 @@
 
   python tools/bench_pretrain.py --preset mini --seq-len 128 --batch-size 32
   python tools/bench_pretrain.py --preset base --seq-len 512 --batch-size 2 --rounds 2
+  python tools/bench_pretrain.py --side jax --preset large --batch-size 64 --dtype bfloat16 \
+      --attention xla --json-out case.json     # one case, unfused attention (GPU/TPU)
 
 Both sides train on the same synthetic shapes: B sequences of T tokens (all real, two segments),
 P masked positions per sequence, NSP labels; dropout on (train mode), an AdamW update per step.
@@ -83,7 +85,10 @@ def bench_jax(args) -> dict:
   from bert_jax.steps import (create_train_state, jit_train_step, make_train_step,
                               pretraining_loss)
 
-  model_config = get_preset(args.preset, dtype=args.dtype)
+  from bert_jax import attention, platforms
+  device = jax.devices()[0]
+  dtype = platforms.compute_dtype(args.dtype, device)
+  model_config = get_preset(args.preset, dtype=dtype, attention=args.attention)
   cfg = ml_collections.ConfigDict()
   cfg.total_steps = 10_000
   cfg.phases = [dict(fraction=1.0, seq_len=args.seq_len, max_predictions=args.max_predictions,
@@ -109,7 +114,12 @@ def bench_jax(args) -> dict:
 
   warm_s, step_s = _time_steps(step, args.steps, args.warmup)
   out = dict(side="bert-jax", backend=jax.default_backend(), step_s=step_s, warmup_s=warm_s,
-             peak_rss_mb=peak_rss_mb())
+             peak_rss_mb=peak_rss_mb(), dtype=dtype, device=device.device_kind,
+             attention=attention.describe(args.attention, device.platform,
+                                          model_config.attention_probs_dropout_prob))
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:  # accelerators: the device's own high-water mark
+    out["peak_device_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
   try:
     from bert_jax import mfu
     flops = mfu.train_flops_per_sequence(model_config, args.seq_len, args.max_predictions)
@@ -138,7 +148,7 @@ def bench_torch(args) -> dict:
       attention_probs_dropout_prob=c.attention_probs_dropout_prob,
       max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size)
   torch.manual_seed(0)
-  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  dtype = {"bfloat16": torch.bfloat16}.get(args.dtype, torch.float32)
   model = transformers.BertForPreTraining(hf_config).to(dtype).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6)
   b = synthetic_batch(args.batch_size, args.seq_len, args.max_predictions, c.vocab_size)
@@ -172,7 +182,8 @@ def _child_argv(args, side: str) -> list[str]:
   return [sys.executable, os.path.abspath(__file__), "--side", side, "--preset", args.preset,
           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
           "--max-predictions", str(args.max_predictions), "--dtype", args.dtype,
-          "--steps", str(args.steps), "--warmup", str(args.warmup), "--json"]
+          "--steps", str(args.steps), "--warmup", str(args.warmup), "--attention",
+          args.attention, "--json"]
 
 
 def _child_env(args, side: str) -> dict:
@@ -217,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--max-predictions", type=int, default=None,
                       help="masked positions per sequence (default 20 at 128, 80 at 512)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                      help="compute dtype (auto: bfloat16 where the device has bfloat16 "
+                           "matrix units; bert-jax side)")
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
+                      help="bert-jax's attention path (auto: fused where the platform has a "
+                           "kernel; xla: never fused)")
+  parser.add_argument("--json-out", help="also write the results (one object per side) here")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) per side")
   parser.add_argument("--rounds", type=int, default=1, help="alternate the sides N times")
@@ -264,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
   if flops and peak:
     print(f"model FLOPs/sequence {flops:.3e}; peak {peak:.3e} FLOP/s per device "
           f"({best['jax']['backend']})")
+  if args.json_out:
+    rows = []
+    for side, r in best.items():
+      row = dict(r, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+                 max_predictions=args.max_predictions)
+      if side == "jax" and flops and peak:
+        row["mfu"] = flops * r["sequences_per_s"] / peak
+      rows.append(row)
+    with open(args.json_out, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
   if "jax" in best and "torch" in best:
     speed = best["jax"]["tokens_per_s"] / best["torch"]["tokens_per_s"]
     memory = best["jax"]["peak_rss_mb"] / best["torch"]["peak_rss_mb"]

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from bert_jax import hostmem, xla_cache
+from bert_jax import hostmem, platforms, xla_cache
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.finetune import TASK_NAMES
 
@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="evaluate every N optimizer updates (0: at the end of each epoch)")
   p.add_argument("--max-train-rows", type=positive(int), default=None,
                  help="use only the first N training records")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="compute dtype (weights and optimizer stay float32); bfloat16 runs the "
-                      "matmuls on a TPU's MXU or a CPU's AMX / AVX-512 BF16 units (about 2x "
-                      "faster fine-tuning here)")
+  p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                 help="compute dtype (weights and optimizer stay float32); auto: bfloat16 "
+                      "where the device has bfloat16 matrix units (a TPU's MXU, NVIDIA Ampere "
+                      "or newer, a CPU's AMX / AVX-512 BF16: about 2x faster fine-tuning), "
+                      "float32 elsewhere")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   g = p.add_argument_group("classification")
   g.add_argument("--text-column", help="name or 0-based index (default: sentence/text/...)")
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
   opts = build_parser().parse_args(argv)
+  platforms.check_install("finetune")
   if opts.max_seq_length is None:
     opts.max_seq_length = 384 if opts.task == "qa" else 128
   if not 0.0 <= opts.warmup_ratio < 1.0:

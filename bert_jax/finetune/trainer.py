@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import sharding, steps, xla_cache
+from bert_jax import attention, platforms, sharding, steps, xla_cache
 from bert_jax import state as state_lib
 from bert_jax.convert import FINETUNE_INFO
 from bert_jax.errors import UserError
@@ -165,7 +165,9 @@ class Runner:
                       "is for the [CLS] heads (classification)")
     self.config, self.pretrained, self.tokenizer, self.vocab = load_init(opts)
     if opts.dtype:
-      self.config = self.config.replace(dtype=opts.dtype)
+      self.config = self.config.replace(
+          dtype=platforms.compute_dtype(opts.dtype, jax.devices()[0]))
+
     if opts.max_seq_length > self.config.max_position_embeddings:
       raise UserError(f"--max-seq-length {opts.max_seq_length} exceeds the model's "
                       f"max_position_embeddings {self.config.max_position_embeddings}")
@@ -182,8 +184,12 @@ class Runner:
       raise UserError(f"--batch-size {opts.batch_size}: expected a multiple of {self.unit} "
                       f"(the mesh {dict(self.mesh.shape)} splits each batch over data x fsdp"
                       f"{f' and {self.processes} processes' if self.processes > 1 else ''})")
-    if self.mesh.devices.size > 1 and self.process == 0:
-      print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} devices",
+    if self.process == 0:
+      device = self.mesh.devices.flat[0]
+      print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
+            f"{platforms.describe_dtype(opts.dtype or self.config.dtype, device)}; "
+            + attention.describe(self.config.attention, device.platform,
+                                 self.config.attention_probs_dropout_prob, self.config.dtype),
             file=sys.stderr)
     self.buckets = make_buckets(opts.max_seq_length, opts.smallest_bucket)
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs

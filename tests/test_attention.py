@@ -1,0 +1,179 @@
+"""The fused attention kernel (bert_jax.attention) against the unfused XLA path: values and
+gradients with padding and packed segments, attention dropout inside the kernel drawing the
+very bits of dropout.keep_mask, the path each platform takes, and the TPU program `plan`
+compiles. On a CPU the Pallas kernel runs in interpret mode; on a GPU (tools/device_check.sh)
+the same tests run the compiled kernel."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import attention, dropout, ops
+from bert_jax.config import BertConfig
+from bert_jax.heads import BertForPreTraining
+
+INTERPRET = jax.default_backend() == "cpu"
+B, T, N, H = 2, 32, 2, 16
+KEY = jax.random.PRNGKey(3)
+
+
+def _qkv(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), dtype) for _ in range(3))
+
+
+def _segments(kind):
+  if kind == "padded":
+    mask = np.ones((B, T), np.int32)
+    mask[1, 20:] = 0
+    return attention.Segments(None, jnp.asarray(mask))
+  # Two sequences and padding in row 0 (its padding queries see no key), one in row 1.
+  ids = np.array([[1] * 10 + [2] * 14 + [0] * 8, [1] * T], np.int32)
+  return attention.Segments(jnp.asarray(ids), jnp.asarray(ids))
+
+
+def _textbook(q, k, v, segments, rate):
+  """Autodiff of softmax, dropout with keep_mask's bits, and the product with v."""
+  probs = ops._softmax_probs(q, k, segments.mask())
+  if rate:
+    keep, scale = dropout.keep_mask(KEY, (B, N, T, T), rate)
+    probs = jnp.where(keep, probs * scale, 0.0)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def _fused(q, k, v, segments, rate, key=KEY):
+  return attention.flash_attention(q, k, v, segments.queries(T), segments.kv_BS,
+                                   dropout.key_words_of(key), rate=rate, interpret=INTERPRET,
+                                   block_q=16, block_k=16)
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_kernel_equals_the_xla_path_forward_and_gradients(kind, rate):
+  segments = _segments(kind)
+  q, k, v = _qkv()
+  g = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+  with jax.default_matmul_precision("highest"):
+    ref, ref_grads = jax.value_and_grad(
+        lambda *x: jnp.sum(_textbook(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
+    out, grads = jax.value_and_grad(
+        lambda *x: jnp.sum(_fused(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(_fused(q, k, v, segments, rate),
+                               _textbook(q, k, v, segments, rate), atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  for name, a, b in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+  if rate == 0.0:  # and the deterministic path the model takes on the CPU
+    np.testing.assert_allclose(ops.attention(q, k, v, segments.mask())[:, :20],
+                               _fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
+
+
+def _dropped(key, rate=0.1):
+  """keep x scale for every (b, n, t, s), read back through the kernel: q = k = 0 gives uniform
+  probabilities 1/S and v = the identity reads them out ([B, T, N, S])."""
+  s = H
+  zeros = jnp.zeros((B, 64, N, s))
+  eye = jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (B, s, N, s))
+  segments = attention.Segments(None, jnp.ones((B, s), jnp.int32))
+  out = attention.flash_attention(zeros, zeros[:, :s], eye, segments.queries(64), segments.kv_BS,
+                                  dropout.key_words_of(key), rate=rate, interpret=INTERPRET,
+                                  block_q=16, block_k=16)
+  return np.asarray(out) * s
+
+
+def test_kernel_dropout_keeps_one_minus_rate_and_draws_keep_masks_bits():
+  dropped = _dropped(KEY)
+  kept = dropped > 0
+  assert abs(kept.mean() - 0.9) < 0.01
+  np.testing.assert_allclose(dropped[kept], 65536.0 / dropout.keep_threshold(0.1), rtol=1e-6)
+  keep, _ = dropout.keep_mask(KEY, (B, N, 64, H), 0.1)
+  np.testing.assert_array_equal(kept, np.transpose(np.asarray(keep), (0, 2, 1, 3)))
+
+
+def test_kernel_dropout_is_the_same_for_a_key_and_differs_by_step():
+  first = _dropped(jax.random.fold_in(KEY, 7)) > 0
+  np.testing.assert_array_equal(first, _dropped(jax.random.fold_in(KEY, 7)) > 0)
+  other = _dropped(jax.random.fold_in(KEY, 8)) > 0
+  assert 0.1 < (first != other).mean() < 0.3  # independent draws differ in ~18%
+
+
+def test_each_platform_takes_its_path():
+  full = (128, 128, 64)
+  assert attention.choose("auto", "gpu", 0.0, True, full) == "cudnn"
+  assert attention.choose("auto", "gpu", 0.1, False, full) == "cudnn"  # evaluation
+  assert attention.choose("auto", "gpu", 0.0, True, full, "float32") == "xla"
+  assert attention.choose("auto", "gpu", 0.0, True, full, packed=True) == "xla"
+  assert attention.choose("auto", "gpu", 0.1, True, full) == "xla"  # pallas: by name only
+  assert attention.choose("pallas", "gpu", 0.1, True, full) == "pallas"
+  assert attention.choose("pallas", "gpu", 0.1, True, (1, 128, 64)) == "xla"  # [CLS] readout
+  assert attention.choose("auto", "tpu", 0.0, True, full) == "splash"
+  assert attention.choose("auto", "tpu", 0.1, False, full) == "splash"
+  assert attention.choose("auto", "tpu", 0.1, True, full) == "xla"  # splash cannot drop
+  assert attention.choose("auto", "cpu", 0.1, True, full) == "xla"
+  assert attention.choose("xla", "gpu", 0.1, True, full) == "xla"
+  with pytest.raises(ValueError, match="splash has no dropout"):
+    attention.choose("splash", "tpu", 0.1, True, full)
+  assert "inside the kernel" in attention.describe("pallas", "gpu", 0.1)
+  assert "materialised" in attention.describe("auto", "tpu", 0.1)
+  assert "cuDNN" in attention.describe("auto", "gpu", 0.0)
+
+
+def _tiny(**kw):
+  return BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128, max_position_embeddings=64, **kw)
+
+
+def test_a_training_step_is_the_same_through_the_kernel():
+  """BERT in train mode (dropout 0.1 everywhere): loss and every gradient through the Pallas
+  kernel equal those of the XLA path for the same dropout key."""
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(5, 96, size=(2, 32)), jnp.int32)
+  types = jnp.asarray(np.repeat([[0] * 16 + [1] * 16], 2, 0), jnp.int32)
+  mask = jnp.asarray(np.array([[1] * 32, [1] * 24 + [0] * 8]), jnp.int32)
+  positions = jnp.asarray([[1, 5, 9], [2, 3, 20]], jnp.int32)
+  params = BertForPreTraining(_tiny()).init(jax.random.PRNGKey(0), ids, types, mask)["params"]
+
+  def loss(params, implementation):
+    mlm, nsp = BertForPreTraining(_tiny(attention=implementation)).apply(
+        {"params": params}, ids, types, mask, masked_positions=positions, deterministic=False,
+        rngs={"dropout": jax.random.PRNGKey(5)})
+    return jnp.sum(jax.nn.log_softmax(mlm)[..., 7]) + jnp.sum(nsp[:, 0])
+
+  with jax.default_matmul_precision("highest"):
+    ref, ref_grads = jax.value_and_grad(loss)(params, "xla")
+    out, grads = jax.value_and_grad(loss)(params, "pallas")
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads,
+               ref_grads)
+
+
+def test_the_tpu_program_plan_compiles_runs_splash_attention():
+  """With attention dropout 0 (the fast recipe) the train step lowered for a v5e topology calls
+  the splash kernel (a Mosaic custom call) and no longer computes [B,N,T,S] softmaxes."""
+  pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
+  from bert_jax import plan, sharding, steps
+  from bert_jax.run_config import resolve_config
+  from bert_jax.state import ABSTRACT_RNG
+  import os
+  tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "tiny_cpu.py")
+
+  def lowered(dropout_prob):
+    cfg = resolve_config(tiny, [
+        ("phases", "[{'fraction': 1.0, 'seq_len': 128, 'max_predictions': 10, "
+                   "'batch_size': 8, 'grad_accum': 1}]"), ("total_steps", "100"),
+        ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
+    model_config = plan.bert_config(cfg)
+    mesh = sharding.make_mesh(devices=plan.load_target("v5e:2x2").devices)
+    abstract, shardings, optimizer, schedule = steps.abstract_train_state(model_config, cfg, mesh)
+    phase = plan.make_phases(cfg)[0]
+    step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
+    batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+    return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
+
+  fused = lowered(0.0)
+  assert "tpu_custom_call" in fused and "splash" in fused
+  assert "tpu_custom_call" not in lowered(0.1)  # dropout: the XLA path, as the log says
