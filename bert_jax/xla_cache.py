@@ -36,10 +36,12 @@ def default_dir() -> str:
 
 
 def enable(path: str | None) -> None:
-  """Caches every compile over a second in `path` (nothing for "" or "none"). Call it
+  """Caches every compile over a second in `path` (nothing for "" or "none"), or over
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS where that is set (the test suite: 0). Call it
   before the first compile."""
   if not path or path == OFF:
     return
   import jax
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

