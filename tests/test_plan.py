@@ -143,6 +143,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.slow  # three `bert-jax plan` processes
 def test_local_and_two_plans_at_once_on_one_machine():
   """`local` compiles for this host's CPU; two TPU plans in two processes at once both load
   libtpu (ALLOW_MULTIPLE_LIBTPU_LOAD)."""

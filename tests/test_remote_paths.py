@@ -19,7 +19,7 @@ from http import server
 import numpy as np
 import pytest
 
-from test_train import TINY, prepared  # noqa: F401  (prepared: vocab + both phases' data)
+from test_train import TINY  # prepared (vocab + both phases' data): conftest.py
 
 
 def _emulator(root: str):
@@ -117,6 +117,7 @@ def test_metric_writer_on_gs_rewrites_and_truncates(fake_gcs):
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.slow  # two pretraining runs
 def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
   import shutil
   from bert_jax import train

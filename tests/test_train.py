@@ -43,26 +43,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def prepared(shared_data, tmp_path_factory):
-  """A small vocab and both phases' data (lengths 32 and 64) from real WikiText text."""
-  from bert_jax.data.create import create_data
-  from bert_jax.vocab import train_vocab
-  root = tmp_path_factory.mktemp("prepared")
-  corpus = root / "corpus.txt"
-  text = (shared_data / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
-  corpus.write_text(text[:250_000], encoding="utf-8")
-  vocab = train_vocab([str(corpus)], 1000, str(root / "vocab.txt"))
-  dirs = []
-  for seq, preds in ((32, 5), (64, 10)):
-    create_data([str(corpus)], vocab, str(root / f"data{seq}"), max_seq_length=seq,
-                max_predictions_per_seq=preds, dupe_factor=1, seed=1, eval_fraction=0.2,
-                workers=1, progress=False)
-    dirs.append(str(root / f"data{seq}"))
-    assert "eval" in json.loads((root / f"data{seq}" / "manifest.json").read_text())["splits"]
-  return vocab, dirs
-
-
 def run_args(prepared, workdir, *extra):
   vocab, (d32, d64) = prepared
   return ["--config", TINY, "--workdir", str(workdir), f"--config.total_steps={TOTAL}",
@@ -165,6 +145,7 @@ def test_uninterrupted_run_layout_and_metrics(reference):
   assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_workers_and_prefetch_do_not_change_the_batches(prepared, reference, tmp_path):
   """A grain worker process and no prefetch thread: the same batches, so the same parameters."""
   code, out = finish(start(run_args(prepared, tmp_path, "--config.data.worker_count=1",
@@ -176,6 +157,7 @@ def test_workers_and_prefetch_do_not_change_the_batches(prepared, reference, tmp
   assert all("data_wait_s" in r and "host_overhead_s" in r for r in train_rows)
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_sigkill_then_rerun_is_bit_exact(prepared, reference, tmp_path):
   workdir = tmp_path / "killed"
   proc = start(run_args(prepared, workdir), delay=0.4)
@@ -196,6 +178,7 @@ def test_sigkill_then_rerun_is_bit_exact(prepared, reference, tmp_path):
   assert [r["step"] for r in rows(workdir)] == list(range(1, TOTAL + 1))  # no duplicate rows
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_sigterm_saves_exits_zero_and_resumes_bit_exact(prepared, reference, tmp_path):
   workdir = tmp_path / "preempted"
   proc = start(run_args(prepared, workdir), delay=0.4)
@@ -217,6 +200,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bit_exact(prepared, reference, tmp
   assert all("resumed_at_step" not in r for r in rows(workdir) if r["step"] != first["step"])
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_damaged_newest_checkpoint_falls_back_and_rerun_is_bit_exact(prepared, reference,
                                                                      tmp_path):
   workdir = tmp_path / "damaged"
@@ -234,6 +218,7 @@ def test_damaged_newest_checkpoint_falls_back_and_rerun_is_bit_exact(prepared, r
   assert_bit_equal(final_params(workdir), final_params(reference[0]))
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_checkpoint_of_the_own_data_handler_resumes_bit_exact(prepared, reference, tmp_path):
   """A step saved before grain's handler wrote the data item (bert-jax's own handler, named in
   the step's metadata, wrapped the state as {"kind": "json", "value": state} under the same
@@ -257,6 +242,7 @@ def test_checkpoint_of_the_own_data_handler_resumes_bit_exact(prepared, referenc
   assert_bit_equal(final_params(workdir), final_params(reference[0]))
 
 
+@pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_two_runs_on_one_workdir_the_second_refuses(prepared, tmp_path):
   """The second used to run too, and its metrics.jsonl rewrite lost the first's rows."""
   import socket
