@@ -25,6 +25,9 @@ cli.main()
 def _runs(extra_env):
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
   env.update(extra_env)
+  # A CPU run unless the test names another platform (on a GPU or TPU host jax would not train
+  # on the CPU, and the tunable is for CPU training only).
+  env["JAX_PLATFORMS"] = extra_env.get("JAX_PLATFORMS", "cpu")
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
