@@ -4,6 +4,8 @@ the length-bucketed batcher."""
 from __future__ import annotations
 
 import json
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -164,17 +166,18 @@ def test_conll_reader_and_first_subtoken_labels(tmp_path, tok):
   expected_ids = [tok.cls_id] + sum(pieces, []) + [tok.sep_id]
   assert ids[:f.lengths[0]].tolist() == expected_ids
   firsts = np.cumsum([1] + [len(p) for p in pieces[:-1]])
-  assert f.extra["first_positions"][0].tolist() == firsts.tolist()
+  # One window a sentence here: each word is read where its label sits.
+  assert len(f) == 2 and f.extra["word_rows"].tolist() == [0, 0, 0, 0, 1, 1]
+  assert f.extra["word_columns"][:4].tolist() == firsts.tolist()
   assert [names[labels[p]] for p in firsts] == sentences[0].tags
   ignored = np.setdiff1d(np.arange(32), firsts)
   assert (labels[ignored] == tasks.IGNORE).all()
-  # Truncation keeps whole words only, and says how many it cut.
-  with pytest.warns(UserWarning, match=r"train\.conll: 2 of 6 words lie past --max-seq-length 5"):
-    short = tasks.featurize_tags(sentences, tok, 5, names, path)
-  assert short.extra["first_positions"][0].tolist() == [1, 2] and short.lengths[0] == 4
 
 
 def test_conll_errors(tmp_path, tok):
+  one_word = tasks.read_conll(write(tmp_path, "m.conll", "EU B-ORG\n"))
+  with pytest.raises(UserError, match=r"--max-seq-length 2: no room for a word"):
+    tasks.featurize_tags(one_word, tok, 2, ["O", "B-ORG"], "m.conll")
   with pytest.raises(UserError, match="empty file"):
     tasks.read_conll(write(tmp_path, "e.conll", "\n-DOCSTART- O\n\n"))
   with pytest.raises(UserError, match=r"b\.conll:2: expected 'word"):
@@ -182,6 +185,101 @@ def test_conll_errors(tmp_path, tok):
   path = write(tmp_path, "v.conll", "EU B-ORG\n\nParis B-LOC\n")
   with pytest.raises(UserError, match=r"v\.conll:3: tag 'B-LOC' does not occur"):
     tasks.featurize_tags(tasks.read_conll(path), tok, 16, ["O", "B-ORG"], path)
+
+
+def _distinct_words(tok, n: int) -> list[str]:
+  """`n` words from the vocab whose first pieces differ (every third one split into several
+  pieces), so a window's labelled positions name their word."""
+  words, firsts = [], set()
+  vocab = [t for t in tok.vocab if t.isalpha() and t.isascii() and len(t) >= 4]
+  for token in vocab[::7]:
+    word = token + "zzq" if len(words) % 3 == 2 else token
+    first = tok.encode(word)[0]
+    if first not in firsts:
+      words.append(word)
+      firsts.add(first)
+    if len(words) == n:
+      return words
+  raise AssertionError("too few distinct words in the vocab")
+
+
+TAG_CYCLE = ["B-PER", "I-PER", "O", "B-LOC", "O", "O", "B-ORG", "I-ORG", "I-ORG"]
+
+
+def test_a_long_sentence_keeps_every_label_in_windows(tmp_path, tok):
+  """A CoNLL file without blank lines is one 240-word sentence: at --max-seq-length 32 it used
+  to be cut after about 30 words, and the rest were neither trained nor scored (predicted O)."""
+  from bert_jax.finetune.specs import TokenTask
+  words = _distinct_words(tok, 240)
+  tags = [TAG_CYCLE[i % len(TAG_CYCLE)] for i in range(240)]
+  path = write(tmp_path, "long.conll", "".join(f"{w} {t}\n" for w, t in zip(words, tags)))
+  opts = types.SimpleNamespace(train_file=path, validation_file=path, max_train_rows=None,
+                               max_seq_length=32, doc_stride=None)
+  task = TokenTask(opts)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing is cut, so nothing to warn about
+    train, valid = task.load(tok)
+  assert [len(s.words) for s in task.valid] == [240]
+  label_of = {tok.encode(w)[0]: task.label_names.index(t) for w, t in zip(words, tags)}
+  ids, labels = train.arrays["input_ids"], train.arrays["labels"]
+  assert len(train) > 240 * 1.5 / 30 and train.lengths.max() <= 32
+  trained, times = set(), 0
+  for row in range(len(train)):
+    n = train.lengths[row]
+    assert (ids[row, 0], ids[row, n - 1]) == (tok.cls_id, tok.sep_id)
+    inner, inner_labels = ids[row, 1:n - 1], labels[row, 1:n - 1]
+    starts = np.isin(inner, list(label_of))
+    assert ((inner_labels >= 0) == starts).all()  # each word start in the window, nothing else
+    assert inner_labels[starts].tolist() == [label_of[t] for t in inner[starts].tolist()]
+    trained |= set(inner[starts].tolist())
+    times += int(starts.sum())
+  assert trained == set(label_of) and times > 240  # every word, and windows overlap
+  # Evaluation reads every word from a window: the windows' own labels as the predictions
+  # score every word, each correct.
+  prediction = np.maximum(valid.arrays["labels"], 0)
+  predicted = task.word_tags(valid, {"prediction": prediction})
+  assert [len(p) for p in predicted] == [240] and predicted[0] == tags
+  scores = task.score(valid, {"prediction": prediction})
+  assert scores["accuracy"] == 1.0 and scores["f1"] == 1.0
+
+
+def test_windowed_predictions_map_back_to_each_word_in_order(tok):
+  """Fake logits whose class names the (row, column) they were read at: each word's tag comes
+  from its first piece in the window where it has the most context (run_squad's score: the
+  shorter side's context + 0.01 x the window length; ties to the earlier window)."""
+  from bert_jax.finetune.specs import TokenTask
+  long_words = _distinct_words(tok, 60)
+  sentences = [tasks.TaggedSentence(["Peter", "\x00", "Blackburn"], ["B-PER", "O", "I-PER"], 1),
+               tasks.TaggedSentence(long_words, ["O"] * 60, 5),
+               tasks.TaggedSentence(["EU"], ["B-ORG"], 66)]
+  T, stride, max_doc = 16, 5, 14
+  f = tasks.featurize_tags(sentences, tok, T, ["O", "B-PER", "I-PER", "B-ORG"], "x", stride)
+  rows = len(f)
+  logits = np.zeros((rows, T, rows * T), np.float32)
+  logits[np.arange(rows)[:, None], np.arange(T), np.arange(rows * T).reshape(rows, T)] = 1
+  got = tasks.word_predictions(f, TokenTask(None).predict(logits, {})["prediction"])
+
+  ids, row0, not_first_window = f.arrays["input_ids"], 0, 0
+  for sentence, predicted in zip(sentences, got):
+    pieces = [tok.encode(w) or [tok.unk_id] for w in sentence.words]
+    doc = sum(pieces, [])
+    starts = [0]
+    while starts[-1] + max_doc < len(doc):
+      starts.append(starts[-1] + stride)
+    for k, start in enumerate(starts):  # the windows, in order, [CLS] pieces [SEP]
+      window = doc[start:start + max_doc]
+      assert ids[row0 + k, :len(window) + 2].tolist() == [tok.cls_id, *window, tok.sep_id]
+    want, first = [], np.cumsum([0] + [len(p) for p in pieces[:-1]])
+    for p in first:
+      holding = [k for k, s in enumerate(starts) if s <= p < s + len(doc[s:s + max_doc])]
+      score = [min(p - starts[k], starts[k] + len(doc[starts[k]:starts[k] + max_doc]) - 1 - p)
+               + 0.01 * len(doc[starts[k]:starts[k] + max_doc]) for k in holding]
+      best = holding[int(np.argmax(score))]
+      not_first_window += best != holding[0]
+      want.append((row0 + best) * T + p - starts[best] + 1)
+    assert len(predicted) == len(sentence.words) and predicted.tolist() == want
+    row0 += len(starts)
+  assert row0 == rows and len(got) == 3 and not_first_window > 5
 
 
 # -- multiple choice -------------------------------------------------------------------------

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
   p.add_argument("--max-seq-length", type=positive(int), default=None,
                  help="default 128 (384 for qa)")
+  p.add_argument("--doc-stride", type=positive(int), default=None,
+                 help="tokens between the starts of the overlapping windows over a long "
+                      "context (qa; default 128) or a sentence longer than --max-seq-length "
+                      "(token; default half a window); each token is read from the window "
+                      "where it has the most context")
   p.add_argument("--smallest-bucket", type=positive(int), default=16,
                  help="without packing, batches are padded to 16, 32, 64, ... up to "
                       "--max-seq-length")
@@ -89,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
                  help="one real-valued output, MSE loss (default: when labels are non-integer "
                       "numbers)")
   g = p.add_argument_group("qa")
-  g.add_argument("--doc-stride", type=positive(int), default=128)
   g.add_argument("--max-query-length", type=positive(int), default=64)
   g.add_argument("--max-answer-length", type=positive(int), default=None,
                  help="in tokens, a Chinese character being one (default: 30; 50 for Chinese)")
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
   platforms.check_install("finetune")
   if opts.max_seq_length is None:
     opts.max_seq_length = 384 if opts.task == "qa" else 128
+  if opts.doc_stride is None and opts.task == "qa":
+    opts.doc_stride = 128  # token tagging's default depends on the window (featurize_tags)
   if not 0.0 <= opts.warmup_ratio < 1.0:
     raise UserError(f"--warmup-ratio {opts.warmup_ratio}: expected a value in [0, 1)")
   if opts.smallest_bucket > opts.max_seq_length:

@@ -16,7 +16,7 @@ from bert_jax.finetune import squad_eval
 from bert_jax.fileio import write_text_atomic
 from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
                                      featurize_tags, featurize_text, read_choice, read_conll,
-                                     read_text_records, tag_names)
+                                     read_text_records, tag_names, word_predictions)
 
 
 def _masked_ce(logits, labels, weight):
@@ -121,9 +121,12 @@ class TokenTask(Task):
     self.valid = read_conll(o.validation_file)
     self.label_names = tag_names(train)
     self.num_labels = len(self.label_names)
-    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file),
+    # Sentences longer than a row are split into windows `--doc-stride` apart (default: half
+    # a row), so every word is trained and predicted.
+    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file,
+                           o.doc_stride),
             featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
-                           o.validation_file))
+                           o.validation_file, o.doc_stride))
 
   def _token_weight(self, batch):
     return (batch["labels"] >= 0) * batch["weight"][:, None]
@@ -138,12 +141,9 @@ class TokenTask(Task):
     return {"prediction": logits.argmax(-1).astype("int32")}
 
   def word_tags(self, feats, out) -> list[list[str]]:
-    tags = []
-    for i, s in enumerate(self.valid):
-      positions = feats.extra["first_positions"][i]
-      kept = [self.label_names[int(t)] for t in out["prediction"][i, positions]]
-      tags.append(kept + ["O"] * (len(s.words) - len(kept)))
-    return tags
+    """A tag for every word of every validation sentence, each from its max-context window."""
+    return [[self.label_names[t] for t in ids.tolist()]
+            for ids in word_predictions(feats, out["prediction"])]
 
   def score(self, feats, out):
     from bert_jax.finetune import metrics

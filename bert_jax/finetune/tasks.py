@@ -7,12 +7,12 @@ raises UserError naming the file and line (or record).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from bert_jax.errors import UserError
+from bert_jax.finetune import qa_windows
 # The readers' names stay importable from here, where callers have always found them.
 from bert_jax.finetune.readers import (ChoiceRecord, TaggedSentence, TextRecord,  # noqa: F401
                                        build_label_map, read_choice, read_choice_json,
@@ -96,45 +96,81 @@ def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int
 
 
 def featurize_tags(sentences: Sequence[TaggedSentence], tokenizer, max_seq_length: int,
-                   names: Sequence[str], path: str) -> Features:
-  """The label sits on each word's first sub-token; later pieces and specials get IGNORE.
-  `extra["first_positions"][i]` holds each kept word's first-piece position (words past
-  max_seq_length are cut and predicted "O")."""
+                   names: Sequence[str], path: str, doc_stride: int | None = None) -> Features:
+  """One row [CLS] window [SEP] per window over each sentence's sub-tokens: windows of
+  max_seq_length - 2 tokens, `doc_stride` apart (default: half a window), as QA's over its
+  contexts (qa_windows), so no word is lost to a long sentence. The label sits on each word's
+  first sub-token in every window that holds it; later pieces and specials get IGNORE.
+  `extra`: per word (all sentences back to back, `word_splits` [sentences + 1]) the row and
+  column where it is predicted, `word_rows` / `word_columns`: the window that gives its first
+  sub-token the most context (run_squad's rule, qa_windows.max_context_spans)."""
+  max_doc = max_seq_length - 2
+  if max_doc < 1:
+    raise UserError(f"--max-seq-length {max_seq_length}: no room for a word beside [CLS] and "
+                    "[SEP]; expected 3 or more")
+  stride = doc_stride or max(1, max_doc // 2)
+  if stride < 1:
+    raise UserError(f"--doc-stride: expected a positive number of tokens, got {doc_stride}")
   index = {n: i for i, n in enumerate(names)}
-  n = len(sentences)
-  ids = np.zeros((n, max_seq_length), np.int32)
-  labels = np.full((n, max_seq_length), IGNORE, np.int32)
-  lengths = np.zeros(n, np.int32)
-  flat_words = [w for s in sentences for w in s.words]
-  flat_pieces = tokenizer.encode_batch(flat_words)
-  first_positions, cursor, cut = [], 0, 0
-  for i, s in enumerate(sentences):
-    row, positions = [tokenizer.cls_id], []
-    for j, (word, tag) in enumerate(zip(s.words, s.tags)):
-      pieces = flat_pieces[cursor + j] or [tokenizer.unk_id]  # e.g. a lone control character
-      if tag not in index:
-        raise UserError(f"{path}:{s.line + j}: tag {tag!r} does not occur in the training "
-                        f"file (known: {', '.join(names[:20])})")
-      if len(row) + len(pieces) > max_seq_length - 1:
-        break
-      labels[i, len(row)] = index[tag]
-      positions.append(len(row))
-      row += pieces
-    cursor += len(s.words)
-    cut += len(s.words) - len(positions)
-    row.append(tokenizer.sep_id)
-    ids[i, :len(row)] = row
-    lengths[i] = len(row)
-    first_positions.append(np.array(positions, np.int32))
-  if cut:  # as QA warns of unreachable answers: these labels are neither trained nor scored
-    warnings.warn(f"{path}: {cut} of {len(flat_words)} words lie past --max-seq-length "
-                  f"{max_seq_length} and are cut (not trained, predicted 'O'); raise "
-                  "--max-seq-length, or split long sentences (a blank line between sentences)",
-                  stacklevel=2)
+  word_splits = np.cumsum([0] + [len(s.words) for s in sentences])
+  tag_ids = np.array([index.get(t, -1) for s in sentences for t in s.tags], np.int32)
+  if (tag_ids < 0).any():
+    word = int(np.argmax(tag_ids < 0))
+    i = int(np.searchsorted(word_splits, word, side="right")) - 1
+    s = sentences[i]
+    raise UserError(f"{path}:{s.line + word - word_splits[i]}: tag "
+                    f"{s.tags[word - word_splits[i]]!r} does not occur in the training file "
+                    f"(known: {', '.join(names[:20])})")
+  pieces = tokenizer.encode_ragged([w for s in sentences for w in s.words])
+  n_pieces, piece_ids = pieces.lengths, pieces.ids
+  if (n_pieces == 0).any():  # e.g. a lone control character: [UNK] keeps the word's place
+    piece_ids = np.insert(piece_ids, pieces.splits[:-1][n_pieces == 0], tokenizer.unk_id)
+    n_pieces = np.maximum(n_pieces, 1)
+  first_piece = np.cumsum(n_pieces) - n_pieces      # each word's, all sentences back to back
+  doc_first = np.append(first_piece, len(piece_ids))[word_splits]  # each sentence's
+  n_doc = np.diff(doc_first)
+  max_docs = np.full(len(sentences), max_doc)
+  example, start, length = qa_windows.windows(n_doc, max_docs, stride)
+  own_lo, own_hi = qa_windows.max_context_spans(n_doc, max_docs, stride, example, start)
+
+  rows = len(example)
+  column_0 = doc_first[example] + start - 1         # the piece column c holds: column_0 + c
+  column = np.arange(max_seq_length)
+  inside = (column >= 1) & (column <= length[:, None])
+  ids = np.zeros((rows, max_seq_length), np.int32)
+  ids[inside] = piece_ids[(column_0[:, None] + column)[inside]]
+  ids[:, 0] = tokenizer.cls_id
+  ids[np.arange(rows), length + 1] = tokenizer.sep_id
+  lengths = (length + 2).astype(np.int32)
+  labels = np.full((rows, max_seq_length), IGNORE, np.int32)
+  row, word = _words_in(first_piece, column_0 + 1, column_0 + 1 + length)
+  labels[row, first_piece[word] - column_0[row]] = tag_ids[word]
+  # The max-context spans split each sentence's tokens among its windows: one owner a word,
+  # found in word order.
+  owner, word = _words_in(first_piece, doc_first[example] + own_lo, doc_first[example] + own_hi)
+  assert np.array_equal(word, np.arange(len(first_piece)))
   return Features({"input_ids": ids, "token_type_ids": np.zeros_like(ids),
                    "attention_mask": _attention(ids, lengths), "labels": labels}, lengths,
                   seq_keys=("input_ids", "token_type_ids", "attention_mask", "labels"),
-                  extra={"first_positions": first_positions})
+                  extra={"word_rows": owner.astype(np.int32),
+                         "word_columns": (first_piece - column_0[owner]).astype(np.int32),
+                         "word_splits": word_splits})
+
+
+def _words_in(first_piece: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+  """(row, word) for every word whose first piece lies in [lo[row], hi[row]) (`first_piece`
+  ascends), rows in order and words ascending within each."""
+  a = np.searchsorted(first_piece, lo)
+  count = np.searchsorted(first_piece, hi) - a
+  row = np.repeat(np.arange(len(lo)), count)
+  return row, np.arange(len(row)) - np.repeat(np.cumsum(count) - count - a, count)
+
+
+def word_predictions(feats: Features, prediction: np.ndarray) -> list[np.ndarray]:
+  """Each sentence's predicted tag ids, one a word, from `prediction` [rows, T] of the rows of
+  featurize_tags: read where the word has the most context."""
+  per_word = prediction[feats.extra["word_rows"], feats.extra["word_columns"]]
+  return np.split(per_word, feats.extra["word_splits"][1:-1])
 
 
 def featurize_choice(records: Sequence[ChoiceRecord], tokenizer, max_seq_length: int,
