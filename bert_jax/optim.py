@@ -156,19 +156,16 @@ def make_optimizer(cfg: Any, phases: Sequence[Phase]
   parts = []
   if float(o.clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
-  if name == "adamw":
-    parts.append(scale_by_bert_adam(float(o.b1), float(o.b2), float(o.eps),
-                                    bool(o.bias_correction)))
-    parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
-  elif name == "lamb":
-    # LAMB is defined with bias-corrected moments (NVIDIA's recipe): configs set
-    # optim.bias_correction=True for it; False keeps BERT's raw moments.
-    parts.append(scale_by_bert_adam(float(o.b1), float(o.b2), float(o.eps),
-                                    bool(o.bias_correction)))
-    parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
-    parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
-  else:
+  if name not in ("adamw", "lamb"):
     raise UserError(f"config.optim.name={name!r}: expected 'adamw' or 'lamb'")
+  # LAMB is AdamW's update scaled per layer by its trust ratio. It is defined with bias-corrected
+  # moments (NVIDIA's recipe): configs set optim.bias_correction=True for it; False keeps BERT's
+  # raw moments.
+  parts.append(scale_by_bert_adam(float(o.b1), float(o.b2), float(o.eps),
+                                  bool(o.bias_correction)))
+  parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
+  if name == "lamb":
+    parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
   parts.append(scale_by_global_step_schedule(schedule))
   return optax.chain(*parts), schedule
 
