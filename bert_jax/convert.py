@@ -1,5 +1,6 @@
 """Hugging Face's side of loading: the name mapping, HF directories (safetensors) both ways,
-`load_pretrained` and the bert-jax-convert CLI. bert-jax's own checkpoints are checkpoint.py's.
+Google's TF1 checkpoints (through the same mapping, tf1.py), `load_pretrained` and the
+bert-jax-convert CLI. bert-jax's own checkpoints are checkpoint.py's.
 
 The Flax parameter tree mirrors transformers' module names, so one generic rule maps any tree
 whose top-level keys are HF module names ("bert", "cls", "classifier", "qa_outputs"):
@@ -199,17 +200,21 @@ def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True,
                     fresh_heads: bool = True) -> tuple[BertConfig, dict]:
-  """(config, params) from a Hugging Face BERT directory or a bert-jax checkpoint.
+  """(config, params) from a Hugging Face BERT directory, a Google TF1 BERT directory
+  (bert_config.json + bert_model.ckpt.*, tf1.py) or a bert-jax checkpoint.
 
   params is {"bert": ..., "cls": ...}; heads the source lacks (a bare BertModel) are freshly
   initialised from `seed` and listed on stderr, or, with fresh_heads=False (for a merge into
   a model's own fresh params, state.merge_params), left out: no init is compiled or run.
   """
-  p = resolved(path)  # a bert-jax checkpoint may be on gs://; HF directories are local
+  p = resolved(path)  # a bert-jax checkpoint may be on gs://; HF and TF1 directories are local
   if not p.exists():
     raise UserError(f"{path}: no such file or directory")
   if not is_remote(path) and is_hf_dir(p):
     config, params, _ = load_hf(p, seed=seed, verbose=verbose, fresh_heads=fresh_heads)
+    return config, params
+  if not is_remote(path) and (p / "bert_config.json").is_file():
+    config, params, _ = load_tf1(p, seed=seed, verbose=verbose, fresh_heads=fresh_heads)
     return config, params
   from bert_jax.checkpoint import load_checkpoint  # orbax, only for bert-jax checkpoints
   config, params, _ = load_checkpoint(p)
@@ -224,6 +229,30 @@ def load_hf(hf_dir: str | os.PathLike, seed: int = 0, verbose: bool = True,
     raise UserError(f"{d}: no config.json; expected a Hugging Face BERT directory")
   config = read_config_json(str(d / "config.json"))
   state, source = read_hf_state_dict(d)
+  return _from_state_dict(config, state, source, seed, verbose, fresh_heads)
+
+
+def load_tf1(tf_dir: str | os.PathLike, seed: int = 0, verbose: bool = True,
+             fresh_heads: bool = True) -> tuple[BertConfig, dict, list[str]]:
+  """A Google TF1 BERT dir (bert_model.ckpt.* + bert_config.json) -> (config, params, HF keys
+  that were missing). Its "gelu" is google-research/bert's tanh approximation: read as
+  gelu_new, so the outputs are the TF model's."""
+  from bert_jax import tf1
+  d = pathlib.Path(tf_dir)
+  config = read_config_json(str(d / "bert_config.json"))
+  if config.hidden_act == "gelu":
+    config = config.replace(hidden_act="gelu_new")
+  prefix = tf1.find_prefix(d)
+  if prefix is None:
+    raise UserError(f"{d}: no TF checkpoint (a `checkpoint` file or one *.ckpt.index); "
+                    "expected bert_model.ckpt.index and .data-* beside bert_config.json")
+  tensors = tf1.read_tensors(prefix, tf1.is_model_variable)
+  state = dict(tf1.tf_to_hf(name, x) for name, x in tensors.items())
+  return _from_state_dict(config, state, prefix + ".index", seed, verbose, fresh_heads)
+
+
+def _from_state_dict(config: BertConfig, state: dict, source: str, seed: int, verbose: bool,
+                     fresh_heads: bool) -> tuple[BertConfig, dict, list[str]]:
   template = init_pretraining_params(config, seed, shapes_only=not fresh_heads)
   params, missing, unused = params_from_hf(state, template, source)
   encoder_missing = [k for k in missing if k.startswith("bert.") and "pooler" not in k]
@@ -273,6 +302,52 @@ def from_hf(hf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
   return missing
 
 
+def from_tf(tf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
+  from bert_jax.checkpoint import write_checkpoint
+  config, params, missing = load_tf1(tf_dir, seed=seed)
+  vocab = find_vocab(tf_dir, levels=0)
+  if vocab is None:
+    print(f"warning: {tf_dir}: no vocab.txt; the checkpoint has no vocabulary", file=sys.stderr)
+  write_checkpoint(ckpt_dir, config, params, vocab, find_lower_case(tf_dir, vocab))
+  return missing
+
+
+def to_tf(ckpt_dir: str, tf_dir: str) -> pathlib.Path:
+  """A pretraining checkpoint -> bert_model.ckpt.* + bert_config.json (+ vocab.txt) as Google's
+  releases lay them out."""
+  import shutil
+
+  from bert_jax import tf1
+  from bert_jax.checkpoint import load_checkpoint
+  config, params, params_dir = load_checkpoint(ckpt_dir)
+  if "cls" not in params:
+    raise UserError(f"{params_dir}: has no pretraining heads (cls); expected a pretraining "
+                    "checkpoint")
+  if config.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
+    print(f"warning: {ckpt_dir}: hidden_act is {config.hidden_act!r}; google-research/bert's "
+          "'gelu' is the tanh approximation, so TF will compute a slightly different model",
+          file=sys.stderr)
+  state = params_to_hf({"bert": params["bert"], "cls": params["cls"]})
+  tensors = dict(tf1.hf_to_tf(k, v) for k, v in state.items())
+  vocab = find_vocab(params_dir.parent)
+  with new_directory(tf_dir) as tmp:
+    tf1.write_tensors(tmp / "bert_model.ckpt", tensors)
+    (tmp / "checkpoint").write_text('model_checkpoint_path: "bert_model.ckpt"\n'
+                                    'all_model_checkpoint_paths: "bert_model.ckpt"\n')
+    hf = config.to_hf_dict()
+    tf_config = {k: hf[k] for k in ("attention_probs_dropout_prob", "hidden_act",
+                                    "hidden_dropout_prob", "hidden_size", "initializer_range",
+                                    "intermediate_size", "max_position_embeddings",
+                                    "num_attention_heads", "num_hidden_layers",
+                                    "type_vocab_size", "vocab_size")}
+    if tf_config["hidden_act"] in ("gelu_new", "gelu_pytorch_tanh"):
+      tf_config["hidden_act"] = "gelu"  # modeling.py's gelu is the tanh form
+    write_json_atomic(tmp / "bert_config.json", tf_config)
+    if vocab:
+      shutil.copyfile(vocab, tmp / "vocab.txt")
+  return params_dir
+
+
 def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
   from bert_jax.checkpoint import load_checkpoint
   config, params, params_dir = load_checkpoint(ckpt_dir)
@@ -300,8 +375,17 @@ def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="bert-jax-convert", description="Convert BERT checkpoints between bert-jax (orbax) "
-      "and Hugging Face (safetensors).")
+      "and Hugging Face (safetensors) or Google's TF1 checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("from-tf", help="a Google TF1 BERT directory (bert_model.ckpt.index / "
+                     ".data-*, bert_config.json, vocab.txt) -> a bert-jax checkpoint")
+  p.add_argument("tf_dir")
+  p.add_argument("ckpt_dir")
+  p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
+  p = sub.add_parser("to-tf", help="a bert-jax pretraining checkpoint or workdir -> a TF1 "
+                     "directory as Google's releases (bert_model.ckpt.*, bert_config.json)")
+  p.add_argument("ckpt_dir")
+  p.add_argument("tf_dir")
   p = sub.add_parser("from-hf", help="a Hugging Face BERT directory -> a bert-jax checkpoint")
   p.add_argument("hf_dir")
   p.add_argument("ckpt_dir")
@@ -320,6 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     missing = from_hf(args.hf_dir, args.ckpt_dir, args.seed)
     print(f"wrote {args.ckpt_dir}" + (f" (initialised {len(missing)} absent tensors)"
                                        if missing else ""))
+  elif args.command == "from-tf":
+    from bert_jax.tf1 import is_tf1_dir
+    check_writable(args.ckpt_dir, "from-tf CKPT_DIR")
+    if not is_tf1_dir(args.tf_dir):
+      raise UserError(f"{args.tf_dir}: expected a TF1 BERT directory with bert_config.json and "
+                      "bert_model.ckpt.index (+ .data-*)")
+    missing = from_tf(args.tf_dir, args.ckpt_dir, args.seed)
+    print(f"wrote {args.ckpt_dir}" + (f" (initialised {len(missing)} absent tensors)"
+                                       if missing else ""))
+  elif args.command == "to-tf":
+    check_writable(args.tf_dir, "to-tf TF_DIR")
+    params_dir = to_tf(args.ckpt_dir, args.tf_dir)
+    print(f"wrote {args.tf_dir} from {params_dir}")
   else:
     check_writable(args.hf_dir, "to-hf HF_DIR")
     params_dir = to_hf(args.ckpt_dir, args.hf_dir, args.force)
