@@ -365,7 +365,7 @@ def _specs(b, n, t, s, h, cfg: _Config, blocked: str):
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: _Config, *args):
   words_spec = pl.BlockSpec((4,), lambda i, j, k: (0,))
   params = {}
-  if not cfg.interpret:
+  if not cfg.interpret and target_platform() == "gpu":
     from jax.experimental.pallas import triton as plgpu
     params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
   return pl.pallas_call(kernel, grid=grid, in_specs=[words_spec, *in_specs],
