@@ -1,7 +1,8 @@
 """QA feature rows as whole-array numpy (see qa.featurize for how they fit together): the
 windows over each example's context tokens, the window that gives each token its most
 context, the answer's tokens, and the [rows, L] grids. Only `training_spans` steps through the
-examples in Python (the answer fields, an error naming the first bad one)."""
+examples in Python (the answer fields, an error naming the first bad one). Token tagging
+(tasks.featurize_tags) windows long sentences with `windows` and `max_context_spans` too."""
 
 from __future__ import annotations
 
