@@ -6,6 +6,10 @@ object carrying step, phase, seq_len and split ("train" or "eval"), so a plot is
   rows = [json.loads(l) for l in open("metrics.jsonl")]
   train = [r for r in rows if r["split"] == "train"]
 
+A row with `mlm_loss` (the mean masked-LM cross-entropy: of the eval split, or averaged over a
+train row's steps) also gets `mlm_perplexity = exp(mlm_loss)`, in the file, in TensorBoard and
+on the progress line.
+
 A gs:// workdir (any object store) cannot be appended to: there the rows are kept in memory
 and the whole metrics.jsonl is rewritten (one atomic upload) at most every `upload_secs` and
 on flush/close; TensorBoard events go to a local temporary directory (tensorboardX needs the
@@ -28,9 +32,15 @@ from bert_jax.fileio import as_path, copy_atomic, is_remote, write_text_atomic
 
 # Printed in this order on the progress line when present.
 _PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),
+                  ("mlm_perplexity", "mlm_ppl {:.2f}"),
                   ("nsp_accuracy", "nsp_acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
                   ("grad_norm", "gnorm {:.2f}"), ("sequences_per_sec", "{:.1f} seq/s"),
                   ("mfu", "mfu {:.1%}"), ("data_wait_s", "data wait {:.3f}s"))
+
+
+def perplexity(mean_loss: float) -> float:
+  """exp of a mean cross-entropy in nats (inf past float range, nan stays nan)."""
+  return math.exp(mean_loss) if mean_loss < 709.0 or math.isnan(mean_loss) else math.inf
 
 
 def _clean(value: Any) -> Any:
@@ -100,6 +110,8 @@ class MetricWriter:
     row = {"step": int(step), "split": split, "phase": int(phase), "seq_len": int(seq_len),
            "time": round(time.time(), 3)}
     row.update({k: _clean(v) for k, v in metrics.items()})
+    if isinstance(row.get("mlm_loss"), (int, float)) and "mlm_perplexity" not in row:
+      row["mlm_perplexity"] = _clean(perplexity(float(row["mlm_loss"])))
     if not self.enabled:
       return row
     line = json.dumps(row, sort_keys=False) + "\n"

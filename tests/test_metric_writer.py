@@ -34,6 +34,21 @@ def test_rows_carry_step_phase_seq_len_split_and_tensorboard(tmp_path):
   assert scalars["train/loss"] == [(10, pytest.approx(2.5))]
 
 
+def test_mlm_perplexity_is_exp_of_the_rows_mlm_loss(tmp_path):
+  out = io.StringIO()
+  w = MetricWriter(str(tmp_path), stream=out)
+  w.write(5, {"loss": 3.0, "mlm_loss": jnp.float32(2.0)}, split="eval", phase=0, seq_len=128)
+  w.write(6, {"loss": 1.0}, phase=0, seq_len=128)   # fine-tuning-like row: no mlm_loss
+  w.write(7, {"mlm_loss": 1e4}, phase=0, seq_len=128, progress=False)   # overflow: null
+  w.close()
+  r = rows(tmp_path / "metrics.jsonl")
+  assert r[0]["mlm_perplexity"] == pytest.approx(math.exp(2.0), rel=1e-12)
+  assert "mlm_perplexity" not in r[1] and r[2]["mlm_perplexity"] is None
+  assert f"mlm_ppl {math.exp(2.0):.2f}" in out.getvalue().splitlines()[0]
+  assert read_scalars(tmp_path / "tensorboard")["eval/mlm_perplexity"] == [
+      (5, pytest.approx(math.exp(2.0), rel=1e-6))]
+
+
 def read_scalars(logdir):
   """{tag: [(step, value)]} from the TFRecord-framed event files (no TensorFlow needed)."""
   from tensorboardX.proto import event_pb2

@@ -4,6 +4,7 @@ checkpoints, the NaN policies, learning through both phases, and export to trans
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -143,6 +144,15 @@ def test_uninterrupted_run_layout_and_metrics(reference):
   assert [(r["step"], r["phase"], r["seq_len"]) for r in evals] == [
       (8, 0, 32), (14, 0, 32), (16, 1, 64)]
   assert list((workdir / "tensorboard").iterdir())
+
+
+def test_mlm_perplexity_is_exp_of_the_mlm_loss(reference):
+  """In every eval row (and train row) of a real run, and on the progress lines."""
+  workdir, out = reference
+  evals = rows(workdir, "eval")
+  assert evals and all(r["mlm_perplexity"] == pytest.approx(math.exp(r["mlm_loss"]), rel=1e-9)
+                       for r in evals + rows(workdir))
+  assert "[eval] step 8" in out and "mlm_ppl " in out.split("[eval] step 8")[1].splitlines()[0]
 
 
 @pytest.mark.slow  # one or two more `bert-jax pretrain` processes
