@@ -186,7 +186,7 @@ def _sentencepiece_advice(error: Exception, vocab_size: int, coverage: float) ->
 
 def train_vocab(inputs: str | list[str], vocab_size: int, output: str, lower_case: bool = True,
                 input_format: str = "auto", character_coverage: float = 0.9995,
-                max_sentences: int = 2_000_000, seed: int = 0, text_field: str = "text",
+                max_sentences: int = 2_000_000, seed: int = 0, text_field: str | None = None,
                 model_type: str = "bpe", allow_replaced_bytes: bool = False) -> str:
   """Trains a WordPiece vocab.txt on `inputs` (corpus specs, see bert_jax.data.corpus).
 
@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--lower-case", action=argparse.BooleanOptionalAction, default=True,
                       help="lower-case and strip accents (an uncased vocab; default) or not")
   parser.add_argument("--input-format", default="auto", choices=("auto", "bert", "text"))
-  parser.add_argument("--text-field", default="text", help="record field for tfds inputs")
+  parser.add_argument("--text-field", default=None, help="the field holding the text: of each "
+                      "line of a JSON lines input (required there), of a tfds record (default "
+                      "text)")
   parser.add_argument("--character-coverage", type=float, default=0.9995,
                       help="fraction of character occurrences whose characters get their own "
                            "pieces (default 0.9995)")

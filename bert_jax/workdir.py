@@ -120,6 +120,7 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
       local = target if not is_remote(target) else os.path.join(tmp, "vocab.txt")
       train_vocab(inputs, int(cfg.data.vocab_size), str(local),
                   lower_case=bool(cfg.data.lower_case),
+                  text_field=cfg.data.get("text_field") or None,
                   allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)))
       if is_remote(target):
         copy_atomic(local, target)
@@ -253,6 +254,7 @@ def prepare_data(cfg: Any, phases: Sequence[Phase], workdir: str, vocab: str,
                          lower_case=bool(cfg.data.lower_case),
                          eval_fraction=float(cfg.data.eval_fraction),
                          static_masking=not bool(cfg.data.dynamic_masking), progress=False,
+                         text_field=cfg.data.get("text_field") or None,
                          allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)))
     dirs.append(data_dir)
   _sync("data-created")

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.input = []            # corpus files / "sample:en" for vocab and data creation
+  c.data.text_field = ""       # the text's field in JSON lines inputs (and tfds; "": text)
   c.data.vocab = ""            # "" = train workdir/vocab.txt from data.input
   c.data.vocab_required = False  # True: refuse to train a vocab (e.g. Chinese: use Google's)
   c.data.vocab_size = 30522

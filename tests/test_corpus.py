@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pathlib
 import re
 import shutil
 
@@ -155,3 +156,85 @@ def test_tfds_missing_dataset_is_a_user_error(tmp_path, monkeypatch):
   assert [(s.kind, s.path, s.split) for s in sources] == [
       ("tfds", "wikipedia/20230601.en", "train"), ("tfds", "c4/en", "validation")]
   assert corpus.FORMATS == ("auto", "bert", "text")
+
+
+def _jsonl_of_bert_format(path, out, *, per_line=(1, 2, 1, 3)):
+  """The raw blank-line-separated blocks of a BERT-format file as JSON lines: 1, 2, 1, 3, ...
+  documents per line (joined by a blank line inside the field), with another field beside."""
+  import json
+  blocks = [b for b in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if b.strip()]
+  lines, i, n = [], 0, 0
+  while i < len(blocks):
+    take = per_line[n % len(per_line)]
+    lines.append(json.dumps({"id": n, "text": "\n\n".join(blocks[i:i + take])},
+                            ensure_ascii=n % 2 == 0))
+    i, n = i + take, n + 1
+  opener = gzip.open if str(out).endswith(".gz") else open
+  with opener(out, "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n\n")   # a trailing blank line too
+  return out
+
+
+@pytest.mark.parametrize("lang, name", [("en", "c.jsonl"), ("zh", "c.jsonl.gz"),
+                                        ("en", "c.json")])
+def test_jsonl_documents_equal_those_of_the_same_text_in_bert_format(tmp_path, lang, name):
+  bert = pathlib.Path(sample_corpus_path(lang))
+  jsonl = _jsonl_of_bert_format(bert, tmp_path / name)
+  stats = CorpusStats()
+  documents = list(iter_documents(str(jsonl), text_field="text", stats=stats))
+  assert documents == list(iter_documents(str(bert))) and len(documents) >= 20
+  assert stats.documents == len(documents)
+
+
+def test_jsonl_without_text_field_is_refused_naming_the_flag(tmp_path):
+  jsonl = _jsonl_of_bert_format(pathlib.Path(sample_corpus_path("en")), tmp_path / "c.jsonl")
+  sniffed = tmp_path / "corpus.txt"            # JSON lines under a text file's name
+  shutil.copyfile(jsonl, sniffed)
+  for path in (jsonl, sniffed):
+    with pytest.raises(UserError, match=r"looks like JSON lines \(fields of line 1: id, text\)"
+                       r".*--text-field FIELD"):
+      list(iter_documents(str(path)))
+    with pytest.raises(UserError, match=r"looks like JSON lines"):
+      list(iter_documents(str(path), input_format="bert"))   # an explicit format: still refused
+  with pytest.raises(UserError, match=r"line 1 has no field 'body' \(fields: id, text\)"):
+    list(iter_documents(str(jsonl), text_field="body"))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "a"}\n{"text": "b"\n', encoding="utf-8")
+  with pytest.raises(UserError, match="bad.jsonl: line 2 is not valid JSON"):
+    list(iter_documents(str(bad), text_field="text"))
+  # Plain BERT-format text is unaffected by --text-field, and a line that merely starts with {
+  plain = tmp_path / "plain.txt"
+  plain.write_text("{curly} start.\nsecond.\n\nnext doc.\n", encoding="utf-8")
+  assert list(iter_documents(str(plain), text_field="text")) == [
+      ["{curly} start.", "second."], ["next doc."]]
+
+
+def test_jsonl_field_as_running_text(tmp_path):
+  path = tmp_path / "c.ndjson"
+  path.write_text('{"t": "One here. Two there.\\nThree!\\n\\nNew doc."}\n{"t": null}\n'
+                  '{"t": "Last."}\n', encoding="utf-8")
+  assert list(iter_documents(str(path), input_format="text", text_field="t")) == [
+      ["One here.", "Two there.", "Three!"], ["New doc."], ["Last."]]
+
+
+def test_create_data_and_train_vocab_cli_refuse_jsonl_without_text_field(tmp_path, capsys):
+  from bert_jax.data.create import main as create_main
+  from bert_jax.vocab import main as vocab_main
+  jsonl = _jsonl_of_bert_format(pathlib.Path(sample_corpus_path("en")), tmp_path / "c.jsonl")
+  assert vocab_main(["--input", str(jsonl), "--vocab-size", "300",
+                     "--output", str(tmp_path / "v.txt")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--text-field" in err and not (tmp_path / "v.txt").exists()
+  # With the flag: the same vocabulary as from the BERT-format file.
+  assert vocab_main(["--input", str(jsonl), "--text-field", "text", "--vocab-size", "300",
+                     "--output", str(tmp_path / "v.txt")]) == 0
+  assert vocab_main(["--input", sample_corpus_path("en"), "--vocab-size", "300",
+                     "--output", str(tmp_path / "ref.txt")]) == 0
+  assert (tmp_path / "v.txt").read_text() == (tmp_path / "ref.txt").read_text()
+  capsys.readouterr()
+  assert create_main(["--input", str(jsonl), "--vocab", str(tmp_path / "v.txt"), "--output",
+                      str(tmp_path / "data"), "--max-seq-length", "32",
+                      "--max-predictions-per-seq", "4", "--workers", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "looks like JSON lines" in err and "--text-field" in err
+  assert not (tmp_path / "data").exists()

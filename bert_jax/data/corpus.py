@@ -11,6 +11,13 @@ Input specs (`iter_documents(inputs, ...)` takes one or a list):
   sample | sample:en | sample:zh
                     the small corpus shipped inside the package (`sample` is English)
 
+JSON lines (a file named `*.jsonl` / `*.ndjson`, `.gz` too, or whose first line is a JSON
+object): one JSON object a line, and `text_field` (--text-field) names the field that holds
+the text; each line's text is then read as the format below says (a file's lines are the
+field's lines: with `bert`, or `auto`, one sentence a line, and a blank line inside the field
+ends a document as in BERT's format). Without `text_field` such a file is refused, naming the
+flag: it is never read as plain text, JSON syntax included.
+
 File formats (`input_format`):
   bert  one sentence per line, blank line between documents (google-research/bert's format)
   text  running text, split into sentences (English `.!?`, Chinese `。！？；`). If the file has
@@ -38,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import json
 import os
 import pathlib
 import re
@@ -47,6 +55,9 @@ from typing import IO, Iterable, Iterator
 from bert_jax.errors import UserError
 
 FORMATS = ("auto", "bert", "text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_JSONL_LINE_BYTES = 256 << 20  # a JSON line is parsed whole: one document's bytes at most
+_TEXT_FIELD_FLAG = "--text-field FIELD (pretrain: --config.data.text_field=FIELD)"
 SAMPLE_LANGUAGES = ("en", "zh")
 MAX_SENTENCE_CHARS = 1000
 _READ_CHUNK_BYTES = 1 << 20
@@ -184,9 +195,10 @@ def _check_replaced(path: str, bad: int, read: int, whole: bool) -> None:
 
 
 def iter_lines(path: str, stats: CorpusStats | None = None,
-               allow_replaced_bytes: bool = False) -> Iterator[str]:
-  """Decoded lines of a file (newline removed), in pieces of at most ~1 MiB. Refuses a file
-  with more than REPLACED_BYTES_LIMIT non-UTF-8 bytes unless `allow_replaced_bytes`."""
+               allow_replaced_bytes: bool = False,
+               piece_bytes: int = _READ_CHUNK_BYTES) -> Iterator[str]:
+  """Decoded lines of a file (newline removed), in pieces of at most ~`piece_bytes`. Refuses a
+  file with more than REPLACED_BYTES_LIMIT non-UTF-8 bytes unless `allow_replaced_bytes`."""
   bad_total = read = 0
   checked_at = 0
   carry = b""
@@ -194,7 +206,7 @@ def iter_lines(path: str, stats: CorpusStats | None = None,
   try:
     with _open_binary(path) as f:
       while True:
-        chunk = f.readline(_READ_CHUNK_BYTES)
+        chunk = f.readline(piece_bytes)
         read += len(chunk)
         if not chunk and not carry:
           break
@@ -202,7 +214,7 @@ def iter_lines(path: str, stats: CorpusStats | None = None,
         carry = b""
         if chunk.endswith(b"\n"):
           chunk = chunk[:-1]
-        elif len(chunk) >= _READ_CHUNK_BYTES:  # a piece of a longer line
+        elif len(chunk) >= piece_bytes:  # a piece of a longer line
           cut = _incomplete_utf8_tail(chunk)
           if cut:
             chunk, carry = chunk[:-cut], chunk[-cut:]
@@ -351,8 +363,71 @@ def _text_documents(lines: Iterable[str], wikitext: bool,
     yield document
 
 
+def _json_lines_fields(path: str) -> list[str] | None:
+  """The field names of the first line when the file is JSON lines (by its name, or a first
+  non-blank line that is a JSON object), else None."""
+  try:
+    with _open_binary(path) as f:
+      head = f.read(_SNIFF_BYTES)
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise UserError(f"--input {path}: cannot read ({e})") from None
+  lines = [line for line in head.decode("utf-8", errors="replace").split("\n") if line.strip()]
+  first = lines[0].strip().removeprefix("\ufeff") if lines else ""
+  try:
+    record = json.loads(first) if first.startswith("{") else None
+  except json.JSONDecodeError:
+    record = None
+  if isinstance(record, dict):
+    return sorted(record)
+  named = path.removesuffix(".gz").endswith(JSONL_SUFFIXES)
+  cut_off = first.startswith('{"') and len(lines) == 1 and len(head) == _SNIFF_BYTES
+  return [] if named or cut_off else None
+
+
+def _refuse_json_lines(path: str, fields: list[str] | None) -> None:
+  if fields is not None:
+    shown = f" (fields of line 1: {', '.join(fields)})" if fields else ""
+    raise UserError(f"--input {path}: looks like JSON lines{shown}; name the field that holds "
+                    f"the text with {_TEXT_FIELD_FLAG}")
+
+
+def _jsonl_documents(path: str, text_field: str, input_format: str,
+                     stats: CorpusStats | None, allow_replaced_bytes: bool
+                     ) -> Iterator[list[str]]:
+  """Each line's `text_field`, read as a little file in `input_format` (bert for auto)."""
+  lines = iter_lines(path, stats, allow_replaced_bytes, piece_bytes=_JSONL_LINE_BYTES)
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"--input {path}: line {number} is not valid JSON ({e.msg} at column "
+                      f"{e.colno}); expected one JSON object a line") from None
+    if not isinstance(record, dict) or text_field not in record:
+      fields = ", ".join(sorted(record)) if isinstance(record, dict) else "not an object"
+      raise UserError(f"--input {path}: line {number} has no field {text_field!r} "
+                      f"(fields: {fields}); pick one with {_TEXT_FIELD_FLAG}")
+    value = record[text_field]
+    if value is None:
+      continue
+    if not isinstance(value, str):
+      raise UserError(f"--input {path}: line {number}: field {text_field!r} is a "
+                      f"{type(value).__name__}; expected a string")
+    text_lines = value.split("\n")
+    if input_format == "text":
+      yield from _text_documents(text_lines, wikitext=False, stats=stats)
+    else:
+      yield from _bert_documents(text_lines, stats)
+
+
 def _file_documents(path: str, input_format: str, stats: CorpusStats | None,
-                    allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
+                    allow_replaced_bytes: bool = False, text_field: str | None = None
+                    ) -> Iterator[list[str]]:
+  fields = _json_lines_fields(path)
+  if fields is not None and text_field:
+    return _jsonl_documents(path, text_field, input_format, stats, allow_replaced_bytes)
+  _refuse_json_lines(path, fields)
   fmt = _sniff_format(path) if input_format == "auto" else input_format
   lines = iter_lines(path, stats, allow_replaced_bytes)
   if fmt == "bert":
@@ -391,16 +466,19 @@ def _tfds_documents(source: Source, text_field: str,
       yield sentences
 
 
-def iter_source_documents(source: Source, input_format: str = "auto", text_field: str = "text",
-                          stats: CorpusStats | None = None,
+def iter_source_documents(source: Source, input_format: str = "auto",
+                          text_field: str | None = None, stats: CorpusStats | None = None,
                           allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
-  """Documents of one resolved source (see `resolve_inputs`); lets callers shard by source."""
+  """Documents of one resolved source (see `resolve_inputs`); lets callers shard by source.
+  `text_field`: the field of JSON lines files (required for them) and of tfds records
+  (default "text")."""
   if stats is not None:
     stats.files += 1
   if source.kind == "tfds":
-    documents = _tfds_documents(source, text_field, stats)
+    documents = _tfds_documents(source, text_field or "text", stats)
   else:
-    documents = _file_documents(source.path, input_format, stats, allow_replaced_bytes)
+    documents = _file_documents(source.path, input_format, stats, allow_replaced_bytes,
+                                text_field)
   for document in documents:
     if stats is not None:
       stats.documents += 1
@@ -410,7 +488,8 @@ def iter_source_documents(source: Source, input_format: str = "auto", text_field
 
 
 def iter_documents(inputs: str | os.PathLike | Iterable[str | os.PathLike],
-                   input_format: str = "auto", text_field: str = "text", split: str = "train",
+                   input_format: str = "auto", text_field: str | None = None,
+                   split: str = "train",
                    stats: CorpusStats | None = None,
                    allow_replaced_bytes: bool = False) -> Iterator[list[str]]:
   """Streams documents (lists of non-empty, stripped sentences) from every input in order.
@@ -422,10 +501,14 @@ def iter_documents(inputs: str | os.PathLike | Iterable[str | os.PathLike],
   if input_format not in FORMATS:
     raise UserError(f"--input-format {input_format!r}: expected one of {', '.join(FORMATS)}")
   sources = resolve_inputs(inputs, split=split)
+  if not text_field:  # refuse JSON lines before any work
+    for source in sources:
+      if source.kind == "file":
+        _refuse_json_lines(source.path, _json_lines_fields(source.path))
   return _stream(sources, input_format, text_field, stats, allow_replaced_bytes)
 
 
-def _stream(sources: list[Source], input_format: str, text_field: str,
+def _stream(sources: list[Source], input_format: str, text_field: str | None,
             stats: CorpusStats | None, allow_replaced_bytes: bool) -> Iterator[list[str]]:
   documents_per_spec: dict[str, int] = {}
   for source in sources:

@@ -299,7 +299,7 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
                 masked_lm_prob=0.15, dupe_factor=10, short_seq_prob=0.1, seed=12345,
                 whole_word_mask=False, workers=None, lower_case=None, input_format="auto",
                 eval_fraction=0.0, num_shards=None, static_masking=True, progress=True,
-                text_field="text", allow_replaced_bytes=False) -> dict:
+                text_field=None, allow_replaced_bytes=False) -> dict:
   """Writes instances to `output_dir` (see the module docstring); returns the manifest.
 
   Suspect but usable input (a few non-UTF-8 bytes, documents too short or too few for NSP)
@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lower-case", action=argparse.BooleanOptionalAction, default=None,
                  help="default: inferred from the vocab")
   p.add_argument("--input-format", choices=("auto", "bert", "text"), default="auto")
-  p.add_argument("--text-field", default="text", help="text feature of a tfds dataset")
+  p.add_argument("--text-field", default=None, help="the field holding the text: of each line "
+                 "of a JSON lines input (required there), of a tfds record (default text)")
   p.add_argument("--eval-fraction", type=float, default=0.0,
                  help="fraction of documents held out (by hash) as the eval split")
   p.add_argument("--num-shards", type=int, default=None,
