@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "create-data": ("bert_jax.data.create", "create MLM+NSP pretraining instances (array_record)"),
     "pretrain": ("bert_jax.train", "pretrain BERT from an ml_collections config"),
     "plan": ("bert_jax.plan", "compile the train step for a TPU topology: memory, FLOPs, time"),
-    "convert": ("bert_jax.convert", "convert checkpoints between orbax and Hugging Face"),
+    "convert": ("bert_jax.convert", "convert checkpoints: orbax <-> Hugging Face, Google TF1"),
     "finetune": ("bert_jax.finetune.__main__", "fine-tune a BERT on a downstream task"),
 }
 TRAINING = ("pretrain", "finetune")  # run with huge-page malloc (bert_jax.hostmem)
