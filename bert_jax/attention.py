@@ -1,15 +1,7 @@
-"""Attention without [B,N,T,S] tensors in memory: cuDNN's flash attention (GPU) and TPU splash
-attention where nothing is dropped, a flash-attention Pallas kernel with BERT's attention
-dropout inside it, and the choice between them and the unfused XLA path (`ops.attention` /
+"""Attention without [B,N,T,S] tensors in memory: a flash-attention Pallas kernel with BERT's
+attention dropout inside it, cuDNN's flash attention (GPU) and TPU splash attention where
+nothing is dropped, and the choice between them and the unfused XLA path (`ops.attention` /
 `ops.dropout_attention`).
-
-On an H200 the Pallas kernel computes what the XLA path computes (its tests pass there), but a
-BERT-base step through it did not finish compiling and running within 150 s (tools/
-device_check.sh, README): until it is measured, `auto` takes it nowhere and it runs only when
-named (attention="pallas"). With attention dropout on, `auto` therefore trains through the XLA
-path on GPUs and TPUs and says so in the run's log; the fast recipe (attention dropout 0, as
-ModernBERT, MosaicBERT and Cramming train; configs/bert_base_fast.py) is fused on both.
-cuDNN reads a padding mask as lengths: padding at the end, as every batch made here.
 
 Which keys a query sees is given by segment ids: query t attends key s when
 q_seg[t] == kv_seg[s] and kv_seg[s] != 0. A padded batch is q_seg = 1, kv_seg = its attention
@@ -22,7 +14,13 @@ written out), so the fused and unfused paths train identically for a given key; 
 an element depend on its global (b, n, t, s), whatever the mesh.
 
 The kernel is chosen by the platform of the mesh the step is traced under (`target_platform`),
-so `bert-jax plan` compiles the TPU path on any host.
+so `bert-jax plan` compiles the TPU path on any host. On TPUs the Pallas kernel (its TPU layout
+checked in interpret mode; compiled, never yet run on a chip) trains the paper's recipe. On an
+H200 it computes what the XLA path computes (its tests pass there), but a BERT-base step through
+it did not finish compiling and running within 150 s (README): until it is measured there, `auto`
+takes it nowhere on GPUs, which train attention dropout through the XLA path and say so in the
+run's log; the fast recipe (attention dropout 0, configs/bert_base_fast.py) is fused there.
+cuDNN reads a padding mask as lengths: padding at the end, as every batch made here.
 """
 
 from __future__ import annotations
@@ -76,22 +74,26 @@ def target_platform() -> str:
 def choose(implementation: str, platform: str, rate: float, training: bool,
            shape: tuple[int, int, int], dtype: str = "bfloat16", packed: bool = False) -> str:
   """The path one attention call takes: "xla", "pallas", "splash" or "cudnn". `shape` is
-  (T, S, H). "auto" fuses where nothing is dropped and a kernel fits: cuDNN on GPUs (16-bit,
-  padded rows), splash on TPUs; the XLA path elsewhere and for shapes the kernels do not
-  take."""
+  (T, S, H). "auto" fuses where a kernel fits: on TPUs splash, or the Pallas kernel when
+  attention dropout is on; on GPUs cuDNN (16-bit, padded rows) when nothing is dropped; the
+  XLA path elsewhere and for shapes the kernels do not take."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
   t, s, h = shape
   dropping = training and rate > 0.0
-  fits_pallas = all(x >= _MIN_BLOCK and x & (x - 1) == 0 for x in (t, s, h))
+  power_of_two = lambda x: x >= _MIN_BLOCK and x & (x - 1) == 0
+  # The dropout counters need power-of-two lengths; TPU blocks are whole 128-key tiles with any
+  # head width, Triton's are powers of two throughout.
+  fits_pallas = power_of_two(t) and power_of_two(s) and (
+      t % 128 == 0 and s % 128 == 0 if platform == "tpu" else power_of_two(h))
   fits_splash = t % 128 == 0 and s % 128 == 0
   fits_cudnn = dtype in ("bfloat16", "float16") and not packed and h <= 128 and h % 8 == 0
   if implementation == "auto":
     if platform == "gpu" and fits_cudnn and not dropping:
       return "cudnn"
-    if platform == "tpu" and fits_splash and not dropping:
-      return "splash"
+    if platform == "tpu" and fits_splash:
+      return "pallas" if dropping and fits_pallas else "splash"
     return "xla"
   if implementation in ("splash", "cudnn") and dropping:
     raise ValueError(f"attention {implementation} has no dropout: set "
@@ -163,20 +165,26 @@ def _axis_offset(axes: tuple[str, ...], local: int):
 
 
 def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate: float = 0.0,
-                    interpret: bool = False, block_q: int = 128, block_k: int = 64):
+                    interpret: bool = False, layout: str | None = None, block_q: int = 128,
+                    block_k: int | None = None):
   """The Pallas kernel over the whole batch: under a mesh, each device runs it on its own rows
   and heads (shard_map), with the global row and head offsets that keep the dropout bits
-  mesh-independent."""
+  mesh-independent. `layout` ("tpu" or "gpu"; default: the traced platform's) shapes the
+  per-query statistics and segment ids for the chip's vector tiles; tests interpret both."""
   b, t, n, h = q_BTNH.shape
   to_bnth = lambda x: jnp.transpose(x, (0, 2, 1, 3))
   q, k, v = to_bnth(q_BTNH), to_bnth(k_BSNH), to_bnth(v_BSNH)
+  tpu = (layout or target_platform()) == "tpu"
+  # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
+  # keeps them), key blocks of one lane tile; elsewhere plain columns and rows.
   cfg = _Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
-                block_k=min(block_k, k.shape[2]))
+                block_k=min(block_k or (128 if tpu else 64), k.shape[2]),
+                lanes=128 if tpu else 1, sublanes=8 if tpu else 1,
+                smem=tpu and not interpret)
   mesh, batch, heads = _batch_head_specs(b, n)
+  q_seg_BT, kv_seg_BS = q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
   if not batch and not heads:
-    out = _flash(q, k, v, q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32),
-                 _offset_words(words, 0, 0), cfg)
-    return to_bnth(out)
+    return to_bnth(_flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg))
   from jax.sharding import PartitionSpec as P
   b_axes, n_axes = batch or None, heads or None
 
@@ -187,8 +195,7 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   qkv = P(b_axes, n_axes, None, None)
   seg = P(b_axes, None)
   out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
-                      out_specs=qkv, check_vma=False)(
-      q, k, v, q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32), words)
+                      out_specs=qkv, check_vma=False)(q, k, v, q_seg_BT, kv_seg_BS, words)
   return to_bnth(out)
 
 
@@ -205,10 +212,17 @@ class _Config(NamedTuple):
   interpret: bool
   block_q: int
   block_k: int
+  lanes: int  # width of a query's statistics and segment id: 128 (a TPU lane tile) or 1
+  sublanes: int  # height of the key segment ids: 8 (a TPU sublane tile) or 1
+  smem: bool  # the dropout words in scalar memory (TPU)
 
   @property
   def threshold(self) -> int:
     return dropout.keep_threshold(self.rate)
+
+  @property
+  def keep_scale(self) -> float:
+    return 65536.0 / self.threshold
 
 
 class _Where(NamedTuple):
@@ -224,18 +238,19 @@ def _where(words_ref) -> _Where:
 
 def _keep(words_ref, at: _Where, cfg: _Config, seq_q: int, seq_k: int, t0, s0, shape):
   """The kept elements of a [bq, bk] block at (t0, s0): the bits keep_mask draws for
-  [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit quarter s // C)."""
+  [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit quarter s // C; C = S/4, a
+  power of two, so both are a shift and a mask)."""
   b, n = at
-  c = (seq_k + 3) // 4
+  c = seq_k // 4
   t = (t0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)).astype(jnp.uint32)
   s = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  within = (n * np.uint32(seq_q) + t) * np.uint32(c) + (s % c).astype(jnp.uint32)
+  within = (n * np.uint32(seq_q) + t) * np.uint32(c) + (s & (c - 1)).astype(jnp.uint32)
   hi, lo = dropout.threefry2x32(words_ref[0], words_ref[1], within,
                                 jnp.broadcast_to(b, shape))
-  quarter = s // c
+  quarter = s >> (c.bit_length() - 1)
   bits = jnp.where(quarter == 0, hi >> 16, jnp.where(quarter == 1, hi & 0xFFFF,
                    jnp.where(quarter == 2, lo >> 16, lo & 0xFFFF)))
-  return bits < np.uint32(cfg.threshold)
+  return bits.astype(jnp.int32) < cfg.threshold
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -245,15 +260,32 @@ def _dot(a, b, contract: tuple[int, int]):
                              preferred_element_type=jnp.float32, precision=precision)
 
 
+def _column(x_1d, lanes: int):
+  """A per-query vector as the [bq, lanes] statistics tile."""
+  return jax.lax.broadcast_in_dim(x_1d, (x_1d.shape[0], lanes), (0,))
+
+
+def _to_width(stat, width: int):
+  """A [bq, lanes] statistic broadcastable against a [bq, width] block."""
+  lanes = stat.shape[1]
+  if lanes == 1 or lanes == width:
+    return stat
+  if width < lanes:
+    return stat[:, :width]
+  return jnp.concatenate([stat] * (width // lanes), axis=1)
+
+
 def _scores(q, k, q_seg, kv_seg, scale):
-  """Scaled q·k of a block with the disallowed pairs at the float32 minimum, and the mask."""
-  allowed = (q_seg[:, None] == kv_seg[None, :]) & (kv_seg[None, :] != 0)
+  """Scaled q·k of a block with the disallowed pairs at the float32 minimum, and the mask.
+  q_seg: [bq, lanes]; kv_seg: [sublanes, bk] (the first row is read)."""
+  kv_row = kv_seg[:1]
+  allowed = (_to_width(q_seg, kv_row.shape[1]) == kv_row) & (kv_row != 0)
   return jnp.where(allowed, _dot(q, k, (1, 1)) * scale, _NEG), allowed
 
 
 def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_ref, *,
                 cfg: _Config, seq_q: int, seq_k: int):
-  bq, bk = cfg.block_q, cfg.block_k
+  bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
   q, q_seg = q_ref[...], qs_ref[...]
   scale = 1.0 / math.sqrt(q.shape[-1])
@@ -263,21 +295,21 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_
     m, l, acc = carry
     s0 = pl.multiple_of(j * bk, bk)
     v = v_ref[pl.ds(s0, bk), :]
-    s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_seg, ks_ref[pl.ds(s0, bk)], scale)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp(s - m_new[:, None])
+    s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_seg, ks_ref[:, pl.ds(s0, bk)], scale)
+    m_new = jnp.maximum(m, _column(jnp.max(s, axis=1), lanes))
+    p = jnp.exp(s - _to_width(m_new, bk))
     alpha = jnp.exp(m - m_new)
-    l = l * alpha + jnp.sum(p, axis=1)
+    l = l * alpha + _column(jnp.sum(p, axis=1), lanes)
     if cfg.rate > 0.0:
       keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape)
-      p = jnp.where(keep, p * (65536.0 / cfg.threshold), 0.0)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+      p = jnp.where(keep, p * cfg.keep_scale, 0.0)
+    acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
     return m_new, l, acc
 
-  init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+  init = (jnp.full((bq, lanes), -jnp.inf, jnp.float32), jnp.zeros((bq, lanes), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, seq_k // bk, body, init)
-  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (acc / _to_width(l, acc.shape[1])).astype(o_ref.dtype)
   # The row maximum and sum apart, not as log-sum-exp: for a query that sees no key both terms
   # sit at the float32 minimum, where m + log(l) rounds to m.
   m_ref[...] = m
@@ -289,16 +321,16 @@ def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_seg, k
   """For one [bq, bk] block: (dropped probabilities, d logits) of the backward pass."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   s, allowed = _scores(q, k, q_seg, kv_seg, scale)
-  p = jnp.exp(s - m[:, None]) / l[:, None]
+  bk = s.shape[1]
+  p = jnp.exp(s - _to_width(m, bk)) / _to_width(l, bk)
   dp = _dot(do, v, (1, 1))
   if cfg.rate > 0.0:
     keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape)
-    keep_scale = 65536.0 / cfg.threshold
-    dropped = jnp.where(keep, p * keep_scale, 0.0)
-    dp = jnp.where(keep, dp * keep_scale, 0.0)
+    dropped = jnp.where(keep, p * cfg.keep_scale, 0.0)
+    dp = jnp.where(keep, dp * cfg.keep_scale, 0.0)
   else:
     dropped = p
-  ds = jnp.where(allowed, p * (dp - delta[:, None]) * scale, 0.0)
+  ds = jnp.where(allowed, p * (dp - _to_width(delta, bk)) * scale, 0.0)
   return dropped, ds
 
 
@@ -314,8 +346,9 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l
     t0 = pl.multiple_of(i * bq, bq)
     rows = pl.ds(t0, bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
-    dropped, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, qs_ref[rows],
-                               kv_seg, m_ref[rows], l_ref[rows], delta_ref[rows])
+    dropped, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do,
+                               qs_ref[rows, :], kv_seg, m_ref[rows, :], l_ref[rows, :],
+                               delta_ref[rows, :])
     dv = dv + _dot(dropped.astype(do.dtype), do, (0, 0))
     dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
     return dk, dv
@@ -339,38 +372,55 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_
     cols = pl.ds(s0, bk)
     k = k_ref[cols, :]
     _, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v_ref[cols, :], do, q_seg,
-                         ks_ref[cols], m, l, delta)
+                         ks_ref[:, cols], m, l, delta)
     return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
   dq = jax.lax.fori_loop(0, seq_k // bk, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _specs(b, n, t, s, h, cfg: _Config, blocked: str):
-  """BlockSpecs for a grid (b, n, block index), blocked along the queries or the keys."""
+def _specs(t, s, h, cfg: _Config, blocked: str):
+  """BlockSpecs for a grid (b, n, block index), blocked along the queries or the keys:
+  q/k/v [B,N,T,H], query ids [B,T,lanes], key ids [B,sublanes,S], statistics [B,N,T,lanes]."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
-  whole_q = pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0))
-  whole_k = pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0))
-  whole_qrow = pl.BlockSpec((sq, sq, t), lambda i, j, k: (i, j, 0))
+  lanes, sub = cfg.lanes, cfg.sublanes
   if blocked == "q":
-    q_block = pl.BlockSpec((sq, sq, cfg.block_q, h), lambda i, j, k: (i, j, k, 0))
-    return dict(q=q_block, k=whole_k, qs=pl.BlockSpec((sq, cfg.block_q), lambda i, j, k: (i, k)),
-                ks=pl.BlockSpec((sq, s), lambda i, j, k: (i, 0)),
-                row=pl.BlockSpec((sq, sq, cfg.block_q), lambda i, j, k: (i, j, k)))
-  k_block = pl.BlockSpec((sq, sq, cfg.block_k, h), lambda i, j, k: (i, j, k, 0))
-  return dict(q=whole_q, k=k_block, qs=pl.BlockSpec((sq, t), lambda i, j, k: (i, 0)),
-              ks=pl.BlockSpec((sq, cfg.block_k), lambda i, j, k: (i, k)), row=whole_qrow)
+    bq = cfg.block_q
+    return dict(q=pl.BlockSpec((sq, sq, bq, h), lambda i, j, k: (i, j, k, 0)),
+                k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
+                qs=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
+                ks=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
+                row=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
+  bk = cfg.block_k
+  return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
+              k=pl.BlockSpec((sq, sq, bk, h), lambda i, j, k: (i, j, k, 0)),
+              qs=pl.BlockSpec((sq, t, lanes), lambda i, j, k: (i, 0, 0)),
+              ks=pl.BlockSpec((sq, sub, bk), lambda i, j, k: (i, 0, k)),
+              row=pl.BlockSpec((sq, sq, t, lanes), lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: _Config, *args):
-  words_spec = pl.BlockSpec((4,), lambda i, j, k: (0,))
   params = {}
-  if not cfg.interpret and target_platform() == "gpu":
-    from jax.experimental.pallas import triton as plgpu
-    params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
+  if cfg.smem:
+    from jax.experimental.pallas import tpu as pltpu
+    words_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+    params = dict(compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel")))
+  else:
+    words_spec = pl.BlockSpec((4,), lambda i, j, k: (0,))
+    if not cfg.interpret and target_platform() == "gpu":
+      from jax.experimental.pallas import triton as plgpu
+      params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
   return pl.pallas_call(kernel, grid=grid, in_specs=[words_spec, *in_specs],
                         out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret,
                         **params)(*args)
+
+
+def _segment_tiles(q_seg, kv_seg, cfg: _Config):
+  """[B,T] and [B,S] ids as the kernels read them: [B,T,lanes] and [B,sublanes,S]."""
+  b, t = q_seg.shape
+  return (jnp.broadcast_to(q_seg[:, :, None], (b, t, cfg.lanes)),
+          jnp.broadcast_to(kv_seg[:, None, :], (b, cfg.sublanes, kv_seg.shape[1])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -381,15 +431,16 @@ def _flash(q, k, v, q_seg, kv_seg, words, cfg: _Config):
 def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: _Config):
   b, n, t, h = q.shape
   s = k.shape[2]
-  sp = _specs(b, n, t, s, h, cfg, "q")
+  sp = _specs(t, s, h, cfg, "q")
   kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
-  row = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+  row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
   out, m, l = _call(kernel, (b, n, t // cfg.block_q),
                     [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"]],
                     [sp["q"], sp["row"], sp["row"]],
                     [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg,
-                    words, q, k, v, q_seg, kv_seg)
-  return out, (q, k, v, q_seg, kv_seg, words, out, m, l)
+                    words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg))
+  # Only the first lane of the statistics is kept for the backward pass.
+  return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0])
 
 
 def _flash_bwd(cfg: _Config, residuals, d_out):
@@ -398,15 +449,16 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
   s = k.shape[2]
   d_out = d_out.astype(q.dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  args = (words, q, k, v, q_seg, kv_seg, d_out, m, l, delta)
-  sk = _specs(b, n, t, s, h, cfg, "k")
+  stats = [jnp.broadcast_to(x[..., None], (b, n, t, cfg.lanes)) for x in (m, l, delta)]
+  args = (words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg), d_out, *stats)
+  sk = _specs(t, s, h, cfg, "k")
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // cfg.block_k),
                  [sk["q"], sk["k"], sk["k"], sk["qs"], sk["ks"], sk["q"]] + [sk["row"]] * 3,
                  [sk["k"], sk["k"]],
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                  cfg, *args)
-  sq = _specs(b, n, t, s, h, cfg, "q")
+  sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
              [sq["q"], sq["k"], sq["k"], sq["qs"], sq["ks"], sq["q"]] + [sq["row"]] * 3,

@@ -71,6 +71,38 @@ def test_kernel_equals_the_xla_path_forward_and_gradients(kind, rate):
                                _fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
 
 
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_the_tpu_layout_equals_the_xla_path_too(kind):
+  """The kernel as it runs on a TPU (statistics in 128-lane tiles, key ids in 8-row tiles, key
+  blocks of 128), interpreted: values and gradients with dropout, one 128-long block."""
+  t = 128
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32) for _ in range(3))
+  ids = np.ones((1, t), np.int32)
+  ids[0, 100:] = 0
+  if kind == "packed":
+    ids[0, 40:100] = 2
+  segments = attention.Segments(None if kind == "padded" else jnp.asarray(ids), jnp.asarray(ids))
+  g = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+
+  def textbook(q, k, v):
+    keep, scale = dropout.keep_mask(KEY, (1, 2, t, t), 0.1)
+    probs = jnp.where(keep, ops._softmax_probs(q, k, segments.mask()) * scale, 0.0)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+  def fused(q, k, v):
+    return attention.flash_attention(q, k, v, segments.queries(t), segments.kv_BS,
+                                     dropout.key_words_of(KEY), rate=0.1, interpret=True,
+                                     layout="tpu")
+
+  with jax.default_matmul_precision("highest"):
+    ref = jax.value_and_grad(lambda *x: jnp.sum(textbook(*x) * g), argnums=(0, 1, 2))(q, k, v)
+    out = jax.value_and_grad(lambda *x: jnp.sum(fused(*x) * g), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+  for name, a, b in zip("qkv", out[1], ref[1]):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
 def _dropped(key, rate=0.1):
   """keep x scale for every (b, n, t, s), read back through the kernel: q = k = 0 gives uniform
   probabilities 1/S and v = the identity reads them out ([B, T, N, S])."""
@@ -111,13 +143,16 @@ def test_each_platform_takes_its_path():
   assert attention.choose("pallas", "gpu", 0.1, True, (1, 128, 64)) == "xla"  # [CLS] readout
   assert attention.choose("auto", "tpu", 0.0, True, full) == "splash"
   assert attention.choose("auto", "tpu", 0.1, False, full) == "splash"
-  assert attention.choose("auto", "tpu", 0.1, True, full) == "xla"  # splash cannot drop
+  assert attention.choose("auto", "tpu", 0.1, True, full) == "pallas"  # splash cannot drop
+  assert attention.choose("auto", "tpu", 0.1, True, (128, 128, 48)) == "pallas"
+  assert attention.choose("auto", "tpu", 0.1, True, (64, 64, 64)) == "xla"  # no full tile
   assert attention.choose("auto", "cpu", 0.1, True, full) == "xla"
   assert attention.choose("xla", "gpu", 0.1, True, full) == "xla"
   with pytest.raises(ValueError, match="splash has no dropout"):
     attention.choose("splash", "tpu", 0.1, True, full)
   assert "inside the kernel" in attention.describe("pallas", "gpu", 0.1)
-  assert "materialised" in attention.describe("auto", "tpu", 0.1)
+  assert "inside the kernel" in attention.describe("auto", "tpu", 0.1)
+  assert "materialised" in attention.describe("auto", "gpu", 0.1)
   assert "cuDNN" in attention.describe("auto", "gpu", 0.0)
 
 
@@ -150,9 +185,10 @@ def test_a_training_step_is_the_same_through_the_kernel():
                ref_grads)
 
 
-def test_the_tpu_program_plan_compiles_runs_splash_attention():
-  """With attention dropout 0 (the fast recipe) the train step lowered for a v5e topology calls
-  the splash kernel (a Mosaic custom call) and no longer computes [B,N,T,S] softmaxes."""
+def test_the_tpu_program_plan_compiles_runs_fused_attention():
+  """The train step compiled for a v5e topology calls the fused kernels (Mosaic custom calls):
+  splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
+  with the paper's 0.1."""
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
   from bert_jax import plan, sharding, steps
   from bert_jax.run_config import resolve_config
@@ -174,6 +210,6 @@ def test_the_tpu_program_plan_compiles_runs_splash_attention():
     batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
     return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
 
-  fused = lowered(0.0)
-  assert "tpu_custom_call" in fused and "splash" in fused
-  assert "tpu_custom_call" not in lowered(0.1)  # dropout: the XLA path, as the log says
+  fast, paper = lowered(0.0), lowered(0.1)
+  assert "tpu_custom_call" in fast and "splash" in fast
+  assert "tpu_custom_call" in paper and "_fwd_kernel" in paper and "_dq_kernel" in paper
