@@ -5,8 +5,10 @@
 #
 #   tools/device_check.sh [--cpu] [--out DIR]
 #
-# GPU mode (default), sized to finish within about 8 minutes on one H200:
+# GPU mode (default), sized to finish within about 8 minutes on one H200: attention alone
+# (compile and step time of xla / pallas / cudnn, tools/bench_attention.py), then
 #   BERT-base 128 x 256, BERT-base 512 x 64, BERT-large 128 x 64, bfloat16, attention auto / xla.
+# Every step has its own timeout and log, so one that hangs costs its timeout, not the run.
 # --cpu: the same steps on tiny shapes (CI runs it, so the script cannot rot).
 # Packages the machine lacks travel as wheels in .whl/ (README, "Measuring on a GPU").
 # Writes DIR/device_check.json (default: $OUT when set, else device_check/) and one log per step.
@@ -54,6 +56,14 @@ run_tests() {  # the GPU's own run of the tests: matmuls pinned to float32 where
 }
 
 run_tests 150 tests_attention tests/test_attention.py
+if [ "$mode" = gpu ]; then  # attention alone at BERT-base 128 x 64: compile and step times apart
+  for rate in 0.1 0.0; do
+    impls="xla pallas"; [ "$rate" = 0.0 ] && impls="xla pallas cudnn"
+    timeout 240 "$python" tools/bench_attention.py --rate "$rate" --implementations $impls \
+      --json-out "$out/attention_$rate.json" > "$out/attention_$rate.log" 2>&1
+    echo "attention alone, dropout $rate:"; grep '^{' "$out/attention_$rate.log"
+  done
+fi
 for case in $cases; do
   IFS=: read -r preset seq batch <<< "$case"
   for attn in $attentions; do
@@ -85,6 +95,8 @@ for log in sorted(glob.glob(os.path.join(out, "*_*x*_*.log")), key=os.path.getmt
   else:
     cases.append(dict(case=name, error=open(log).read()[-1500:]))
 report = dict(mode=mode, cases=cases)
+for path in sorted(glob.glob(os.path.join(out, "attention_*.json"))):
+  report.setdefault("attention_alone", []).extend(json.load(open(path)))
 for name in ("tests_attention", "tests"):
   path = os.path.join(out, name + ".log")
   if os.path.exists(path):
