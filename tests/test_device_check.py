@@ -19,7 +19,7 @@ def test_device_check_cpu_mode_writes_one_json_of_every_case(tmp_path):
   report = json.loads((tmp_path / "device_check.json").read_text())
   assert report["mode"] == "cpu"
   cases = {c["case"]: c for c in report["cases"]}
-  assert set(cases) == {"tiny_64x4_auto", "tiny_64x4_xla"}
+  assert set(cases) == {"tiny_64x4_fast", "tiny_64x4_xla"}
   for case in cases.values():
     assert case["sequences_per_s"] > 0 and case["tokens_per_s"] == pytest.approx(
         64 * case["sequences_per_s"])

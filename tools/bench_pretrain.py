@@ -89,6 +89,8 @@ def bench_jax(args) -> dict:
   device = jax.devices()[0]
   dtype = platforms.compute_dtype(args.dtype, device)
   model_config = get_preset(args.preset, dtype=dtype, attention=args.attention)
+  if args.attention_dropout is not None:
+    model_config = model_config.replace(attention_probs_dropout_prob=args.attention_dropout)
   cfg = ml_collections.ConfigDict()
   cfg.total_steps = 10_000
   cfg.phases = [dict(fraction=1.0, seq_len=args.seq_len, max_predictions=args.max_predictions,
@@ -183,7 +185,9 @@ def _child_argv(args, side: str) -> list[str]:
           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
           "--max-predictions", str(args.max_predictions), "--dtype", args.dtype,
           "--steps", str(args.steps), "--warmup", str(args.warmup), "--attention",
-          args.attention, "--json"]
+          args.attention, "--json"] + (
+              [] if args.attention_dropout is None
+              else ["--attention-dropout", str(args.attention_dropout)])
 
 
 def _child_env(args, side: str) -> dict:
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
                       help="bert-jax's attention path (auto: fused where the platform has a "
                            "kernel; xla: never fused)")
+  parser.add_argument("--attention-dropout", type=float, default=None,
+                      help="bert-jax's attention dropout (default: the preset's 0.1; 0 is the "
+                           "fast recipe, fused on GPUs and TPUs)")
   parser.add_argument("--json-out", help="also write the results (one object per side) here")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) per side")

@@ -7,7 +7,8 @@
 #
 # GPU mode (default), sized to finish within about 8 minutes on one H200: attention alone
 # (compile and step time of xla / pallas / cudnn, tools/bench_attention.py), then
-#   BERT-base 128 x 256, BERT-base 512 x 64, BERT-large 128 x 64, bfloat16, attention auto / xla.
+#   BERT-base 128 x 256, BERT-base 512 x 64, BERT-large 128 x 64, bfloat16, attention xla
+#   (unfused, dropout 0.1), fast (auto, attention dropout 0: cuDNN) and pallas (dropout inside).
 # Every step has its own timeout and log, so one that hangs costs its timeout, not the run.
 # --cpu: the same steps on tiny shapes (CI runs it, so the script cannot rot).
 # Packages the machine lacks travel as wheels in .whl/ (README, "Measuring on a GPU").
@@ -36,12 +37,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "$mode" = cpu ]; then
   export JAX_PLATFORMS=cpu
   cases="tiny:64:4"
-  attentions="auto xla"
+  attentions="xla fast"
   steps=2
   plan_config="configs/tiny_cpu.py"
 else
   cases="base:128:256 base:512:64 large:128:64"
-  attentions="auto xla"
+  attentions="xla fast pallas"
   steps=10
   plan_config="configs/bert_base_paper.py"
 fi
@@ -68,8 +69,12 @@ for case in $cases; do
   IFS=: read -r preset seq batch <<< "$case"
   for attn in $attentions; do
     name="${preset}_${seq}x${batch}_${attn}"
+    # xla: unfused, the paper's attention dropout; fast: auto with attention dropout 0 (cuDNN on
+    # a GPU); pallas: this project's kernel, dropout inside
+    flags=(--attention "$attn")
+    [ "$attn" = fast ] && flags=(--attention auto --attention-dropout 0)
     timeout 150 "$python" tools/bench_pretrain.py --side jax --preset "$preset" --seq-len "$seq" \
-      --batch-size "$batch" --dtype bfloat16 --attention "$attn" --steps "$steps" --warmup 2 \
+      --batch-size "$batch" --dtype bfloat16 "${flags[@]}" --steps "$steps" --warmup 2 \
       --plain-malloc --json-out "$out/$name.json" > "$out/$name.log" 2>&1
     echo "$name: exit $? $(grep -E '^bert-jax ' "$out/$name.log" | head -1)"
   done
