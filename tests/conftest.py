@@ -41,14 +41,16 @@ XLA_CACHE = _shared_xla_cache()
 _CACHE_ENV = {
     "BERT_JAX_COMPILATION_CACHE": XLA_CACHE,
     "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",   # every compile, not only those over 1 s
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
+        os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",   # every size
 }
 os.environ.update(_CACHE_ENV)
 if "jax" in sys.modules:   # imported before this file (a plugin): set its config directly
   import jax
   jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 

@@ -91,6 +91,7 @@ CONLL_TRAIN = "\n\n".join(["EU B-ORG\nrejects O\nGerman B-MISC\ncall O",
 CONLL_DEV = "Peter B-PER\nsaid O\n\nEU B-ORG\nrejects O\nBRUSSELS B-LOC\n"
 
 
+@pytest.mark.slow  # another task's fine-tune + export
 def test_token_task_and_export(tmp_path, vocab):
   (tmp_path / "train.conll").write_text(CONLL_TRAIN)
   (tmp_path / "dev.conll").write_text(CONLL_DEV)
@@ -119,7 +120,7 @@ def test_token_task_and_export(tmp_path, vocab):
   assert torch_tags == [l[2] for l in lines]
 
 
-@pytest.mark.slow  # about a minute on a busy 2-core CPU
+@pytest.mark.slow  # a fine-tune + two exports
 def test_to_hf_exports_a_finetuned_best_with_its_head(tmp_path, vocab):
   """A fine-tune's best/ used to be refused by to-hf ("a fine-tuned checkpoint"), so an export
   forgotten or cut short by a kill could only be had by training again."""
@@ -179,6 +180,7 @@ def _tree_bytes(root):
   return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # two fine-tunes
 def test_sigterm_marks_the_output_incomplete_and_a_finished_one_is_never_overwritten(
     tmp_path, vocab, monkeypatch, capsys):
   """SIGTERM used to leave the files of a finished run; and a rerun on a finished --output-dir
@@ -213,6 +215,7 @@ def test_sigterm_marks_the_output_incomplete_and_a_finished_one_is_never_overwri
   assert _tree_bytes(out) == finished and not other_hf.exists()
 
 
+@pytest.mark.slow  # about a minute on a busy 2-core CPU
 def test_qa_task_and_export(shared_data, tmp_path):
   data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text("utf-8"))
   small = {"version": "v1", "data": data["data"][:2]}
@@ -240,6 +243,7 @@ SWAG = ("video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,e
                              for i in range(16)))
 
 
+@pytest.mark.slow  # another task's fine-tune + export
 def test_choice_task_and_export(tmp_path, vocab):
   (tmp_path / "swag.csv").write_text(SWAG)
   out, hf_dir = tmp_path / "out", tmp_path / "hf"

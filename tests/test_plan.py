@@ -85,7 +85,8 @@ def _param_count(cfg):
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
 
 
-@pytest.mark.parametrize("topology,fsdp", [("v5e:2x2", 1), ("v4:2x2x1", 2)])
+@pytest.mark.parametrize("topology,fsdp", [
+    ("v5e:2x2", 1), pytest.param("v4:2x2x1", 2, marks=pytest.mark.slow)])
 def test_plan_compiles_and_its_figures_match_the_analytic_ones(topology, fsdp):
   # 256 wide: 128-wide shards of a 2 x 128 BERT would be padded to TPU tiles, 20% more bytes.
   cfg = _cfg(("mesh.fsdp", str(fsdp)), ("model.preset", "L-2_H-256"))
@@ -106,11 +107,13 @@ def test_plan_compiles_and_its_figures_match_the_analytic_ones(topology, fsdp):
   assert report["schedule_s"] == pytest.approx(at_mfu["phase_s"])
 
 
+@pytest.mark.slow  # a further TPU compile
 def test_remat_shows_as_recompute(v5e):
   (phase,) = plan.plan(_cfg(("model.remat", "True")), v5e, None, 0.4)["phases"]
   assert phase["flops"]["ratio"] > 1.15  # the forward pass again in the backward pass
 
 
+@pytest.mark.slow  # two further TPU compiles
 def test_accumulated_flops_scale_with_the_micro_batches(v5e):
   """XLA counts a scanned body once; the plan's figure must be 4x for 4 micro-batches."""
   one = plan.plan(_cfg(), v5e, None, 0.4)["phases"][0]["flops"]["compiled_per_chip"]
