@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
       prog="python -m bert_jax.finetune",
       description="Fine-tune BERT for classification, token tagging, span QA or multiple "
                   "choice. Writes OUTPUT_DIR/metrics.json, predictions, and the best "
-                  "checkpoint under OUTPUT_DIR/best.")
+                  "checkpoint under OUTPUT_DIR/best. `predict --help`: predict with "
+                  "OUTPUT_DIR/best on a file without labels.")
   p.add_argument("--task", required=True, choices=TASK_NAMES)
   p.add_argument("--init", required=True,
                  help="a bert-jax checkpoint, a Hugging Face BERT directory, or 'random'")
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="lower-case text (auto: from the checkpoint's tokenizer_config or vocab)")
   p.add_argument("--train-file", required=True)
   p.add_argument("--validation-file", required=True)
+  p.add_argument("--context-file", metavar="context.json",
+                 help="choice / qa: the paragraph list that homework-layout files point into "
+                      "(records of question, paragraphs [ids], relevant, answer {text, start})")
   p.add_argument("--output-dir", required=True)
   p.add_argument("--overwrite-output-dir", action="store_true",
                  help="replace the results of a finished run in --output-dir (refused "
@@ -106,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["predict"]:  # `predict ...`: a fine-tuned model on a file without labels
+    from bert_jax.finetune import predict
+    platforms.check_install("finetune")
+    return predict.main(argv[1:])
   opts = build_parser().parse_args(argv)
   platforms.check_install("finetune")
   if opts.max_seq_length is None:

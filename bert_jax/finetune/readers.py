@@ -30,6 +30,8 @@ class TextRecord:
   pair: str | None
   label: str | None
   line: int
+  id: str | None = None  # the row's `id` field, which submissions are keyed by
+  label_key: str | None = None  # the label's column, which names a submission's column
 
 
 def _open_text(path: str):
@@ -109,7 +111,8 @@ def read_text_records(path: str, text_column: str | None = None,
       raise UserError(f"{path}:{line}: empty or missing text column {text_key!r}")
     label = row.get(label_key) if label_key else None
     records.append(TextRecord(str(text), None if pair_key is None else str(row.get(pair_key) or ""),
-                              None if label is None else str(label).strip(), line))
+                              None if label is None else str(label).strip(), line,
+                              None if row.get("id") is None else str(row["id"]), label_key))
     if max_rows and len(records) >= max_rows:
       break
   roles = (f"; a file without a header is read as text{', pair' if pair_key else ''}, label"
@@ -227,10 +230,33 @@ def _is_int(s: str) -> bool:
 class TaggedSentence:
   words: list[str]
   tags: list[str]
-  line: int  # line of the first word
+  line: int  # line of the first word (the record number in slot JSON)
+  id: str | None = None
 
 
-def read_conll(path: str) -> list[TaggedSentence]:
+def read_tagged(path: str, labeled: bool = True) -> list[TaggedSentence]:
+  """Slot JSON (a list or JSONL of {"tokens": [...], "tags": [...], "id"}) or CoNLL.
+  `labeled=False` (a test file): tags may be absent (CoNLL: a word a line) and read as []."""
+  content = _open_text(path)
+  if content.lstrip()[:1] not in ("[", "{"):
+    return read_conll(path, labeled)
+  rows, _ = _jsonl_rows(path, content)
+  out = []
+  for n, r in rows:
+    where = f"{path}: record {n}" + (f" (id {r['id']!r})" if "id" in r else "")
+    tokens, tags = r.get("tokens"), r.get("tags")
+    if not isinstance(tokens, list) or not tokens:
+      raise UserError(f"{where}: missing field 'tokens' (a non-empty list of words)")
+    if tags is None and labeled:
+      raise UserError(f"{where}: missing field 'tags' (one tag per token)")
+    if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
+      raise UserError(f"{where}: field 'tags' should list one tag per token ({len(tokens)})")
+    out.append(TaggedSentence([str(t) for t in tokens], [str(t) for t in tags or []], n,
+                              None if r.get("id") is None else str(r["id"])))
+  return out
+
+
+def read_conll(path: str, labeled: bool = True) -> list[TaggedSentence]:
   """CoNLL-style: one `word ... tag` per line (first column the word, last the tag), a blank
   line between sentences, -DOCSTART- lines skipped."""
   content = _open_text(path)
@@ -243,13 +269,14 @@ def read_conll(path: str) -> list[TaggedSentence]:
         words, tags = [], []
       continue
     fields = line.split()
-    if len(fields) < 2:
+    if len(fields) < 2 and labeled:
       raise UserError(f"{path}:{i}: expected 'word ... tag' (at least two columns), got "
                       f"{line[:40]!r}")
     if not words:
       start = i
     words.append(fields[0])
-    tags.append(fields[-1])
+    if len(fields) > 1:
+      tags.append(fields[-1])
   if words:
     sentences.append(TaggedSentence(words, tags, start))
   if not sentences:
@@ -299,17 +326,23 @@ def read_swag(path: str) -> list[ChoiceRecord]:
 
 QUESTION_KEYS = ("question", "query", "context", "sent1", "premise")
 CANDIDATE_KEYS = ("candidates", "paragraphs", "options", "endings", "choices")
-GOLD_KEYS = ("gold", "label", "answer", "gold_index", "relevant")
+# `relevant` before `answer`: an `answer` may be a QA span ({text, start}), not a choice.
+GOLD_KEYS = ("gold", "label", "gold_index", "relevant", "answer")
 
 
-def read_choice_json(path: str) -> list[ChoiceRecord]:
-  """JSON list (or JSONL, or {"data": [...]}) of {question, candidates|paragraphs, gold}."""
+def read_choice_json(path: str, context_file: str | None = None,
+                     labeled: bool = True) -> list[ChoiceRecord]:
+  """JSON list (or JSONL, or {"data": [...]}) of {question, candidates|paragraphs, gold}, or
+  the homework layout (paragraphs as ids into --context-file; paragraphs.py)."""
+  from bert_jax.finetune import paragraphs
   content = _open_text(path)
   try:
     loaded = json.loads(content) if content.lstrip()[:1] in ("[", "{") and \
         "\n{" not in content.strip() else None
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: not valid JSON ({e})") from None
+  if paragraphs.is_paragraph_layout(loaded):
+    return paragraphs.choice_records(path, context_file, loaded, labeled)
   if loaded is None:
     rows, _ = _jsonl_rows(path, content)
   else:
@@ -323,7 +356,9 @@ def read_choice_json(path: str) -> list[ChoiceRecord]:
       raise UserError(f"{path}: record {n}: expected a JSON object")
     q = next((r[k] for k in QUESTION_KEYS if k in r), None)
     cands = next((r[k] for k in CANDIDATE_KEYS if k in r), None)
-    gold = next((r[k] for k in GOLD_KEYS if k in r), None)
+    gold = next((r[k] for k in GOLD_KEYS if k in r and not isinstance(r[k], dict)), None)
+    if not labeled and gold is None:
+      gold = paragraphs.UNLABELED
     if q is None or not isinstance(cands, list) or not cands or gold is None:
       raise UserError(f"{path}: record {n}: expected fields question, candidates (or "
                       "paragraphs: a non-empty list) and gold (an index)")
@@ -335,7 +370,7 @@ def read_choice_json(path: str) -> list[ChoiceRecord]:
         raise UserError(f"{path}: record {n}: gold {gold[:40]!r} is not one of the candidates")
       gold = cands.index(gold)
     gold = int(gold)
-    if not 0 <= gold < len(cands):
+    if not 0 <= gold < len(cands) and (labeled or gold != paragraphs.UNLABELED):
       raise UserError(f"{path}: record {n}: gold index {gold}; expected 0..{len(cands) - 1}")
     records.append(ChoiceRecord(str(r.get("id", n)), [str(q)] * len(cands), cands, gold, n))
   return records
@@ -349,5 +384,8 @@ def _refuse_blank(where: str, candidates: list, names: list[str] | None = None) 
                       "in every candidate")
 
 
-def read_choice(path: str) -> list[ChoiceRecord]:
-  return read_swag(path) if path.lower().endswith(".csv") else read_choice_json(path)
+def read_choice(path: str, context_file: str | None = None,
+                labeled: bool = True) -> list[ChoiceRecord]:
+  if path.lower().endswith(".csv"):
+    return read_swag(path)
+  return read_choice_json(path, context_file, labeled)

@@ -13,9 +13,10 @@ import numpy as np
 
 from bert_jax.errors import UserError
 from bert_jax.finetune import squad_eval
+from bert_jax.finetune.paragraphs import read_qa
 from bert_jax.fileio import write_text_atomic
 from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
-                                     featurize_tags, featurize_text, read_choice, read_conll,
+                                     featurize_tags, featurize_text, read_choice, read_tagged,
                                      read_text_records, tag_names, word_predictions)
 
 
@@ -73,6 +74,7 @@ class ClassificationTask(Task):
     self.num_labels = 1 if self.regression else len(self.label_names)
     self.main_metric = "pearson" if self.regression else "accuracy"
     self.valid_records = valid
+    self.label_column = train[0].label_key
     feats = [featurize_text(r, tokenizer, o.max_seq_length, self.label_names, self.regression, p)
              for r, p in ((train, o.train_file), (valid, o.validation_file))]
     return feats[0], feats[1]
@@ -102,6 +104,9 @@ class ClassificationTask(Task):
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
+  def finetune_info(self):
+    return {**super().finetune_info(), "label_column": self.label_column}
+
   def hf_config(self):
     if self.regression:
       return {"num_labels": 1, "problem_type": "regression"}
@@ -117,8 +122,8 @@ class TokenTask(Task):
 
   def load(self, tokenizer):
     o = self.opts
-    train = read_conll(o.train_file)[:o.max_train_rows or None]
-    self.valid = read_conll(o.validation_file)
+    train = read_tagged(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_tagged(o.validation_file)
     self.label_names = tag_names(train)
     self.num_labels = len(self.label_names)
     # Sentences longer than a row are split into windows `--doc-stride` apart (default: half
@@ -147,7 +152,10 @@ class TokenTask(Task):
 
   def score(self, feats, out):
     from bert_jax.finetune import metrics
-    return metrics.entity_scores([s.tags for s in self.valid], self.word_tags(feats, out))
+    gold, pred = [s.tags for s in self.valid], self.word_tags(feats, out)
+    # joint accuracy: a sentence counts only when every tag is right (the slot-tagging metric)
+    return {**metrics.entity_scores(gold, pred),
+            "joint_accuracy": float(np.mean([g == p for g, p in zip(gold, pred)]))}
 
   def write_predictions(self, out_dir, feats, out) -> str:
     path = os.path.join(out_dir, "predictions.tsv")
@@ -169,8 +177,9 @@ class ChoiceTask(Task):
 
   def load(self, tokenizer):
     o = self.opts
-    train = read_choice(o.train_file)[:o.max_train_rows or None]
-    self.valid = read_choice(o.validation_file)
+    ctx = getattr(o, "context_file", None)
+    train = read_choice(o.train_file, ctx)[:o.max_train_rows or None]
+    self.valid = read_choice(o.validation_file, ctx)
     self.num_choices = max(len(r.second) for r in train)
     return (featurize_choice(train, tokenizer, o.max_seq_length, self.num_choices),
             featurize_choice(self.valid, tokenizer, o.max_seq_length, self.num_choices))
@@ -212,8 +221,9 @@ class QATask(Task):
     o = self.opts
     kw = dict(max_seq_length=o.max_seq_length, doc_stride=o.doc_stride,
               max_query_length=o.max_query_length)
-    train = qa.read_squad(o.train_file)[:o.max_train_rows or None]
-    self.valid = qa.read_squad(o.validation_file)
+    ctx = getattr(o, "context_file", None)
+    train = read_qa(o.train_file, ctx)[:o.max_train_rows or None]
+    self.valid = read_qa(o.validation_file, ctx)
     if o.max_answer_length is None:  # in tokens: a Chinese character is one
       o.max_answer_length = DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(train)]
     train_f = qa.featurize(train, tokenizer, is_training=True, **kw)

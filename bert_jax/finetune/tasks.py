@@ -16,7 +16,8 @@ from bert_jax.finetune import qa_windows
 # The readers' names stay importable from here, where callers have always found them.
 from bert_jax.finetune.readers import (ChoiceRecord, TaggedSentence, TextRecord,  # noqa: F401
                                        build_label_map, read_choice, read_choice_json,
-                                       read_conll, read_swag, read_text_records, tag_names)
+                                       read_conll, read_swag, read_tagged, read_text_records,
+                                       tag_names)
 
 IGNORE = -100  # label of positions that do not count in the loss (as transformers)
 
@@ -70,7 +71,9 @@ def _attention(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int,
-                   label_names: Sequence[str], regression: bool, path: str) -> Features:
+                   label_names: Sequence[str], regression: bool, path: str,
+                   labeled: bool = True) -> Features:
+  """`labeled=False` (a test file for prediction): labels are left 0."""
   n = len(records)
   ids = np.zeros((n, max_seq_length), np.int32)
   types = np.zeros((n, max_seq_length), np.int32)
@@ -81,7 +84,9 @@ def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int
   for i in range(n):
     b = b_ids[i] if records[i].pair is not None else None
     lengths[i] = pack(tokenizer, a_ids[i], b, max_seq_length, ids[i], types[i])
-  if regression:
+  if not labeled:
+    labels = np.zeros(n, np.float32 if regression else np.int32)
+  elif regression:
     labels = np.array([float(r.label) for r in records], np.float32)
   else:
     index = {name: i for i, name in enumerate(label_names)}

@@ -1,0 +1,159 @@
+"""The Chinese reading-comprehension homework's layout (context.json + records of question,
+paragraph ids, relevant, answer {text, start}), read by --task choice and --task qa; `predict`
+on test files without labels (choice -> selected paragraph -> qa -> id,answer CSV); slot JSON
+with joint accuracy. Synthetic Chinese text and a vocab of its characters: no shared data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from bert_jax.errors import UserError
+from bert_jax.finetune import paragraphs
+from bert_jax.finetune.__main__ import main
+from bert_jax.finetune.readers import read_choice, read_tagged
+
+CHARS = ("的一是不了在人有我他这个们中来上大为和国地到以说时要就出会可也你对生能而子那得于着下"
+         "自之年过发后作里用道行所然家种事成方多经么去法学如都同现当没动面起看定天分还进好小部")
+TINY = ["--init", "random", "--preset", "tiny", "--epochs", "1", "--batch-size", "4",
+        "--max-seq-length", "64", "--learning-rate", "1e-3", "--quiet"]
+
+
+def write(path: pathlib.Path, obj) -> str:
+  path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+  return str(path)
+
+
+@pytest.fixture
+def homework(tmp_path):
+  """context.json, train/valid (labeled) and test (no relevant/answer) files, and a vocab."""
+  rng = np.random.default_rng(0)
+  contexts = ["".join(rng.choice(list(CHARS), 30)) for _ in range(10)]
+  def records(n, start_id, labeled=True):
+    out = []
+    for i in range(n):
+      ids = [int(p) for p in rng.choice(len(contexts), 4, replace=False)]
+      relevant = ids[int(rng.integers(4))]
+      s = int(rng.integers(0, 25))
+      text = contexts[relevant][s:s + 3]
+      r = {"id": f"q{start_id + i}", "question": text + "是什么", "paragraphs": ids}
+      if labeled:
+        r.update(relevant=relevant, answer={"text": text, "start": s})
+      out.append(r)
+    return out
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARS]) + "\n",
+                   encoding="utf-8")
+  return {"context": write(tmp_path / "context.json", contexts), "contexts": contexts,
+          "train": write(tmp_path / "train.json", records(8, 0)),
+          "valid": write(tmp_path / "valid.json", records(4, 100)),
+          "test": write(tmp_path / "test.json", records(5, 200, labeled=False)),
+          "vocab": str(vocab), "dir": tmp_path}
+
+
+def test_choice_and_qa_read_the_homework_layout(homework):
+  data = json.loads(pathlib.Path(homework["train"]).read_text(encoding="utf-8"))
+  records = read_choice(homework["train"], homework["context"])
+  assert len(records) == 8 and all(len(r.second) == 4 for r in records)
+  for r, raw in zip(records, data):
+    assert r.id == raw["id"] and r.label == raw["paragraphs"].index(raw["relevant"])
+    assert r.second == [homework["contexts"][p] for p in raw["paragraphs"]]
+  examples = paragraphs.read_qa(homework["train"], homework["context"])
+  for e, raw in zip(examples, data):
+    assert e.context == homework["contexts"][raw["relevant"]]
+    start = e.answers[0]["answer_start"]
+    assert e.context[start:start + 3] == raw["answer"]["text"]
+  # a test file reads without labels: choice marks them unlabeled, qa needs a selection
+  assert {r.label for r in read_choice(homework["test"], homework["context"], labeled=False)} \
+      == {paragraphs.UNLABELED}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("relevant"), "missing field 'relevant'"),
+    (lambda r: r["paragraphs"].__setitem__(0, 99), "paragraph id 99 is not an index"),
+    (lambda r: r["answer"].__setitem__("start", r["answer"]["start"] + 40),
+     "is not at start"),
+    (lambda r: r.pop("question"), "missing field 'question'"),
+])
+def test_bad_homework_records_are_one_line_errors(homework, change, message):
+  data = json.loads(pathlib.Path(homework["train"]).read_text(encoding="utf-8"))
+  change(data[2])
+  bad = write(homework["dir"] / "bad.json", data)
+  for read in (lambda: read_choice(bad, homework["context"]),
+               lambda: paragraphs.read_qa(bad, homework["context"])):
+    with pytest.raises(UserError, match=message) as e:
+      read()
+    assert "record 2" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_homework_cli_errors_exit_2(homework, capsys):
+  common = ["--train-file", homework["train"], "--validation-file", homework["valid"],
+            "--vocab", homework["vocab"], "--output-dir", str(homework["dir"] / "o"), *TINY]
+  assert main(["--task", "choice", *common]) == 2   # no --context-file
+  assert "--context-file" in capsys.readouterr().err
+  neither = write(homework["dir"] / "neither.json", [{"query": "x", "passage": "y"}])
+  assert main(["--task", "qa", *common, "--train-file", neither]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error:") and "'paragraphs'" in err and "\n" not in err
+
+
+def test_homework_end_to_end_choice_then_qa_then_predict(homework, capsys):
+  d = homework["dir"]
+  common = ["--train-file", homework["train"], "--validation-file", homework["valid"],
+            "--context-file", homework["context"], "--vocab", homework["vocab"], *TINY]
+  assert main(["--task", "choice", "--output-dir", str(d / "choice"), *common]) == 0
+  assert main(["--task", "qa", "--output-dir", str(d / "qa"), "--doc-stride", "16",
+               *common]) == 0
+  ctx = ["--test-file", homework["test"], "--context-file", homework["context"]]
+  assert main(["predict", "--model", str(d / "choice"), *ctx,
+               "--output", str(d / "selected.csv")]) == 0
+  selected = list(csv.DictReader(open(d / "selected.csv", encoding="utf-8")))
+  test = json.loads(pathlib.Path(homework["test"]).read_text(encoding="utf-8"))
+  assert [r["id"] for r in selected] == [t["id"] for t in test]
+  for r, t in zip(selected, test):
+    assert int(r["answer"]) in t["paragraphs"]
+  scores = json.loads((d / "selected.scores.json").read_text(encoding="utf-8"))
+  assert np.allclose([sum(s["probabilities"]) for s in scores.values()], 1.0, atol=1e-5)
+  # qa on the test file without `relevant` needs the selection
+  assert main(["predict", "--model", str(d / "qa"), *ctx, "--output", str(d / "x.csv")]) == 2
+  assert "--selected-paragraphs" in capsys.readouterr().err
+  assert main(["predict", "--model", str(d / "qa"), *ctx, "--selected-paragraphs",
+               str(d / "selected.csv"), "--output", str(d / "answers.csv")]) == 0
+  answers = list(csv.DictReader(open(d / "answers.csv", encoding="utf-8")))
+  assert [a["id"] for a in answers] == [t["id"] for t in test]
+  for a, s in zip(answers, selected):
+    assert a["answer"] in homework["contexts"][int(s["answer"])]
+  nbest = json.loads((d / "answers.scores.json").read_text(encoding="utf-8"))
+  assert set(nbest) == {t["id"] for t in test}
+  assert all(c["text"] in homework["contexts"][int(s["answer"])]
+             for s in selected for c in nbest[s["id"]])
+
+
+SLOTS_TRAIN = [{"tokens": ["我", "要", "去", "北", "京"], "tags": ["O", "O", "O", "B-loc", "I-loc"],
+                "id": "t0"},
+               {"tokens": ["他", "在", "上", "海"], "tags": ["O", "O", "B-loc", "I-loc"], "id": "t1"}]
+
+
+def test_slot_json_reads_and_scores_joint_accuracy(homework):
+  path = write(homework["dir"] / "slots.json", SLOTS_TRAIN)
+  sentences = read_tagged(path)
+  assert [s.id for s in sentences] == ["t0", "t1"] and sentences[0].tags[3] == "B-loc"
+  test = write(homework["dir"] / "slots_test.json", [{"tokens": ["我", "去"], "id": "x"}])
+  assert read_tagged(test, labeled=False)[0].tags == []
+  with pytest.raises(UserError, match="missing field 'tags'"):
+    read_tagged(test)
+  bad = write(homework["dir"] / "bad.json", [{"tokens": ["我"], "tags": ["O", "O"]}])
+  with pytest.raises(UserError, match="one tag per token"):
+    read_tagged(bad)
+  # joint accuracy by hand: sentence 0 all right, sentence 1 one tag wrong -> 1/2
+  from bert_jax.finetune.specs import TokenTask
+  task = TokenTask(None)
+  task.valid = sentences
+  task.word_tags = lambda feats, out: [list(sentences[0].tags), ["O", "O", "B-loc", "O"]]
+  scores = task.score(None, None)
+  assert scores["joint_accuracy"] == 0.5
+  assert scores["accuracy"] == pytest.approx(8 / 9)
