@@ -399,7 +399,15 @@ def _specs(t, s, h, cfg: _Config, blocked: str):
               row=pl.BlockSpec((sq, sq, t, lanes), lambda i, j, k: (i, j, 0, 0)))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: _Config, *args):
+def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: _Config, matmuls: int, *args):
+  """The pallas_call of one kernel. Its cost (`matmuls` products of 2·B·N·T·S·H FLOPs, one exp
+  per score) is declared, so XLA's FLOP count (`bert-jax plan`) includes what it computes."""
+  b, n, t, h = args[1].shape
+  s = args[2].shape[2]
+  cost = pl.CostEstimate(
+      flops=matmuls * 2 * b * n * t * s * h, transcendentals=b * n * t * s,
+      bytes_accessed=sum(x.size * x.dtype.itemsize for x in args)
+      + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out_shape)))
   params = {}
   if cfg.smem:
     from jax.experimental.pallas import tpu as pltpu
@@ -413,7 +421,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: _Config, *args):
       params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
   return pl.pallas_call(kernel, grid=grid, in_specs=[words_spec, *in_specs],
                         out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret,
-                        **params)(*args)
+                        cost_estimate=cost, **params)(*args)
 
 
 def _segment_tiles(q_seg, kv_seg, cfg: _Config):
@@ -437,7 +445,7 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: _Config):
   out, m, l = _call(kernel, (b, n, t // cfg.block_q),
                     [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"]],
                     [sp["q"], sp["row"], sp["row"]],
-                    [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg,
+                    [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg, 2,
                     words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg))
   # Only the first lane of the statistics is kept for the backward pass.
   return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0])
@@ -457,12 +465,12 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
                  [sk["q"], sk["k"], sk["k"], sk["qs"], sk["ks"], sk["q"]] + [sk["row"]] * 3,
                  [sk["k"], sk["k"]],
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 cfg, *args)
+                 cfg, 4, *args)  # q·k again, dv, dp, dk
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
              [sq["q"], sq["k"], sq["k"], sq["qs"], sq["ks"], sq["q"]] + [sq["row"]] * 3,
-             sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, *args)
+             sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3, *args)  # q·k, dp, dq
   return dq, dk, dv, None, None, None
 
 
