@@ -20,7 +20,8 @@ from bert_jax.finetune.readers import read_choice, read_tagged
 CHARS = ("的一是不了在人有我他这个们中来上大为和国地到以说时要就出会可也你对生能而子那得于着下"
          "自之年过发后作里用道行所然家种事成方多经么去法学如都同现当没动面起看定天分还进好小部")
 TINY = ["--init", "random", "--preset", "tiny", "--epochs", "1", "--batch-size", "4",
-        "--max-seq-length", "64", "--learning-rate", "1e-3", "--quiet"]
+        "--max-seq-length", "32", "--smallest-bucket", "32", "--learning-rate", "1e-3",
+        "--quiet"]  # one length bucket: one compile per step
 
 
 def write(path: pathlib.Path, obj) -> str:
@@ -101,36 +102,58 @@ def test_homework_cli_errors_exit_2(homework, capsys):
   assert err.startswith("error:") and "'paragraphs'" in err and "\n" not in err
 
 
-def test_homework_end_to_end_choice_then_qa_then_predict(homework, capsys):
+def _homework_args(homework):
+  return ["--train-file", homework["train"], "--validation-file", homework["valid"],
+          "--context-file", homework["context"], "--vocab", homework["vocab"], *TINY]
+
+
+def test_choice_predicts_a_paragraph_id_per_test_question(homework):
   d = homework["dir"]
-  common = ["--train-file", homework["train"], "--validation-file", homework["valid"],
-            "--context-file", homework["context"], "--vocab", homework["vocab"], *TINY]
-  assert main(["--task", "choice", "--output-dir", str(d / "choice"), *common]) == 0
-  assert main(["--task", "qa", "--output-dir", str(d / "qa"), "--doc-stride", "16",
-               *common]) == 0
-  ctx = ["--test-file", homework["test"], "--context-file", homework["context"]]
-  assert main(["predict", "--model", str(d / "choice"), *ctx,
-               "--output", str(d / "selected.csv")]) == 0
+  assert main(["--task", "choice", "--output-dir", str(d / "choice"),
+               *_homework_args(homework)]) == 0
+  assert main(["predict", "--model", str(d / "choice"), "--test-file", homework["test"],
+               "--context-file", homework["context"], "--output", str(d / "selected.csv")]) == 0
   selected = list(csv.DictReader(open(d / "selected.csv", encoding="utf-8")))
   test = json.loads(pathlib.Path(homework["test"]).read_text(encoding="utf-8"))
   assert [r["id"] for r in selected] == [t["id"] for t in test]
   for r, t in zip(selected, test):
     assert int(r["answer"]) in t["paragraphs"]
   scores = json.loads((d / "selected.scores.json").read_text(encoding="utf-8"))
+  assert list(scores) == [t["id"] for t in test]
+  assert all(s["candidates"] == t["paragraphs"] and len(s["scores"]) == 4
+             for s, t in zip(scores.values(), test))
   assert np.allclose([sum(s["probabilities"]) for s in scores.values()], 1.0, atol=1e-5)
-  # qa on the test file without `relevant` needs the selection
+
+
+def test_qa_predicts_spans_of_the_selected_paragraphs(homework, capsys):
+  """Stage two: the test file has no `relevant`; a choice model's CSV (here written by hand,
+  as `predict --task choice` writes it) names each question's paragraph."""
+  d = homework["dir"]
+  assert main(["--task", "qa", "--output-dir", str(d / "qa"), "--doc-stride", "8",
+               *_homework_args(homework)]) == 0
+  test = json.loads(pathlib.Path(homework["test"]).read_text(encoding="utf-8"))
+  pick = {t["id"]: t["paragraphs"][i % 4] for i, t in enumerate(test)}
+  (d / "selected.csv").write_text("id,answer\n" + "".join(f"{k},{v}\n" for k, v in pick.items()),
+                                  encoding="utf-8")
+  ctx = ["--test-file", homework["test"], "--context-file", homework["context"]]
   assert main(["predict", "--model", str(d / "qa"), *ctx, "--output", str(d / "x.csv")]) == 2
   assert "--selected-paragraphs" in capsys.readouterr().err
-  assert main(["predict", "--model", str(d / "qa"), *ctx, "--selected-paragraphs",
-               str(d / "selected.csv"), "--output", str(d / "answers.csv")]) == 0
+  assert main(["predict", "--task", "qa", "--model", str(d / "qa"), *ctx,
+               "--selected-paragraphs", str(d / "selected.csv"),
+               "--output", str(d / "answers.csv")]) == 0
   answers = list(csv.DictReader(open(d / "answers.csv", encoding="utf-8")))
-  assert [a["id"] for a in answers] == [t["id"] for t in test]
-  for a, s in zip(answers, selected):
-    assert a["answer"] in homework["contexts"][int(s["answer"])]
+  assert [a["id"] for a in answers] == list(pick)
+  for a in answers:
+    assert a["answer"] and a["answer"] in homework["contexts"][pick[a["id"]]]
   nbest = json.loads((d / "answers.scores.json").read_text(encoding="utf-8"))
-  assert set(nbest) == {t["id"] for t in test}
-  assert all(c["text"] in homework["contexts"][int(s["answer"])]
-             for s in selected for c in nbest[s["id"]])
+  assert set(nbest) == set(pick)
+  for qid, spans in nbest.items():
+    assert spans and all(c["text"] in homework["contexts"][pick[qid]] for c in spans)
+    assert sum(c["probability"] for c in spans) == pytest.approx(1.0, abs=1e-5)
+  # the wrong model for the task is one line
+  assert main(["predict", "--task", "choice", "--model", str(d / "qa"), *ctx,
+               "--output", str(d / "y.csv")]) == 2
+  assert "fine-tuned for qa" in capsys.readouterr().err
 
 
 SLOTS_TRAIN = [{"tokens": ["我", "要", "去", "北", "京"], "tags": ["O", "O", "O", "B-loc", "I-loc"],
@@ -157,3 +180,39 @@ def test_slot_json_reads_and_scores_joint_accuracy(homework):
   scores = task.score(None, None)
   assert scores["joint_accuracy"] == 0.5
   assert scores["accuracy"] == pytest.approx(8 / 9)
+
+
+def test_intent_predictions_are_keyed_by_id(homework):
+  """HW1: intent JSON -> `id,intent`; slot JSON -> `id,tags` (one tag per token)."""
+  d = homework["dir"]
+  intents = [{"text": t, "intent": i, "id": f"i{n}"} for n, (t, i) in
+             enumerate([("我要去北京", "go"), ("他在上海", "be")] * 4)]
+  train = write(d / "intent.json", intents)
+  test = write(d / "intent_test.json", [{"text": "我要去上海", "id": "z1"},
+                                        {"text": "他在北京", "id": "z0"}])
+  common = ["--vocab", homework["vocab"], *TINY]
+  assert main(["--task", "classification", "--train-file", train, "--validation-file", train,
+               "--output-dir", str(d / "intent"), *common]) == 0
+  assert main(["predict", "--model", str(d / "intent"), "--test-file", test,
+               "--output", str(d / "intent.csv")]) == 0
+  rows = list(csv.reader(open(d / "intent.csv", encoding="utf-8")))
+  assert rows[0] == ["id", "intent"] and [r[0] for r in rows[1:]] == ["z1", "z0"]
+  assert {r[1] for r in rows[1:]} <= {"go", "be"}
+
+
+def test_slot_predictions_are_keyed_by_id(homework):
+  d = homework["dir"]
+  common = ["--vocab", homework["vocab"], *TINY]
+  slots = write(d / "slots.json", SLOTS_TRAIN * 2)
+  test = write(d / "slots_test.json", [{"tokens": ["我", "去", "北", "京"], "id": "s9"},
+                                       {"tokens": ["他"], "id": "s8"}])
+  assert main(["--task", "token", "--train-file", slots, "--validation-file", slots,
+               "--output-dir", str(d / "slots"), *common]) == 0
+  metrics = json.loads((d / "slots" / "metrics.json").read_text())
+  assert 0 <= metrics["joint_accuracy"] <= 1
+  assert main(["predict", "--model", str(d / "slots"), "--test-file", test,
+               "--output", str(d / "slots.csv")]) == 0
+  rows = list(csv.reader(open(d / "slots.csv", encoding="utf-8")))
+  assert rows[0] == ["id", "tags"] and [r[0] for r in rows[1:]] == ["s9", "s8"]
+  assert [len(r[1].split()) for r in rows[1:]] == [4, 1]
+  assert set(" ".join(r[1] for r in rows[1:]).split()) <= {"O", "B-loc", "I-loc"}

@@ -237,10 +237,9 @@ class TaggedSentence:
 def read_tagged(path: str, labeled: bool = True) -> list[TaggedSentence]:
   """Slot JSON (a list or JSONL of {"tokens": [...], "tags": [...], "id"}) or CoNLL.
   `labeled=False` (a test file): tags may be absent (CoNLL: a word a line) and read as []."""
-  content = _open_text(path)
-  if content.lstrip()[:1] not in ("[", "{"):
+  if not path.lower().endswith((".json", ".jsonl", ".ndjson")):  # a CoNLL word may be "["
     return read_conll(path, labeled)
-  rows, _ = _jsonl_rows(path, content)
+  rows, _ = _jsonl_rows(path, _open_text(path))
   out = []
   for n, r in rows:
     where = f"{path}: record {n}" + (f" (id {r['id']!r})" if "id" in r else "")
