@@ -91,6 +91,25 @@ def test_bad_homework_records_are_one_line_errors(homework, change, message):
     assert "record 2" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_selection_must_name_one_of_the_questions_paragraphs(homework, tmp_path):
+  test = json.loads(pathlib.Path(homework["test"]).read_text(encoding="utf-8"))
+  good = {t["id"]: t["paragraphs"][1] for t in test}
+  examples = paragraphs.read_qa(homework["test"], homework["context"], labeled=False,
+                                selected=good)
+  assert [e.context for e in examples] == [homework["contexts"][good[t["id"]]] for t in test]
+  assert all(e.answers == [] for e in examples)
+  outside = next(p for p in range(10) if p not in test[0]["paragraphs"])
+  for selection, message in (({**good, test[0]["id"]: outside}, "is not one of its paragraphs"),
+                             ({k: v for k, v in list(good.items())[1:]}, "no selected paragraph")):
+    with pytest.raises(UserError, match=message):
+      paragraphs.read_qa(homework["test"], homework["context"], labeled=False,
+                         selected=selection)
+  bad_csv = tmp_path / "sel.csv"
+  bad_csv.write_text("id,answer\nq200,first\n", encoding="utf-8")
+  with pytest.raises(UserError, match="is not a paragraph id"):
+    paragraphs.read_selected(str(bad_csv))
+
+
 def test_homework_cli_errors_exit_2(homework, capsys):
   common = ["--train-file", homework["train"], "--validation-file", homework["valid"],
             "--vocab", homework["vocab"], "--output-dir", str(homework["dir"] / "o"), *TINY]

@@ -133,6 +133,9 @@ def qa_examples(path: str, context_file: str | None, data: Any = None, labeled: 
         raise UserError(f"{path}: question id {r['id']!r} has no selected paragraph in "
                         "--selected-paragraphs")
       relevant = selected[r["id"]]
+      if relevant not in r["paragraphs"]:  # a selection made for another file
+        raise UserError(f"--selected-paragraphs: question id {r['id']!r}: paragraph "
+                        f"{relevant} is not one of its paragraphs {r['paragraphs']}")
     if relevant is None:
       raise UserError(f"{path}: question id {r['id']!r}: no 'relevant' paragraph; pass "
                       "--selected-paragraphs (the CSV of `predict --task choice`)")
