@@ -46,6 +46,17 @@ _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",   # every size
 }
 os.environ.update(_CACHE_ENV)
+
+# On a GPU the suite compares as on the CPU: float32 matmuls in full float32 (XLA's GPU default
+# is TF32, ~1e-3, where tests compare at 1e-5) and deterministic scatters (bit-exact resumes).
+# Set before jax starts, for this process and every child.
+from bert_jax import platforms  # noqa: E402  (finds the platform without importing jax)
+
+if platforms.default_platform() == "gpu":
+  os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_deterministic_ops=true").strip()
 if "jax" in sys.modules:   # imported before this file (a plugin): set its config directly
   import jax
   jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
