@@ -235,3 +235,30 @@ def test_slot_predictions_are_keyed_by_id(homework):
   assert rows[0] == ["id", "tags"] and [r[0] for r in rows[1:]] == ["s9", "s8"]
   assert [len(r[1].split()) for r in rows[1:]] == [4, 1]
   assert set(" ".join(r[1] for r in rows[1:]).split()) <= {"O", "B-loc", "I-loc"}
+
+
+@pytest.mark.slow  # two fine-tunes (about 45 s on 2 cores)
+def test_two_stage_pipeline_in_one_command_scores_a_labeled_file(homework, capsys):
+  """predict --choice-model: select, then extract; on valid.json (with `relevant` and
+  `answer`) it prints selection accuracy and the pipeline's EM/F1."""
+  d = homework["dir"]
+  for task in ("choice", "qa"):
+    assert main(["--task", task, "--output-dir", str(d / task), "--doc-stride", "8",
+                 *_homework_args(homework)]) == 0
+  capsys.readouterr()
+  assert main(["predict", "--model", str(d / "qa"), "--choice-model", str(d / "choice"),
+               "--test-file", homework["valid"], "--context-file", homework["context"],
+               "--output", str(d / "pipeline.csv")]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert 0 <= report["selection_accuracy"] <= 1 and 0 <= report["f1"] <= 100
+  assert 0 <= report["exact_match"] <= report["f1"] + 1e-9
+  valid = json.loads(pathlib.Path(homework["valid"]).read_text(encoding="utf-8"))
+  rows = list(csv.DictReader(open(d / "pipeline.csv", encoding="utf-8")))
+  scores = json.loads((d / "pipeline.scores.json").read_text(encoding="utf-8"))
+  assert [r["id"] for r in rows] == [v["id"] for v in valid]
+  right = 0
+  for r, v in zip(rows, valid):
+    chosen = scores[r["id"]]["selection"]["selected"]
+    assert chosen in v["paragraphs"] and r["answer"] in homework["contexts"][chosen]
+    right += chosen == v["relevant"]
+  assert report["selection_accuracy"] == pytest.approx(right / len(valid), abs=1e-4)

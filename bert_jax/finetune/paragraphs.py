@@ -121,14 +121,15 @@ def choice_records(path: str, context_file: str | None, data: Any = None,
 
 def qa_examples(path: str, context_file: str | None, data: Any = None, labeled: bool = True,
                 selected: dict[str, int] | None = None) -> list:
-  """One QAExample per question over its relevant paragraph (or, for a test file, the one
-  `selected` names: a choice model's predictions, `read_selected`)."""
-  from bert_jax.finetune.qa import QAExample
+  """One QAExample per question over its relevant paragraph, or the one `selected` names (a
+  choice model's predictions, `read_selected`): then a gold answer stays a reference text for
+  EM/F1 (its start is in the relevant paragraph, which may not be the selected one)."""
+  from bert_jax.finetune.qa import UNKNOWN_START, QAExample
   records, contexts = read_records(path, context_file, data, labeled and not selected)
   out = []
   for r in records:
     relevant = r["relevant"]
-    if selected is not None and relevant is None:
+    if selected is not None:
       if r["id"] not in selected:
         raise UserError(f"{path}: question id {r['id']!r} has no selected paragraph in "
                         "--selected-paragraphs")
@@ -139,8 +140,8 @@ def qa_examples(path: str, context_file: str | None, data: Any = None, labeled: 
     if relevant is None:
       raise UserError(f"{path}: question id {r['id']!r}: no 'relevant' paragraph; pass "
                       "--selected-paragraphs (the CSV of `predict --task choice`)")
-    answers = [] if r["answer"] is None else [
-        {"text": r["answer"]["text"], "answer_start": r["answer"]["start"]}]
+    start = r["answer"]["start"] if r["answer"] and relevant == r["relevant"] else UNKNOWN_START
+    answers = [] if r["answer"] is None else [{"text": r["answer"]["text"], "answer_start": start}]
     if labeled and not answers:
       raise UserError(f"{path}: question id {r['id']!r}: missing field 'answer' "
                       "({\"text\", \"start\"})")

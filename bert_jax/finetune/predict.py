@@ -3,7 +3,9 @@ labels, written as the submission CSV keyed by `id` plus the raw scores as JSON 
 
   choice           id,answer  (the selected paragraph's id; a candidate index outside the
                                homework layout)  + per-candidate scores and probabilities
-  qa               id,answer  (the span text)    + the n-best spans with probabilities
+  qa               id,answer  (the span text)    + the n-best spans with probabilities;
+                   with --choice-model, each question's paragraph is selected first (and
+                   its selection scores kept beside its spans)
   classification   id,<label column, e.g. intent> + per-class probabilities
   token            id,tags    (space-joined, one tag per word)
 
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--selected-paragraphs", metavar="CSV",
                  help="qa on a test file without 'relevant': the id,answer CSV of predict "
                       "--task choice, naming each question's paragraph")
+  p.add_argument("--choice-model", metavar="OUT_DIR",
+                 help="qa: select each question's paragraph with this choice model first (the "
+                      "two stages in one command); on a file with `relevant` and `answer`, "
+                      "prints selection accuracy and the pipeline's EM/F1")
   p.add_argument("--output", required=True, help="the submission CSV")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--max-answer-length", type=int, default=None,
@@ -139,6 +145,10 @@ def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
   if name == "qa":
     selected = (paragraphs.read_selected(opts.selected_paragraphs)
                 if opts.selected_paragraphs else None)
+    if opts.choice_model:
+      choice_rows, choice_scores = predict(argparse.Namespace(
+          **{**vars(opts), "model": opts.choice_model, "task": "choice", "choice_model": None}))
+      selected = {qid: int(p) for qid, p in choice_rows[1:]}
     examples = paragraphs.read_qa(path, opts.context_file, labeled=False, selected=selected)
     stride = opts.doc_stride or 128
     features = qa.featurize(examples, tok, max_seq_length=T, doc_stride=stride,
@@ -152,6 +162,10 @@ def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
     answers, nbest, _ = qa.postprocess(examples, features, out["start_logits"],
                                        out["end_logits"], n_best=opts.n_best,
                                        max_answer_length=max_answer, return_nbest=True)
+    if opts.choice_model:
+      _report_pipeline(path, opts.context_file, selected, examples, answers)
+      nbest = {qid: {"selection": {**choice_scores[qid], "selected": selected[qid]},
+                     "nbest": spans} for qid, spans in nbest.items()}
     return [["id", "answer"]] + [[e.id, answers[e.id]] for e in examples], nbest
 
   if name == "classification":
@@ -179,6 +193,20 @@ def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
   for s, tags in zip(sentences, task.word_tags(feats, out)):
     rows.append([s.id if s.id is not None else str(s.line), " ".join(tags)])
   return rows, {}
+
+
+def _report_pipeline(path, context_file, selected, examples, answers) -> None:
+  """On a labeled file: selection accuracy and the whole pipeline's EM/F1 (official CMRC /
+  SQuAD normalisation) as one JSON line on stdout."""
+  from bert_jax.finetune import paragraphs, squad_eval
+  records, _ = paragraphs.read_records(path, context_file, labeled=False)
+  if any(r["relevant"] is None or r["answer"] is None for r in records):
+    return  # a test file: nothing to score
+  right = [selected[r["id"]] == r["relevant"] for r in records]
+  scores = squad_eval.evaluate(examples, answers, lang="auto")
+  print(json.dumps({"selection_accuracy": round(float(np.mean(right)), 4),
+                    **{k: round(v, 4) if isinstance(v, float) else v
+                       for k, v in scores.items()}}))
 
 
 def _paragraph_ids(path: str, context_file: str | None, records) -> list[list]:
