@@ -262,3 +262,33 @@ def test_two_stage_pipeline_in_one_command_scores_a_labeled_file(homework, capsy
     assert chosen in v["paragraphs"] and r["answer"] in homework["contexts"][chosen]
     right += chosen == v["relevant"]
   assert report["selection_accuracy"] == pytest.approx(right / len(valid), abs=1e-4)
+
+
+def test_cmrc2018_trial_in_the_homework_layout(shared_data, tmp_path):
+  """Real Chinese data: CMRC 2018 trial rewritten as the homework ships (four paragraphs per
+  question, one relevant) reads as the same QA examples as its SQuAD layout, answer starts
+  corrected the same way (the trial has some a character or two off)."""
+  from bert_jax.finetune import qa
+  source = str(shared_data / "cmrc2018" / "cmrc2018_trial.json")
+  squad = qa.read_squad(source)[:200]
+  raw = {q["id"]: q["answers"][0] for a in json.load(open(source, encoding="utf-8"))["data"]
+         for p in a["paragraphs"] for q in p["qas"]}
+  contexts = list(dict.fromkeys(e.context for e in squad))
+  rng = np.random.default_rng(0)
+  records, moved = [], 0
+  for e in squad:
+    relevant = contexts.index(e.context)
+    others = [int(p) for p in rng.permutation(len(contexts)) if p != relevant][:3]
+    ids = others[:1] + [relevant] + others[1:]
+    answer = raw[e.id]  # as the file gives it, before read_squad's correction
+    moved += answer["answer_start"] != e.answers[0]["answer_start"]
+    records.append({"id": e.id, "question": e.question, "paragraphs": ids,
+                    "relevant": relevant, "answer": {"text": answer["text"],
+                                                     "start": answer["answer_start"]}})
+  assert moved  # the sample holds starts that need the correction
+  ctx = write(tmp_path / "context.json", contexts)
+  path = write(tmp_path / "train.json", records)
+  examples = paragraphs.read_qa(path, ctx)
+  assert [(e.id, e.context, e.answers[0]) for e in examples] == \
+      [(e.id, e.context, e.answers[0]) for e in squad]
+  assert {r.label for r in read_choice(path, ctx)} == {1}
