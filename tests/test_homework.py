@@ -217,6 +217,10 @@ def test_intent_predictions_are_keyed_by_id(homework):
   rows = list(csv.reader(open(d / "intent.csv", encoding="utf-8")))
   assert rows[0] == ["id", "intent"] and [r[0] for r in rows[1:]] == ["z1", "z0"]
   assert {r[1] for r in rows[1:]} <= {"go", "be"}
+  valid = list(csv.DictReader(open(d / "intent" / "predictions.tsv", encoding="utf-8"),
+                              delimiter="\t"))
+  assert [v["id"] for v in valid] == [i["id"] for i in intents]
+  assert [v["label"] for v in valid] == [i["intent"] for i in intents]
 
 
 def test_slot_predictions_are_keyed_by_id(homework):

@@ -97,10 +97,11 @@ class ClassificationTask(Task):
 
   def write_predictions(self, out_dir, feats, out) -> str:
     path = os.path.join(out_dir, "predictions.tsv")
-    lines = ["line\tprediction\tlabel"]
+    keyed = any(r.id is not None for r in self.valid_records)  # rows with ids: keyed by id
+    lines = ["id\t" * keyed + "line\tprediction\tlabel"]
     for r, p in zip(self.valid_records, out["prediction"]):
       shown = f"{float(p):.6g}" if self.regression else self.label_names[int(p)]
-      lines.append(f"{r.line}\t{shown}\t{r.label}")
+      lines.append(f"{r.id}\t" * keyed + f"{r.line}\t{shown}\t{r.label}")
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
