@@ -296,3 +296,15 @@ def test_cmrc2018_trial_in_the_homework_layout(shared_data, tmp_path):
   assert [(e.id, e.context, e.answers[0]) for e in examples] == \
       [(e.id, e.context, e.answers[0]) for e in squad]
   assert {r.label for r in read_choice(path, ctx)} == {1}
+  # the same questions as a SQuAD-layout test file without answers read for prediction
+  data = json.load(open(source, encoding="utf-8"))
+  for article in data["data"]:
+    for p in article["paragraphs"]:
+      for q in p["qas"]:
+        del q["answers"]
+  test = write(tmp_path / "test_squad.json", data)
+  with pytest.raises(UserError, match="missing field 'answers'"):
+    paragraphs.read_qa(test)
+  unlabeled = paragraphs.read_qa(test, labeled=False)
+  assert [e.id for e in unlabeled[:200]] == [e.id for e in squad]
+  assert all(e.answers == [] for e in unlabeled)

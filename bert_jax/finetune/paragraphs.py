@@ -161,7 +161,19 @@ def read_qa(path: str, context_file: str | None = None, labeled: bool = True,
     raise UserError(f"{path}: a list of records without 'paragraphs' ids; expected the "
                     "homework layout (question, paragraphs, relevant, answer) or SQuAD JSON "
                     "(data -> paragraphs -> qas)")
+  if not labeled:  # a SQuAD-layout test file: questions without answers
+    for article in _items(data, "data"):
+      for paragraph in _items(article, "paragraphs"):
+        for question in _items(paragraph, "qas"):
+          if isinstance(question, dict):
+            question.setdefault("answers", [])
   return qa.parse_squad(data, source=path)
+
+
+def _items(parent: Any, key: str) -> list:
+  """parent[key] when it is a list (parse_squad reports any other shape)."""
+  value = parent.get(key) if isinstance(parent, dict) else None
+  return value if isinstance(value, list) else []
 
 
 def read_selected(path: str) -> dict[str, int]:

@@ -32,6 +32,7 @@ SCORES_SUFFIX = ".scores.json"
 
 def build_parser() -> argparse.ArgumentParser:
   from bert_jax.finetune import TASK_NAMES
+  from bert_jax.finetune.__main__ import positive
   p = argparse.ArgumentParser(
       prog="python -m bert_jax.finetune predict",
       description="Predict with a fine-tuned model on a file without labels; writes the "
@@ -51,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "two stages in one command); on a file with `relevant` and `answer`, "
                       "prints selection accuracy and the pipeline's EM/F1")
   p.add_argument("--output", required=True, help="the submission CSV")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--max-answer-length", type=int, default=None,
+  p.add_argument("--batch-size", type=positive(int), default=64)
+  p.add_argument("--max-answer-length", type=positive(int), default=None,
                  help="qa, in tokens (default: 30; 50 for Chinese)")
-  p.add_argument("--n-best", type=int, default=20)
-  p.add_argument("--doc-stride", type=int, default=None, help="qa: default 128")
-  p.add_argument("--max-query-length", type=int, default=64)
+  p.add_argument("--n-best", type=positive(int), default=20)
+  p.add_argument("--doc-stride", type=positive(int), default=None, help="qa: default 128")
+  p.add_argument("--max-query-length", type=positive(int), default=64)
   p.add_argument("--text-column")
   p.add_argument("--text-pair-column")
   return p
