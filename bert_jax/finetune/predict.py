@@ -114,86 +114,108 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
   """(CSV rows with the header first, raw scores by id)."""
-  from bert_jax.finetune import paragraphs, qa, squad_eval
-  from bert_jax.finetune.specs import DEFAULT_MAX_ANSWER_LENGTH, TASKS
-  from bert_jax.finetune.tasks import (Features, featurize_choice, featurize_tags, featurize_text,
-                                       read_choice, read_tagged, read_text_records)
+  from bert_jax.finetune.specs import TASKS
   info, config, params, tok = load_finetuned(opts.model)
   name = info["task"]
   if opts.task and opts.task != name:
     raise UserError(f"--task {opts.task}: the model {opts.model} was fine-tuned for {name}")
-  T = int(info["max_seq_length"])
-  opts.max_seq_length = T
+  opts.max_seq_length = int(info["max_seq_length"])
   task = TASKS[name](opts)
   task.num_labels = int(info.get("num_labels", task.num_labels))
   labels = [info["id2label"][str(i)] for i in range(len(info.get("id2label", {})))]
   model = task.model(config)
-  path = opts.test_file
 
-  if name == "choice":
-    records = read_choice(path, opts.context_file, labeled=False)
-    feats = featurize_choice(records, tok, T)
-    out = run_model(task, model, params, feats, T, opts.batch_size, keep_logits=True)
-    ids = _paragraph_ids(path, opts.context_file, records)
-    rows, scores = [["id", "answer"]], {}
-    for r, cand, pred, logits in zip(records, ids, out["prediction"], out["logits"]):
-      logits = logits[:len(cand)]
-      rows.append([r.id, str(cand[int(pred)])])
-      scores[r.id] = {"candidates": cand, "scores": logits.tolist(),
-                      "probabilities": _softmax(logits).tolist()}
-    return rows, scores
+  def run(feats, keep_logits: bool):
+    return run_model(task, model, params, feats, opts.max_seq_length, opts.batch_size,
+                     keep_logits)
+  return PREDICTORS[name](opts, info, task, tok, labels, run)
 
-  if name == "qa":
-    selected = (paragraphs.read_selected(opts.selected_paragraphs)
-                if opts.selected_paragraphs else None)
-    if opts.choice_model:
-      choice_rows, choice_scores = predict(argparse.Namespace(
-          **{**vars(opts), "model": opts.choice_model, "task": "choice", "choice_model": None}))
-      selected = {qid: int(p) for qid, p in choice_rows[1:]}
-    examples = paragraphs.read_qa(path, opts.context_file, labeled=False, selected=selected)
-    stride = opts.doc_stride or 128
-    features = qa.featurize(examples, tok, max_seq_length=T, doc_stride=stride,
-                            max_query_length=opts.max_query_length, is_training=False)
-    arrays = {k: np.asarray(getattr(features, k), np.int32)
-              for k in ("input_ids", "token_type_ids", "attention_mask")}
-    feats = Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
-    out = run_model(task, model, params, feats, T, opts.batch_size, keep_logits=False)
-    max_answer = (opts.max_answer_length or
-                  DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(examples)])
-    answers, nbest, _ = qa.postprocess(examples, features, out["start_logits"],
-                                       out["end_logits"], n_best=opts.n_best,
-                                       max_answer_length=max_answer, return_nbest=True)
-    if opts.choice_model:
-      _report_pipeline(path, opts.context_file, selected, examples, answers)
-      nbest = {qid: {"selection": {**choice_scores[qid], "selected": selected[qid]},
-                     "nbest": spans} for qid, spans in nbest.items()}
-    return [["id", "answer"]] + [[e.id, answers[e.id]] for e in examples], nbest
 
-  if name == "classification":
-    records = read_text_records(path, opts.text_column, opts.text_pair_column, label_column=None)
-    regression = info.get("problem_type") == "regression"
-    feats = featurize_text(records, tok, T, labels, regression, path, labeled=False)
-    task.regression = regression
-    out = run_model(task, model, params, feats, T, opts.batch_size, keep_logits=True)
-    column = info.get("label_column") or "label"
-    rows, scores = [["id", column]], {}
-    for r, pred, logits in zip(records, out["prediction"], out["logits"]):
-      rid = r.id if r.id is not None else str(r.line)
-      rows.append([rid, f"{float(pred):.6g}" if regression else labels[int(pred)]])
-      scores[rid] = ({"score": float(pred)} if regression else
-                     dict(zip(labels, _softmax(logits).tolist())))
-    return rows, scores
+# Each task's prediction: (CSV rows, scores by id) from the test file; `run(feats,
+# keep_logits)` is run_model with the loaded model.
+def _choice(opts, info, task, tok, labels, run):
+  """id,answer: each question's selected paragraph id; per-candidate scores."""
+  from bert_jax.finetune.tasks import featurize_choice, read_choice
+  path, T = opts.test_file, opts.max_seq_length
+  records = read_choice(path, opts.context_file, labeled=False)
+  feats = featurize_choice(records, tok, T)
+  out = run(feats, True)
+  ids = _paragraph_ids(path, opts.context_file, records)
+  rows, scores = [["id", "answer"]], {}
+  for r, cand, pred, logits in zip(records, ids, out["prediction"], out["logits"]):
+    logits = logits[:len(cand)]
+    rows.append([r.id, str(cand[int(pred)])])
+    scores[r.id] = {"candidates": cand, "scores": logits.tolist(),
+                    "probabilities": _softmax(logits).tolist()}
+  return rows, scores
 
+
+def _qa(opts, info, task, tok, labels, run):
+  """id,answer of spans in each question's relevant (or selected) paragraph; n-best spans."""
+  from bert_jax.finetune import paragraphs, qa, squad_eval
+  from bert_jax.finetune.specs import DEFAULT_MAX_ANSWER_LENGTH
+  from bert_jax.finetune.tasks import Features
+  path, T = opts.test_file, opts.max_seq_length
+  selected = (paragraphs.read_selected(opts.selected_paragraphs)
+              if opts.selected_paragraphs else None)
+  if opts.choice_model:
+    choice_rows, choice_scores = predict(argparse.Namespace(
+        **{**vars(opts), "model": opts.choice_model, "task": "choice", "choice_model": None}))
+    selected = {qid: int(p) for qid, p in choice_rows[1:]}
+  examples = paragraphs.read_qa(path, opts.context_file, labeled=False, selected=selected)
+  stride = opts.doc_stride or 128
+  features = qa.featurize(examples, tok, max_seq_length=T, doc_stride=stride,
+                          max_query_length=opts.max_query_length, is_training=False)
+  arrays = {k: np.asarray(getattr(features, k), np.int32)
+            for k in ("input_ids", "token_type_ids", "attention_mask")}
+  feats = Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
+  out = run(feats, False)
+  max_answer = (opts.max_answer_length or
+                DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(examples)])
+  answers, nbest, _ = qa.postprocess(examples, features, out["start_logits"],
+                                     out["end_logits"], n_best=opts.n_best,
+                                     max_answer_length=max_answer, return_nbest=True)
+  if opts.choice_model:
+    _report_pipeline(path, opts.context_file, selected, examples, answers)
+    nbest = {qid: {"selection": {**choice_scores[qid], "selected": selected[qid]},
+                   "nbest": spans} for qid, spans in nbest.items()}
+  return [["id", "answer"]] + [[e.id, answers[e.id]] for e in examples], nbest
+
+
+def _classification(opts, info, task, tok, labels, run):
+  from bert_jax.finetune.tasks import featurize_text, read_text_records
+  path, T = opts.test_file, opts.max_seq_length
+  records = read_text_records(path, opts.text_column, opts.text_pair_column, label_column=None)
+  regression = info.get("problem_type") == "regression"
+  feats = featurize_text(records, tok, T, labels, regression, path, labeled=False)
+  task.regression = regression
+  out = run(feats, True)
+  column = info.get("label_column") or "label"
+  rows, scores = [["id", column]], {}
+  for r, pred, logits in zip(records, out["prediction"], out["logits"]):
+    rid = r.id if r.id is not None else str(r.line)
+    rows.append([rid, f"{float(pred):.6g}" if regression else labels[int(pred)]])
+    scores[rid] = ({"score": float(pred)} if regression else
+                   dict(zip(labels, _softmax(logits).tolist())))
+  return rows, scores
+
+
+def _token(opts, info, task, tok, labels, run):
+  from bert_jax.finetune.tasks import featurize_tags, read_tagged
+  path, T = opts.test_file, opts.max_seq_length
   sentences = read_tagged(path, labeled=False)
   for s in sentences:  # placeholders: featurize_tags labels words, predict ignores them
     s.tags = [labels[0]] * len(s.words)
   task.label_names = labels
   feats = featurize_tags(sentences, tok, T, labels, path, opts.doc_stride)
-  out = run_model(task, model, params, feats, T, opts.batch_size, keep_logits=False)
+  out = run(feats, False)
   rows = [["id", "tags"]]
   for s, tags in zip(sentences, task.word_tags(feats, out)):
     rows.append([s.id if s.id is not None else str(s.line), " ".join(tags)])
   return rows, {}
+
+
+PREDICTORS = {"choice": _choice, "qa": _qa, "classification": _classification, "token": _token}
 
 
 def _report_pipeline(path, context_file, selected, examples, answers) -> None:
