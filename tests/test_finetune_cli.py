@@ -18,8 +18,10 @@ from bert_jax.finetune.__main__ import main
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# float32 by name: tests compare with transformers and across meshes at float noise, which the
+# default (auto) would not give on a host with bfloat16 units (AMX, AVX-512 BF16).
 TINY = ["--init", "random", "--preset", "L-2_H-128", "--epochs", "1", "--batch-size", "8",
-        "--max-seq-length", "32", "--learning-rate", "1e-3", "--quiet"]
+        "--max-seq-length", "32", "--learning-rate", "1e-3", "--quiet", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
