@@ -171,13 +171,23 @@ def make_optimizer(cfg: Any, phases: Sequence[Phase]
 
 
 def finetune_optimizer(learning_rate: float, total_updates: int, warmup_updates: int,
-                       weight_decay: float, max_grad_norm: float
+                       weight_decay: float, max_grad_norm: float, decay: str = "linear"
                        ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
   """(optimizer, schedule) for fine-tuning: what optax.adamw with transformers'
-  get_linear_schedule_with_warmup computes, as the parts the pretraining recipes use."""
+  get_linear_schedule_with_warmup (or get_cosine_schedule_with_warmup: `decay="cosine"`)
+  computes, as the parts the pretraining recipes use."""
+  if decay not in ("linear", "cosine"):
+    raise UserError(f"--lr-schedule {decay}: expected linear or cosine")
+
   def schedule(step):
-    return _warmup_poly(step, learning_rate, warmup_updates, total_updates, 0.0, 1.0,
-                        "warmup_end")
+    if decay == "linear":
+      return _warmup_poly(step, learning_rate, warmup_updates, total_updates, 0.0, 1.0,
+                          "warmup_end")
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - warmup_updates) / max(total_updates - warmup_updates, 1), 0, 1)
+    cosine = learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_updates, learning_rate * step / max(warmup_updates, 1),
+                     cosine)
   parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
   parts += [scale_by_bert_adam(0.9, 0.999, 1e-8, bias_correction=True),
             optax.add_decayed_weights(weight_decay, mask=decay_mask),

@@ -442,6 +442,29 @@ def test_two_processes_match_one(shared_data, tmp_path, vocab):
 
 
 @pytest.mark.slow  # about a minute on a busy 2-core CPU
+def test_random_init_of_any_size_from_a_config_json(tmp_path, vocab):
+  """--init random --preset config.json: the assignment's not-pretrained model of its own size
+  (4 layers x 32 here), trained with the cosine schedule."""
+  from bert_jax.config import read_config_json
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps({"model_type": "bert", "vocab_size": 2, "hidden_size": 32,
+                                "num_hidden_layers": 4, "num_attention_heads": 2,
+                                "intermediate_size": 64, "max_position_embeddings": 64}))
+  rows = [{"sentence": f"it is {w}", "label": str(i % 2)}
+          for i, w in enumerate(["good", "bad", "fine", "awful"] * 4)]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  out = tmp_path / "out"
+  args = [a for a in TINY if a not in ("L-2_H-128",)]
+  args[args.index("--preset") + 1:args.index("--preset") + 1] = [str(config)]
+  assert main(["--task", "classification", "--vocab", vocab, "--train-file", str(path),
+               "--validation-file", str(path), "--output-dir", str(out), "--lr-schedule",
+               "cosine", *args]) == 0
+  trained = read_config_json(str(out / "best" / "config.json"))
+  assert (trained.num_hidden_layers, trained.hidden_size) == (4, 32)
+  assert trained.vocab_size == sum(1 for _ in open(vocab, encoding="utf-8"))
+
+
 def test_regression_with_accumulation_and_export(tmp_path, vocab):
   rng = np.random.default_rng(0)
   words = ["good", "bad", "fine", "awful", "great", "poor"]

@@ -250,3 +250,20 @@ def test_finetune_optimizer_is_optax_adamw_with_linear_warmup_and_decay():
     p_ref = optax.apply_updates(p_ref, u)
   for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_finetune_cosine_schedule_is_transformers_cosine_with_warmup():
+  """--lr-schedule cosine: transformers' get_cosine_schedule_with_warmup (half a cosine to 0)."""
+  import math
+  from bert_jax.optim import finetune_optimizer
+  lr, total, warmup = 3e-5, 50, 10
+  _, schedule = finetune_optimizer(lr, total, warmup, 0.01, 1.0, decay="cosine")
+
+  def reference(step):  # transformers' lr_lambda, times the peak
+    if step < warmup:
+      return lr * step / warmup
+    progress = (step - warmup) / (total - warmup)
+    return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+  for step in (0, 5, 10, 11, 30, 49, 50):
+    assert float(schedule(step)) == pytest.approx(reference(step), rel=1e-5, abs=1e-12)

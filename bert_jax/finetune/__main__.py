@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--init", required=True,
                  help="a bert-jax checkpoint, a Hugging Face BERT directory, or 'random'")
   p.add_argument("--preset", default="base",
-                 help="model size for --init random (bert_jax.config presets: tiny, mini, "
-                      "small, medium, base, large, L-4_H-256, ...; default base)")
+                 help="model size for --init random: a bert_jax.config preset (tiny, mini, "
+                      "small, medium, base, large, L-4_H-256, ...; default base) or a BERT "
+                      "config.json of any size (vocab_size taken from --vocab)")
   p.add_argument("--vocab", help="vocab.txt (default: the one of --init; required with random)")
   p.add_argument("--lower-case", choices=("auto", "yes", "no"), default="auto",
                  help="lower-case text (auto: from the checkpoint's tokenizer_config or vocab)")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-batch-size", type=positive(int), default=128)
   p.add_argument("--learning-rate", type=positive(float), default=2e-5)
   p.add_argument("--warmup-ratio", type=float, default=0.1)
+  p.add_argument("--lr-schedule", choices=("linear", "cosine"), default="linear",
+                 help="decay after the warmup: linear to 0 (transformers' default) or cosine")
   p.add_argument("--weight-decay", type=float, default=0.01)
   p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
   p.add_argument("--max-seq-length", type=positive(int), default=None,

@@ -99,14 +99,17 @@ def make_batch(feats: Features, idx: np.ndarray, batch_size: int, buckets: list[
 def load_init(opts):
   """(config, pretrained params or None, tokenizer, vocab_path)."""
   from bert_jax import convert
-  from bert_jax.config import get_preset
+  from bert_jax.config import get_preset, read_config_json
   from bert_jax.tokenizer import find_lower_case, find_vocab, load_tokenizer
   lower = {"auto": None, "yes": True, "no": False}[opts.lower_case]
   if opts.init == "random":
     if not opts.vocab:
       raise UserError("--vocab is required with --init random (a vocab.txt)")
     tokenizer = load_tokenizer(opts.vocab, lower)
-    config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
+    if opts.preset.endswith(".json"):  # a model of any size: a BERT config.json
+      config = read_config_json(opts.preset).replace(vocab_size=tokenizer.vocab_size)
+    else:
+      config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
     return config, None, tokenizer, opts.vocab
   config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False,
                                            fresh_heads=False)
@@ -201,7 +204,7 @@ class Runner:
     o = self.opts
     warmup = int(round(o.warmup_ratio * total_updates))
     optimizer, schedule = finetune_optimizer(o.learning_rate, total_updates, warmup,
-                                             o.weight_decay, o.max_grad_norm)
+                                             o.weight_decay, o.max_grad_norm, o.lr_schedule)
     example = {k: self.train_feats.arrays[k][:1, ..., :16] for k in MODEL_INPUTS}
     init_fn = lambda key: self.model.init({"params": key}, **example)["params"]
     state, shardings = state_lib.create_state(init_fn, optimizer, self.mesh,
