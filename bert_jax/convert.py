@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-tf", help="a Google TF1 BERT directory (bert_model.ckpt.index / "
                      ".data-*, bert_config.json, vocab.txt) -> a bert-jax checkpoint")
-  p.add_argument("tf_dir")
+  p.add_argument("source", metavar="tf_dir")
   p.add_argument("ckpt_dir")
   p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
   p = sub.add_parser("to-tf", help="a bert-jax pretraining checkpoint or workdir -> a TF1 "
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("ckpt_dir")
   p.add_argument("tf_dir")
   p = sub.add_parser("from-hf", help="a Hugging Face BERT directory -> a bert-jax checkpoint")
-  p.add_argument("hf_dir")
+  p.add_argument("source", metavar="hf_dir")
   p.add_argument("ckpt_dir")
   p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
   p = sub.add_parser("to-hf", help="a bert-jax checkpoint, pretraining workdir or fine-tuning "
@@ -396,21 +396,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("hf_dir")
   p.add_argument("--force", action="store_true", help="replace an existing output directory")
   args = parser.parse_args(argv)
-  if args.command == "from-hf":
-    check_writable(args.ckpt_dir, "from-hf CKPT_DIR")
-    if not is_hf_dir(args.hf_dir):
-      raise UserError(f"{args.hf_dir}: expected a Hugging Face BERT directory with config.json "
-                      "and model.safetensors or pytorch_model.bin")
-    missing = from_hf(args.hf_dir, args.ckpt_dir, args.seed)
-    print(f"wrote {args.ckpt_dir}" + (f" (initialised {len(missing)} absent tensors)"
-                                       if missing else ""))
-  elif args.command == "from-tf":
+  if args.command in ("from-hf", "from-tf"):
     from bert_jax.tf1 import is_tf1_dir
-    check_writable(args.ckpt_dir, "from-tf CKPT_DIR")
-    if not is_tf1_dir(args.tf_dir):
-      raise UserError(f"{args.tf_dir}: expected a TF1 BERT directory with bert_config.json and "
-                      "bert_model.ckpt.index (+ .data-*)")
-    missing = from_tf(args.tf_dir, args.ckpt_dir, args.seed)
+    is_source, convert, expected = {
+        "from-hf": (is_hf_dir, from_hf, "a Hugging Face BERT directory with config.json and "
+                    "model.safetensors or pytorch_model.bin"),
+        "from-tf": (is_tf1_dir, from_tf, "a TF1 BERT directory with bert_config.json and "
+                    "bert_model.ckpt.index (+ .data-*)")}[args.command]
+    source = args.source
+    check_writable(args.ckpt_dir, f"{args.command} CKPT_DIR")
+    if not is_source(source):
+      raise UserError(f"{source}: expected {expected}")
+    missing = convert(source, args.ckpt_dir, args.seed)
     print(f"wrote {args.ckpt_dir}" + (f" (initialised {len(missing)} absent tensors)"
                                        if missing else ""))
   elif args.command == "to-tf":
