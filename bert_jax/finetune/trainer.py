@@ -167,10 +167,8 @@ class Runner:
       raise UserError(f"--packing: the {opts.task} task reads every position of a row; packing "
                       "is for the [CLS] heads (classification)")
     self.config, self.pretrained, self.tokenizer, self.vocab = load_init(opts)
-    if opts.dtype:
-      self.config = self.config.replace(
-          dtype=platforms.compute_dtype(opts.dtype, jax.devices()[0]))
-
+    self.config = self.config.replace(
+        dtype=platforms.compute_dtype(opts.dtype, jax.devices()[0]))
     if opts.max_seq_length > self.config.max_position_embeddings:
       raise UserError(f"--max-seq-length {opts.max_seq_length} exceeds the model's "
                       f"max_position_embeddings {self.config.max_position_embeddings}")
@@ -190,7 +188,7 @@ class Runner:
     if self.process == 0:
       device = self.mesh.devices.flat[0]
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
-            f"{platforms.describe_dtype(opts.dtype or self.config.dtype, device)}; "
+            f"{platforms.describe_dtype(opts.dtype, device)}; "
             + attention.describe(self.config.attention, device.platform,
                                  self.config.attention_probs_dropout_prob, self.config.dtype),
             file=sys.stderr)
