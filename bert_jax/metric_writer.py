@@ -266,6 +266,8 @@ class IntervalMetrics:
     finite = [m for m in host if float(m.get("finite", 1.0)) != 0.0]
     out: dict[str, Any] = {}
     for key in self.AVERAGED:
+      if not any(key in m for m in host):
+        continue   # not a metric of this objective (nsp_* of MLM-only): absent, not nan
       values = [float(m[key]) for m in finite if key in m]
       out[key] = sum(values) / len(values) if values else float("nan")
     if host and "learning_rate" in host[-1]:

@@ -168,7 +168,8 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tu
         f" for {target.name}: {chips} x {target.kind}, mesh {dict(mesh.shape)} ...",
         file=sys.stderr, flush=True)
   start = time.perf_counter()
-  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
+  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings,
+                                cfg.get("objective", "mlm_nsp"))
   try:
     compiled = step.lower(abstract, batch, ABSTRACT_RNG).compile()
   except Exception as e:

@@ -274,13 +274,21 @@ def scale_warmup(cfg: ml_collections.ConfigDict, configured_total: int,
   return notes
 
 
+def objective_of(cfg: Any) -> str:
+  """The run's pretraining objective ("mlm_nsp" for a config file written before it existed)."""
+  return str(cfg.get("objective", "mlm_nsp"))
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> list:
   """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
   from bert_jax.phases import make_phases
-  from bert_jax.steps import NAN_POLICIES
+  from bert_jax.steps import NAN_POLICIES, OBJECTIVES
   if cfg.nan_policy not in NAN_POLICIES:
     raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")
+  if objective_of(cfg) not in OBJECTIVES:
+    raise UserError(f"--config.objective={objective_of(cfg)!r}: expected one of "
+                    f"{', '.join(OBJECTIVES)}")
   if cfg.model.preset not in PRESETS:
     raise UserError(f"--config.model.preset={cfg.model.preset!r}: expected one of "
                     f"{', '.join(PRESETS)}")

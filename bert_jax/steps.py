@@ -2,8 +2,9 @@
 jitted on a mesh, and the pretraining state (abstract or directly sharded).
 
 Pretraining loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and
-averaged over the real predictions of the whole global batch, plus NSP cross-entropy averaged
-over sequences; both in float32. MLM logits are computed only at the gathered positions (never
+averaged over the real predictions of the whole global batch, plus (objective mlm_nsp) NSP
+cross-entropy averaged over sequences; both in float32. Objective mlm has no NSP term and no
+nsp_* metrics (the NSP head is still in the model, untrained). MLM logits are computed only at the gathered positions (never
 [B,T,V]).
 
 Gradient accumulation scans over micro-batches inside the jitted step. Each micro-batch's loss
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
               "masked_lm_ids", "masked_lm_weights", "next_sentence_label")
 NAN_POLICIES = ("skip", "stop")
+OBJECTIVES = ("mlm_nsp", "mlm")
 
 
 # ----------------------------------------------------------------------------- state
@@ -110,9 +112,13 @@ class Loss:
     return sum(sums[s] / jnp.maximum(counts[c], 1e-6) for s, c in self.terms)
 
 
-def pretraining_loss(model_config: BertConfig) -> Loss:
+def pretraining_loss(model_config: BertConfig, objective: str = "mlm_nsp") -> Loss:
   """MLM + NSP: MLM cross-entropy at the gathered positions averaged over the real predictions,
-  NSP cross-entropy averaged over sequences, both in float32."""
+  NSP cross-entropy averaged over sequences, both in float32. Objective "mlm": the MLM term
+  alone, and the nsp_* sums and metrics are absent."""
+  if objective not in OBJECTIVES:
+    raise UserError(f"--config.objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+  with_nsp = objective == "mlm_nsp"
   model = BertForPreTraining(model_config)
   deterministic = (model_config.hidden_dropout_prob == 0.0
                    and model_config.attention_probs_dropout_prob == 0.0)
@@ -130,23 +136,30 @@ def pretraining_loss(model_config: BertConfig) -> Loss:
     ids_BP = batch["masked_lm_ids"].astype(jnp.int32)
     w_BP = batch["masked_lm_weights"].astype(jnp.float32)
     mlm_nll_BP, mlm_hit_BP = ops.cross_entropy(mlm_logits_BPV, ids_BP)
-    labels_B = batch["next_sentence_label"].reshape(-1).astype(jnp.int32)
-    nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
-    nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
-    return dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),
-                nsp_loss_sum=jnp.sum(nsp_nll_B), nsp_hits=jnp.sum(nsp_hit_B), **counts(batch))
+    out = dict(mlm_loss_sum=jnp.sum(w_BP * mlm_nll_BP), mlm_hits=jnp.sum(w_BP * mlm_hit_BP),
+               **counts(batch))
+    if with_nsp:
+      labels_B = batch["next_sentence_label"].reshape(-1).astype(jnp.int32)
+      nsp_nll_B = optax.softmax_cross_entropy_with_integer_labels(nsp_logits_B2, labels_B)
+      nsp_hit_B = (jnp.argmax(nsp_logits_B2, -1) == labels_B).astype(jnp.float32)
+      out.update(nsp_loss_sum=jnp.sum(nsp_nll_B), nsp_hits=jnp.sum(nsp_hit_B))
+    return out
 
   def metrics(sums):
     mlm_den = jnp.maximum(sums["mlm_weight"], 1e-6)
-    nsp_den = jnp.maximum(sums["num_sequences"], 1.0)
-    mlm_loss, nsp_loss = sums["mlm_loss_sum"] / mlm_den, sums["nsp_loss_sum"] / nsp_den
-    return dict(loss=mlm_loss + nsp_loss, mlm_loss=mlm_loss,
-                mlm_accuracy=sums["mlm_hits"] / mlm_den, nsp_loss=nsp_loss,
-                nsp_accuracy=sums["nsp_hits"] / nsp_den, mlm_weight=sums["mlm_weight"],
-                num_sequences=sums["num_sequences"])
+    mlm_loss = sums["mlm_loss_sum"] / mlm_den
+    out = dict(loss=mlm_loss, mlm_loss=mlm_loss, mlm_accuracy=sums["mlm_hits"] / mlm_den,
+               mlm_weight=sums["mlm_weight"], num_sequences=sums["num_sequences"])
+    if with_nsp:
+      nsp_den = jnp.maximum(sums["num_sequences"], 1.0)
+      nsp_loss = sums["nsp_loss_sum"] / nsp_den
+      out.update(loss=mlm_loss + nsp_loss, nsp_loss=nsp_loss,
+                 nsp_accuracy=sums["nsp_hits"] / nsp_den)
+    return out
 
-  return Loss(sums=sums, counts=counts, metrics=metrics,
-              terms=(("mlm_loss_sum", "mlm_weight"), ("nsp_loss_sum", "num_sequences")))
+  terms = (("mlm_loss_sum", "mlm_weight"),) + (
+      (("nsp_loss_sum", "num_sequences"),) if with_nsp else ())
+  return Loss(sums=sums, counts=counts, metrics=metrics, terms=terms)
 
 
 def _split_micro(x, grad_accum: int):
@@ -265,23 +278,32 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any
 
 def phase_train_step(model_config: BertConfig, phase: Phase,
                      optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                     mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
+                     mesh: jax.sharding.Mesh, shardings: Any,
+                     objective: str = "mlm_nsp") -> MeshStep:
   """The jitted pretraining step of one phase, exactly as `bert-jax pretrain` runs it (and
   `bert-jax plan` compiles it); the same under every nan_policy (the loop applies it)."""
-  return jit_train_step(make_train_step(pretraining_loss(model_config), optimizer, schedule,
-                                        grad_accum=phase.grad_accum), mesh, shardings)
+  loss = pretraining_loss(model_config, objective)
+  return jit_train_step(make_train_step(loss, optimizer, schedule, grad_accum=phase.grad_accum),
+                        mesh, shardings)
 
 
 # ----------------------------------------------------------------------------- eval step
 
 def make_eval_step(loss: Loss) -> Callable:
-  """-> eval_step(params, batch) -> loss.metrics of one deterministic pass (for pretraining:
-  mlm/nsp loss and accuracy plus mlm_weight and num_sequences to weight an average)."""
+  """-> eval_step(params, batch) -> loss.sums of one deterministic pass. An evaluation adds
+  the sums of its batches up and calls loss.metrics once (`eval_metrics`), so every mean is
+  over all its predictions and rows, whatever the objective."""
 
   def eval_step(params, batch):
-    return loss.metrics(loss.sums(params, batch, None))
+    return loss.sums(params, batch, None)
 
   return eval_step
+
+
+def eval_metrics(loss: Loss, batch_sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """loss.metrics of the sums of several eval batches (fetched to the host), as floats."""
+  totals = {k: sum(float(s[k]) for s in batch_sums) for k in batch_sums[0]}
+  return {k: float(v) for k, v in loss.metrics(totals).items()}
 
 
 def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:

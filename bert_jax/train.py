@@ -33,9 +33,9 @@ from bert_jax.lock import DirLock
 from bert_jax.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.phases import Phase, phase_at
 from bert_jax.preemption import Preemption
-from bert_jax.run_config import parse_args, resolve_config_and_phases
-from bert_jax.steps import (create_train_state, jit_eval_step, make_eval_step, phase_train_step,
-                            pretraining_loss)
+from bert_jax.run_config import objective_of, parse_args, resolve_config_and_phases
+from bert_jax.steps import (create_train_state, eval_metrics, jit_eval_step, make_eval_step,
+                            phase_train_step, pretraining_loss)
 from bert_jax.workdir import RunPlan, load_init_params, prepare_workdir
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
@@ -116,7 +116,7 @@ class Trainer:
     self._close_iterator()
     self.iterator = self._train_iterator(phase, data_state)
     self.train_fn = phase_train_step(self.plan.bert_config, phase, self.optimizer, self.schedule,
-                                     self.mesh, self.shardings)
+                                     self.mesh, self.shardings, objective_of(self.cfg))
     self.first_step_of_phase = True
     self.flops_per_step = (mfu.train_flops_per_sequence(
         self.plan.bert_config, phase.seq_len, phase.max_predictions) * phase.batch_size)
@@ -204,8 +204,8 @@ class Trainer:
   def _prepare_loop(self, step: int) -> None:
     self.base_rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 1)
     self.peak_flops = _mesh_peak_flops()
-    self.eval_fn = jit_eval_step(make_eval_step(pretraining_loss(self.plan.bert_config)),
-                                 self.mesh, self.shardings)
+    self.loss = pretraining_loss(self.plan.bert_config, objective_of(self.cfg))
+    self.eval_fn = jit_eval_step(make_eval_step(self.loss), self.mesh, self.shardings)
     self._eval_cache: dict[int, list] = {}
     self.meter = IntervalMetrics(resumed_at=step or None)
 
@@ -292,17 +292,11 @@ class Trainer:
     batches = self._eval_batches(phase)
     if not batches:
       return
-    results = jax.device_get([
+    sums = jax.device_get([
         self.eval_fn(self.state.params, sharding.global_batch(b, self.mesh)) for b in batches])
-    mlm_w = sum(float(r["mlm_weight"]) for r in results)
-    seqs = sum(float(r["num_sequences"]) for r in results)
-    row = {}
-    for key, weight in (("mlm_loss", "mlm_weight"), ("mlm_accuracy", "mlm_weight"),
-                        ("nsp_loss", "num_sequences"), ("nsp_accuracy", "num_sequences")):
-      den = mlm_w if weight == "mlm_weight" else seqs
-      row[key] = sum(float(r[key]) * float(r[weight]) for r in results) / max(den, 1e-9)
-    row["loss"] = row["mlm_loss"] + row["nsp_loss"]
-    row["eval_sequences"] = int(seqs)
+    row = eval_metrics(self.loss, sums)   # the objective's means over all the eval batches
+    del row["mlm_weight"]
+    row["eval_sequences"] = int(row.pop("num_sequences"))
     self.writer.write(step, row, split="eval", phase=phase.index, seq_len=phase.seq_len)
     self.meter.restart_clock()
 

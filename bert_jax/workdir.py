@@ -32,7 +32,7 @@ from bert_jax.errors import UserError, first_line
 from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
   write_json_atomic
 from bert_jax.phases import Phase, make_phases
-from bert_jax.run_config import config_hash, to_plain
+from bert_jax.run_config import config_hash, objective_of, to_plain
 from bert_jax.tokenizer import find_vocab
 from bert_jax.vocab import train_vocab
 
@@ -255,7 +255,9 @@ def prepare_data(cfg: Any, phases: Sequence[Phase], workdir: str, vocab: str,
                          eval_fraction=float(cfg.data.eval_fraction),
                          static_masking=not bool(cfg.data.dynamic_masking), progress=False,
                          text_field=cfg.data.get("text_field") or None,
-                         allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)))
+                         allow_replaced_bytes=bool(cfg.data.get("allow_replaced_bytes", False)),
+                         objective=objective_of(cfg),
+                         doc_sentences=bool(cfg.data.get("doc_sentences", False)))
     dirs.append(data_dir)
   _sync("data-created")
   return dirs
@@ -284,6 +286,12 @@ def _check_data(cfg: Any, bert_config: BertConfig, vocab: str, phases: Sequence[
   vocab_sha = hashlib.sha256(as_path(vocab).read_bytes()).hexdigest()
   model_vocab = bert_config.vocab_size
   for phase, data_dir, man in zip(phases, data_dirs, manifests):
+    objective, made_for = objective_of(cfg), man.get("objective", "mlm_nsp")  # older: pairs
+    if made_for != objective:
+      raise UserError(f"--config.objective={objective}: phase {phase.index + 1} data {data_dir} "
+                      f"was created for objective {made_for} (its manifest.json); give data "
+                      f"from bert-jax create-data --objective {objective}, or "
+                      f"--config.objective={made_for}")
     made_with = man["vocab"]
     data_vocab = made_with["size"]
     if data_vocab > model_vocab or (cfg.init_from and data_vocab != model_vocab):

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"   # fused kernel where the platform has one (bert_jax.attention)
   c.model.remat = False
 
+  c.objective = "mlm_nsp"      # "mlm_nsp": the paper's MLM + NSP on sentence pairs | "mlm":
+                               # MLM only on packed rows (data: create-data --objective mlm)
   c.init_from = ""             # "" (random) | HF BERT dir | bert-jax checkpoint/workdir
   c.seed = 0
 
@@ -49,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.masked_lm_prob = 0.15
   c.data.short_seq_prob = 0.1
   c.data.whole_word_mask = False
+  c.data.doc_sentences = False   # objective mlm: rows within documents (RoBERTa's DOC-SENTENCES)
   c.data.eval_fraction = 0.01
   c.data.dynamic_masking = False
   c.data.worker_count = -1       # grain worker processes building batches; -1: from the cores

@@ -50,8 +50,8 @@ def test_loss_matches_full_logits_reference(mesh):
   state, shardings, _ = _setup(mesh, model_config)
   batch = synthetic_batch(3)
   loss = steps.pretraining_loss(model_config)
-  metrics = steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)(
-      state.params, batch)
+  metrics = loss.metrics(steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)(
+      state.params, batch))
   full_BTV, nsp_B2 = BertForPreTraining(model_config).apply(
       {"params": state.params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   logp = np.asarray(jax.nn.log_softmax(full_BTV.astype(jnp.float64)

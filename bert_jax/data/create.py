@@ -1,4 +1,6 @@
-"""`bert-jax create-data`: documents -> MLM + NSP instances in array_record shards + manifest.
+"""`bert-jax create-data`: documents -> instances in array_record shards + manifest: MLM + NSP
+sentence pairs (--objective mlm_nsp, instances.py) or MLM-only packed rows (--objective mlm,
+full_sentences.py).
 
 Determinism whatever --workers: documents are grouped into chunks by a rule that depends only
 on the document stream (CHUNK_DOCUMENTS documents or CHUNK_CHARS characters), and every chunk
@@ -28,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from bert_jax.data import instances as inst_lib
-from bert_jax.data import masking, records
+from bert_jax.data import full_sentences, masking, records, row_records
 from bert_jax.data.shards import RECORDS_PER_SHARD, SplitWriter, prepare_output_dir
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import check_writable, write_json_atomic
@@ -36,6 +38,7 @@ from bert_jax.fileio import check_writable, write_json_atomic
 CHUNK_DOCUMENTS = 1000
 CHUNK_CHARS = 256 << 10
 SPLIT_CODES = {"train": 0, "eval": 1}
+OBJECTIVES = ("mlm_nsp", "mlm")   # sentence pairs for MLM + NSP | packed rows for MLM only
 _CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 
 
@@ -53,6 +56,7 @@ class ChunkResult(NamedTuple):
   records: list[bytes]
   input_tokens: int            # tokens of the chunk's documents
   nsp: tuple[int, int, int] = (0, 0, 0)  # random-next Bs: all, forced, from the same document
+  tail: object = None          # objective mlm: full_sentences.Stream after the last full row
 
 
 # -- the work on one chunk (runs in a worker process) -------------------------------------
@@ -131,38 +135,16 @@ def process_chunk(job: Job) -> ChunkResult:
   chunk = inst_lib.build_chunk(doc_ids, doc_cont)
   if not chunk.sentence_bounds:
     return ChunkResult(job.split, job.index, len(job.documents), 0, [], 0)
+  if params["objective"] == "mlm":
+    out, tokens, tail = full_sentences.chunk_records(chunk, np_rng, params, tok, pool)
+    return ChunkResult(job.split, job.index, len(job.documents), tokens, out, len(chunk.ids),
+                       tail=tail)
   nsp_counts = {"forced_random": 0, "random_same_document": 0}
   spans = inst_lib.chunk_pairs(chunk, py_rng, max_seq_length=params["max_seq_length"],
                                short_seq_prob=params["short_seq_prob"],
                                dupe_factor=params["dupe_factor"], counts=nsp_counts)
   rows = inst_lib.assemble(chunk, spans, cls_id=tok.cls_id, sep_id=tok.sep_id)
-  wide = tok.vocab_size > 65535
-  lengths, len_a = rows.lengths.tolist(), rows.len_a.tolist()
-  labels = spans.is_random_next.tolist()
-  out: list[bytes] = []
-  if params["static_masking"]:
-    m = masking.mask_tokens(np_rng, rows.ids_NL, rows.maskable_NL, rows.continuation_NL,
-                            masked_lm_prob=params["masked_lm_prob"],
-                            max_predictions=params["max_predictions_per_seq"],
-                            mask_id=tok.mask_id, random_pool=pool)
-    counts = m.counts.tolist()
-    if not wide:
-      out = records.encode_records(m.input_ids, rows.lengths, rows.len_a, m.positions, m.labels,
-                                   m.counts, spans.is_random_next)
-    for n in range(len(lengths) if wide else 0):
-      out.append(records.encode_record(m.input_ids[n, :lengths[n]], len_a[n],
-                                       m.positions[n, :counts[n]], m.labels[n, :counts[n]],
-                                       labels[n], None, wide))
-  elif not wide and rows.continuation_NL is None:
-    none_NP = np.zeros((len(lengths), 0), np.int32)
-    out = records.encode_records(rows.ids_NL, rows.lengths, rows.len_a, none_NP, none_NP,
-                                 np.zeros(len(lengths), np.int32), spans.is_random_next)
-  else:
-    empty = np.zeros(0, np.int32)
-    for n in range(len(lengths)):
-      cont = None if rows.continuation_NL is None else rows.continuation_NL[n, :lengths[n]]
-      out.append(records.encode_record(rows.ids_NL[n, :lengths[n]], len_a[n], empty, empty,
-                                       labels[n], cont, wide))
+  out = row_records.to_records(rows, spans.is_random_next, np_rng, params, tok, pool)
   nsp = (int(spans.is_random_next.sum()), nsp_counts["forced_random"],
          nsp_counts["random_same_document"])
   return ChunkResult(job.split, job.index, len(job.documents), int(rows.lengths.sum()), out,
@@ -231,7 +213,12 @@ def _run_jobs(jobs: Iterator[Job], params: dict, workers: int) -> Iterator[Chunk
 
 
 def _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
-              short_seq_prob, eval_fraction, workers, num_shards) -> None:
+              short_seq_prob, eval_fraction, workers, num_shards, objective,
+              doc_sentences) -> None:
+  if objective not in OBJECTIVES:
+    raise UserError(f"--objective {objective}: expected one of {', '.join(OBJECTIVES)}")
+  if doc_sentences and objective != "mlm":
+    raise UserError("--doc-sentences: packs rows for --objective mlm only")
   if max_seq_length < 8:
     raise UserError(f"--max-seq-length {max_seq_length}: expected at least 8 "
                     "([CLS] A [SEP] B [SEP] needs room for text)")
@@ -279,11 +266,8 @@ def default_workers() -> int:
 
 
 def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _no_training_data(inputs, eval_fraction: float, eval_documents: int) -> UserError:
@@ -299,7 +283,8 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
                 masked_lm_prob=0.15, dupe_factor=10, short_seq_prob=0.1, seed=12345,
                 whole_word_mask=False, workers=None, lower_case=None, input_format="auto",
                 eval_fraction=0.0, num_shards=None, static_masking=True, progress=True,
-                text_field=None, allow_replaced_bytes=False) -> dict:
+                text_field=None, allow_replaced_bytes=False, objective="mlm_nsp",
+                doc_sentences=False) -> dict:
   """Writes instances to `output_dir` (see the module docstring); returns the manifest.
 
   Suspect but usable input (a few non-UTF-8 bytes, documents too short or too few for NSP)
@@ -307,15 +292,15 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
   from bert_jax.data.corpus import CorpusStats, iter_documents
   from bert_jax.tokenizer import load_tokenizer
   _validate(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
-            short_seq_prob, eval_fraction, workers, num_shards)
+            short_seq_prob, eval_fraction, workers, num_shards, objective, doc_sentences)
   workers = workers or default_workers()
   vocab_path = os.fspath(vocab_path)
   output_dir = os.fspath(output_dir)
   check_writable(output_dir, "--output")
   tok = load_tokenizer(vocab_path, lower_case)   # validates the vocab before any work
   try:
-    masking.random_token_pool(tok.vocab_size, (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id,
-                                               tok.mask_id))
+    pool = masking.random_token_pool(tok.vocab_size, (tok.pad_id, tok.unk_id, tok.cls_id,
+                                                      tok.sep_id, tok.mask_id))
   except UserError as e:
     raise UserError(f"--vocab {vocab_path}: {e}") from None
   stats = CorpusStats()
@@ -328,8 +313,11 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
                 max_predictions_per_seq=int(max_predictions_per_seq),
                 masked_lm_prob=float(masked_lm_prob), dupe_factor=int(dupe_factor),
                 short_seq_prob=float(short_seq_prob), whole_word_mask=bool(whole_word_mask),
-                static_masking=bool(static_masking))
+                static_masking=bool(static_masking), objective=objective,
+                doc_sentences=bool(doc_sentences))
   writers = {split: SplitWriter(output_dir, split, num_shards) for split in SPLIT_CODES}
+  packers = {split: full_sentences.TailPacker(params, tok, pool, split, code)  # MLM tails
+             for split, code in SPLIT_CODES.items()}
   bar = None
   if progress:
     from tqdm import tqdm
@@ -337,10 +325,13 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
   started = time.perf_counter()
   try:
     for result in _run_jobs(make_jobs(documents, eval_fraction), params, workers):
-      writers[result.split].add(result)
+      for res in (result, packers[result.split].add(result.tail, result.index, ChunkResult)):
+        writers[result.split].add(res)
       if bar is not None:
         bar.update(result.num_documents)
         bar.set_postfix(instances=sum(w.num_instances for w in writers.values()), refresh=False)
+    for split, packer in packers.items():   # the split's last row, into its last shard
+      writers[split].add(packer.finish((num_shards or 1) - 1, ChunkResult))
     shards = {split: w.finish() for split, w in writers.items()}
     if writers["train"].num_instances == 0:
       raise _no_training_data(inputs, eval_fraction, writers["eval"].num_documents)
@@ -363,8 +354,10 @@ def create_data(inputs, vocab_path, output_dir, *, max_seq_length=128, max_predi
     if split == "train" or w.num_instances:
       splits[split] = dict(num_instances=w.num_instances, num_documents=w.num_documents,
                            num_tokens=w.num_tokens, num_input_tokens=w.input_tokens,
-                           shards=shards[split], random_next=w.nsp[0],
-                           forced_random_next=w.nsp[1], random_next_same_document=w.nsp[2])
+                           shards=shards[split])
+      if objective == "mlm_nsp":
+        splits[split].update(random_next=w.nsp[0], forced_random_next=w.nsp[1],
+                             random_next_same_document=w.nsp[2])
   nsp_totals = [sum(w.nsp[k] for w in writers.values()) for k in range(3)]
   notes = nsp_warnings(sum(w.num_instances for w in writers.values()), *nsp_totals)
   for note in notes:
@@ -396,11 +389,17 @@ def _as_list(inputs) -> list:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="bert-jax create-data",
-      description="Create masked-LM + next-sentence instances (array_record shards + manifest).")
+      description="Create pretraining instances (array_record shards + manifest): masked-LM + "
+                  "next-sentence pairs, or packed masked-LM rows (--objective mlm).")
   p.add_argument("--input", action="append", required=True,
                  help="file, directory, glob, tfds:NAME[:SPLIT] or sample[:en|:zh]; repeatable")
   p.add_argument("--vocab", required=True, help="WordPiece vocab.txt")
   p.add_argument("--output", required=True, help="output directory (new, or an incomplete run)")
+  p.add_argument("--objective", choices=OBJECTIVES, default="mlm_nsp",
+                 help="mlm_nsp: [CLS] A [SEP] B [SEP] pairs with NSP labels; mlm: one segment, "
+                 "contiguous sentences packed into full rows across documents ([SEP] between)")
+  p.add_argument("--doc-sentences", action="store_true",
+                 help="objective mlm: rows stay within a document (its last row is short)")
   p.add_argument("--max-seq-length", type=int, default=128)
   p.add_argument("--max-predictions-per-seq", type=int, default=20)
   p.add_argument("--masked-lm-prob", type=float, default=0.15)
@@ -438,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
       whole_word_mask=args.whole_word_mask, workers=args.workers, lower_case=args.lower_case,
       input_format=args.input_format, eval_fraction=args.eval_fraction,
       num_shards=args.num_shards, static_masking=args.static_masking, progress=args.progress,
-      text_field=args.text_field, allow_replaced_bytes=args.allow_replaced_bytes)
+      text_field=args.text_field, allow_replaced_bytes=args.allow_replaced_bytes,
+      objective=args.objective, doc_sentences=args.doc_sentences)
   counts = ", ".join(f"{split}: {info['num_instances']} instances in {len(info['shards'])} shard(s)"
                      for split, info in manifest["splits"].items())
   print(f"wrote {args.output}: {counts}")

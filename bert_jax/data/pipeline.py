@@ -31,6 +31,7 @@ STATE_FORMAT = "bert-jax-batches"
 _MASK_STREAM = 0x6D61736B   # keeps the masking generator apart from other uses of the seed
 # The one-line hint of a grain worker that died (killed, out of memory).
 _DEAD_WORKER = "Worker process was terminated unexpectedly"
+_SPECIAL_IDS = ("cls_id", "sep_id")   # in BatchSource.mask beside mask_tokens' arguments
 
 
 def manifest(data_dir: str | os.PathLike) -> dict:
@@ -125,14 +126,21 @@ class BatchSource:
     return batch
 
   def _mask(self, batch: dict, len_a_B, continuation_BL, first: int) -> None:
-    """Dynamic masking of the whole batch; never [CLS], the two [SEP]s or padding."""
+    """Dynamic masking of the whole batch; never [CLS], the two [SEP]s or padding, nor any
+    [CLS]/[SEP] of a single-segment row (the [SEP]s between its documents)."""
     ids_BL, tokens_BL = batch["input_ids"], batch["attention_mask"] != 0
     cols_L = np.arange(ids_BL.shape[1])
+    length_B = tokens_BL.sum(1)
     special_BL = ((cols_L == 0)[None, :] | (cols_L[None, :] == len_a_B[:, None] + 1)
-                  | (cols_L[None, :] == tokens_BL.sum(1)[:, None] - 1))
+                  | (cols_L[None, :] == length_B[:, None] - 1))
+    single_B = len_a_B + 2 == length_B      # a pair row is at least len_a + 3 long
+    if single_B.any():
+      mask = self.mask
+      special_BL |= single_B[:, None] & ((ids_BL == mask["cls_id"]) | (ids_BL == mask["sep_id"]))
     rng = np.random.default_rng([_MASK_STREAM, self.seed, self.shard_index, first])
     m = masking.mask_tokens(rng, ids_BL, tokens_BL & ~special_BL, continuation_BL,
-                            max_predictions=self.max_predictions, **self.mask)
+                            max_predictions=self.max_predictions,
+                            **{k: v for k, v in self.mask.items() if k not in _SPECIAL_IDS})
     batch.update(input_ids=m.input_ids, masked_lm_positions=m.positions, masked_lm_ids=m.labels,
                  masked_lm_weights=(np.arange(self.max_predictions)[None, :]
                                     < m.counts[:, None]).astype(np.float32))
@@ -293,6 +301,7 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
   mask = None
   if stored_unmasked:
     mask = dict(masked_lm_prob=masked_lm_prob, mask_id=vocab["mask_id"],
+                cls_id=vocab["cls_id"], sep_id=vocab["sep_id"],
                 random_pool=masking.random_token_pool(vocab["size"], [vocab[k] for k in (
                     "pad_id", "unk_id", "cls_id", "sep_id", "mask_id")]))
   source_args = dict(

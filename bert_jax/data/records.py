@@ -3,12 +3,16 @@ manifest.json written last (a directory without it is incomplete).
 
 A record is a 8-byte little-endian header followed by raw arrays (no pickle):
   version u8 | flags u8 | len_a u16 | len_b u16 | num_predictions u16
-  input_ids        [len_a + len_b + 3]   u16 (i32 with FLAG_WIDE_IDS)
+  input_ids        [length]              u16 (i32 with FLAG_WIDE_IDS)
   masked positions [num_predictions]     u16
   masked ids       [num_predictions]     u16 / i32
   continuation     packbits([len_a + len_b + 3]) (only with FLAG_CONTINUATION: unmasked data
                    for dynamic whole-word masking)
-Segment ids follow from len_a: 0 for [CLS] A [SEP], 1 for B [SEP].
+A pair record ([CLS] A [SEP] B [SEP], the MLM + NSP objective) has length len_a + len_b + 3
+and segment ids that follow from len_a: 0 for [CLS] A [SEP], 1 for B [SEP]. A single-segment
+record (FLAG_SINGLE_SEGMENT: [CLS] text [SEP], the MLM-only objective's packed rows, whose text
+may hold further [SEP]s between documents) has len_b 0 and length len_a + 2, segment 0
+everywhere and no NSP label; records without the flag decode as before it existed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ MANIFEST = "manifest.json"
 FLAG_WIDE_IDS = 1
 FLAG_RANDOM_NEXT = 2
 FLAG_CONTINUATION = 4
+FLAG_SINGLE_SEGMENT = 8
 _HEADER = struct.Struct("<BBHHH")
 SHARD_RE = re.compile(r"^(train|eval)-(\d{5})-of-(\d{5})\.array_record$")
 # array_record groups records for compression; a group of 1 keeps random access cheap for grain.
@@ -39,15 +44,18 @@ WRITER_OPTIONS = "group_size:1,snappy"
 
 
 def encode_record(ids: np.ndarray, len_a: int, positions: np.ndarray, labels: np.ndarray,
-                  is_random_next: int, continuation: np.ndarray | None, wide: bool) -> bytes:
-  """One instance as bytes; `ids` holds its len_a + len_b + 3 real tokens."""
+                  is_random_next: int, continuation: np.ndarray | None, wide: bool,
+                  single_segment: bool = False) -> bytes:
+  """One instance as bytes; `ids` holds its real tokens (len_a + len_b + 3 of a pair,
+  len_a + 2 of a single segment)."""
   dtype = np.int32 if wide else np.uint16
   flags = (FLAG_WIDE_IDS if wide else 0) | (FLAG_RANDOM_NEXT if is_random_next else 0)
+  flags |= FLAG_SINGLE_SEGMENT if single_segment else 0
   tail = b""
   if continuation is not None:
     flags |= FLAG_CONTINUATION
     tail = np.packbits(continuation.astype(bool)).tobytes()
-  len_b = len(ids) - len_a - 3
+  len_b = len(ids) - len_a - (2 if single_segment else 3)
   return b"".join((_HEADER.pack(RECORD_VERSION, flags, len_a, len_b, len(positions)),
                    ids.astype(dtype).tobytes(), positions.astype(np.uint16).tobytes(),
                    labels.astype(dtype).tobytes(), tail))
@@ -55,15 +63,17 @@ def encode_record(ids: np.ndarray, len_a: int, positions: np.ndarray, labels: np
 
 def encode_records(ids_NL: np.ndarray, lengths: np.ndarray, len_a: np.ndarray,
                    positions_NP: np.ndarray, labels_NP: np.ndarray, counts: np.ndarray,
-                   is_random_next: np.ndarray) -> list[bytes]:
+                   is_random_next: np.ndarray, single_segment: bool = False) -> list[bytes]:
   """encode_record for a batch of rows with 16-bit ids, without continuation flags: every
   field is a uint16, so the records are one masked selection of a [N, 4 + L + 2P] matrix."""
   N, L = ids_NL.shape
   P = positions_NP.shape[1]
   header = np.empty((N, 4), np.uint16)
-  header[:, 0] = RECORD_VERSION | (np.where(is_random_next != 0, FLAG_RANDOM_NEXT, 0) << 8)
+  flags = np.where(is_random_next != 0, FLAG_RANDOM_NEXT, 0) | (
+      FLAG_SINGLE_SEGMENT if single_segment else 0)
+  header[:, 0] = RECORD_VERSION | (flags << 8)
   header[:, 1] = len_a
-  header[:, 2] = lengths - len_a - 3
+  header[:, 2] = lengths - len_a - (2 if single_segment else 3)
   header[:, 3] = counts
   table = np.concatenate([header, ids_NL.astype(np.uint16), positions_NP.astype(np.uint16),
                           labels_NP.astype(np.uint16)], axis=1)
@@ -82,7 +92,7 @@ def decode_record(data: bytes) -> dict[str, np.ndarray]:
   if version != RECORD_VERSION:
     raise UserError(f"instance record version {version}: this bert-jax reads version {RECORD_VERSION}")
   dtype = np.dtype(np.int32 if flags & FLAG_WIDE_IDS else np.uint16)
-  length = len_a + len_b + 3
+  length = len_a + len_b + (2 if flags & FLAG_SINGLE_SEGMENT else 3)
   offset = _HEADER.size
   ids = np.frombuffer(data, dtype, length, offset)
   offset += length * dtype.itemsize
@@ -91,7 +101,7 @@ def decode_record(data: bytes) -> dict[str, np.ndarray]:
   labels = np.frombuffer(data, dtype, num_pred, offset)
   offset += num_pred * dtype.itemsize
   segment_ids = np.zeros(length, np.int32)
-  segment_ids[len_a + 2:] = 1
+  segment_ids[len_a + 2:] = 1         # none for a single segment (length len_a + 2)
   out = {
       "input_ids": ids.astype(np.int32),
       "segment_ids": segment_ids,
@@ -125,7 +135,8 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
   """decode_record for a whole batch in a few numpy passes (the records are gathered from one
   joined buffer, no per-record Python), padded to the pipeline's fixed shapes.
 
-  Returns (batch, len_a [B], continuation [B, seq_len] bool or None when no record has it);
+  Returns (batch, len_a [B], continuation [B, seq_len] bool or None when no record has it;
+  a single-segment row has len_a = its length - 2 and token_type_ids 0);
   batch holds input_ids, token_type_ids, attention_mask [B, L] int32 (input_ids `pad_id` past the
   tokens), masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32
   (0 past the record's predictions), next_sentence_label [B] int32.
@@ -144,7 +155,7 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
     bad = int(version_B[version_B != RECORD_VERSION][0])
     raise UserError(f"instance record version {bad}: this bert-jax reads version {RECORD_VERSION}")
   width_B = np.where(flags_B & FLAG_WIDE_IDS, 4, 2)
-  length_B = len_a_B + len_b_B + 3
+  length_B = len_a_B + len_b_B + np.where(flags_B & FLAG_SINGLE_SEGMENT, 2, 3)
   has_cont_B = (flags_B & FLAG_CONTINUATION) != 0
   cont_bytes_B = np.where(has_cont_B, (length_B + 7) // 8, 0)
   ids_at_B = starts_B + _HEADER.size
