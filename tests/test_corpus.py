@@ -10,8 +10,9 @@ import shutil
 import pytest
 
 from bert_jax.data import corpus
-from bert_jax.data.corpus import (MAX_SENTENCE_CHARS, CorpusStats, CorpusWarning, iter_documents,
-                                  resolve_inputs, sample_corpus_path, split_sentences)
+from bert_jax.data.corpus import iter_documents, resolve_inputs, sample_corpus_path
+from bert_jax.data.sentences import MAX_SENTENCE_CHARS, split_sentences
+from bert_jax.data.text_lines import CorpusStats, CorpusWarning
 from bert_jax.errors import UserError
 
 

@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import json
 import os
 import pathlib
 import re
-import warnings
-from typing import IO, Iterable, Iterator
+from typing import Iterable, Iterator
 
+from bert_jax.data.sentences import bounded, split_sentences
+from bert_jax.data.text_lines import CorpusStats, decode, iter_lines, read_head
 from bert_jax.errors import UserError
 
 FORMATS = ("auto", "bert", "text")
@@ -59,32 +59,10 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _JSONL_LINE_BYTES = 256 << 20  # a JSON line is parsed whole: one document's bytes at most
 _TEXT_FIELD_FLAG = "--text-field FIELD (pretrain: --config.data.text_field=FIELD)"
 SAMPLE_LANGUAGES = ("en", "zh")
-MAX_SENTENCE_CHARS = 1000
-_READ_CHUNK_BYTES = 1 << 20
 _SNIFF_BYTES = 64 << 10
 _SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
-# A file with more replaced bytes than this share (and at least _MIN_REFUSED of them) is refused.
-REPLACED_BYTES_LIMIT = 0.01
-_MIN_REFUSED = 64
-_REPLACED_FLAG = "--allow-replaced-bytes (pretrain: --config.data.allow_replaced_bytes=true)"
 _WIKITEXT_UNK = re.compile(r"(?<!\S)<unk>(?!\S)")
 
-
-class CorpusWarning(UserWarning):
-  """Something in the input was repaired (e.g. non-UTF-8 bytes replaced)."""
-
-
-@dataclasses.dataclass
-class CorpusStats:
-  """Counters filled while documents stream out; pass one to `iter_documents(stats=...)`."""
-  files: int = 0
-  documents: int = 0
-  sentences: int = 0
-  characters: int = 0
-  bytes: int = 0  # bytes read from files (after decompression)
-  bad_bytes: int = 0  # non-UTF-8 bytes replaced with U+FFFD
-  long_lines_split: int = 0  # lines/sentences over MAX_SENTENCE_CHARS that were split
-  files_with_bad_bytes: list[str] = dataclasses.field(default_factory=list)
 
 
 def sample_corpus_path(lang: str = "en") -> str:
@@ -152,158 +130,6 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
   return sources
 
 
-# -- decoding ---------------------------------------------------------------------------
-
-
-def _decode(data: bytes) -> tuple[str, int]:
-  """UTF-8 decode with U+FFFD for bad bytes; returns the text and the bad-byte count."""
-  try:
-    return data.decode("utf-8"), 0
-  except UnicodeDecodeError:
-    pass
-  parts, bad, pos = [], 0, 0
-  while True:
-    try:
-      parts.append(data[pos:].decode("utf-8"))
-      return "".join(parts), bad
-    except UnicodeDecodeError as e:
-      parts += [data[pos:pos + e.start].decode("utf-8"), "\ufffd"]
-      bad += e.end - e.start
-      pos += e.end
-
-
-def _incomplete_utf8_tail(data: bytes) -> int:
-  """How many trailing bytes start a UTF-8 character that the chunk cut off."""
-  for back in range(1, min(4, len(data)) + 1):
-    byte = data[-back]
-    if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
-      need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
-      return back if need > back else 0
-  return 0
-
-
-def _open_binary(path: str) -> IO[bytes]:
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _check_replaced(path: str, bad: int, read: int, whole: bool) -> None:
-  if bad > max(_MIN_REFUSED, REPLACED_BYTES_LIMIT * read):
-    where = f"its {read:,} bytes" if whole else f"the first {read:,} bytes"
-    raise UserError(f"--input {path}: {bad:,} of {where} ({bad / read:.1%}) are not UTF-8: "
-                    "binary or another encoding (convert it, e.g. iconv -f latin1 -t utf-8); "
-                    f"to replace them with U+FFFD anyway pass {_REPLACED_FLAG}")
-
-
-def iter_lines(path: str, stats: CorpusStats | None = None,
-               allow_replaced_bytes: bool = False,
-               piece_bytes: int = _READ_CHUNK_BYTES) -> Iterator[str]:
-  """Decoded lines of a file (newline removed), in pieces of at most ~`piece_bytes`. Refuses a
-  file with more than REPLACED_BYTES_LIMIT non-UTF-8 bytes unless `allow_replaced_bytes`."""
-  bad_total = read = 0
-  checked_at = 0
-  carry = b""
-  first = True
-  try:
-    with _open_binary(path) as f:
-      while True:
-        chunk = f.readline(piece_bytes)
-        read += len(chunk)
-        if not chunk and not carry:
-          break
-        chunk = carry + chunk
-        carry = b""
-        if chunk.endswith(b"\n"):
-          chunk = chunk[:-1]
-        elif len(chunk) >= piece_bytes:  # a piece of a longer line
-          cut = _incomplete_utf8_tail(chunk)
-          if cut:
-            chunk, carry = chunk[:-cut], chunk[-cut:]
-        text, bad = _decode(chunk)
-        bad_total += bad
-        if not allow_replaced_bytes and bad_total and read - checked_at >= _READ_CHUNK_BYTES:
-          _check_replaced(path, bad_total, read, whole=False)  # a binary file fails early
-          checked_at = read
-        if first:
-          text = text.removeprefix("\ufeff")
-          first = False
-        yield text.removesuffix("\r")
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise UserError(f"--input {path}: cannot read ({e})") from None
-  finally:
-    if stats is not None:
-      stats.bytes += read
-    if stats is not None and bad_total:
-      stats.bad_bytes += bad_total
-      stats.files_with_bad_bytes.append(path)
-  if bad_total:
-    if not allow_replaced_bytes:
-      _check_replaced(path, bad_total, read, whole=True)
-    warnings.warn(f"{path}: {bad_total:,} byte(s) of {read:,} that are not UTF-8 replaced "
-                  "with U+FFFD", CorpusWarning, stacklevel=2)
-
-
-# -- sentence splitting -----------------------------------------------------------------
-
-# An English end (.!? plus closing quotes/brackets) followed by space, or a Chinese end.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*\s+|[。！？；]+[”’」』）)]*\s*")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf no vol fig al approx inc ltd co corp "
-    "jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k".split())
-_SOFT_BREAK = re.compile(r"[\s,，、;:]")
-
-
-def _is_false_end(text: str, start: int, end: int) -> bool:
-  """True when the period at text[start] does not end a sentence (abbreviation, initial)."""
-  if end < len(text) and text[end].islower():
-    return True  # "approx. three", "e.g. the", '"Really?" she asked'
-  if text[start] != ".":
-    return False
-  word = text[:start].rsplit(None, 1)[-1] if text[:start].strip() else ""
-  return (len(word) == 1 and word.isupper()) or word.lower() in _ABBREVIATIONS
-
-
-def split_sentences(text: str) -> list[str]:
-  """Splits running text into sentences (English `.!?`, Chinese `。！？；`); never empty strings."""
-  sentences, begin = [], 0
-  for match in _SENTENCE_END.finditer(text):
-    if _is_false_end(text, match.start(), match.end()):
-      continue
-    sentence = text[begin:match.end()].strip()
-    if sentence:
-      sentences.append(sentence)
-    begin = match.end()
-  tail = text[begin:].strip()
-  if tail:
-    sentences.append(tail)
-  return sentences
-
-
-def _chop(sentence: str, limit: int = MAX_SENTENCE_CHARS) -> list[str]:
-  """Cuts an over-long sentence at spaces/commas near the limit (hard cut when there are none)."""
-  pieces = []
-  while len(sentence) > limit:
-    cut = max((m.end() for m in _SOFT_BREAK.finditer(sentence, limit // 2, limit)), default=limit)
-    head, sentence = sentence[:cut].strip(), sentence[cut:].strip()
-    if head:
-      pieces.append(head)
-  if sentence:
-    pieces.append(sentence)
-  return pieces
-
-
-def _bounded(sentences: Iterable[str], stats: CorpusStats | None) -> list[str]:
-  out = []
-  for sentence in sentences:
-    if len(sentence) <= MAX_SENTENCE_CHARS:
-      out.append(sentence)
-      continue
-    if stats is not None:
-      stats.long_lines_split += 1
-    for part in split_sentences(sentence):
-      out += _chop(part)
-  return out
-
-
 # -- formats ----------------------------------------------------------------------------
 
 _TITLE = re.compile(r"^ ?= (?!=)(.*[^=])? = ?$")  # " = Title = "
@@ -318,11 +144,7 @@ def _sniff_format(path: str) -> str:
 
 
 def _has_wikitext_titles(path: str) -> bool:
-  try:
-    with _open_binary(path) as f:
-      head = f.read(_SNIFF_BYTES)
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise UserError(f"--input {path}: cannot read ({e})") from None
+  head = read_head(path, _SNIFF_BYTES)
   text = head.decode("utf-8", errors="replace")
   return any(_TITLE.match(line.rstrip("\r")) for line in text.split("\n"))
 
@@ -334,10 +156,10 @@ def _bert_documents(lines: Iterable[str], stats: CorpusStats | None) -> Iterator
     if line:
       document.append(line)
     elif document:
-      yield _bounded(document, stats)
+      yield bounded(document, stats)
       document = []
   if document:
-    yield _bounded(document, stats)
+    yield bounded(document, stats)
 
 
 def _text_documents(lines: Iterable[str], wikitext: bool,
@@ -355,7 +177,7 @@ def _text_documents(lines: Iterable[str], wikitext: bool,
       continue
     line = line.strip()
     if line:
-      document += _bounded(split_sentences(line), stats)
+      document += bounded(split_sentences(line), stats)
     elif document and not wikitext:
       yield document
       document = []
@@ -366,11 +188,7 @@ def _text_documents(lines: Iterable[str], wikitext: bool,
 def _json_lines_fields(path: str) -> list[str] | None:
   """The field names of the first line when the file is JSON lines (by its name, or a first
   non-blank line that is a JSON object), else None."""
-  try:
-    with _open_binary(path) as f:
-      head = f.read(_SNIFF_BYTES)
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
-    raise UserError(f"--input {path}: cannot read ({e})") from None
+  head = read_head(path, _SNIFF_BYTES)
   lines = [line for line in head.decode("utf-8", errors="replace").split("\n") if line.strip()]
   first = lines[0].strip().removeprefix("\ufeff") if lines else ""
   try:
@@ -456,12 +274,12 @@ def _tfds_documents(source: Source, text_field: str,
                       f"(fields: {', '.join(sorted(record))}); pick one with --text-field")
     value = record[text_field]
     if isinstance(value, bytes):
-      value, bad = _decode(value)
+      value, bad = decode(value)
       if stats is not None:
         stats.bad_bytes += bad
     sentences = []
     for paragraph in str(value).split("\n"):
-      sentences += _bounded(split_sentences(paragraph), stats)
+      sentences += bounded(split_sentences(paragraph), stats)
     if sentences:
       yield sentences
 
