@@ -57,9 +57,10 @@ def test_classification_outputs_and_export(shared_data, tmp_path, vocab):
   out, hf_dir = tmp_path / "out", tmp_path / "hf"
   assert main(["--task", "classification", "--vocab", vocab, "--train-file", train,
                "--validation-file", dev, "--output-dir", str(out), "--export-hf", str(hf_dir),
-               *TINY]) == 0
+               *TINY, "--eval-batch-size", "16"]) == 0
   metrics = json.loads((out / "metrics.json").read_text())
-  assert {"accuracy", "f1", "mcc"} <= set(metrics) and 0 <= metrics["accuracy"] <= 1
+  assert {"accuracy", "f1", "mcc", "validation_loss"} <= set(metrics)
+  assert 0 <= metrics["accuracy"] <= 1
   rows = list(csv.DictReader((out / "predictions.tsv").open(), delimiter="\t"))
   assert len(rows) == 40 and rows[0]["line"] == "2"
   accuracy = np.mean([r["prediction"] == r["label"] for r in rows])
@@ -76,6 +77,11 @@ def test_classification_outputs_and_export(shared_data, tmp_path, vocab):
     torch_logits = model(**enc).logits.numpy()
   assert [config["id2label"][str(i)] for i in torch_logits.argmax(-1)] == \
       [r["prediction"] for r in rows]
+  # The validation loss, summed over packed eval batches of 16 sequences (the last one short)
+  # and made a mean once, is the mean cross-entropy of the whole set.
+  labels = torch.tensor([int(r["label"]) for r in rows])
+  reference = torch.nn.functional.cross_entropy(torch.from_numpy(torch_logits), labels).item()
+  assert metrics["validation_loss"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
   # The Flax model on the same ids gives the same logits.
   from bert_jax import heads
   from bert_jax.convert import load_pretrained
@@ -232,6 +238,7 @@ def test_qa_task_and_export(shared_data, tmp_path):
                "--export-hf", str(hf_dir), *args]) == 0
   metrics = json.loads((out / "metrics.json").read_text())
   assert 0 <= metrics["exact_match"] <= 100 and 0 <= metrics["f1"] <= 100
+  assert all(h["validation_loss"] > 0 for h in metrics["history"])
   predictions = json.loads((out / "predictions.json").read_text("utf-8"))
   ids = {q["id"] for a in small["data"] for p in a["paragraphs"] for q in p["qas"]}
   assert set(predictions) == ids
@@ -264,6 +271,10 @@ def test_choice_task_and_export(tmp_path, vocab):
   with torch.no_grad():
     pred = model(**{k: v.view(16, 4, -1) for k, v in enc.items()}).logits.argmax(-1)
   assert pred.tolist() == [int(r["prediction"]) for r in rows]
+  with torch.no_grad():
+    reference = model(**{k: v.view(16, 4, -1) for k, v in enc.items()},
+                      labels=torch.tensor([i % 4 for i in range(16)])).loss.item()
+  assert metrics["validation_loss"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
 # -- bad input -------------------------------------------------------------------------------

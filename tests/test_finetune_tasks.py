@@ -12,7 +12,7 @@ import pytest
 
 from bert_jax.errors import UserError
 from bert_jax.finetune import tasks
-from bert_jax.finetune.trainer import make_batch, make_buckets, train_batches
+from bert_jax.finetune.batching import make_batch, make_buckets, train_batches
 from bert_jax.tokenizer import load_tokenizer
 
 

@@ -14,7 +14,8 @@ from bert_jax.config import BertConfig
 from bert_jax.finetune import packing
 from bert_jax.finetune.specs import _masked_ce
 from bert_jax.finetune.tasks import Features
-from bert_jax.finetune.trainer import forward, make_batch
+from bert_jax.finetune.batching import make_batch
+from bert_jax.finetune.evaluate import forward
 
 CONFIG = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, max_position_embeddings=64,

@@ -1,9 +1,14 @@
-"""Learning curves from a pretraining workdir's metrics.jsonl, as one PNG.
+"""Learning curves, as one PNG, of a pretraining workdir's metrics.jsonl or of a fine-tuning
+--output-dir's metrics.json.
 
-  python tools/plot_metrics.py WORKDIR/metrics.jsonl [OUT.png]     (default: beside the jsonl)
+  python tools/plot_metrics.py WORKDIR/metrics.jsonl [OUT.png]     (default: beside the file)
+  python tools/plot_metrics.py OUTPUT_DIR/metrics.json [OUT.png]   (or just the directory)
 
-Left panel: loss (total and MLM; eval rows as markers). Right panel: MLM and NSP accuracy.
-A dashed vertical line marks each phase boundary (the first step of a new phase / seq_len).
+Pretraining: left panel loss (total and MLM; eval rows as markers), right panel MLM and NSP
+accuracy; a dashed vertical line marks each phase boundary (the first step of a new phase /
+seq_len). Fine-tuning: left panel the train loss (averaged since the previous evaluation) and
+the validation loss at every evaluation, right panel the task's metrics (accuracy, F1, EM, ...)
+against the optimizer step.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 
 LOSS_KEYS = ("loss", "mlm_loss")
 ACCURACY_KEYS = ("mlm_accuracy", "nsp_accuracy")
+FINETUNE_LOSS_KEYS = ("train_loss", "validation_loss")
+NOT_A_CURVE = ("epoch", "step", "count")  # a fine-tuning record's bookkeeping
 
 
 def read_rows(metrics_jsonl: str) -> list[dict]:
@@ -97,33 +104,75 @@ def plot_metrics(metrics_jsonl: str, out_png: str) -> str:
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   ax_acc.set_ylim(0.0, 1.0)
-  fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl))) or "metrics")
-  fig.tight_layout()
+  _save(fig, metrics_jsonl, out_png)
+  return out_png
 
+
+def finetune_series(metrics_json: str) -> dict[str, tuple[list[int], list[float]]]:
+  """Each curve of a fine-tuning run's metrics.json history, by name: train_loss,
+  validation_loss and the task's metrics, as (steps, values)."""
+  with open(metrics_json, encoding="utf-8") as f:
+    try:
+      metrics = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{metrics_json}: not valid JSON ({e.msg})") from None
+  history = metrics.get("history") if isinstance(metrics, dict) else None
+  rows = [r for r in history or [] if isinstance(r, dict) and "step" in r]
+  if not rows:
+    raise ValueError(f"{metrics_json}: no 'history' of evaluations with a 'step'")
+  names = dict.fromkeys(k for r in rows for k, v in r.items()
+                        if k not in NOT_A_CURVE and isinstance(v, (int, float))
+                        and not isinstance(v, bool))
+  return {k: _series(rows, k) for k in names}
+
+
+def plot_finetune(metrics_json: str, out_png: str) -> str:
+  """Writes the fine-tuning curves of `metrics_json` to `out_png`; returns out_png."""
+  series = finetune_series(metrics_json)
+  fig, (ax_loss, ax_task) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, (steps, values) in series.items():
+    ax = ax_loss if name in FINETUNE_LOSS_KEYS else ax_task
+    ax.plot(steps, values, "o-", markersize=4, linewidth=1.2, label=name)
+  for ax, title in ((ax_loss, "loss"), (ax_task, "validation metrics")):
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  _save(fig, metrics_json, out_png)
+  return out_png
+
+
+def _save(fig, source: str, out_png: str) -> None:
+  fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(source))) or "metrics")
+  fig.tight_layout()
   out_dir = os.path.dirname(os.path.abspath(out_png))
   os.makedirs(out_dir, exist_ok=True)
   tmp = os.path.join(out_dir, f".{os.path.basename(out_png)}.tmp.png")
   fig.savefig(tmp, dpi=100)
   plt.close(fig)
   os.replace(tmp, out_png)  # atomic: a half-written PNG never has the final name
-  return out_png
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("metrics_jsonl", help="a workdir's metrics.jsonl (or the workdir)")
+  parser.add_argument("metrics", help="a pretraining workdir's metrics.jsonl, a fine-tuning "
+                                      "output dir's metrics.json, or either directory")
   parser.add_argument("out_png", nargs="?", help="default: learning_curves.png beside it")
   args = parser.parse_args(argv)
-  path = args.metrics_jsonl
+  path = args.metrics
   if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
+    jsonl = os.path.join(path, "metrics.jsonl")
+    path = jsonl if os.path.isfile(jsonl) else os.path.join(path, "metrics.json")
   if not os.path.isfile(path):
-    print(f"error: {path}: no such file; expected a metrics.jsonl", file=sys.stderr)
+    print(f"error: {path}: no such file; expected a metrics.jsonl or metrics.json",
+          file=sys.stderr)
     return 2
   out = args.out_png or os.path.join(os.path.dirname(os.path.abspath(path)),
                                      "learning_curves.png")
+  plot = plot_metrics if path.endswith(".jsonl") else plot_finetune
   try:
-    print(plot_metrics(path, out))
+    print(plot(path, out))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

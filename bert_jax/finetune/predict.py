@@ -83,27 +83,17 @@ def load_finetuned(model: str):
 
 def run_model(task, model, params, feats, max_seq_length: int, batch_size: int,
               keep_logits: bool) -> dict[str, np.ndarray]:
-  """The task's predict() outputs (and its logits) for every row of `feats`, in row order;
-  token-axis outputs padded back to max_seq_length."""
+  """The task's predict() outputs (and its logits) for every row of `feats`, in row order:
+  evaluation's loop (evaluate.run_batches) without the loss."""
   import jax
-  from bert_jax.finetune.trainer import (MODEL_INPUTS, _pad_last, eval_batches, forward,
-                                         make_batch, make_buckets)
-  keys = tuple(k for k in (*MODEL_INPUTS, "choice_mask") if k in feats.arrays)
-
-  @jax.jit
-  def step(params, batch):
-    logits = forward(model, params, batch)
-    return {**task.predict(logits, batch), **({"logits": logits} if keep_logits else {})}
-
-  buckets = make_buckets(max_seq_length)
-  out: dict[str, np.ndarray] = {}
-  for idx in eval_batches(feats.lengths, batch_size):
-    batch = make_batch(feats, idx, batch_size, buckets, keys)
-    for k, v in jax.device_get(step(params, batch)).items():
-      v = np.asarray(v)[:len(idx)]
-      if k in task.seq_outputs and v.shape[-1] < max_seq_length:
-        v = _pad_last(v, max_seq_length, -1e9 if np.issubdtype(v.dtype, np.floating) else 0)
-      out.setdefault(k, np.zeros((len(feats),) + v.shape[1:], v.dtype))[idx] = v
+  from bert_jax.finetune.batching import eval_batches, make_batch, make_buckets
+  from bert_jax.finetune.evaluate import make_eval_step, run_batches
+  step = jax.jit(make_eval_step(task, model, with_loss=False, keep_logits=keep_logits))
+  buckets, keys = make_buckets(max_seq_length), tuple(feats.arrays)
+  out, _ = run_batches(lambda batch: step(params, batch), len(feats),
+                       eval_batches(feats.lengths, batch_size),
+                       lambda idx: make_batch(feats, idx, batch_size, buckets, keys),
+                       task.seq_outputs, max_seq_length)
   return out
 
 

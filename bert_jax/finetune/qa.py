@@ -158,8 +158,9 @@ class QAFeatures:
   """One row per (example, window). Arrays are numpy; L = max_seq_length.
 
   input_ids, token_type_ids, attention_mask: int32 [N, L]
-  start_positions, end_positions: int32 [N] answer token indices in the row (0 = [CLS]: the
-      window lacks the answer, or it is impossible; zeros when not featurised for training)
+  start_positions, end_positions: int32 [N] answer token indices in the row of the example's
+      first located answer (0 = [CLS]: the window lacks it, the question is impossible, or it
+      has no answer with a position, as a test file)
   example_index: int32 [N] index into the examples list
   token_to_char: int32 [N, L, 2] [start, end) character offsets into the context; -1 for
       [CLS], question, [SEP] and padding
@@ -197,8 +198,9 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
               is_training: bool) -> QAFeatures:
   """Windows over each example's context tokens; see QAFeatures for the arrays.
 
-  Training rows get the token positions of the example's first located answer, or 0 when
-  the window does not hold the whole answer (or the question is impossible). All questions
+  Rows get the token positions of the example's first located answer, or 0 when the window
+  does not hold the whole answer (or the question is impossible); `is_training` requires every
+  possible question to have one. All questions
   and each distinct context are tokenised in one batch; the rows are filled with whole-array
   numpy (qa_windows), not per example or window.
   """
@@ -238,11 +240,10 @@ def featurize(examples: Sequence[QAExample], tokenizer, *, max_seq_length: int =
   located = first_answer >= 0
   first, last = first_answer[example], last_answer[example]
   holds = located[example] & (start <= first) & (last < start + length)
-  label = holds & is_training
   return QAFeatures(
       input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
-      start_positions=np.where(label, first + column, 0).astype(np.int32),
-      end_positions=np.where(label, last + column, 0).astype(np.int32),
+      start_positions=np.where(holds, first + column, 0).astype(np.int32),
+      end_positions=np.where(holds, last + column, 0).astype(np.int32),
       example_index=example.astype(np.int32), token_to_char=token_to_char,
       token_is_max_context=token_is_max_context,
       answer_lengths=(last_answer - first_answer + 1)[located].astype(np.int32),

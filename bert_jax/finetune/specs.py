@@ -234,14 +234,12 @@ class QATask(Task):
                                        max_seq_length=o.max_seq_length, doc_stride=o.doc_stride):
         warnings.warn(note, stacklevel=2)
 
-    def as_features(f, training):
+    def as_features(f):  # with answer positions: validation's for its loss
       arrays = {k: np.asarray(getattr(f, k), np.int32)
-                for k in ("input_ids", "token_type_ids", "attention_mask")}
-      if training:
-        arrays["start_positions"] = np.asarray(f.start_positions, np.int32)
-        arrays["end_positions"] = np.asarray(f.end_positions, np.int32)
+                for k in ("input_ids", "token_type_ids", "attention_mask", "start_positions",
+                          "end_positions")}
       return Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
-    return as_features(train_f, True), as_features(self.valid_qa, False)
+    return as_features(train_f), as_features(self.valid_qa)
 
   def loss(self, logits, batch):
     start, end = logits

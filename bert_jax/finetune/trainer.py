@@ -5,9 +5,8 @@ transformers.
 
 Speed on short inputs: the [CLS] heads pack several sequences into each row (packing.py: one
 compiled shape, mostly real tokens); the other tasks pad each batch only to the smallest
-bucket (16, 32, 64, ... up to max_seq_length) that holds its longest row, so jit compiles a
-handful of shapes, and group rows of similar length (sorted within shuffled windows of 50
-batches).
+length bucket that holds its longest row (batching.py). Evaluation (evaluate.py) gives the
+task's predictions and the loss's sums, so the validation loss is one mean over all rows.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import attention, platforms, sharding, steps, xla_cache
@@ -30,68 +28,16 @@ from bert_jax.convert import FINETUNE_INFO
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
 from bert_jax.finetune import outputs, packing
+from bert_jax.finetune.batching import (eval_batches, join_micro, make_batch, make_buckets,
+                                        train_batches)
+from bert_jax.finetune.evaluate import make_eval_step, run_batches, task_loss
 from bert_jax.finetune.specs import TASKS, Task
 from bert_jax.finetune.tasks import Features
 from bert_jax.lock import DirLock
-from bert_jax.model import Packed
 from bert_jax.optim import finetune_optimizer
 from bert_jax.preemption import Preemption
-from bert_jax.steps import Loss
 
-SORT_WINDOW_BATCHES = 50
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
-
-
-# ----------------------------------------------------------------------------- batching
-
-def make_buckets(max_len: int, smallest: int = 16) -> list[int]:
-  buckets, b = [], smallest
-  while b < max_len:
-    buckets.append(b)
-    b *= 2
-  return buckets + [max_len]
-
-
-def bucket_for(length: int, buckets: list[int]) -> int:
-  return next(b for b in buckets if b >= length)
-
-
-def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                  sort_window: int = SORT_WINDOW_BATCHES) -> list[np.ndarray]:
-  """Shuffled rows, sorted by length inside windows of `sort_window` batches, cut into
-  batches whose order is shuffled again: similar lengths share a batch, epochs still differ."""
-  order = rng.permutation(len(lengths))
-  window = batch_size * sort_window
-  batches = []
-  for start in range(0, len(order), window):
-    chunk = order[start:start + window]
-    chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-    batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-  return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-  order = np.argsort(lengths, kind="stable")
-  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def make_batch(feats: Features, idx: np.ndarray, batch_size: int, buckets: list[int],
-               keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-  """Rows `idx` padded to `batch_size` rows (weight 0) and cut to their bucket length."""
-  length = bucket_for(int(feats.lengths[idx].max()), buckets)
-  pad = batch_size - len(idx)
-  batch = {}
-  for k in keys:
-    x = feats.arrays[k][idx]
-    if k in feats.seq_keys:
-      x = x[..., :length]
-    if pad:
-      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    batch[k] = x
-  if pad and "labels" in feats.seq_keys and "labels" in keys:
-    batch["labels"][len(idx):] = -100
-  batch["weight"] = (np.arange(batch_size) < len(idx)).astype(np.float32)
-  return batch
 
 
 # ----------------------------------------------------------------------------- init
@@ -126,33 +72,6 @@ def load_init(opts):
 
 
 # ----------------------------------------------------------------------------- the run
-
-def task_loss(task: Task, model) -> Loss:
-  """The task's loss as a steps.Loss: its summed loss over the real rows (or tokens) of the
-  whole step, so accumulated micro-batches add up to one batch."""
-  def sums(params, batch, key):
-    outputs = forward(model, params, batch, key)
-    return {"loss_sum": task.loss(outputs, batch), **counts(batch)}
-
-  def counts(batch):
-    return {"count": task.count(batch)}
-
-  def metrics(s):
-    return {"loss": s["loss_sum"] / jnp.maximum(s["count"], 1.0), "count": s["count"]}
-  return Loss(sums=sums, counts=counts, terms=(("loss_sum", "count"),), metrics=metrics)
-
-
-def forward(model, params, batch, key=None):
-  """The model's outputs for a batch (packed or one sequence per row); dropout when `key` is
-  given."""
-  extra = {}
-  if "sequence_ids" in batch:
-    extra["packed"] = Packed(batch["position_ids"], batch["sequence_ids"],
-                             batch["sequence_rows"], batch["sequence_starts"])
-  return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                     batch.get("attention_mask"), deterministic=key is None,
-                     rngs=None if key is None else {"dropout": key}, **extra)
-
 
 class Runner:
   """One fine-tuning run on a (data, fsdp, tensor) mesh, one or several processes: the train
@@ -209,12 +128,12 @@ class Runner:
                                               jax.random.PRNGKey(o.seed),
                                               init_params=self.pretrained, source=o.init)
     self.pretrained = None
+    self.loss = task_loss(self.task, self.model)
     self.train_step = steps.jit_train_step(
-        steps.make_train_step(task_loss(self.task, self.model), optimizer, schedule,
+        steps.make_train_step(self.loss, optimizer, schedule,
                               grad_accum=o.gradient_accumulation), self.mesh, shardings)
-    model, task = self.model, self.task
     self.eval_step = steps.MeshStep(
-        lambda params, batch: task.predict(forward(model, params, batch), batch), self.mesh,
+        make_eval_step(self.task, self.model, with_loss=True), self.mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(self.mesh)),
         out_shardings=sharding.replicated(self.mesh))
     self.gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(self.mesh))
@@ -259,39 +178,26 @@ class Runner:
               for idx in group]
     while len(micros) < o.gradient_accumulation:
       micros.append(dict(micros[-1], weight=np.zeros_like(micros[-1]["weight"])))
-    length = max(m["input_ids"].shape[-1] for m in micros)
-    out = {}
-    for k in micros[0]:
-      parts = [_pad_last(m[k], length, -100 if k == "labels" else 0)
-               if k in feats.seq_keys else m[k] for m in micros]
-      stacked = np.stack(parts, axis=1)  # [B, A, ...]
-      out[k] = stacked.reshape((-1,) + stacked.shape[2:])
-    return out
+    return join_micro(micros, feats.seq_keys)
 
   # -- evaluation ---------------------------------------------------------------------------
 
   def evaluate(self, params) -> tuple[dict, dict]:
-    feats, o = self.eval_feats, self.opts
-    keys = tuple(k for k in (*MODEL_INPUTS, "choice_mask") if k in feats.arrays)
-    eval_bs = self._eval_batch_size()
-    out: dict[str, np.ndarray] = {}
-    T = o.max_seq_length
+    """(validation loss and the task's scores, every row's predictions): one pass whose eval
+    batches give the loss's sums, added up and made a mean once."""
+    feats, eval_bs = self.eval_feats, self._eval_batch_size()
+    keys = tuple(feats.arrays)  # labels too: the loss's sums
     if self.packed:
-      batches = packing.eval_packs(feats.lengths, T, self.eval_rows, eval_bs)
+      batches = packing.eval_packs(feats.lengths, self.opts.max_seq_length, self.eval_rows,
+                                   eval_bs)
     else:
       batches = eval_batches(feats.lengths, eval_bs)
-    for idx in batches:
-      batch = self._micro_batch(feats, idx, eval_bs, self.eval_rows, keys)
-      result = {k: np.asarray(v) for k, v in self.eval_step(params, self._put(batch)).items()}
-      for k, v in result.items():
-        v = v[:len(idx)]
-        if k in self.task.seq_outputs and v.shape[-1] < T:
-          fill = -1e9 if np.issubdtype(v.dtype, np.floating) else 0
-          v = _pad_last(v, T, fill)
-        if k not in out:
-          out[k] = np.zeros((len(feats),) + v.shape[1:], v.dtype)
-        out[k][idx] = v
-    return self.task.score(feats, out), out
+    out, sums = run_batches(
+        lambda batch: self.eval_step(params, self._put(batch)), len(feats), batches,
+        lambda idx: self._micro_batch(feats, idx, eval_bs, self.eval_rows, keys),
+        self.task.seq_outputs, self.opts.max_seq_length)
+    loss = float(self.loss.metrics(sums)["loss"])
+    return {"validation_loss": loss, **self.task.score(feats, out)}, out
 
   # -- loop -----------------------------------------------------------------------------------
 
@@ -420,10 +326,6 @@ class Runner:
                            extra_config=self.task.hf_config())
     return {**(self.best or {}), **status, "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds}
-
-
-def _pad_last(x: np.ndarray, length: int, fill: float) -> np.ndarray:
-  return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=fill)
 
 
 def finetune(opts) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Batches of fine-tuning features without packing (packing.py packs the [CLS] heads' rows):
+rows padded only to the smallest length bucket (16, 32, 64, ... up to max_seq_length) that
+holds the batch's longest, so jit compiles a handful of shapes; training rows of similar length
+grouped (sorted within shuffled windows of 50 batches); a train step's micro-batches laid out
+as bert_jax.steps' accumulation splits them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bert_jax.finetune.tasks import IGNORE, Features
+
+SORT_WINDOW_BATCHES = 50
+
+
+def make_buckets(max_len: int, smallest: int = 16) -> list[int]:
+  buckets, b = [], smallest
+  while b < max_len:
+    buckets.append(b)
+    b *= 2
+  return buckets + [max_len]
+
+
+def bucket_for(length: int, buckets: list[int]) -> int:
+  return next(b for b in buckets if b >= length)
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  sort_window: int = SORT_WINDOW_BATCHES) -> list[np.ndarray]:
+  """Shuffled rows, sorted by length inside windows of `sort_window` batches, cut into
+  batches whose order is shuffled again: similar lengths share a batch, epochs still differ."""
+  order = rng.permutation(len(lengths))
+  window = batch_size * sort_window
+  batches = []
+  for start in range(0, len(order), window):
+    chunk = order[start:start + window]
+    chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  order = np.argsort(lengths, kind="stable")
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_batch(feats: Features, idx: np.ndarray, batch_size: int, buckets: list[int],
+               keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Rows `idx` padded to `batch_size` rows (weight 0) and cut to their bucket length."""
+  length = bucket_for(int(feats.lengths[idx].max()), buckets)
+  pad = batch_size - len(idx)
+  batch = {}
+  for k in keys:
+    x = feats.arrays[k][idx]
+    if k in feats.seq_keys:
+      x = x[..., :length]
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    batch[k] = x
+  if pad and "labels" in feats.seq_keys and "labels" in keys:
+    batch["labels"][len(idx):] = IGNORE
+  batch["weight"] = (np.arange(batch_size) < len(idx)).astype(np.float32)
+  return batch
+
+
+def pad_last(x: np.ndarray, length: int, fill: float) -> np.ndarray:
+  return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=fill)
+
+
+def join_micro(micros: list[dict[str, np.ndarray]], seq_keys: tuple[str, ...]) -> dict:
+  """One train step's rows from its micro-batches, padded to one length and interleaved so
+  that micro-batch i is rows i, i+A, ...: the inverse of bert_jax.steps' split (each device
+  keeps contiguous rows and holds a slice of every micro-batch)."""
+  length = max(m["input_ids"].shape[-1] for m in micros)
+  out = {}
+  for k in micros[0]:
+    parts = [pad_last(m[k], length, IGNORE if k == "labels" else 0) if k in seq_keys else m[k]
+             for m in micros]
+    stacked = np.stack(parts, axis=1)  # [B, A, ...]
+    out[k] = stacked.reshape((-1,) + stacked.shape[2:])
+  return out
