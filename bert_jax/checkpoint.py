@@ -275,13 +275,13 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, *, params: Any, opt_state: Any, meta: dict,
-           data_state: Any = None, fingerprint: list | None = None) -> bool:
+           data_state: Any = None) -> bool:
     """Starts an (async) save of `step`; returns False, saving nothing, if params are not finite.
 
     `meta` must be JSON-serialisable; the params fingerprint is added to it. `data_state` is
     the data iterator's get_state(): a JSON-serialisable value, or the bytes of its JSON.
     """
-    fingerprint = params_fingerprint(params) if fingerprint is None else fingerprint
+    fingerprint = params_fingerprint(params)
     if not fingerprint_is_finite(fingerprint):
       warnings.warn(f"step {step}: parameters are not finite; checkpoint not written "
                     f"(the last good one, step {self.latest_step()}, is kept)", stacklevel=2)

@@ -133,20 +133,15 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def logical_shardings(mesh: Mesh, boxed_abstract_tree: Any) -> Any:
-  """NamedShardings (a tree shaped like the unboxed tree) from boxed logical annotations."""
+  """NamedShardings (a tree shaped like the unboxed tree) from boxed logical annotations, e.g.
+  a train state's params and the optimizer state that mirrors them (`jax.eval_shape` of an
+  init); unannotated leaves (step, counts) are replicated."""
   logical_specs = nn.get_partition_spec(boxed_abstract_tree)
   mesh_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
   shapes = nn.unbox(boxed_abstract_tree)
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, _fit_spec(s.spec, tuple(x.shape), mesh)),
       mesh_shardings, shapes)
-
-
-def state_shardings(mesh: Mesh, boxed_abstract_state: Any) -> Any:
-  """Shardings for a train state whose params (and the optimizer state that mirrors them) are
-  flax-boxed abstract arrays (`jax.eval_shape` of an init). Unannotated leaves (step, counts)
-  are replicated. The result has the structure of the *unboxed* state."""
-  return logical_shardings(mesh, boxed_abstract_state)
 
 
 def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

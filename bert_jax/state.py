@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from bert_jax.errors import UserError
-from bert_jax.sharding import LOGICAL_AXIS_RULES, replicated, state_shardings
+from bert_jax.sharding import LOGICAL_AXIS_RULES, logical_shardings, replicated
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def abstract_state(init_params_fn: InitParamsFn, optimizer, mesh: jax.sharding.M
   with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(functools.partial(_boxed_state, init_params_fn, optimizer),
                            ABSTRACT_RNG)
-    shardings = state_shardings(mesh, boxed)
+    shardings = logical_shardings(mesh, boxed)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.unbox(boxed), shardings)
 

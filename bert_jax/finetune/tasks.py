@@ -1,202 +1,276 @@
-"""Task featurisation: classification, token tagging and multiple choice records (read by
-readers.py) into `Features`: numpy arrays padded to max_seq_length on the last axis plus each
-row's real length, so the batcher can cut a batch down to a small bucket length. Bad input
-raises UserError naming the file and line (or record).
+"""Task specs for fine-tuning: how each task reads its files, which head it builds, its loss,
+what an evaluation keeps per row, and how that becomes metrics and a predictions file. The
+trainer is generic over them; readers and featurisation live in tasks.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+import json
+import os
+import warnings
 
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.finetune import qa_windows
-# The readers' names stay importable from here, where callers have always found them.
-from bert_jax.finetune.readers import (ChoiceRecord, TaggedSentence, TextRecord,  # noqa: F401
-                                       build_label_map, read_choice, read_choice_json,
-                                       read_conll, read_swag, read_tagged, read_text_records,
-                                       tag_names)
-
-IGNORE = -100  # label of positions that do not count in the loss (as transformers)
+from bert_jax.finetune import squad_eval
+from bert_jax.finetune.paragraphs import read_qa
+from bert_jax.fileio import write_text_atomic
+from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
+                                     featurize_tags, featurize_text, read_choice, read_tagged,
+                                     read_text_records, tag_names, word_predictions)
 
 
-@dataclasses.dataclass
-class Features:
-  """Token arrays [N, ..., T] padded with 0 to T = max_seq_length; `lengths` [N] the longest
-  real row; `seq_keys` the arrays whose last axis is the token axis; labels and the rest [N, ...]."""
-  arrays: dict[str, np.ndarray]
-  lengths: np.ndarray
-  seq_keys: tuple[str, ...] = ("input_ids", "token_type_ids", "attention_mask")
-  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  def __len__(self) -> int:
-    return len(self.lengths)
+def _masked_ce(logits, labels, weight):
+  """Cross-entropy summed over the rows (or tokens) of weight > 0; labels < 0 are ignored."""
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  safe = jnp.where(labels < 0, 0, labels)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return (nll * weight).sum()
 
 
-# ----------------------------------------------------------------------------- packing
+class Task:
+  name = ""
+  architecture = ""
+  main_metric = ""
+  seq_outputs: tuple[str, ...] = ()  # predict() outputs with a token axis (padded back to T)
+  num_labels = 2
+  packable = False  # reads [CLS] only, so several sequences can share a row (packing.py)
 
-def truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int]]:
-  """Longest-first truncation with the split transformers' fast tokenizers use: the shorter
-  side keeps what it can up to half the budget, the longer side gets the rest (the odd token)."""
-  b = b or []
-  if len(a) + len(b) <= budget:
-    return a, b
-  short, long_ = sorted((len(a), len(b)))
-  keep_long = max(short, budget - short)
-  keep_short = short
-  if keep_short + keep_long > budget:
-    keep_short, keep_long = budget // 2, budget // 2 + budget % 2
-  keep_a, keep_b = (keep_long, keep_short) if len(a) > len(b) else (keep_short, keep_long)
-  return a[:min(keep_a, len(a))], b[:min(keep_b, len(b))]
+  def __init__(self, opts):
+    self.opts = opts
 
+  # The training loss is loss(outputs, batch) summed over what count(batch) counts (the rows of
+  # weight > 0; tokens for tagging), so accumulated micro-batches add up to one batch.
+  def count(self, batch):
+    return batch["weight"].sum()
 
-def pack(tokenizer, a: list[int], b: list[int] | None, max_len: int,
-         ids_out: np.ndarray, types_out: np.ndarray) -> int:
-  """[CLS] a [SEP] (b [SEP]) written into the zero rows; returns the length."""
-  budget = max_len - (3 if b is not None else 2)
-  a, b2 = truncate_pair(a, b, budget)
-  row = [tokenizer.cls_id, *a, tokenizer.sep_id]
-  n_first = len(row)
-  if b is not None:
-    row += [*b2, tokenizer.sep_id]
-  ids_out[:len(row)] = row
-  types_out[n_first:len(row)] = 1
-  return len(row)
+  def model(self, config):
+    from bert_jax import heads
+    return heads.FINETUNE_HEADS[self.architecture](config, num_labels=self.num_labels)
+
+  def hf_config(self) -> dict:
+    return {}
+
+  def finetune_info(self) -> dict:
+    return {"task": self.name, "architecture": self.architecture, **self.hf_config()}
 
 
-def _attention(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  return (np.arange(ids.shape[-1]) < lengths[..., None]).astype(np.int32)
+class ClassificationTask(Task):
+  name, architecture = "classification", "BertForSequenceClassification"
+  packable = True
+
+  def load(self, tokenizer):
+    o = self.opts
+    cols = dict(text_column=o.text_column, pair_column=o.text_pair_column,
+                label_column=o.label_column)
+    train = read_text_records(o.train_file, max_rows=o.max_train_rows, **cols)
+    valid = read_text_records(o.validation_file, **cols)
+    self.label_names, self.regression = build_label_map(train, o.train_file, o.regression)
+    if not self.regression and len(self.label_names) < 2:
+      raise UserError(f"{o.train_file}: only one label ({self.label_names[0]!r}); "
+                      "classification needs two or more")
+    self.num_labels = 1 if self.regression else len(self.label_names)
+    self.main_metric = "pearson" if self.regression else "accuracy"
+    self.valid_records = valid
+    self.label_column = train[0].label_key
+    feats = [featurize_text(r, tokenizer, o.max_seq_length, self.label_names, self.regression, p)
+             for r, p in ((train, o.train_file), (valid, o.validation_file))]
+    return feats[0], feats[1]
+
+  def loss(self, logits, batch):
+    w = batch["weight"]
+    if self.regression:
+      return (((logits[:, 0] - batch["labels"]) ** 2) * w).sum()
+    return _masked_ce(logits, batch["labels"], w)
+
+  def predict(self, logits, batch):
+    return {"prediction": logits[:, 0] if self.regression else logits.argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    labels, pred = feats.arrays["labels"], out["prediction"]
+    if self.regression:
+      return metrics.regression_scores(labels, pred)
+    return metrics.classification_scores(labels, pred, self.num_labels)
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    keyed = any(r.id is not None for r in self.valid_records)  # rows with ids: keyed by id
+    lines = ["id\t" * keyed + "line\tprediction\tlabel"]
+    for r, p in zip(self.valid_records, out["prediction"]):
+      shown = f"{float(p):.6g}" if self.regression else self.label_names[int(p)]
+      lines.append(f"{r.id}\t" * keyed + f"{r.line}\t{shown}\t{r.label}")
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+  def finetune_info(self):
+    return {**super().finetune_info(), "label_column": self.label_column}
+
+  def hf_config(self):
+    if self.regression:
+      return {"num_labels": 1, "problem_type": "regression"}
+    id2label = {str(i): n for i, n in enumerate(self.label_names)}
+    return {"num_labels": self.num_labels, "id2label": id2label,
+            "label2id": {n: i for i, n in enumerate(self.label_names)},
+            "problem_type": "single_label_classification"}
 
 
-def featurize_text(records: Sequence[TextRecord], tokenizer, max_seq_length: int,
-                   label_names: Sequence[str], regression: bool, path: str,
-                   labeled: bool = True) -> Features:
-  """`labeled=False` (a test file for prediction): labels are left 0."""
-  n = len(records)
-  ids = np.zeros((n, max_seq_length), np.int32)
-  types = np.zeros((n, max_seq_length), np.int32)
-  lengths = np.zeros(n, np.int32)
-  a_ids = tokenizer.encode_batch([r.text for r in records])
-  has_pair = any(r.pair is not None for r in records)
-  b_ids = tokenizer.encode_batch([r.pair or "" for r in records]) if has_pair else [None] * n
-  for i in range(n):
-    b = b_ids[i] if records[i].pair is not None else None
-    lengths[i] = pack(tokenizer, a_ids[i], b, max_seq_length, ids[i], types[i])
-  if not labeled:
-    labels = np.zeros(n, np.float32 if regression else np.int32)
-  elif regression:
-    labels = np.array([float(r.label) for r in records], np.float32)
-  else:
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = np.zeros(n, np.int32)
-    for i, r in enumerate(records):
-      if r.label not in index:
-        raise UserError(f"{path}:{r.line}: label {r.label!r} does not occur in the training "
-                        f"file (known: {', '.join(label_names[:20])})")
-      labels[i] = index[r.label]
-  return Features({"input_ids": ids, "token_type_ids": types,
-                   "attention_mask": _attention(ids, lengths), "labels": labels}, lengths)
+class TokenTask(Task):
+  name, architecture, main_metric = "token", "BertForTokenClassification", "f1"
+  seq_outputs = ("prediction",)
+
+  def load(self, tokenizer):
+    o = self.opts
+    train = read_tagged(o.train_file)[:o.max_train_rows or None]
+    self.valid = read_tagged(o.validation_file)
+    self.label_names = tag_names(train)
+    self.num_labels = len(self.label_names)
+    # Sentences longer than a row are split into windows `--doc-stride` apart (default: half
+    # a row), so every word is trained and predicted.
+    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file,
+                           o.doc_stride),
+            featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
+                           o.validation_file, o.doc_stride))
+
+  def _token_weight(self, batch):
+    return (batch["labels"] >= 0) * batch["weight"][:, None]
+
+  def loss(self, logits, batch):
+    return _masked_ce(logits, batch["labels"], self._token_weight(batch))
+
+  def count(self, batch):
+    return self._token_weight(batch).sum()
+
+  def predict(self, logits, batch):
+    return {"prediction": logits.argmax(-1).astype("int32")}
+
+  def word_tags(self, feats, out) -> list[list[str]]:
+    """A tag for every word of every validation sentence, each from its max-context window."""
+    return [[self.label_names[t] for t in ids.tolist()]
+            for ids in word_predictions(feats, out["prediction"])]
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    gold, pred = [s.tags for s in self.valid], self.word_tags(feats, out)
+    # joint accuracy: a sentence counts only when every tag is right (the slot-tagging metric)
+    return {**metrics.entity_scores(gold, pred),
+            "joint_accuracy": float(np.mean([g == p for g, p in zip(gold, pred)]))}
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = []
+    for s, pred in zip(self.valid, self.word_tags(feats, out)):
+      lines += [f"{w}\t{g}\t{p}" for w, g, p in zip(s.words, s.tags, pred)] + [""]
+    write_text_atomic(path, "\n".join(lines))
+    return path
+
+  def hf_config(self):
+    return {"num_labels": self.num_labels,
+            "id2label": {str(i): n for i, n in enumerate(self.label_names)},
+            "label2id": {n: i for i, n in enumerate(self.label_names)}}
 
 
-def featurize_tags(sentences: Sequence[TaggedSentence], tokenizer, max_seq_length: int,
-                   names: Sequence[str], path: str, doc_stride: int | None = None) -> Features:
-  """One row [CLS] window [SEP] per window over each sentence's sub-tokens: windows of
-  max_seq_length - 2 tokens, `doc_stride` apart (default: half a window), as QA's over its
-  contexts (qa_windows), so no word is lost to a long sentence. The label sits on each word's
-  first sub-token in every window that holds it; later pieces and specials get IGNORE.
-  `extra`: per word (all sentences back to back, `word_splits` [sentences + 1]) the row and
-  column where it is predicted, `word_rows` / `word_columns`: the window that gives its first
-  sub-token the most context (run_squad's rule, qa_windows.max_context_spans)."""
-  max_doc = max_seq_length - 2
-  if max_doc < 1:
-    raise UserError(f"--max-seq-length {max_seq_length}: no room for a word beside [CLS] and "
-                    "[SEP]; expected 3 or more")
-  stride = doc_stride or max(1, max_doc // 2)
-  if stride < 1:
-    raise UserError(f"--doc-stride: expected a positive number of tokens, got {doc_stride}")
-  index = {n: i for i, n in enumerate(names)}
-  word_splits = np.cumsum([0] + [len(s.words) for s in sentences])
-  tag_ids = np.array([index.get(t, -1) for s in sentences for t in s.tags], np.int32)
-  if (tag_ids < 0).any():
-    word = int(np.argmax(tag_ids < 0))
-    i = int(np.searchsorted(word_splits, word, side="right")) - 1
-    s = sentences[i]
-    raise UserError(f"{path}:{s.line + word - word_splits[i]}: tag "
-                    f"{s.tags[word - word_splits[i]]!r} does not occur in the training file "
-                    f"(known: {', '.join(names[:20])})")
-  pieces = tokenizer.encode_ragged([w for s in sentences for w in s.words])
-  n_pieces, piece_ids = pieces.lengths, pieces.ids
-  if (n_pieces == 0).any():  # e.g. a lone control character: [UNK] keeps the word's place
-    piece_ids = np.insert(piece_ids, pieces.splits[:-1][n_pieces == 0], tokenizer.unk_id)
-    n_pieces = np.maximum(n_pieces, 1)
-  first_piece = np.cumsum(n_pieces) - n_pieces      # each word's, all sentences back to back
-  doc_first = np.append(first_piece, len(piece_ids))[word_splits]  # each sentence's
-  n_doc = np.diff(doc_first)
-  max_docs = np.full(len(sentences), max_doc)
-  example, start, length = qa_windows.windows(n_doc, max_docs, stride)
-  own_lo, own_hi = qa_windows.max_context_spans(n_doc, max_docs, stride, example, start)
+class ChoiceTask(Task):
+  name, architecture, main_metric = "choice", "BertForMultipleChoice", "accuracy"
+  num_labels = 1
 
-  rows = len(example)
-  column_0 = doc_first[example] + start - 1         # the piece column c holds: column_0 + c
-  column = np.arange(max_seq_length)
-  inside = (column >= 1) & (column <= length[:, None])
-  ids = np.zeros((rows, max_seq_length), np.int32)
-  ids[inside] = piece_ids[(column_0[:, None] + column)[inside]]
-  ids[:, 0] = tokenizer.cls_id
-  ids[np.arange(rows), length + 1] = tokenizer.sep_id
-  lengths = (length + 2).astype(np.int32)
-  labels = np.full((rows, max_seq_length), IGNORE, np.int32)
-  row, word = _words_in(first_piece, column_0 + 1, column_0 + 1 + length)
-  labels[row, first_piece[word] - column_0[row]] = tag_ids[word]
-  # The max-context spans split each sentence's tokens among its windows: one owner a word,
-  # found in word order.
-  owner, word = _words_in(first_piece, doc_first[example] + own_lo, doc_first[example] + own_hi)
-  assert np.array_equal(word, np.arange(len(first_piece)))
-  return Features({"input_ids": ids, "token_type_ids": np.zeros_like(ids),
-                   "attention_mask": _attention(ids, lengths), "labels": labels}, lengths,
-                  seq_keys=("input_ids", "token_type_ids", "attention_mask", "labels"),
-                  extra={"word_rows": owner.astype(np.int32),
-                         "word_columns": (first_piece - column_0[owner]).astype(np.int32),
-                         "word_splits": word_splits})
+  def load(self, tokenizer):
+    o = self.opts
+    ctx = getattr(o, "context_file", None)
+    train = read_choice(o.train_file, ctx)[:o.max_train_rows or None]
+    self.valid = read_choice(o.validation_file, ctx)
+    self.num_choices = max(len(r.second) for r in train)
+    return (featurize_choice(train, tokenizer, o.max_seq_length, self.num_choices),
+            featurize_choice(self.valid, tokenizer, o.max_seq_length, self.num_choices))
+
+  def _masked(self, logits, batch):
+    import jax.numpy as jnp
+    return jnp.where(batch["choice_mask"] > 0, logits, -1e9)
+
+  def loss(self, logits, batch):
+    return _masked_ce(self._masked(logits, batch), batch["labels"], batch["weight"])
+
+  def predict(self, logits, batch):
+    return {"prediction": self._masked(logits, batch).argmax(-1)}
+
+  def score(self, feats, out):
+    from bert_jax.finetune import metrics
+    return {"accuracy": metrics.accuracy(feats.arrays["labels"], out["prediction"])}
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.tsv")
+    lines = ["id\tprediction\tlabel"] + [f"{r.id}\t{int(p)}\t{r.label}"
+                                          for r, p in zip(self.valid, out["prediction"])]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
 
 
-def _words_in(first_piece: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-  """(row, word) for every word whose first piece lies in [lo[row], hi[row]) (`first_piece`
-  ascends), rows in order and words ascending within each."""
-  a = np.searchsorted(first_piece, lo)
-  count = np.searchsorted(first_piece, hi) - a
-  row = np.repeat(np.arange(len(lo)), count)
-  return row, np.arange(len(row)) - np.repeat(np.cumsum(count) - count - a, count)
+# --max-answer-length default per language: SQuAD's 30 tokens; Chinese answers are counted in
+# characters (one token each) and run longer: 50 keeps 98.8% of CMRC 2018 dev's (30 keeps 94%).
+DEFAULT_MAX_ANSWER_LENGTH = {"en": 30, "zh": 50}
 
 
-def word_predictions(feats: Features, prediction: np.ndarray) -> list[np.ndarray]:
-  """Each sentence's predicted tag ids, one a word, from `prediction` [rows, T] of the rows of
-  featurize_tags: read where the word has the most context."""
-  per_word = prediction[feats.extra["word_rows"], feats.extra["word_columns"]]
-  return np.split(per_word, feats.extra["word_splits"][1:-1])
+class QATask(Task):
+  """Span QA through bert_jax.finetune.qa (featurisation, n-best) and squad_eval (EM/F1)."""
+  name, architecture, main_metric = "qa", "BertForQuestionAnswering", "f1"
+  seq_outputs = ("start_logits", "end_logits")
+
+  def load(self, tokenizer):
+    from bert_jax.finetune import qa
+    o = self.opts
+    kw = dict(max_seq_length=o.max_seq_length, doc_stride=o.doc_stride,
+              max_query_length=o.max_query_length)
+    ctx = getattr(o, "context_file", None)
+    train = read_qa(o.train_file, ctx)[:o.max_train_rows or None]
+    self.valid = read_qa(o.validation_file, ctx)
+    if o.max_answer_length is None:  # in tokens: a Chinese character is one
+      o.max_answer_length = DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(train)]
+    train_f = qa.featurize(train, tokenizer, is_training=True, **kw)
+    self.valid_qa = qa.featurize(self.valid, tokenizer, is_training=False, **kw)
+    for features, path in ((train_f, o.train_file), (self.valid_qa, o.validation_file)):
+      for note in qa.coverage_warnings(features, path, max_answer_length=o.max_answer_length,
+                                       max_seq_length=o.max_seq_length, doc_stride=o.doc_stride):
+        warnings.warn(note, stacklevel=2)
+
+    def as_features(f):  # with answer positions: validation's for its loss
+      arrays = {k: np.asarray(getattr(f, k), np.int32)
+                for k in ("input_ids", "token_type_ids", "attention_mask", "start_positions",
+                          "end_positions")}
+      return Features(arrays, arrays["attention_mask"].sum(-1).astype(np.int32))
+    return as_features(train_f), as_features(self.valid_qa)
+
+  def loss(self, logits, batch):
+    start, end = logits
+    w = batch["weight"]
+    return (_masked_ce(start, batch["start_positions"], w)
+            + _masked_ce(end, batch["end_positions"], w)) / 2
+
+  def predict(self, logits, batch):
+    return {"start_logits": logits[0], "end_logits": logits[1]}
+
+  def answers(self, out) -> dict[str, str]:
+    from bert_jax.finetune import qa
+    o = self.opts
+    return qa.postprocess(self.valid, self.valid_qa, out["start_logits"], out["end_logits"],
+                          n_best=o.n_best, max_answer_length=o.max_answer_length,
+                          version_2_with_negative=o.version_2_with_negative,
+                          null_score_diff_threshold=o.null_score_diff_threshold)
+
+  def score(self, feats, out):
+    from bert_jax.finetune import squad_eval
+    self._answers = self.answers(out)
+    return dict(squad_eval.evaluate(self.valid, self._answers, lang="auto"))
+
+  def write_predictions(self, out_dir, feats, out) -> str:
+    path = os.path.join(out_dir, "predictions.json")
+    answers = getattr(self, "_answers", None) or self.answers(out)
+    write_text_atomic(path, json.dumps(answers, ensure_ascii=False, indent=1) + "\n")
+    return path
 
 
-def featurize_choice(records: Sequence[ChoiceRecord], tokenizer, max_seq_length: int,
-                     num_choices: int | None = None) -> Features:
-  """[N, C, T] arrays; records with fewer than C candidates are padded, `choice_mask` 0."""
-  c = num_choices or max(len(r.second) for r in records)
-  n = len(records)
-  ids = np.zeros((n, c, max_seq_length), np.int32)
-  types = np.zeros_like(ids)
-  row_len = np.zeros((n, c), np.int32)
-  firsts = tokenizer.encode_batch([t for r in records for t in r.first])
-  seconds = tokenizer.encode_batch([t for r in records for t in r.second])
-  k = 0
-  for i, r in enumerate(records):
-    if len(r.second) > c:
-      raise UserError(f"record {r.id}: {len(r.second)} candidates; the training data has {c}")
-    for j in range(len(r.second)):
-      row_len[i, j] = pack(tokenizer, firsts[k], seconds[k], max_seq_length, ids[i, j], types[i, j])
-      k += 1
-  choice_mask = (row_len > 0).astype(np.int32)
-  return Features({"input_ids": ids, "token_type_ids": types,
-                   "attention_mask": _attention(ids, row_len),
-                   "labels": np.array([r.label for r in records], np.int32),
-                   "choice_mask": choice_mask}, row_len.max(axis=1))
+TASKS = {"classification": ClassificationTask, "token": TokenTask, "qa": QATask,
+         "choice": ChoiceTask}
+
+
