@@ -31,6 +31,8 @@ def _shared_xla_cache() -> str:
   if not path:
     path = tempfile.mkdtemp(prefix="bert-jax-test-xla-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    # pytest-xdist's workers start after this and inherit the variable: one cache for all
+    os.environ["BERT_JAX_TEST_XLA_CACHE"] = path
   os.makedirs(path, exist_ok=True)
   return path
 
@@ -63,6 +65,14 @@ if "jax" in sys.modules:   # imported before this file (a plugin): set its confi
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto`: one worker per core up to 4 (each holds a jax runtime of ~1-2 GiB), and one on a
+  host whose tests run on an accelerator, which a single process owns."""
+  if platforms.default_platform() != "cpu":
+    return 1
+  return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 def _shared_data_dir() -> pathlib.Path:

@@ -51,7 +51,7 @@ run_tests() {  # the GPU's own run of the tests (tests/conftest.py pins float32 
   # deterministic scatters there); no preallocation, so PyTorch's reference runs beside jax
   [ "$mode" = gpu ] || return 0
   XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout "$1" "$python" -m pytest -q -p no:cacheprovider "${@:3}" > "$out/$2.log" 2>&1
+    timeout "$1" "$python" -m pytest -q -o addopts="" -p no:cacheprovider "${@:3}" > "$out/$2.log" 2>&1
   echo "$2: $(tail -1 "$out/$2.log")"
 }
 
