@@ -10,7 +10,7 @@ from bert_jax import hostmem
 # subcommand -> (module, help line). Modules are imported lazily so `--help` is instant.
 SUBCOMMANDS = {
     "train-vocab": ("bert_jax.vocab", "train a WordPiece vocab.txt with sentencepiece"),
-    "create-data": ("bert_jax.data.create", "create MLM+NSP pretraining instances (array_record)"),
+    "create-data": ("bert_jax.data.create", "create pretraining data: MLM+NSP pairs or MLM rows"),
     "pretrain": ("bert_jax.train", "pretrain BERT from an ml_collections config"),
     "plan": ("bert_jax.plan", "compile the train step for a TPU topology: memory, FLOPs, time"),
     "convert": ("bert_jax.convert", "convert checkpoints: orbax <-> Hugging Face, Google TF1"),

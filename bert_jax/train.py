@@ -267,6 +267,7 @@ class Trainer:
       it = make_iterator(self.plan.data_dirs[phase.index], split="eval",
                          batch_size=size // self.process_count, seq_len=phase.seq_len,
                          max_predictions=phase.max_predictions, seed=0, shuffle=False,
+                         masked_lm_prob=float(self.cfg.data.masked_lm_prob),  # unmasked data
                          num_epochs=1, process_index=self.process_index,
                          process_count=self.process_count, man=man)
       for _ in range(count):

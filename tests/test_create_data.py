@@ -74,24 +74,31 @@ def test_nsp_and_mlm_statistics(static_data, vocab):
   forced = train["forced_random_next"]
   assert 0.47 < (train["random_next"] - forced) / (len(insts) - forced) < 0.53
   assert 0.45 < random_next < 0.6
+  assert_masking_statistics(insts, _maskable, tok.mask_id, 20)
+
+
+def assert_masking_statistics(insts, maskable_of, mask_id: int, max_predictions: int) -> int:
+  """BERT's masking of static instances (either objective): 15% of the maskable tokens
+  (`maskable_of(inst)`) predicted, capped, sorted, never elsewhere; 80/10/10. -> predictions."""
   predicted = maskable_total = 0
   kinds = {"mask": 0, "keep": 0, "random": 0}
   for inst in insts:
     pos = inst["masked_lm_positions"]
-    maskable = _maskable(inst)
+    maskable = maskable_of(inst)
     assert np.all(np.diff(pos) > 0) and maskable[pos].all()    # sorted, never [CLS]/[SEP]
-    expected = masking.num_to_predict(np.array([maskable.sum()]), 0.15, 20)[0]
-    assert len(pos) == expected                                   # 15%, capped at 20
+    expected = masking.num_to_predict(np.array([maskable.sum()]), 0.15, max_predictions)[0]
+    assert len(pos) == expected                                   # 15%, capped
     predicted += len(pos)
     maskable_total += maskable.sum()
     got, label = inst["input_ids"][pos], inst["masked_lm_ids"]
-    kinds["mask"] += np.sum(got == tok.mask_id)
+    kinds["mask"] += np.sum(got == mask_id)
     kinds["keep"] += np.sum(got == label)
-    kinds["random"] += np.sum((got != tok.mask_id) & (got != label))
+    kinds["random"] += np.sum((got != mask_id) & (got != label))
   assert 0.14 < predicted / maskable_total < 0.16
   assert abs(kinds["mask"] / predicted - 0.8) < 0.02
   assert abs(kinds["keep"] / predicted - 0.1) < 0.015
   assert abs(kinds["random"] / predicted - 0.1) < 0.015
+  return predicted
 
 
 def _assert_whole_words(inst, continuation, mask_id):

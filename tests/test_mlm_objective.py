@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax.data import create, full_sentences, masking, read_instances
+from bert_jax.data import create, masking, read_instances
 from bert_jax.data.corpus import iter_documents
 from bert_jax.data.pipeline import make_iterator
 from bert_jax.tokenizer import load_tokenizer
 from bert_jax import train
-from test_train import TOTAL, assert_bit_equal, final_params, finish, rows, run_args, start, \
-  wait_for
+from test_create_data import _original_ids, assert_masking_statistics
+from test_train import TOTAL, assert_bit_equal, completed_run, final_params, \
+  kill_past_step_10_and_rerun, rows, run_args
 
 SEQ, PREDS, DUPES = 64, 10, 3
 
@@ -36,12 +36,6 @@ def _make(vocab, out, inputs=("sample:en",), **kw):
               dupe_factor=DUPES, workers=1, progress=False, seed=5)
   args.update(kw)
   return create.create_data(list(inputs), vocab, out, **args)
-
-
-def _original_ids(inst):
-  ids = inst["input_ids"].copy()
-  ids[inst["masked_lm_positions"]] = inst["masked_lm_ids"]
-  return ids
 
 
 def _documents(tok, inputs=("sample:en",)):
@@ -114,23 +108,12 @@ def test_doc_sentences_rows_stay_within_documents(en_vocab, tmp_path):
 def test_masking_statistics_as_for_mlm_nsp(en_rows, en_vocab):
   _, insts = en_rows
   tok = load_tokenizer(en_vocab)
-  predicted = maskable_total = 0
-  kinds = {"mask": 0, "keep": 0, "random": 0}
-  for inst in insts:
-    ids, pos = _original_ids(inst), inst["masked_lm_positions"]
-    maskable = (ids != tok.cls_id) & (ids != tok.sep_id)
-    assert np.all(np.diff(pos) > 0) and maskable[pos].all()    # never [CLS]/[SEP]
-    assert len(pos) == masking.num_to_predict(np.array([maskable.sum()]), 0.15, PREDS)[0]
-    predicted += len(pos)
-    maskable_total += maskable.sum()
-    got, label = inst["input_ids"][pos], inst["masked_lm_ids"]
-    kinds["mask"] += np.sum(got == tok.mask_id)
-    kinds["keep"] += np.sum(got == label)
-    kinds["random"] += np.sum((got != tok.mask_id) & (got != label))
-  assert predicted > 5000 and 0.14 < predicted / maskable_total < 0.16
-  assert abs(kinds["mask"] / predicted - 0.8) < 0.02
-  assert abs(kinds["keep"] / predicted - 0.1) < 0.015
-  assert abs(kinds["random"] / predicted - 0.1) < 0.015
+
+  def maskable(inst):
+    ids = _original_ids(inst)
+    return (ids != tok.cls_id) & (ids != tok.sep_id)     # the [SEP]s between documents too
+
+  assert assert_masking_statistics(insts, maskable, tok.mask_id, PREDS) > 5000
 
 
 def test_many_chunks_same_bytes_whatever_the_workers_and_one_short_row(en_vocab, tmp_path,
@@ -281,9 +264,7 @@ def mlm_args(mlm_prepared, workdir, *extra):
 @pytest.fixture(scope="module")
 def mlm_reference(mlm_prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("mlm_reference")
-  code, out = finish(start(mlm_args(mlm_prepared, workdir)))
-  assert code == 0, out
-  return workdir, out
+  return completed_run(mlm_args(mlm_prepared, workdir), workdir)
 
 
 def test_mlm_run_has_no_nsp_metrics_anywhere(mlm_reference):
@@ -303,16 +284,9 @@ def test_mlm_run_has_no_nsp_metrics_anywhere(mlm_reference):
 @pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_mlm_sigkill_then_rerun_is_bit_exact(mlm_prepared, mlm_reference, tmp_path):
   workdir = tmp_path / "killed"
-  proc = start(mlm_args(mlm_prepared, workdir), delay=0.4)
-  wait_for(proc, lambda: (workdir / "checkpoints" / "8").is_dir()
-           and any(r["step"] >= 10 for r in rows(workdir)))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in rows(workdir))
-  code, out = finish(start(mlm_args(mlm_prepared, workdir)))
-  assert code == 0, out
+  _, killed_at, out = kill_past_step_10_and_rerun(mlm_args(mlm_prepared, workdir), workdir)
   resumed = int(out.split("resuming at step ")[1].split()[0])
-  assert 8 <= resumed < killed_at < TOTAL
+  assert 8 <= resumed < killed_at
   assert_bit_equal(final_params(workdir), final_params(mlm_reference[0]))
   assert [r["step"] for r in rows(workdir)] == list(range(1, TOTAL + 1))
 

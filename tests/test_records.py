@@ -119,3 +119,59 @@ def test_shard_reader_reads_keys_across_shards(tmp_path):
   assert reader.read(np.array([7, 0, 3, 2, 4])) == [b"1:4", b"0:0", b"1:0", b"0:2", b"1:1"]
   import pickle
   assert pickle.loads(pickle.dumps(reader)).read(np.array([5])) == [b"1:2"]
+
+
+def test_pair_record_bytes_are_those_of_the_documented_layout():
+  """Records written before single segments existed: header, u16 ids, positions, labels."""
+  import struct
+  data = records.encode_record(np.array([2, 5, 3, 6, 3]), 1, np.array([3]), np.array([9]), 1,
+                               None, False)
+  assert data == (struct.pack("<BBHHH", 1, records.FLAG_RANDOM_NEXT, 1, 1, 1)
+                  + np.array([2, 5, 3, 6, 3, 3, 9], np.uint16).tobytes())
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_single_segment_round_trip(wide):
+  top = 100_000 if wide else 30_000
+  ids = np.array([2, 7, top - 1, 3, 9, 11, 3])    # [CLS] a b [SEP] c d [SEP]: two documents
+  cont = np.array([0, 0, 1, 0, 0, 1, 0], bool)
+  data = records.encode_record(ids, 5, np.array([1, 5]), np.array([top - 2, 8]), 0, cont, wide,
+                               single_segment=True)
+  got = records.decode_record(data)
+  np.testing.assert_array_equal(got["input_ids"], ids)
+  np.testing.assert_array_equal(got["segment_ids"], np.zeros(7))
+  np.testing.assert_array_equal(got["masked_lm_ids"], [top - 2, 8])
+  np.testing.assert_array_equal(got["continuation"], cont)
+  assert got["next_sentence_label"] == 0
+
+
+def test_single_segment_batch_encoder_matches_single():
+  rng = np.random.default_rng(3)
+  N, L, P = 50, 40, 6
+  ids, lengths = rng.integers(0, 30000, (N, L)), rng.integers(3, L + 1, N)
+  pos, lab, counts = rng.integers(0, L, (N, P)), rng.integers(0, 30000, (N, P)), \
+      rng.integers(0, P + 1, N)
+  batch = records.encode_records(ids, lengths, lengths - 2, pos, lab, counts, np.zeros(N),
+                                 single_segment=True)
+  assert batch == [records.encode_record(ids[n, :lengths[n]], lengths[n] - 2, pos[n, :counts[n]],
+                                         lab[n, :counts[n]], 0, None, False, True)
+                   for n in range(N)]
+
+
+def test_batch_decoder_reads_pairs_and_single_segments_together():
+  rng = np.random.default_rng(4)
+  pairs = _random_records(rng, 20, False, True)
+  singles = [records.encode_record(rng.integers(0, 30000, n), n - 2, np.array([1]),
+                                   np.array([5]), 0, rng.random(n) < 0.3, False, True)
+             for n in rng.integers(3, 40, 20)]
+  data = [x for pair in zip(pairs, singles) for x in pair]
+  batch, len_a, cont = records.decode_batch(data, 48, 8)
+  for row, record in enumerate(data):
+    one = records.decode_record(record)
+    n = len(one["input_ids"])
+    np.testing.assert_array_equal(batch["input_ids"][row, :n], one["input_ids"])
+    np.testing.assert_array_equal(batch["token_type_ids"][row, :n], one["segment_ids"])
+    np.testing.assert_array_equal(cont[row, :n], one["continuation"])
+    assert batch["attention_mask"][row].sum() == n
+    if row % 2:
+      assert len_a[row] == n - 2 and not batch["token_type_ids"][row].any()

@@ -112,12 +112,30 @@ def assert_bit_equal(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def completed_run(args, workdir):
+  """(workdir, output) of a run of `args` that must end with exit 0."""
+  code, out = finish(start(args))
+  assert code == 0, out
+  return workdir, out
+
+
+def kill_past_step_10_and_rerun(args, workdir):
+  """SIGKILLs a run of `args` once checkpoint 8 exists and step 10 is logged, reruns it to the
+  end; -> (killed process, last step it logged, the rerun's output)."""
+  proc = start(args, delay=0.4)
+  wait_for(proc, lambda: (workdir / "checkpoints" / "8").is_dir()
+           and any(r["step"] >= 10 for r in rows(workdir)))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(r["step"] for r in rows(workdir))
+  assert killed_at < TOTAL
+  return proc, killed_at, completed_run(args, workdir)[1]
+
+
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("reference")
-  code, out = finish(start(run_args(prepared, workdir)))
-  assert code == 0, out
-  return workdir, out
+  return completed_run(run_args(prepared, workdir), workdir)
 
 
 def test_uninterrupted_run_layout_and_metrics(reference):
@@ -170,15 +188,7 @@ def test_workers_and_prefetch_do_not_change_the_batches(prepared, reference, tmp
 @pytest.mark.slow  # one or two more `bert-jax pretrain` processes
 def test_sigkill_then_rerun_is_bit_exact(prepared, reference, tmp_path):
   workdir = tmp_path / "killed"
-  proc = start(run_args(prepared, workdir), delay=0.4)
-  wait_for(proc, lambda: (workdir / "checkpoints" / "8").is_dir()
-           and any(r["step"] >= 10 for r in rows(workdir)))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in rows(workdir))
-  assert killed_at < TOTAL
-  code, out = finish(start(run_args(prepared, workdir)))
-  assert code == 0, out
+  proc, killed_at, out = kill_past_step_10_and_rerun(run_args(prepared, workdir), workdir)
   # The killed run's lock is recognised as stale and taken over, with a one-line warning.
   assert f"warning: {workdir}: taking over the lock of pid {proc.pid}" in out
   assert not (workdir / ".bert-jax.lock").exists()   # released at the end
