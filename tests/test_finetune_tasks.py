@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bert_jax.errors import UserError
-from bert_jax.finetune import tasks
+from bert_jax.finetune import featurize, readers
 from bert_jax.finetune.batching import make_batch, make_buckets, train_batches
 from bert_jax.tokenizer import load_tokenizer
 
@@ -31,41 +31,41 @@ def write(tmp_path, name, text):
 
 def test_sst2_header_is_detected(shared_data):
   path = str(shared_data / "glue" / "SST-2" / "dev.tsv")
-  records = tasks.read_text_records(path)
+  records = readers.read_text_records(path)
   assert len(records) == 6735
   assert records[0].line == 2 and records[0].pair is None
   assert records[0].text.startswith("the expressive power") and records[0].label == "1"
-  names, regression = tasks.build_label_map(records, path, None)
+  names, regression = readers.build_label_map(records, path, None)
   assert names == ["0", "1"] and not regression
 
 
 def test_headerless_csv_jsonl_and_named_columns(tmp_path):
   headerless = write(tmp_path, "a.tsv", "good film\tpos\nbad film\tneg\n")
-  r = tasks.read_text_records(headerless)
+  r = readers.read_text_records(headerless)
   assert [(x.text, x.label, x.line) for x in r] == [("good film", "pos", 1), ("bad film", "neg", 2)]
   pairs = write(tmp_path, "b.csv", 'premise,hypothesis,gold_label\n"a, b",c,entailment\nd,e,neutral\n')
-  r = tasks.read_text_records(pairs)
+  r = readers.read_text_records(pairs)
   assert (r[0].text, r[0].pair, r[0].label) == ("a, b", "c", "entailment")
   jsonl = write(tmp_path, "c.jsonl", '{"q": "x", "y": 3}\n\n{"q": "z", "y": 10}\n')
-  r = tasks.read_text_records(jsonl, text_column="q", label_column="y")
+  r = readers.read_text_records(jsonl, text_column="q", label_column="y")
   assert [(x.text, x.label, x.line) for x in r] == [("x", "3", 1), ("z", "10", 3)]
-  names, regression = tasks.build_label_map(r, jsonl, None)
+  names, regression = readers.build_label_map(r, jsonl, None)
   assert names == ["3", "10"] and not regression  # integer labels in numeric order
   scores = write(tmp_path, "d.tsv", "sentence1\tsentence2\tscore\na\tb\t3.8\nc\td\t1\n")
-  _, regression = tasks.build_label_map(tasks.read_text_records(scores), scores, None)
+  _, regression = readers.build_label_map(readers.read_text_records(scores), scores, None)
   assert regression
 
 
 def test_table_errors_name_file_and_line(tmp_path):
   with pytest.raises(UserError, match=r"e\.tsv: empty"):
-    tasks.read_text_records(write(tmp_path, "e.tsv", "\n\n"))
+    readers.read_text_records(write(tmp_path, "e.tsv", "\n\n"))
   with pytest.raises(UserError, match=r"f\.tsv:3: 1 fields"):
-    tasks.read_text_records(write(tmp_path, "f.tsv", "sentence\tlabel\na\t1\nb\n"))
+    readers.read_text_records(write(tmp_path, "f.tsv", "sentence\tlabel\na\t1\nb\n"))
   with pytest.raises(UserError, match="no label column 'gold'"):
-    tasks.read_text_records(write(tmp_path, "g.tsv", "sentence\tlabel\na\t1\n"),
+    readers.read_text_records(write(tmp_path, "g.tsv", "sentence\tlabel\na\t1\n"),
                             label_column="gold")
   with pytest.raises(UserError, match=r"h\.jsonl:2: not valid JSON"):
-    tasks.read_text_records(write(tmp_path, "h.jsonl", '{"text": "a"}\n{oops\n'))
+    readers.read_text_records(write(tmp_path, "h.jsonl", '{"text": "a"}\n{oops\n'))
 
 
 def test_labels_that_spell_one_class_two_ways_are_refused(tmp_path):
@@ -75,18 +75,18 @@ def test_labels_that_spell_one_class_two_ways_are_refused(tmp_path):
   mixed = write(tmp_path, "mixed.tsv", "\n".join(rows) + "\n")
   with pytest.raises(UserError, match=r"mixed\.tsv: the labels mix numbers and words "
                                       r"\(0, 1, 1\.0, neg, positive\).*--label-column"):
-    tasks.build_label_map(tasks.read_text_records(mixed), mixed, None)
+    readers.build_label_map(readers.read_text_records(mixed), mixed, None)
   numbers = write(tmp_path, "numbers.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1.0\n")
   with pytest.raises(UserError, match=r"spell one class two ways \('1' and '1\.0'\)"):
-    tasks.build_label_map(tasks.read_text_records(numbers), numbers, None)
+    readers.build_label_map(readers.read_text_records(numbers), numbers, None)
   words = write(tmp_path, "words.tsv", "sentence\tlabel\na\tPositive\nb\tpositive\nc\tneg\n")
   with pytest.raises(UserError, match="spell one class two ways"):
-    tasks.build_label_map(tasks.read_text_records(words), words, None)
+    readers.build_label_map(readers.read_text_records(words), words, None)
   # Consistent labels are fine, and so is a numeric regression target.
   ok = write(tmp_path, "ok.tsv", "sentence\tlabel\na\tneg\nb\tpos\n")
-  assert tasks.build_label_map(tasks.read_text_records(ok), ok, None) == (["neg", "pos"], False)
+  assert readers.build_label_map(readers.read_text_records(ok), ok, None) == (["neg", "pos"], False)
   floats = write(tmp_path, "floats.tsv", "sentence\tlabel\na\t0.0\nb\t1.0\nc\t0.5\n")
-  assert tasks.build_label_map(tasks.read_text_records(floats), floats, None) == ([], True)
+  assert readers.build_label_map(readers.read_text_records(floats), floats, None) == ([], True)
 
 
 def test_headerless_news_csv_names_the_column_flags(tmp_path):
@@ -99,24 +99,24 @@ def test_headerless_news_csv_names_the_column_flags(tmp_path):
                                       r"\(class ids\?\); a file without a header is read as "
                                       r"text, pair, label; name the columns with --text-column "
                                       r"and --label-column"):
-    tasks.read_text_records(news)
-  r = tasks.read_text_records(news, text_column="1", pair_column="2", label_column="0")
+    readers.read_text_records(news)
+  r = readers.read_text_records(news, text_column="1", pair_column="2", label_column="0")
   assert (r[0].text, r[0].label) == ("Title number 0", "1")
   # A label column that is text (a different value in most rows) is refused the same way.
   swapped = write(tmp_path, "swapped.tsv", "\n".join(
       f"title {i}\tdescription of story number {i}" for i in range(60)) + "\n")
   with pytest.raises(UserError, match="label column '1' has 60 different values in 60 rows, so "
                                       "it looks like text; a file without a header"):
-    tasks.read_text_records(swapped)
+    readers.read_text_records(swapped)
 
 
 def test_unknown_validation_label_is_reported(tmp_path, tok):
-  train = tasks.read_text_records(write(tmp_path, "t.tsv", "sentence\tlabel\na\tx\nb\ty\n"))
-  names, _ = tasks.build_label_map(train, "t.tsv", None)
+  train = readers.read_text_records(write(tmp_path, "t.tsv", "sentence\tlabel\na\tx\nb\ty\n"))
+  names, _ = readers.build_label_map(train, "t.tsv", None)
   valid_path = write(tmp_path, "v.tsv", "sentence\tlabel\na\tx\nb\tz\n")
-  valid = tasks.read_text_records(valid_path)
+  valid = readers.read_text_records(valid_path)
   with pytest.raises(UserError, match=r"v\.tsv:3: label 'z' does not occur"):
-    tasks.featurize_text(valid, tok, 16, names, False, valid_path)
+    featurize.featurize_text(valid, tok, 16, names, False, valid_path)
 
 
 def test_packing_matches_transformers_tokenizer(minilm_dir, tok):
@@ -126,9 +126,9 @@ def test_packing_matches_transformers_tokenizer(minilm_dir, tok):
                                     "and a second, much shorter part"),
            ("tiny", "a very long second segment that needs to be cut down " * 2),
            ("Equal length words here", "Equal length words there")]
-  records = [tasks.TextRecord(a, b, "0", i) for i, (a, b) in enumerate(texts)]
+  records = [readers.TextRecord(a, b, "0", i) for i, (a, b) in enumerate(texts)]
   for max_len in (12, 20, 64):
-    f = tasks.featurize_text(records, tok, max_len, ["0"], False, "x")
+    f = featurize.featurize_text(records, tok, max_len, ["0"], False, "x")
     for i, (a, b) in enumerate(texts):
       want = hf(a, b, truncation="longest_first", max_length=max_len)
       n = f.lengths[i]
@@ -153,13 +153,13 @@ Blackburn NNP I-NP I-PER
 
 def test_conll_reader_and_first_subtoken_labels(tmp_path, tok):
   path = write(tmp_path, "train.conll", CONLL)
-  sentences = tasks.read_conll(path)
+  sentences = readers.read_conll(path)
   assert [s.words for s in sentences] == [["EU", "rejects", "unaffable", "Lamb"],
                                           ["Peter", "Blackburn"]]
   assert sentences[0].tags == ["B-ORG", "O", "B-MISC", "I-PER"] and sentences[0].line == 3
-  names = tasks.tag_names(sentences)
+  names = readers.tag_names(sentences)
   assert names[0] == "O" and set(names) == {"O", "B-ORG", "B-MISC", "I-PER", "B-PER"}
-  f = tasks.featurize_tags(sentences, tok, 32, names, path)
+  f = featurize.featurize_tags(sentences, tok, 32, names, path)
   ids, labels = f.arrays["input_ids"][0], f.arrays["labels"][0]
   pieces = [tok.encode(w) for w in sentences[0].words]
   assert len(pieces[2]) > 1  # "unaffable" splits into several pieces
@@ -171,20 +171,20 @@ def test_conll_reader_and_first_subtoken_labels(tmp_path, tok):
   assert f.extra["word_columns"][:4].tolist() == firsts.tolist()
   assert [names[labels[p]] for p in firsts] == sentences[0].tags
   ignored = np.setdiff1d(np.arange(32), firsts)
-  assert (labels[ignored] == tasks.IGNORE).all()
+  assert (labels[ignored] == featurize.IGNORE).all()
 
 
 def test_conll_errors(tmp_path, tok):
-  one_word = tasks.read_conll(write(tmp_path, "m.conll", "EU B-ORG\n"))
+  one_word = readers.read_conll(write(tmp_path, "m.conll", "EU B-ORG\n"))
   with pytest.raises(UserError, match=r"--max-seq-length 2: no room for a word"):
-    tasks.featurize_tags(one_word, tok, 2, ["O", "B-ORG"], "m.conll")
+    featurize.featurize_tags(one_word, tok, 2, ["O", "B-ORG"], "m.conll")
   with pytest.raises(UserError, match="empty file"):
-    tasks.read_conll(write(tmp_path, "e.conll", "\n-DOCSTART- O\n\n"))
+    readers.read_conll(write(tmp_path, "e.conll", "\n-DOCSTART- O\n\n"))
   with pytest.raises(UserError, match=r"b\.conll:2: expected 'word"):
-    tasks.read_conll(write(tmp_path, "b.conll", "EU B-ORG\nlonely\n"))
+    readers.read_conll(write(tmp_path, "b.conll", "EU B-ORG\nlonely\n"))
   path = write(tmp_path, "v.conll", "EU B-ORG\n\nParis B-LOC\n")
   with pytest.raises(UserError, match=r"v\.conll:3: tag 'B-LOC' does not occur"):
-    tasks.featurize_tags(tasks.read_conll(path), tok, 16, ["O", "B-ORG"], path)
+    featurize.featurize_tags(readers.read_conll(path), tok, 16, ["O", "B-ORG"], path)
 
 
 def _distinct_words(tok, n: int) -> list[str]:
@@ -209,7 +209,7 @@ TAG_CYCLE = ["B-PER", "I-PER", "O", "B-LOC", "O", "O", "B-ORG", "I-ORG", "I-ORG"
 def test_a_long_sentence_keeps_every_label_in_windows(tmp_path, tok):
   """A CoNLL file without blank lines is one 240-word sentence: at --max-seq-length 32 it used
   to be cut after about 30 words, and the rest were neither trained nor scored (predicted O)."""
-  from bert_jax.finetune.specs import TokenTask
+  from bert_jax.finetune.tasks import TokenTask
   words = _distinct_words(tok, 240)
   tags = [TAG_CYCLE[i % len(TAG_CYCLE)] for i in range(240)]
   path = write(tmp_path, "long.conll", "".join(f"{w} {t}\n" for w, t in zip(words, tags)))
@@ -247,17 +247,17 @@ def test_windowed_predictions_map_back_to_each_word_in_order(tok):
   """Fake logits whose class names the (row, column) they were read at: each word's tag comes
   from its first piece in the window where it has the most context (run_squad's score: the
   shorter side's context + 0.01 x the window length; ties to the earlier window)."""
-  from bert_jax.finetune.specs import TokenTask
+  from bert_jax.finetune.tasks import TokenTask
   long_words = _distinct_words(tok, 60)
-  sentences = [tasks.TaggedSentence(["Peter", "\x00", "Blackburn"], ["B-PER", "O", "I-PER"], 1),
-               tasks.TaggedSentence(long_words, ["O"] * 60, 5),
-               tasks.TaggedSentence(["EU"], ["B-ORG"], 66)]
+  sentences = [readers.TaggedSentence(["Peter", "\x00", "Blackburn"], ["B-PER", "O", "I-PER"], 1),
+               readers.TaggedSentence(long_words, ["O"] * 60, 5),
+               readers.TaggedSentence(["EU"], ["B-ORG"], 66)]
   T, stride, max_doc = 16, 5, 14
-  f = tasks.featurize_tags(sentences, tok, T, ["O", "B-PER", "I-PER", "B-ORG"], "x", stride)
+  f = featurize.featurize_tags(sentences, tok, T, ["O", "B-PER", "I-PER", "B-ORG"], "x", stride)
   rows = len(f)
   logits = np.zeros((rows, T, rows * T), np.float32)
   logits[np.arange(rows)[:, None], np.arange(T), np.arange(rows * T).reshape(rows, T)] = 1
-  got = tasks.word_predictions(f, TokenTask(None).predict(logits, {})["prediction"])
+  got = featurize.word_predictions(f, TokenTask(None).predict(logits, {})["prediction"])
 
   ids, row0, not_first_window = f.arrays["input_ids"], 0, 0
   for sentence, predicted in zip(sentences, got):
@@ -291,11 +291,11 @@ anetv_2,6,"A man rows. He","A man rows.",He,gen,stops.,swims.,flies.,sings.,3
 
 
 def test_swag_reader_and_featurisation(tmp_path, tok):
-  records = tasks.read_choice(write(tmp_path, "swag.csv", SWAG))
+  records = readers.read_choice(write(tmp_path, "swag.csv", SWAG))
   assert len(records) == 2 and records[0].label == 1 and records[1].label == 3
   assert records[0].first == ["Students lift."] * 4
   assert records[0].second[3] == "They run, fast."
-  f = tasks.featurize_choice(records, tok, 24)
+  f = featurize.featurize_choice(records, tok, 24)
   assert f.arrays["input_ids"].shape == (2, 4, 24)
   row = f.arrays["input_ids"][0, 3]
   want = [tok.cls_id, *tok.encode("Students lift."), tok.sep_id, *tok.encode("They run, fast."),
@@ -309,27 +309,27 @@ def test_choice_json_variants_and_errors(tmp_path, tok):
            "gold": 0},
           {"question": "Capital of Italy?", "candidates": ["Rome", "Oslo", "Bern"],
            "gold": "Rome"}]
-  records = tasks.read_choice(write(tmp_path, "c.json", json.dumps(data)))
+  records = readers.read_choice(write(tmp_path, "c.json", json.dumps(data)))
   assert [r.label for r in records] == [0, 0] and records[1].second == ["Rome", "Oslo", "Bern"]
-  f = tasks.featurize_choice(records, tok, 16)
+  f = featurize.featurize_choice(records, tok, 16)
   assert f.arrays["choice_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
   jsonl = "\n".join(json.dumps(d) for d in data)
-  assert len(tasks.read_choice(write(tmp_path, "c.jsonl", jsonl))) == 2
+  assert len(readers.read_choice(write(tmp_path, "c.jsonl", jsonl))) == 2
   bad = [{"question": "q", "candidates": ["a", "b"], "gold": 2}]
   with pytest.raises(UserError, match="record 1: gold index 2"):
-    tasks.read_choice(write(tmp_path, "bad.json", json.dumps(bad)))
+    readers.read_choice(write(tmp_path, "bad.json", json.dumps(bad)))
   with pytest.raises(UserError, match="missing column"):
-    tasks.read_choice(write(tmp_path, "bad.csv", "sent1,label\na,0\n"))
+    readers.read_choice(write(tmp_path, "bad.csv", "sent1,label\na,0\n"))
 
 
 def test_blank_choice_candidates_are_refused(tmp_path):
   """A blank candidate (a shifted column, a lost field) used to be trained as a choice."""
   swag = SWAG.replace(",eat.,", ",,")
   with pytest.raises(UserError, match=r"swag\.csv:2: candidate ending2 is blank"):
-    tasks.read_choice(write(tmp_path, "swag.csv", swag))
+    readers.read_choice(write(tmp_path, "swag.csv", swag))
   bad = [{"question": "q", "candidates": ["a", "  "], "gold": 0}]
   with pytest.raises(UserError, match="record 1: candidate 1 is blank"):
-    tasks.read_choice(write(tmp_path, "blank.json", json.dumps(bad)))
+    readers.read_choice(write(tmp_path, "blank.json", json.dumps(bad)))
 
 
 # -- batching --------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_length_buckets_and_batches():
   assert spread < 0.5 * np.mean([np.ptp(lengths[rng.permutation(1000)[:32]]) for _ in range(20)])
   ids = np.zeros((1000, 64), np.int32)
   ids[np.arange(64) < lengths[:, None]] = 7
-  feats = tasks.Features({"input_ids": ids, "labels": np.arange(1000)}, lengths)
+  feats = featurize.Features({"input_ids": ids, "labels": np.arange(1000)}, lengths)
   batch = make_batch(feats, np.array([5, 9]), 4, make_buckets(64), ("input_ids", "labels"))
   want_len = next(b for b in (16, 32, 64) if b >= lengths[[5, 9]].max())
   assert batch["input_ids"].shape == (4, want_len)

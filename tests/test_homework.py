@@ -192,7 +192,7 @@ def test_slot_json_reads_and_scores_joint_accuracy(homework):
   with pytest.raises(UserError, match="one tag per token"):
     read_tagged(bad)
   # joint accuracy by hand: sentence 0 all right, sentence 1 one tag wrong -> 1/2
-  from bert_jax.finetune.specs import TokenTask
+  from bert_jax.finetune.tasks import TokenTask
   task = TokenTask(None)
   task.valid = sentences
   task.word_tags = lambda feats, out: [list(sentences[0].tags), ["O", "O", "B-loc", "O"]]

@@ -471,9 +471,37 @@ def test_limits_that_cut_gold_answers_are_counted(cmrc_dev, zh_tok, en_tok):
 def test_default_max_answer_length_suits_the_language(cmrc_dev, shared_data):
   from bert_jax.finetune import squad_eval
   from bert_jax.finetune.__main__ import build_parser
-  from bert_jax.finetune.specs import DEFAULT_MAX_ANSWER_LENGTH
+  from bert_jax.finetune.tasks import DEFAULT_MAX_ANSWER_LENGTH
   assert build_parser().parse_args(["--task", "qa", "--init", "x", "--train-file", "t",
                                     "--validation-file", "v", "--output-dir", "o"]
                                    ).max_answer_length is None   # chosen from the data
   assert DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(cmrc_dev)] == 50
   assert DEFAULT_MAX_ANSWER_LENGTH["en"] == 30
+
+
+def test_the_run_config_is_frozen_and_the_task_keeps_what_it_derives(shared_data, tmp_path):
+  """The flags become a frozen FinetuneConfig once (QA's defaults resolved there); QA picks
+  its --max-answer-length from the data for itself and leaves the config as it was."""
+  import dataclasses
+
+  from bert_jax.finetune.__main__ import build_parser
+  from bert_jax.finetune.run_config import FinetuneConfig
+  from bert_jax.finetune.tasks import QATask
+  from bert_jax.tokenizer import load_tokenizer
+  data = json.loads((shared_data / "cmrc2018" / "cmrc2018_trial.json").read_text("utf-8"))
+  path = tmp_path / "cmrc.json"
+  path.write_text(json.dumps({"data": data["data"][:1]}, ensure_ascii=False), "utf-8")
+  args = build_parser().parse_args(["--task", "qa", "--init", "random", "--train-file",
+                                    str(path), "--validation-file", str(path),
+                                    "--output-dir", "o", "--smallest-bucket", "1024"])
+  cfg = FinetuneConfig.from_args(args)
+  assert (cfg.max_seq_length, cfg.doc_stride, cfg.smallest_bucket) == (384, 128, 384)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.max_answer_length = 30
+  task = QATask(cfg)
+  task.load(load_tokenizer(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+  assert task.max_answer_length == 50 and cfg.max_answer_length is None
+  assert dataclasses.replace(cfg, max_answer_length=12) != cfg
+  task = QATask(dataclasses.replace(cfg, max_answer_length=12))
+  task.load(load_tokenizer(shared_data / "vocab" / "bert-base-chinese-vocab.txt"))
+  assert task.max_answer_length == 12

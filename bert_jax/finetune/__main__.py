@@ -1,5 +1,5 @@
-"""`python -m bert_jax.finetune` (also `bert-jax finetune`): the command line; logic lives in
-trainer.py and tasks.py."""
+"""`python -m bert_jax.finetune` (also `bert-jax finetune`): the command line, read once into a
+frozen run_config.FinetuneConfig; logic lives in trainer.py and tasks.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 
 from bert_jax import hostmem, platforms, xla_cache
-from bert_jax.errors import UserError, cli_entry
+from bert_jax.errors import cli_entry
 from bert_jax.finetune import TASK_NAMES
 
 
@@ -118,19 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     from bert_jax.finetune import predict
     platforms.check_install("finetune")
     return predict.main(argv[1:])
-  opts = build_parser().parse_args(argv)
+  args = build_parser().parse_args(argv)
   platforms.check_install("finetune")
-  if opts.max_seq_length is None:
-    opts.max_seq_length = 384 if opts.task == "qa" else 128
-  if opts.doc_stride is None and opts.task == "qa":
-    opts.doc_stride = 128  # token tagging's default depends on the window (featurize_tags)
-  if not 0.0 <= opts.warmup_ratio < 1.0:
-    raise UserError(f"--warmup-ratio {opts.warmup_ratio}: expected a value in [0, 1)")
-  if opts.smallest_bucket > opts.max_seq_length:
-    opts.smallest_bucket = opts.max_seq_length
   from bert_jax.finetune.outputs import EXIT_STOPPED, INCOMPLETE
+  from bert_jax.finetune.run_config import FinetuneConfig
   from bert_jax.finetune.trainer import finetune
-  best = finetune(opts)
+  best = finetune(FinetuneConfig.from_args(args))
   shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}
   print(json.dumps(shown))
   return EXIT_STOPPED if best["status"] == INCOMPLETE else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bert_jax.finetune.tasks import IGNORE, Features
+from bert_jax.finetune.featurize import IGNORE, Features
 
 SORT_WINDOW_BATCHES = 50
 

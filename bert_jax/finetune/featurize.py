@@ -1,7 +1,7 @@
-"""Task featurisation: classification, token tagging and multiple choice records (read by
-readers.py) into `Features`: numpy arrays padded to max_seq_length on the last axis plus each
-row's real length, so the batcher can cut a batch down to a small bucket length. Bad input
-raises UserError naming the file and line (or record).
+"""Featurisation: classification, token tagging and multiple choice records (read by
+readers.py; span QA's featurisation is qa.py's) into `Features`: numpy arrays padded to
+max_seq_length on the last axis plus each row's real length, so the batcher can cut a batch
+down to a small bucket length. Bad input raises UserError naming the file and line (or record).
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ import numpy as np
 
 from bert_jax.errors import UserError
 from bert_jax.finetune import qa_windows
-# The readers' names stay importable from here, where callers have always found them.
-from bert_jax.finetune.readers import (ChoiceRecord, TaggedSentence, TextRecord,  # noqa: F401
-                                       build_label_map, read_choice, read_choice_json,
-                                       read_conll, read_swag, read_tagged, read_text_records,
-                                       tag_names)
+from bert_jax.finetune.readers import ChoiceRecord, TaggedSentence, TextRecord
 
 IGNORE = -100  # label of positions that do not count in the loss (as transformers)
 

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from bert_jax.finetune.tasks import Features
+from bert_jax.finetune.featurize import Features
 
 # A packed batch's [rows, capacity] arrays; sequence_rows/starts and the task's per-sequence
 # arrays (labels, weight) have one entry per sequence.

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_finetuned(model: str):
-  """(finetune.json, config, params, tokenizer) of a fine-tuning run's best model."""
+  """(finetune.json, model config, params, tokenizer) of a fine-tuning run's best model."""
   from bert_jax.checkpoint import load_checkpoint
   from bert_jax.convert import FINETUNE_INFO
   from bert_jax.tokenizer import find_lower_case, find_vocab, load_tokenizer
@@ -74,11 +74,11 @@ def load_finetuned(model: str):
     raise UserError(f"--model {model}: no best/{FINETUNE_INFO}; expected the --output-dir of "
                     "a fine-tuning run")
   info = json.loads((best / FINETUNE_INFO).read_text(encoding="utf-8"))
-  config, params, _ = load_checkpoint(best)
+  model_config, params, _ = load_checkpoint(best)
   vocab = find_vocab(best)
   if vocab is None:
     raise UserError(f"--model {model}: no vocab.txt in {best}")
-  return info, config, params, load_tokenizer(vocab, find_lower_case(best, vocab))
+  return info, model_config, params, load_tokenizer(vocab, find_lower_case(best, vocab))
 
 
 def run_model(task, model, params, feats, max_seq_length: int, batch_size: int,
@@ -102,21 +102,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
+def predict(opts: argparse.Namespace) -> tuple[list[list[str]], dict[str, Any]]:
   """(CSV rows with the header first, raw scores by id)."""
-  from bert_jax.finetune.specs import TASKS
-  info, config, params, tok = load_finetuned(opts.model)
+  from bert_jax.finetune.tasks import TASKS
+  info, model_config, params, tok = load_finetuned(opts.model)
   name = info["task"]
   if opts.task and opts.task != name:
     raise UserError(f"--task {opts.task}: the model {opts.model} was fine-tuned for {name}")
-  opts.max_seq_length = int(info["max_seq_length"])
-  task = TASKS[name](opts)
+  task = TASKS[name]()  # the model side only: heads, predict(), outputs
+  max_seq_length = int(info["max_seq_length"])
   task.num_labels = int(info.get("num_labels", task.num_labels))
   labels = [info["id2label"][str(i)] for i in range(len(info.get("id2label", {})))]
-  model = task.model(config)
+  model = task.model(model_config)
 
   def run(feats, keep_logits: bool):
-    return run_model(task, model, params, feats, opts.max_seq_length, opts.batch_size,
+    return run_model(task, model, params, feats, max_seq_length, opts.batch_size,
                      keep_logits)
   return PREDICTORS[name](opts, info, task, tok, labels, run)
 
@@ -125,8 +125,9 @@ def predict(opts) -> tuple[list[list[str]], dict[str, Any]]:
 # keep_logits)` is run_model with the loaded model.
 def _choice(opts, info, task, tok, labels, run):
   """id,answer: each question's selected paragraph id; per-candidate scores."""
-  from bert_jax.finetune.tasks import featurize_choice, read_choice
-  path, T = opts.test_file, opts.max_seq_length
+  from bert_jax.finetune.featurize import featurize_choice
+  from bert_jax.finetune.readers import read_choice
+  path, T = opts.test_file, int(info["max_seq_length"])
   records = read_choice(path, opts.context_file, labeled=False)
   feats = featurize_choice(records, tok, T)
   out = run(feats, True)
@@ -143,9 +144,10 @@ def _choice(opts, info, task, tok, labels, run):
 def _qa(opts, info, task, tok, labels, run):
   """id,answer of spans in each question's relevant (or selected) paragraph; n-best spans."""
   from bert_jax.finetune import paragraphs, qa, squad_eval
-  from bert_jax.finetune.specs import DEFAULT_MAX_ANSWER_LENGTH
-  from bert_jax.finetune.tasks import Features
-  path, T = opts.test_file, opts.max_seq_length
+  from bert_jax.finetune.run_config import DEFAULT_QA_DOC_STRIDE
+  from bert_jax.finetune.tasks import DEFAULT_MAX_ANSWER_LENGTH
+  from bert_jax.finetune.featurize import Features
+  path, T = opts.test_file, int(info["max_seq_length"])
   selected = (paragraphs.read_selected(opts.selected_paragraphs)
               if opts.selected_paragraphs else None)
   if opts.choice_model:
@@ -153,7 +155,7 @@ def _qa(opts, info, task, tok, labels, run):
         **{**vars(opts), "model": opts.choice_model, "task": "choice", "choice_model": None}))
     selected = {qid: int(p) for qid, p in choice_rows[1:]}
   examples = paragraphs.read_qa(path, opts.context_file, labeled=False, selected=selected)
-  stride = opts.doc_stride or 128
+  stride = opts.doc_stride or DEFAULT_QA_DOC_STRIDE
   features = qa.featurize(examples, tok, max_seq_length=T, doc_stride=stride,
                           max_query_length=opts.max_query_length, is_training=False)
   arrays = {k: np.asarray(getattr(features, k), np.int32)
@@ -173,8 +175,9 @@ def _qa(opts, info, task, tok, labels, run):
 
 
 def _classification(opts, info, task, tok, labels, run):
-  from bert_jax.finetune.tasks import featurize_text, read_text_records
-  path, T = opts.test_file, opts.max_seq_length
+  from bert_jax.finetune.featurize import featurize_text
+  from bert_jax.finetune.readers import read_text_records
+  path, T = opts.test_file, int(info["max_seq_length"])
   records = read_text_records(path, opts.text_column, opts.text_pair_column, label_column=None)
   regression = info.get("problem_type") == "regression"
   feats = featurize_text(records, tok, T, labels, regression, path, labeled=False)
@@ -191,8 +194,9 @@ def _classification(opts, info, task, tok, labels, run):
 
 
 def _token(opts, info, task, tok, labels, run):
-  from bert_jax.finetune.tasks import featurize_tags, read_tagged
-  path, T = opts.test_file, opts.max_seq_length
+  from bert_jax.finetune.featurize import featurize_tags
+  from bert_jax.finetune.readers import read_tagged
+  path, T = opts.test_file, int(info["max_seq_length"])
   sentences = read_tagged(path, labeled=False)
   for s in sentences:  # placeholders: featurize_tags labels words, predict ignores them
     s.tags = [labels[0]] * len(s.words)

@@ -2,7 +2,7 @@
 windows over each example's context tokens, the window that gives each token its most
 context, the answer's tokens, and the [rows, L] grids. Only `training_spans` steps through the
 examples in Python (the answer fields, an error naming the first bad one). Token tagging
-(tasks.featurize_tags) windows long sentences with `windows` and `max_context_spans` too."""
+(featurize.featurize_tags) windows long sentences with `windows` and `max_context_spans` too."""
 
 from __future__ import annotations
 

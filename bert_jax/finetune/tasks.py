@@ -1,6 +1,6 @@
-"""Task specs for fine-tuning: how each task reads its files, which head it builds, its loss,
+"""The fine-tuning tasks: how each task reads its files, which head it builds, its loss,
 what an evaluation keeps per row, and how that becomes metrics and a predictions file. The
-trainer is generic over them; readers and featurisation live in tasks.py.
+trainer is generic over them; reading is readers.py's, featurisation featurize.py's.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import warnings
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.finetune import squad_eval
-from bert_jax.finetune.paragraphs import read_qa
 from bert_jax.fileio import write_text_atomic
-from bert_jax.finetune.tasks import (Features, build_label_map, featurize_choice,
-                                     featurize_tags, featurize_text, read_choice, read_tagged,
-                                     read_text_records, tag_names, word_predictions)
+from bert_jax.finetune import squad_eval
+from bert_jax.finetune.featurize import (Features, featurize_choice, featurize_tags,
+                                         featurize_text, word_predictions)
+from bert_jax.finetune.paragraphs import read_qa
+from bert_jax.finetune.readers import (build_label_map, read_choice, read_tagged,
+                                       read_text_records, tag_names)
+from bert_jax.finetune.run_config import FinetuneConfig
 
 
 def _masked_ce(logits, labels, weight):
@@ -38,8 +40,8 @@ class Task:
   num_labels = 2
   packable = False  # reads [CLS] only, so several sequences can share a row (packing.py)
 
-  def __init__(self, opts):
-    self.opts = opts
+  def __init__(self, cfg: FinetuneConfig | None = None):
+    self.cfg = cfg  # read, never written; None where only the model side is used (predict)
 
   # The training loss is loss(outputs, batch) summed over what count(batch) counts (the rows of
   # weight > 0; tokens for tagging), so accumulated micro-batches add up to one batch.
@@ -62,21 +64,22 @@ class ClassificationTask(Task):
   packable = True
 
   def load(self, tokenizer):
-    o = self.opts
-    cols = dict(text_column=o.text_column, pair_column=o.text_pair_column,
-                label_column=o.label_column)
-    train = read_text_records(o.train_file, max_rows=o.max_train_rows, **cols)
-    valid = read_text_records(o.validation_file, **cols)
-    self.label_names, self.regression = build_label_map(train, o.train_file, o.regression)
+    cfg = self.cfg
+    cols = dict(text_column=cfg.text_column, pair_column=cfg.text_pair_column,
+                label_column=cfg.label_column)
+    train = read_text_records(cfg.train_file, max_rows=cfg.max_train_rows, **cols)
+    valid = read_text_records(cfg.validation_file, **cols)
+    self.label_names, self.regression = build_label_map(train, cfg.train_file, cfg.regression)
     if not self.regression and len(self.label_names) < 2:
-      raise UserError(f"{o.train_file}: only one label ({self.label_names[0]!r}); "
+      raise UserError(f"{cfg.train_file}: only one label ({self.label_names[0]!r}); "
                       "classification needs two or more")
     self.num_labels = 1 if self.regression else len(self.label_names)
     self.main_metric = "pearson" if self.regression else "accuracy"
     self.valid_records = valid
     self.label_column = train[0].label_key
-    feats = [featurize_text(r, tokenizer, o.max_seq_length, self.label_names, self.regression, p)
-             for r, p in ((train, o.train_file), (valid, o.validation_file))]
+    feats = [featurize_text(r, tokenizer, cfg.max_seq_length, self.label_names,
+                            self.regression, p)
+             for r, p in ((train, cfg.train_file), (valid, cfg.validation_file))]
     return feats[0], feats[1]
 
   def loss(self, logits, batch):
@@ -122,17 +125,17 @@ class TokenTask(Task):
   seq_outputs = ("prediction",)
 
   def load(self, tokenizer):
-    o = self.opts
-    train = read_tagged(o.train_file)[:o.max_train_rows or None]
-    self.valid = read_tagged(o.validation_file)
+    cfg = self.cfg
+    train = read_tagged(cfg.train_file)[:cfg.max_train_rows or None]
+    self.valid = read_tagged(cfg.validation_file)
     self.label_names = tag_names(train)
     self.num_labels = len(self.label_names)
     # Sentences longer than a row are split into windows `--doc-stride` apart (default: half
     # a row), so every word is trained and predicted.
-    return (featurize_tags(train, tokenizer, o.max_seq_length, self.label_names, o.train_file,
-                           o.doc_stride),
-            featurize_tags(self.valid, tokenizer, o.max_seq_length, self.label_names,
-                           o.validation_file, o.doc_stride))
+    return (featurize_tags(train, tokenizer, cfg.max_seq_length, self.label_names,
+                           cfg.train_file, cfg.doc_stride),
+            featurize_tags(self.valid, tokenizer, cfg.max_seq_length, self.label_names,
+                           cfg.validation_file, cfg.doc_stride))
 
   def _token_weight(self, batch):
     return (batch["labels"] >= 0) * batch["weight"][:, None]
@@ -177,13 +180,13 @@ class ChoiceTask(Task):
   num_labels = 1
 
   def load(self, tokenizer):
-    o = self.opts
-    ctx = getattr(o, "context_file", None)
-    train = read_choice(o.train_file, ctx)[:o.max_train_rows or None]
-    self.valid = read_choice(o.validation_file, ctx)
+    cfg = self.cfg
+    ctx = cfg.context_file
+    train = read_choice(cfg.train_file, ctx)[:cfg.max_train_rows or None]
+    self.valid = read_choice(cfg.validation_file, ctx)
     self.num_choices = max(len(r.second) for r in train)
-    return (featurize_choice(train, tokenizer, o.max_seq_length, self.num_choices),
-            featurize_choice(self.valid, tokenizer, o.max_seq_length, self.num_choices))
+    return (featurize_choice(train, tokenizer, cfg.max_seq_length, self.num_choices),
+            featurize_choice(self.valid, tokenizer, cfg.max_seq_length, self.num_choices))
 
   def _masked(self, logits, batch):
     import jax.numpy as jnp
@@ -219,19 +222,21 @@ class QATask(Task):
 
   def load(self, tokenizer):
     from bert_jax.finetune import qa
-    o = self.opts
-    kw = dict(max_seq_length=o.max_seq_length, doc_stride=o.doc_stride,
-              max_query_length=o.max_query_length)
-    ctx = getattr(o, "context_file", None)
-    train = read_qa(o.train_file, ctx)[:o.max_train_rows or None]
-    self.valid = read_qa(o.validation_file, ctx)
-    if o.max_answer_length is None:  # in tokens: a Chinese character is one
-      o.max_answer_length = DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(train)]
+    cfg = self.cfg
+    kw = dict(max_seq_length=cfg.max_seq_length, doc_stride=cfg.doc_stride,
+              max_query_length=cfg.max_query_length)
+    ctx = cfg.context_file
+    train = read_qa(cfg.train_file, ctx)[:cfg.max_train_rows or None]
+    self.valid = read_qa(cfg.validation_file, ctx)
+    # in tokens, a Chinese character being one: the default by the contexts' language
+    self.max_answer_length = (cfg.max_answer_length or
+                              DEFAULT_MAX_ANSWER_LENGTH[squad_eval.detect_language(train)])
     train_f = qa.featurize(train, tokenizer, is_training=True, **kw)
     self.valid_qa = qa.featurize(self.valid, tokenizer, is_training=False, **kw)
-    for features, path in ((train_f, o.train_file), (self.valid_qa, o.validation_file)):
-      for note in qa.coverage_warnings(features, path, max_answer_length=o.max_answer_length,
-                                       max_seq_length=o.max_seq_length, doc_stride=o.doc_stride):
+    for features, path in ((train_f, cfg.train_file), (self.valid_qa, cfg.validation_file)):
+      for note in qa.coverage_warnings(features, path, max_answer_length=self.max_answer_length,
+                                       max_seq_length=cfg.max_seq_length,
+                                       doc_stride=cfg.doc_stride):
         warnings.warn(note, stacklevel=2)
 
     def as_features(f):  # with answer positions: validation's for its loss
@@ -252,11 +257,11 @@ class QATask(Task):
 
   def answers(self, out) -> dict[str, str]:
     from bert_jax.finetune import qa
-    o = self.opts
+    cfg = self.cfg
     return qa.postprocess(self.valid, self.valid_qa, out["start_logits"], out["end_logits"],
-                          n_best=o.n_best, max_answer_length=o.max_answer_length,
-                          version_2_with_negative=o.version_2_with_negative,
-                          null_score_diff_threshold=o.null_score_diff_threshold)
+                          n_best=cfg.n_best, max_answer_length=self.max_answer_length,
+                          version_2_with_negative=cfg.version_2_with_negative,
+                          null_score_diff_threshold=cfg.null_score_diff_threshold)
 
   def score(self, feats, out):
     from bert_jax.finetune import squad_eval

@@ -31,8 +31,9 @@ from bert_jax.finetune import outputs, packing
 from bert_jax.finetune.batching import (eval_batches, join_micro, make_batch, make_buckets,
                                         train_batches)
 from bert_jax.finetune.evaluate import make_eval_step, run_batches, task_loss
-from bert_jax.finetune.specs import TASKS, Task
-from bert_jax.finetune.tasks import Features
+from bert_jax.finetune.featurize import Features
+from bert_jax.finetune.run_config import FinetuneConfig
+from bert_jax.finetune.tasks import TASKS, Task
 from bert_jax.lock import DirLock
 from bert_jax.optim import finetune_optimizer
 from bert_jax.preemption import Preemption
@@ -42,33 +43,33 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 # ----------------------------------------------------------------------------- init
 
-def load_init(opts):
-  """(config, pretrained params or None, tokenizer, vocab_path)."""
+def load_init(cfg: FinetuneConfig):
+  """(model config, pretrained params or None, tokenizer, vocab_path)."""
   from bert_jax import convert
   from bert_jax.config import get_preset, read_config_json
   from bert_jax.tokenizer import find_lower_case, find_vocab, load_tokenizer
-  lower = {"auto": None, "yes": True, "no": False}[opts.lower_case]
-  if opts.init == "random":
-    if not opts.vocab:
+  lower = {"auto": None, "yes": True, "no": False}[cfg.lower_case]
+  if cfg.init == "random":
+    if not cfg.vocab:
       raise UserError("--vocab is required with --init random (a vocab.txt)")
-    tokenizer = load_tokenizer(opts.vocab, lower)
-    if opts.preset.endswith(".json"):  # a model of any size: a BERT config.json
-      config = read_config_json(opts.preset).replace(vocab_size=tokenizer.vocab_size)
+    tokenizer = load_tokenizer(cfg.vocab, lower)
+    if cfg.preset.endswith(".json"):  # a model of any size: a BERT config.json
+      model_config = read_config_json(cfg.preset).replace(vocab_size=tokenizer.vocab_size)
     else:
-      config = get_preset(opts.preset, vocab_size=tokenizer.vocab_size)
-    return config, None, tokenizer, opts.vocab
-  config, params = convert.load_pretrained(opts.init, seed=opts.seed, verbose=False,
-                                           fresh_heads=False)
-  vocab = opts.vocab or find_vocab(opts.init)
+      model_config = get_preset(cfg.preset, vocab_size=tokenizer.vocab_size)
+    return model_config, None, tokenizer, cfg.vocab
+  model_config, params = convert.load_pretrained(cfg.init, seed=cfg.seed, verbose=False,
+                                                 fresh_heads=False)
+  vocab = cfg.vocab or find_vocab(cfg.init)
   if not vocab:
-    raise UserError(f"{opts.init}: no vocab.txt (or tokenizer.json) found; pass --vocab")
+    raise UserError(f"{cfg.init}: no vocab.txt (or tokenizer.json) found; pass --vocab")
   if lower is None:
-    lower = find_lower_case(opts.init, vocab)
+    lower = find_lower_case(cfg.init, vocab)
   tokenizer = load_tokenizer(vocab, lower)
-  if tokenizer.vocab_size != config.vocab_size:
-    raise UserError(f"{vocab}: {tokenizer.vocab_size} tokens but the checkpoint {opts.init} "
-                    f"has vocab_size {config.vocab_size}; use the checkpoint's own vocab")
-  return config, params, tokenizer, vocab
+  if tokenizer.vocab_size != model_config.vocab_size:
+    raise UserError(f"{vocab}: {tokenizer.vocab_size} tokens but the checkpoint {cfg.init} "
+                    f"has vocab_size {model_config.vocab_size}; use the checkpoint's own vocab")
+  return model_config, params, tokenizer, vocab
 
 
 # ----------------------------------------------------------------------------- the run
@@ -78,60 +79,60 @@ class Runner:
   state and step are the pretraining ones (bert_jax.state, bert_jax.steps) with the task's
   loss. Process 0 writes; every process feeds its share of each batch."""
 
-  def __init__(self, opts):
-    self.opts = opts
-    self.task: Task = TASKS[opts.task](opts)
-    self.packed = self.task.packable if opts.packing is None else opts.packing
+  def __init__(self, cfg: FinetuneConfig):
+    self.cfg = cfg
+    self.task: Task = TASKS[cfg.task](cfg)
+    self.packed = self.task.packable if cfg.packing is None else cfg.packing
     if self.packed and not self.task.packable:
-      raise UserError(f"--packing: the {opts.task} task reads every position of a row; packing "
+      raise UserError(f"--packing: the {cfg.task} task reads every position of a row; packing "
                       "is for the [CLS] heads (classification)")
-    self.config, self.pretrained, self.tokenizer, self.vocab = load_init(opts)
-    self.config = self.config.replace(
-        dtype=platforms.compute_dtype(opts.dtype, jax.devices()[0]))
-    if opts.max_seq_length > self.config.max_position_embeddings:
-      raise UserError(f"--max-seq-length {opts.max_seq_length} exceeds the model's "
-                      f"max_position_embeddings {self.config.max_position_embeddings}")
+    self.model_config, self.pretrained, self.tokenizer, self.vocab = load_init(cfg)
+    self.model_config = self.model_config.replace(
+        dtype=platforms.compute_dtype(cfg.dtype, jax.devices()[0]))
+    if cfg.max_seq_length > self.model_config.max_position_embeddings:
+      raise UserError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's "
+                      f"max_position_embeddings {self.model_config.max_position_embeddings}")
     self.train_feats, self.eval_feats = self.task.load(self.tokenizer)
     if not len(self.train_feats):
-      raise UserError(f"{opts.train_file}: no training records")
-    self.model = self.task.model(self.config)
-    self.mesh = sharding.make_mesh(**sharding.parse_mesh_flag(opts.mesh, "--mesh"))
+      raise UserError(f"{cfg.train_file}: no training records")
+    self.model = self.task.model(self.model_config)
+    self.mesh = sharding.make_mesh(**sharding.parse_mesh_flag(cfg.mesh, "--mesh"))
     self.processes, self.process = jax.process_count(), jax.process_index()
     # Rows of a micro-batch (and of an eval batch) split evenly over the batch shards and the
     # processes feeding them.
     self.unit = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.processes)
-    if opts.batch_size % self.unit:
-      raise UserError(f"--batch-size {opts.batch_size}: expected a multiple of {self.unit} "
+    if cfg.batch_size % self.unit:
+      raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of {self.unit} "
                       f"(the mesh {dict(self.mesh.shape)} splits each batch over data x fsdp"
                       f"{f' and {self.processes} processes' if self.processes > 1 else ''})")
     if self.process == 0:
-      device = self.mesh.devices.flat[0]
+      device, mc = self.mesh.devices.flat[0], self.model_config
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
-            f"{platforms.describe_dtype(opts.dtype, device)}; "
-            + attention.describe(self.config.attention, device.platform,
-                                 self.config.attention_probs_dropout_prob, self.config.dtype),
+            f"{platforms.describe_dtype(cfg.dtype, device)}; "
+            + attention.describe(mc.attention, device.platform,
+                                 mc.attention_probs_dropout_prob, mc.dtype),
             file=sys.stderr)
-    self.buckets = make_buckets(opts.max_seq_length, opts.smallest_bucket)
+    self.buckets = make_buckets(cfg.max_seq_length, cfg.smallest_bucket)
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs
     self.is_writer = self.process == 0
 
   # -- state and steps ----------------------------------------------------------------------
 
   def _build(self, total_updates: int):
-    o = self.opts
-    warmup = int(round(o.warmup_ratio * total_updates))
-    optimizer, schedule = finetune_optimizer(o.learning_rate, total_updates, warmup,
-                                             o.weight_decay, o.max_grad_norm, o.lr_schedule)
+    cfg = self.cfg
+    warmup = int(round(cfg.warmup_ratio * total_updates))
+    optimizer, schedule = finetune_optimizer(cfg.learning_rate, total_updates, warmup,
+                                             cfg.weight_decay, cfg.max_grad_norm, cfg.lr_schedule)
     example = {k: self.train_feats.arrays[k][:1, ..., :16] for k in MODEL_INPUTS}
     init_fn = lambda key: self.model.init({"params": key}, **example)["params"]
     state, shardings = state_lib.create_state(init_fn, optimizer, self.mesh,
-                                              jax.random.PRNGKey(o.seed),
-                                              init_params=self.pretrained, source=o.init)
+                                              jax.random.PRNGKey(cfg.seed),
+                                              init_params=self.pretrained, source=cfg.init)
     self.pretrained = None
     self.loss = task_loss(self.task, self.model)
     self.train_step = steps.jit_train_step(
         steps.make_train_step(self.loss, optimizer, schedule,
-                              grad_accum=o.gradient_accumulation), self.mesh, shardings)
+                              grad_accum=cfg.gradient_accumulation), self.mesh, shardings)
     self.eval_step = steps.MeshStep(
         make_eval_step(self.task, self.model, with_loss=True), self.mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(self.mesh)),
@@ -149,19 +150,19 @@ class Runner:
   def _epochs(self, rng: np.random.Generator) -> list[list[np.ndarray]]:
     """Every epoch's micro-batches (row indices), planned up front so that a packed run knows
     its rows per step before the first one."""
-    o, lengths = self.opts, self.train_feats.lengths
+    cfg, lengths = self.cfg, self.train_feats.lengths
     if not self.packed:
-      return [train_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
-    epochs = [packing.balanced_batches(lengths, o.batch_size, rng) for _ in range(o.epochs)]
-    epochs, self.train_rows = packing.fit_rows(epochs, lengths, o.max_seq_length, self.unit)
+      return [train_batches(lengths, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    epochs = [packing.balanced_batches(lengths, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    epochs, self.train_rows = packing.fit_rows(epochs, lengths, cfg.max_seq_length, self.unit)
     # Evaluation batches hold eval_batch_size sequences in proportionally many rows.
     eval_bs = self._eval_batch_size()
-    self.eval_rows = min(eval_bs, math.ceil(self.train_rows * eval_bs / o.batch_size
+    self.eval_rows = min(eval_bs, math.ceil(self.train_rows * eval_bs / cfg.batch_size
                                             / self.unit) * self.unit)
     return epochs
 
   def _eval_batch_size(self) -> int:
-    return max(self.opts.eval_batch_size // self.unit, 1) * self.unit
+    return max(self.cfg.eval_batch_size // self.unit, 1) * self.unit
 
   def _micro_batch(self, feats: Features, idx: np.ndarray, sequences: int, rows: int,
                    keys: tuple[str, ...]) -> dict:
@@ -173,10 +174,10 @@ class Runner:
     """A train step's rows: the group's micro-batches padded to one length, interleaved so that
     micro-batch i is rows i, i+A, ... (steps' accumulation layout); a short last group is
     filled with weightless copies."""
-    o, feats = self.opts, self.train_feats
-    micros = [self._micro_batch(feats, idx, o.batch_size, self.train_rows, keys)
+    cfg, feats = self.cfg, self.train_feats
+    micros = [self._micro_batch(feats, idx, cfg.batch_size, self.train_rows, keys)
               for idx in group]
-    while len(micros) < o.gradient_accumulation:
+    while len(micros) < cfg.gradient_accumulation:
       micros.append(dict(micros[-1], weight=np.zeros_like(micros[-1]["weight"])))
     return join_micro(micros, feats.seq_keys)
 
@@ -188,14 +189,14 @@ class Runner:
     feats, eval_bs = self.eval_feats, self._eval_batch_size()
     keys = tuple(feats.arrays)  # labels too: the loss's sums
     if self.packed:
-      batches = packing.eval_packs(feats.lengths, self.opts.max_seq_length, self.eval_rows,
+      batches = packing.eval_packs(feats.lengths, self.cfg.max_seq_length, self.eval_rows,
                                    eval_bs)
     else:
       batches = eval_batches(feats.lengths, eval_bs)
     out, sums = run_batches(
         lambda batch: self.eval_step(params, self._put(batch)), len(feats), batches,
         lambda idx: self._micro_batch(feats, idx, eval_bs, self.eval_rows, keys),
-        self.task.seq_outputs, self.opts.max_seq_length)
+        self.task.seq_outputs, self.cfg.max_seq_length)
     loss = float(self.loss.metrics(sums)["loss"])
     return {"validation_loss": loss, **self.task.score(feats, out)}, out
 
@@ -203,23 +204,23 @@ class Runner:
 
   def run(self) -> dict[str, Any]:
     from tqdm import tqdm
-    o = self.opts
-    accum = o.gradient_accumulation
-    micro_per_epoch = -(-len(self.train_feats) // o.batch_size)
+    cfg = self.cfg
+    accum = cfg.gradient_accumulation
+    micro_per_epoch = -(-len(self.train_feats) // cfg.batch_size)
     updates_per_epoch = -(-micro_per_epoch // accum)
-    self.total_updates = updates_per_epoch * o.epochs
+    self.total_updates = updates_per_epoch * cfg.epochs
     state = self._build(self.total_updates)
-    base_rng = jax.random.PRNGKey(o.seed + 1)
+    base_rng = jax.random.PRNGKey(cfg.seed + 1)
     keys = tuple(k for k in self.train_feats.arrays)
-    epochs = self._epochs(np.random.default_rng(o.seed))
+    epochs = self._epochs(np.random.default_rng(cfg.seed))
     self.best, self.history, self.losses = None, [], []
     self.train_seconds = self.eval_seconds = 0.0
     update = 0
-    bar = tqdm(total=updates_per_epoch * o.epochs, desc=f"fine-tune {o.task}", unit="step",
-               mininterval=1.0, disable=o.quiet or not self.is_writer, file=sys.stderr)
+    bar = tqdm(total=updates_per_epoch * cfg.epochs, desc=f"fine-tune {cfg.task}", unit="step",
+               mininterval=1.0, disable=cfg.quiet or not self.is_writer, file=sys.stderr)
     t0 = time.perf_counter()
     with Preemption() as stop:
-      for epoch in range(o.epochs):
+      for epoch in range(cfg.epochs):
         micros = epochs[epoch]
         for first in range(0, len(micros), accum):
           batch = self._put(self._step_batch(micros[first:first + accum], keys))
@@ -229,13 +230,13 @@ class Runner:
           bar.update(1)
           if update % 20 == 0:
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", epoch=epoch + 1)
-          if o.eval_every and update % o.eval_every == 0:
+          if cfg.eval_every and update % cfg.eval_every == 0:
             t0 = self._timed_eval(state, epoch, update, t0)
           if stop.requested:  # SIGTERM: the best so far stays; marked incomplete, no export
             bar.close()
             return self._finish(stopped_at=update)
         # Without --eval-every: after every epoch; with it: also once at the very end.
-        if not o.eval_every or (epoch == o.epochs - 1 and update % o.eval_every):
+        if not cfg.eval_every or (epoch == cfg.epochs - 1 and update % cfg.eval_every):
           t0 = self._timed_eval(state, epoch, update, t0)
     bar.close()
     return self._finish()
@@ -272,23 +273,23 @@ class Runner:
     try:
       self._write_best(out)
     except Exception as e:
-      full = disk_full_error(e, pathlib.Path(self.opts.output_dir))
+      full = disk_full_error(e, pathlib.Path(self.cfg.output_dir))
       if full is None:
         raise
       raise UserError(f"{full}: the best model so far was not saved") from None
 
   def _write_best(self, out) -> None:
     from bert_jax.checkpoint import write_checkpoint
-    o = self.opts
-    d = pathlib.Path(o.output_dir)
+    cfg = self.cfg
+    d = pathlib.Path(cfg.output_dir)
     d.mkdir(parents=True, exist_ok=True)
     self.task.write_predictions(str(d), self.eval_feats, out)
     # A complete new best/ replaces the old one only once fully written.
     tmp = d / ".best.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, self.config, self.best_params, vocab_path=self.vocab,
+    write_checkpoint(tmp, self.model_config, self.best_params, vocab_path=self.vocab,
                      lower_case=self.tokenizer.lower_case)
-    info = {**self.task.finetune_info(), "max_seq_length": o.max_seq_length, **self.best}
+    info = {**self.task.finetune_info(), "max_seq_length": cfg.max_seq_length, **self.best}
     write_json_atomic(tmp / FINETUNE_INFO, info, ensure_ascii=False, sort_keys=False)
     old = d / ".best.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -305,22 +306,23 @@ class Runner:
     metrics = {**status, "total_steps": self.total_updates, **(self.best or {}),
                "train_seconds": round(self.train_seconds, 2),
                "eval_seconds": round(self.eval_seconds, 2), "history": self.history}
-    pathlib.Path(self.opts.output_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(pathlib.Path(self.opts.output_dir) / outputs.METRICS, metrics,
+    pathlib.Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(pathlib.Path(self.cfg.output_dir) / outputs.METRICS, metrics,
                       ensure_ascii=False, sort_keys=False)
 
   def _finish(self, stopped_at: int | None = None) -> dict[str, Any]:
     from bert_jax import convert
-    o = self.opts
+    cfg = self.cfg
     status = {"status": outputs.COMPLETE if stopped_at is None else outputs.INCOMPLETE}
     if not self.is_writer:
       return {**(self.best or {}), **status}
     self._write_metrics(stopped_at)
     if stopped_at is not None:
-      print(f"stopped at step {stopped_at} of {self.total_updates}: {o.output_dir} holds the "
+      print(f"stopped at step {stopped_at} of {self.total_updates}: {cfg.output_dir} holds the "
             "best evaluation so far, marked incomplete in metrics.json", file=sys.stderr)
-    elif o.export_hf:
-      convert.write_hf_dir(o.export_hf, self.config, self.best_params, vocab_path=self.vocab,
+    elif cfg.export_hf:
+      convert.write_hf_dir(cfg.export_hf, self.model_config, self.best_params,
+                           vocab_path=self.vocab,
                            lower_case=self.tokenizer.lower_case,
                            architectures=(self.task.architecture,),
                            extra_config=self.task.hf_config())
@@ -328,17 +330,17 @@ class Runner:
             "eval_seconds": self.eval_seconds}
 
 
-def finetune(opts) -> dict[str, Any]:
-  """Runs a whole fine-tuning from parsed CLI options; returns the best evaluation. The output
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+  """Runs a whole fine-tuning; returns the best evaluation. The output
   locations are checked before anything is loaded (not after training), and --output-dir is
   locked for the run (by process 0 when several processes run it together)."""
   sharding.initialize_distributed()
-  xla_cache.enable(opts.compilation_cache)
-  check_writable(opts.output_dir, "--output-dir")
-  if opts.export_hf:
-    outputs.check_export_hf(opts.export_hf, opts.output_dir)
-  outputs.check_output_dir(opts.output_dir, opts.overwrite_output_dir)
+  xla_cache.enable(cfg.compilation_cache)
+  check_writable(cfg.output_dir, "--output-dir")
+  if cfg.export_hf:
+    outputs.check_export_hf(cfg.export_hf, cfg.output_dir)
+  outputs.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
   if jax.process_index() != 0:
-    return Runner(opts).run()
-  with DirLock(opts.output_dir, "--output-dir"):
-    return Runner(opts).run()
+    return Runner(cfg).run()
+  with DirLock(cfg.output_dir, "--output-dir"):
+    return Runner(cfg).run()
