@@ -308,3 +308,32 @@ def test_cmrc2018_trial_in_the_homework_layout(shared_data, tmp_path):
   unlabeled = paragraphs.read_qa(test, labeled=False)
   assert [e.id for e in unlabeled[:200]] == [e.id for e in squad]
   assert all(e.answers == [] for e in unlabeled)
+
+
+def test_cpu_run_data_holds_its_valid_paragraphs_out(shared_data, tmp_path):
+  """tools/make_homework_data.py (the data of tools/homework_cpu_run.sh): the homework layout
+  from CMRC 2018, every valid question's four paragraphs (relevant and distractors) outside
+  the training questions' paragraphs, and a test file without labels."""
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+  import make_homework_data
+  cmrc = shared_data / "cmrc2018"
+  counts = make_homework_data.build(str(cmrc / "cmrc2018_dev.json"),
+                                    str(cmrc / "cmrc2018_trial.json"), str(tmp_path), 60, 20, 0)
+  assert counts["train"] == 60 and counts["valid"] == 20
+  ctx = str(tmp_path / "context.json")
+  train = paragraphs.read_records(str(tmp_path / "train.json"), ctx)[0]
+  valid = paragraphs.read_records(str(tmp_path / "valid.json"), ctx)[0]
+  seen = {p for r in train for p in r["paragraphs"]} | set(range(counts["train_paragraphs"]))
+  assert all(len(set(r["paragraphs"])) == 4 and r["relevant"] in r["paragraphs"]
+             for r in train + valid)
+  assert not seen & {p for r in valid for p in r["paragraphs"]}
+  assert {r.label for r in read_choice(str(tmp_path / "test.json"), ctx, labeled=False)} == \
+      {paragraphs.UNLABELED}
+  corpus = (tmp_path / "corpus.txt").read_text(encoding="utf-8")
+  contexts = json.loads(pathlib.Path(ctx).read_text(encoding="utf-8"))
+  lines = set(corpus.splitlines())  # pretraining sees no valid paragraph's sentence
+  held_out = [t for r in valid for t in make_homework_data.sentences(contexts[r["relevant"]])
+              if len(t) > 10]
+  assert held_out and not lines & set(held_out)
+  assert set(make_homework_data.sentences(contexts[train[0]["relevant"]])) <= lines
