@@ -71,17 +71,18 @@ def test_kernel_equals_the_xla_path_forward_and_gradients(kind, rate):
                                _fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
 
 
-@pytest.mark.parametrize("kind", ["padded", "packed"])
-def test_the_tpu_layout_equals_the_xla_path_too(kind):
-  """The kernel as it runs on a TPU (statistics in 128-lane tiles, key ids in 8-row tiles, key
-  blocks of 128), interpreted: values and gradients with dropout, one 128-long block."""
-  t = 128
+@pytest.mark.parametrize("kind,t", [("padded", 128), ("packed", 128), ("packed", 256)])
+def test_the_tpu_layout_equals_the_xla_path_too(kind, t):
+  """The kernel as it runs on a TPU (query ids in 128-lane tiles, key ids in 8-row tiles, key
+  blocks of 128, statistics as rows), interpreted: values and gradients with dropout, one
+  128-long block and two (the dK/dV kernel reading its rows at a moving offset). Packed, the
+  padding queries see no key."""
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32) for _ in range(3))
   ids = np.ones((1, t), np.int32)
-  ids[0, 100:] = 0
+  ids[0, t - 28:] = 0
   if kind == "packed":
-    ids[0, 40:100] = 2
+    ids[0, 40:t - 28] = 2
   segments = attention.Segments(None if kind == "padded" else jnp.asarray(ids), jnp.asarray(ids))
   g = jax.random.normal(jax.random.PRNGKey(2), q.shape)
 
@@ -101,6 +102,34 @@ def test_the_tpu_layout_equals_the_xla_path_too(kind):
   np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
   for name, a, b in zip("qkv", out[1], ref[1]):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_one_float_per_query_travels_from_the_forward_to_the_backward_pass():
+  """Between the kernels only [B,N,T] rows (log-sum-exp, delta) and [B,N,1,T] views of them: no
+  [B,N,T,128] float32 lane tile, which remat would recompute and hold in every layer's backward."""
+  t = 128
+  q = jnp.zeros((1, t, 2, 16), jnp.float32)
+  ones = jnp.ones((1, t), jnp.int32)
+
+  def loss(q, k, v):
+    return jnp.sum(attention.flash_attention(q, k, v, ones, ones, dropout.key_words_of(KEY),
+                                             rate=0.1, interpret=True, layout="tpu"))
+
+  from jax.extend.core import jaxprs_in_params
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, q, q)
+  shapes = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      shapes.update((tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars)
+      if eqn.primitive.name != "pallas_call":  # a kernel's insides are blocks, not arrays
+        for sub in jaxprs_in_params(eqn.params):
+          walk(sub)
+
+  walk(jaxpr.jaxpr)
+  floats = {shape for shape, dtype in shapes if dtype == jnp.float32}
+  assert (1, 2, t) in floats and (1, 2, 1, t) in floats  # the rows and the kernels' views
+  assert not [s for s in floats if len(s) == 4 and s[-1] == 128 and s[:3] == (1, 2, t)]
 
 
 def _dropped(key, rate=0.1):

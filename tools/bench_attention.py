@@ -4,9 +4,10 @@
       --implementations xla pallas cudnn --rate 0.1 --json-out attention.json
 
 Each implementation is timed in this process on the default device: the compile of the jitted
-gradient (so a slow kernel compile shows apart from a slow kernel), then the mean of --steps
-calls. An implementation that fails or does not apply (cudnn off a GPU, splash off a TPU, a
-dropout rate the kernel cannot take) is reported with its error; nothing here asserts a speed.
+gradient (so a slow kernel compile shows apart from a slow kernel) and its temporary memory
+(XLA's memory analysis), then the mean of --steps calls. An implementation that fails or does
+not apply (cudnn off a GPU, splash off a TPU, a dropout rate the kernel cannot take) is reported
+with its error; nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def bench(impl: str, args) -> dict:
     start = time.perf_counter()
     compiled = grad.lower(q, k, v).compile()
     row["compile_s"] = time.perf_counter() - start
+    # XLA's scratch for the whole forward + backward: where [B,N,T,S] tensors or the kernels'
+    # statistics would show.
+    row["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     jax.block_until_ready(compiled(q, k, v))
     start = time.perf_counter()
     for _ in range(args.steps):
