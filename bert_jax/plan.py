@@ -5,7 +5,7 @@ ahead of time, and report per phase what a pod would give before it is rented.
                 [--phase N|all] [--mfu 0.4] [--json] [--config.a.b=v ...]
 
 Nothing is trained and no data is read: the train state and the batch are ShapeDtypeStructs with
-their shardings, lowered through `steps.phase_train_step` (what `bert-jax pretrain` runs) and
+their shardings, lowered through `steps.Pretraining` (what `bert-jax pretrain` runs) and
 compiled by XLA for the topology's devices; libtpu compiles TPU programs on any host (MaxText's
 train_compile.py works the same way). Memory and FLOPs are XLA's own figures
 (`memory_analysis()`, `cost_analysis()`). XLA counts a loop body once, so with gradient
@@ -38,8 +38,8 @@ from bert_jax.config import BertConfig
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path
 from bert_jax.phases import Phase, make_phases
-from bert_jax.run_config import parse_overrides, resolve_config
-from bert_jax.sharding import check_batches_split, make_mesh, replicated
+from bert_jax.run_config import objective_of, parse_overrides, resolve_config
+from bert_jax.sharding import check_batches_split, make_mesh
 from bert_jax.state import ABSTRACT_RNG
 
 EXIT_DOES_NOT_FIT = 3
@@ -137,23 +137,21 @@ def _flops(compiled) -> float:
   return float(analysis.get("flops", 0.0))
 
 
-def _update_flops(optimizer, schedule, mesh, abstract, shardings) -> float:
+def _update_flops(pretraining: steps.Pretraining) -> float:
   """FLOPs of the per-step update alone (compiled on its own; cheap: elementwise only)."""
-  update = steps.MeshStep(steps.make_update(optimizer, schedule), mesh,
-                          in_shardings=(shardings, shardings.params, replicated(mesh)),
-                          out_shardings=(shardings, replicated(mesh)))
+  abstract = pretraining.abstract_state
   metrics = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
-  return _flops(update.lower(abstract, abstract.params, metrics).compile())
+  return _flops(pretraining.update_step.lower(abstract, abstract.params, metrics).compile())
 
 
 _OOM = re.compile(r"(RESOURCE_EXHAUSTED|[Oo]ut of memory|Exceeded hbm)")
 _TEMPORARIES = re.compile(r"temporaries \(([\d.]+)G\)")
 
 
-def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tuple,
-               target: Target, assumed_mfu: float) -> dict:
+def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
+               pretraining: steps.Pretraining, target: Target, assumed_mfu: float) -> dict:
   """Compiles one phase's train step; returns its memory, FLOPs and time figures."""
-  abstract, shardings, optimizer, schedule = built
+  abstract = pretraining.abstract_state
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   chips = mesh.devices.size
   batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
@@ -168,10 +166,8 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tu
         f" for {target.name}: {chips} x {target.kind}, mesh {dict(mesh.shape)} ...",
         file=sys.stderr, flush=True)
   start = time.perf_counter()
-  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings,
-                                cfg.get("objective", "mlm_nsp"))
   try:
-    compiled = step.lower(abstract, batch, ABSTRACT_RNG).compile()
+    compiled = pretraining.train_step(phase).lower(abstract, batch, ABSTRACT_RNG).compile()
   except Exception as e:
     message = str(e)
     if not _OOM.search(message):
@@ -195,7 +191,7 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh, built: tu
   out["fits"] = fits
   compiled_flops = _flops(compiled)
   if phase.grad_accum > 1:  # the loop body was counted once
-    outside = _update_flops(optimizer, schedule, mesh, abstract, shardings)
+    outside = _update_flops(pretraining)
     compiled_flops = outside + phase.grad_accum * (compiled_flops - outside)
   model_flops = (mfu.train_flops_per_sequence(model_config, phase.seq_len, phase.max_predictions)
                  * phase.batch_size / chips)
@@ -308,8 +304,9 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
   mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
                    devices=target.devices)
   check_batches_split(chosen, mesh)  # before minutes of compiling
-  built = steps.abstract_train_state(model_config, cfg, mesh)
-  results = [plan_phase(model_config, cfg, p, mesh, built, target, assumed_mfu) for p in chosen]
+  pretraining = steps.Pretraining(model_config, cfg, mesh, phases, objective_of(cfg))
+  results = [plan_phase(model_config, cfg, p, mesh, pretraining, target, assumed_mfu)
+             for p in chosen]
   timed = [r["at_mfu"]["phase_s"] for r in results if "at_mfu" in r]
   return dict(
       config=config_name, model=f"{model_config.num_hidden_layers} x "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from bert_jax.config import BertConfig
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining
 from bert_jax.optim import make_optimizer
-from bert_jax.phases import Phase, make_phases
+from bert_jax.phases import Phase
 from bert_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from bert_jax.state import TrainState, host_rng
 
@@ -56,25 +57,6 @@ def _init_inputs(model_config: BertConfig):
 def _init_params_fn(model_config: BertConfig):
   model, inputs = BertForPreTraining(model_config), _init_inputs(model_config)
   return lambda key: model.init({"params": key}, *inputs)["params"]
-
-
-def abstract_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh):
-  """-> (abstract state, shardings, optimizer, schedule): the pretraining state as
-  ShapeDtypeStructs with their shardings, without computing it (for AOT compiles)."""
-  optimizer, schedule = make_optimizer(cfg, make_phases(cfg))
-  abstract = state_lib.abstract_state(_init_params_fn(model_config), optimizer, mesh)
-  return abstract, state_lib.shardings_of(abstract), optimizer, schedule
-
-
-def create_train_state(model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh, rng,
-                       init_params: Any = None, phases: Sequence[Phase] | None = None):
-  """-> (state, shardings, optimizer, schedule). Params are initialised directly sharded;
-  `init_params` (plain pytree) replaces the random values where given. `phases`: cfg's, if
-  the caller has made them."""
-  optimizer, schedule = make_optimizer(cfg, make_phases(cfg) if phases is None else phases)
-  state, shardings = state_lib.create_state(_init_params_fn(model_config), optimizer, mesh, rng,
-                                            init_params=init_params)
-  return state, shardings, optimizer, schedule
 
 
 def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int,
@@ -276,17 +258,6 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any
                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def phase_train_step(model_config: BertConfig, phase: Phase,
-                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                     mesh: jax.sharding.Mesh, shardings: Any,
-                     objective: str = "mlm_nsp") -> MeshStep:
-  """The jitted pretraining step of one phase, exactly as `bert-jax pretrain` runs it (and
-  `bert-jax plan` compiles it); the same under every nan_policy (the loop applies it)."""
-  loss = pretraining_loss(model_config, objective)
-  return jit_train_step(make_train_step(loss, optimizer, schedule, grad_accum=phase.grad_accum),
-                        mesh, shardings)
-
-
 # ----------------------------------------------------------------------------- eval step
 
 def make_eval_step(loss: Loss) -> Callable:
@@ -311,3 +282,53 @@ def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) 
   param_shardings = shardings.params if isinstance(shardings, TrainState) else shardings
   return MeshStep(eval_step, mesh, in_shardings=(param_shardings, batch_sharding(mesh)),
                   out_shardings=replicated(mesh))
+
+
+# ----------------------------------------------------------------------------- the whole build
+
+class Pretraining:
+  """One model's pretraining on one mesh, built once: what `bert-jax pretrain` runs and
+  `bert-jax plan` compiles. The optimizer, schedule and shardings stay inside.
+
+  abstract_state   the state as ShapeDtypeStructs with their shardings (nothing computed);
+                   `shardings` alone
+  init_state(rng, init_params=None)   the state, initialised directly sharded; `init_params`
+                   (a plain pytree) replaces the random values where it has them
+  train_step(phase)   the phase's jitted step (one per accumulation, compiled per shape)
+  eval_step        the jitted deterministic pass returning the loss's sums
+  update_step      the update alone (`plan` counts the FLOPs of accumulated steps with it)
+  """
+
+  def __init__(self, model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh,
+               phases: Sequence[Phase], objective: str = "mlm_nsp"):
+    self.mesh = mesh
+    self.loss = pretraining_loss(model_config, objective)
+    self._optimizer, self._schedule = make_optimizer(cfg, phases)
+    self._init_params_fn = _init_params_fn(model_config)
+    self.abstract_state = state_lib.abstract_state(self._init_params_fn, self._optimizer, mesh)
+    self.shardings = state_lib.shardings_of(self.abstract_state)
+    self._train_steps: dict[int, MeshStep] = {}
+
+  def init_state(self, rng, init_params: Any = None) -> TrainState:
+    return state_lib.create_state(self._init_params_fn, self._optimizer, self.mesh, rng,
+                                  init_params=init_params)[0]
+
+  def train_step(self, phase: Phase) -> MeshStep:
+    """The same under every nan_policy (the loop applies it)."""
+    if phase.grad_accum not in self._train_steps:
+      self._train_steps[phase.grad_accum] = jit_train_step(
+          make_train_step(self.loss, self._optimizer, self._schedule,
+                          grad_accum=phase.grad_accum), self.mesh, self.shardings)
+    return self._train_steps[phase.grad_accum]
+
+  @functools.cached_property
+  def eval_step(self) -> MeshStep:
+    return jit_eval_step(make_eval_step(self.loss), self.mesh, self.shardings)
+
+  @functools.cached_property
+  def update_step(self) -> MeshStep:
+    """update(state, grads, metrics), lowered with (abstract state, its params, {"loss"})."""
+    return MeshStep(make_update(self._optimizer, self._schedule), self.mesh,
+                    in_shardings=(self.shardings, self.shardings.params,
+                                  replicated(self.mesh)),
+                    out_shardings=(self.shardings, replicated(self.mesh)))

@@ -13,7 +13,6 @@ by bert_jax.workdir before the loop starts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ import ml_collections
 
 from bert_jax import attention, hostmem, mfu, platforms, xla_cache
 from bert_jax import sharding  # sharding.global_batch looked up per call (tests substitute it)
-from bert_jax.checkpoint import Checkpointer, abstract_like
+from bert_jax.checkpoint import Checkpointer
 from bert_jax.data.pipeline import make_iterator
 from bert_jax.errors import UserError, cli_entry, first_line
 from bert_jax.fileio import as_path, check_writable
@@ -34,9 +33,9 @@ from bert_jax.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.phases import Phase, phase_at
 from bert_jax.preemption import Preemption
 from bert_jax.run_config import objective_of, parse_args, resolve_config_and_phases
-from bert_jax.steps import (create_train_state, eval_metrics, jit_eval_step, make_eval_step,
-                            phase_train_step, pretraining_loss)
-from bert_jax.workdir import RunPlan, load_init_params, prepare_workdir
+from bert_jax.steps import Pretraining, eval_metrics
+from bert_jax.state import TrainState
+from bert_jax.workdir import load_init_params, prepare_workdir
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
 
@@ -115,8 +114,7 @@ class Trainer:
     self.phase = phase
     self._close_iterator()
     self.iterator = self._train_iterator(phase, data_state)
-    self.train_fn = phase_train_step(self.plan.bert_config, phase, self.optimizer, self.schedule,
-                                     self.mesh, self.shardings, objective_of(self.cfg))
+    self.train_fn = self.pretraining.train_step(phase)
     self.first_step_of_phase = True
     self.flops_per_step = (mfu.train_flops_per_sequence(
         self.plan.bert_config, phase.seq_len, phase.max_predictions) * phase.batch_size)
@@ -175,45 +173,41 @@ class Trainer:
     as_path(self.workdir).mkdir(parents=True, exist_ok=True)
     if self.is_writer:  # process 0 holds it for all hosts (best-effort on gs://, see lock.py)
       self.lock.acquire()
-    plan = prepare_workdir(self.cfg, self.workdir, process_count=self.process_count,
-                           is_writer=self.is_writer, phases=self._validated_phases)
-    self.plan: RunPlan = dataclasses.replace(plan, init_params=None)  # no second copy kept
+    self.plan, init_params = prepare_workdir(
+        self.cfg, self.workdir, process_count=self.process_count, is_writer=self.is_writer,
+        phases=self._validated_phases)
     self.mesh = sharding.make_mesh(int(self.cfg.mesh.data), int(self.cfg.mesh.fsdp),
                                    int(self.cfg.mesh.tensor))
     sharding.check_batches_split(self.plan.phases, self.mesh)
-    return plan.init_params
+    return init_params
 
   def _start_state(self, init_params: Any) -> tuple[int, Any]:
     """The train state to start from: the newest good checkpoint's, else a fresh one (from
-    init_from's weights when given). Returns (step, data-iterator state or None)."""
+    init_from's weights when given; loaded here only if the plan did not load them, i.e. it
+    saw checkpoints that turned out unrestorable). Returns (step, data-iterator state or
+    None)."""
     c = self.cfg.checkpoint
     self.ckpt = Checkpointer(self.workdir, keep_last=int(c.keep_last),
                              keep_every=int(c.keep_every),
                              keep_steps=[p.end_step for p in self.plan.phases],
                              async_save=bool(c.async_save))
+    self.pretraining = Pretraining(self.plan.bert_config, self.cfg, self.mesh, self.plan.phases,
+                                   objective_of(self.cfg))
     self.resuming = bool(self.ckpt.all_steps())
-    if not self.resuming and init_params is None:  # checkpoints the plan saw have gone
-      init_params = load_init_params(self.cfg)
-    self._make_state(None if self.resuming else init_params)
     self.skipped_total = 0
     step, data_state = self._restore()
-    if step == 0 and self.resuming and self.cfg.init_from:  # nothing restorable
-      self._make_state(init_params if init_params is not None else load_init_params(self.cfg))
+    if step == 0:
+      if init_params is None and self.cfg.init_from:
+        init_params = load_init_params(self.cfg)
+      rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 0)
+      self.state = self.pretraining.init_state(rng, init_params)
     return step, data_state
 
   def _prepare_loop(self, step: int) -> None:
     self.base_rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 1)
     self.peak_flops = _mesh_peak_flops()
-    self.loss = pretraining_loss(self.plan.bert_config, objective_of(self.cfg))
-    self.eval_fn = jit_eval_step(make_eval_step(self.loss), self.mesh, self.shardings)
     self._eval_cache: dict[int, list] = {}
     self.meter = IntervalMetrics(resumed_at=step or None)
-
-  def _make_state(self, init_params: Any) -> None:
-    rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 0)
-    self.state, self.shardings, self.optimizer, self.schedule = create_train_state(
-        self.plan.bert_config, self.cfg, self.mesh, rng, init_params=init_params,
-        phases=self.plan.phases)
 
   # -- data --------------------------------------------------------------------------------------
 
@@ -294,8 +288,9 @@ class Trainer:
     if not batches:
       return
     sums = jax.device_get([
-        self.eval_fn(self.state.params, sharding.global_batch(b, self.mesh)) for b in batches])
-    row = eval_metrics(self.loss, sums)   # the objective's means over all the eval batches
+        self.pretraining.eval_step(self.state.params, sharding.global_batch(b, self.mesh))
+        for b in batches])
+    row = eval_metrics(self.pretraining.loss, sums)   # the objective's means over all the eval batches
     del row["mlm_weight"]
     row["eval_sequences"] = int(row.pop("num_sequences"))
     self.writer.write(step, row, split="eval", phase=phase.index, seq_len=phase.seq_len)
@@ -342,10 +337,11 @@ class Trainer:
 
   def _restore(self) -> tuple[int, Any]:
     """Resumes from the newest good checkpoint, if any. Returns (step, data state or None)."""
-    if not self.ckpt.all_steps():
+    if not self.resuming:
       return 0, None
+    abstract = self.pretraining.abstract_state
     restored = self.ckpt.restore(
-        abstract_like(self.state.params), abstract_like(self.state.opt_state),
+        abstract.params, abstract.opt_state,
         want_data=lambda m: m.get("data_phase") == self._phase_at(int(m["step"])).index)
     if restored is None:
       warnings.warn(f"{self.ckpt.directory}: no checkpoint could be restored; starting from "
@@ -354,10 +350,9 @@ class Trainer:
     if restored.meta.get("config_hash") not in (None, self.plan.config_hash):
       warnings.warn("resuming with a config that differs from the one that wrote checkpoint "
                     f"{restored.step} (see config.pretrain.json)", stacklevel=2)
-    step_sharding = self.state.step.sharding
-    self.state = self.state.replace(
-        step=jax.device_put(jax.numpy.asarray(restored.step, jax.numpy.int32), step_sharding),
-        params=restored.params, opt_state=restored.opt_state)
+    step = jax.device_put(jax.numpy.asarray(restored.step, jax.numpy.int32),
+                          self.pretraining.shardings.step)
+    self.state = TrainState(step=step, params=restored.params, opt_state=restored.opt_state)
     self.skipped_total = int(restored.meta.get("skipped_steps", 0))
     return restored.step, restored.data_state
 

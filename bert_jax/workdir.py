@@ -27,7 +27,7 @@ from bert_jax.config import (BertConfig, find_config, get_preset, read_config_js
 from bert_jax.convert import load_pretrained
 from bert_jax.data import records
 from bert_jax.data.create import create_data
-from bert_jax.data.pipeline import check_fits, manifest
+from bert_jax.data.pipeline import check_fits
 from bert_jax.errors import UserError, first_line
 from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
   write_json_atomic
@@ -40,22 +40,19 @@ from bert_jax.vocab import train_vocab
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
   """One run of `bert-jax pretrain`, as prepared in its workdir."""
-  workdir: str
   phases: tuple[Phase, ...]
   config_hash: str
-  vocab: str                        # the run's vocab.txt (workdir/vocab.txt on the writer)
   bert_config: BertConfig
   data_dirs: tuple[str, ...]        # one create-data directory per phase
   manifests: tuple[dict, ...]       # each phase's manifest.json, read once
-  resuming: bool                    # the workdir holds checkpoints
-  init_params: Any = None           # init_from's weights; None when resuming or without one
 
 
 def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bool,
-                    phases: Sequence[Phase] | None = None) -> RunPlan:
+                    phases: Sequence[Phase] | None = None) -> tuple[RunPlan, Any]:
   """Vocab, data and model config of a run in `workdir` (created and locked by the caller),
   checked before anything is trained; the writer then records the configs. `phases`: the
-  ones that validating cfg made, if the caller has them."""
+  ones that validating cfg made, if the caller has them. Returns (plan, init_from's weights:
+  None when the workdir holds checkpoints or without init_from)."""
   phases = tuple(make_phases(cfg) if phases is None else phases)
   resuming = workdir_has_checkpoint(workdir)
   vocab_file = as_path(workdir) / "vocab.txt"
@@ -77,16 +74,18 @@ def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bo
   if is_writer:
     _write_resolved_config(cfg, workdir)
     write_config_json(bert_config, as_path(workdir) / "config.json")
-  return RunPlan(workdir=workdir, phases=phases, config_hash=config_hash(cfg), vocab=vocab,
-                 bert_config=bert_config, data_dirs=tuple(data_dirs), manifests=tuple(manifests),
-                 resuming=resuming, init_params=init_params)
+  plan = RunPlan(phases=phases, config_hash=config_hash(cfg), bert_config=bert_config,
+                 data_dirs=tuple(data_dirs), manifests=tuple(manifests))
+  return plan, init_params
 
 
 # --------------------------------------------------------------------------- the vocab
 
 def count_lines(path: str) -> int:
+  """Entries of a vocab.txt as the tokenizer numbers them: every line, blank ones too
+  (bert-base-chinese has an empty token at id 343)."""
   with as_path(path).open("r", encoding="utf-8") as f:
-    return sum(1 for line in f if line.rstrip("\n"))
+    return sum(1 for _ in f)
 
 
 def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
@@ -267,7 +266,7 @@ def read_manifests(phases: Sequence[Phase], data_dirs: Sequence[str]) -> list[di
   """Each phase's manifest.json (one read each: a round trip on gs://), checked to fit it."""
   manifests = []
   for phase, data_dir in zip(phases, data_dirs):
-    man = manifest(data_dir)
+    man = records.read_manifest(data_dir)
     check_fits(man, phase.seq_len, phase.max_predictions,
                where=f"phase {phase.index + 1} data {data_dir}")
     # The pipeline pads shorter data, but a phase's longer positions would never be trained.

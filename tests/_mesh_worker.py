@@ -7,6 +7,7 @@ jax.distributed run) and prints one JSON line per mesh: {"mesh": ..., "losses": 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,14 +64,13 @@ def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):
   global batch from this process (multi-process). Returns the losses."""
   import jax
   from bert_jax import sharding, steps as steps_lib
+  from bert_jax.phases import make_phases
   cfg = make_cfg()
   model_config = tiny_model_config(dropout)
-  state, shardings, optimizer, schedule = steps_lib.create_train_state(
-      model_config, cfg, mesh, jax.random.PRNGKey(0))
-  train_step = steps_lib.jit_train_step(
-      steps_lib.make_train_step(steps_lib.pretraining_loss(model_config), optimizer, schedule,
-                                grad_accum=grad_accum),
-      mesh, shardings)
+  phases = make_phases(cfg)
+  pretraining = steps_lib.Pretraining(model_config, cfg, mesh, phases)
+  state = pretraining.init_state(jax.random.PRNGKey(0))
+  train_step = pretraining.train_step(dataclasses.replace(phases[0], grad_accum=grad_accum))
   losses = []
   for s in range(steps):
     host = synthetic_batch(100 + s)

@@ -233,11 +233,12 @@ def test_the_tpu_program_plan_compiles_runs_fused_attention():
         ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
     model_config = plan.bert_config(cfg)
     mesh = sharding.make_mesh(devices=plan.load_target("v5e:2x2").devices)
-    abstract, shardings, optimizer, schedule = steps.abstract_train_state(model_config, cfg, mesh)
-    phase = plan.make_phases(cfg)[0]
-    step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
-    batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
-    return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
+    phases = plan.make_phases(cfg)
+    pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
+    batch = steps.abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
+                                 phases[0].max_predictions)
+    return pretraining.train_step(phases[0]).lower(pretraining.abstract_state, batch,
+                                                   ABSTRACT_RNG).as_text()
 
   fast, paper = lowered(0.0), lowered(0.1)
   assert "tpu_custom_call" in fast and "splash" in fast

@@ -103,8 +103,8 @@ def test_process_sharding_splits_the_records(static_dir):
 @pytest.mark.parametrize("where", ["mid-epoch", "epoch boundary"])
 def test_state_round_trip_gives_the_next_batches(static_dir, where):
   # 8 records a batch: from the epoch's last batch, the next ones cross into epoch 2.
-  records = pipeline.manifest(static_dir)["splits"]["train"]["num_instances"]
-  skip = 3 if where == "mid-epoch" else records // 8 - 1
+  count = records.read_manifest(static_dir)["splits"]["train"]["num_instances"]
+  skip = 3 if where == "mid-epoch" else count // 8 - 1
   it = _iter(static_dir)
   _take(it, skip)
   state = it.get_state()
@@ -115,13 +115,13 @@ def test_state_round_trip_gives_the_next_batches(static_dir, where):
 
 
 def test_dynamic_masking_fresh_per_epoch_reproducible_and_resumable(dynamic_dir, vocab):
-  man = pipeline.manifest(dynamic_dir)
+  man = records.read_manifest(dynamic_dir)
   assert man["static_masking"] is False and man["whole_word_mask"] is True
-  records = man["splits"]["train"]["num_instances"]
-  epoch = records // 8
+  count = man["splits"]["train"]["num_instances"]
+  epoch = count // 8
   it = _iter(dynamic_dir, shuffle=False)
   first, second = _take(it, epoch), _take(it, 3)
-  # Records 0-7 again in epoch 2 (rows `records`..+7 of the stream), new masks, the same text.
+  # Records 0-7 again in epoch 2 (rows `count`..+7 of the stream), new masks, the same text.
   def stream(batches, key):
     return np.concatenate([b[key] for b in batches])
 
@@ -132,7 +132,7 @@ def test_dynamic_masking_fresh_per_epoch_reproducible_and_resumable(dynamic_dir,
       ids[row, positions[row, :k]] = labels[row, :k]
     return ids
 
-  again = slice(records, records + 8)
+  again = slice(count, count + 8)
   assert not np.array_equal(stream(first, "masked_lm_positions")[:8],
                             stream(first + second, "masked_lm_positions")[again])
   np.testing.assert_array_equal(restored(first)[:8], restored(first + second)[again])
@@ -153,11 +153,11 @@ def test_dynamic_masking_fresh_per_epoch_reproducible_and_resumable(dynamic_dir,
 
 def test_manifest_and_fit_errors(tmp_path, static_dir):
   with pytest.raises(UserError, match="not found"):
-    pipeline.manifest(tmp_path / "nope")
+    records.read_manifest(tmp_path / "nope")
   (tmp_path / "partial").mkdir()
   (tmp_path / "partial" / "train-00000.array_record.tmp").write_bytes(b"")
   with pytest.raises(UserError, match="partial.*incomplete"):
-    pipeline.manifest(tmp_path / "partial")
+    records.read_manifest(tmp_path / "partial")
   with pytest.raises(UserError, match="max-seq-length 64.*seq_len 32"):
     _iter(static_dir, seq_len=32)
   with pytest.raises(UserError, match="max_predictions 5"):
@@ -279,8 +279,8 @@ def test_prefetch_hands_out_the_consumers_state_and_stops_at_the_end(static_dir)
   it.close()
   finite = _iter(static_dir, prefetch=2, num_epochs=1, drop_remainder=False, batch_size=100)
   sizes = [len(b["next_sentence_label"]) for b in finite]
-  records = pipeline.manifest(static_dir)["splits"]["train"]["num_instances"]
-  assert sizes == [100] * (records // 100) + [records % 100] * bool(records % 100)
+  count = records.read_manifest(static_dir)["splits"]["train"]["num_instances"]
+  assert sizes == [100] * (count // 100) + [count % 100] * bool(count % 100)
 
 
 def test_prefetch_raises_the_producers_error():
@@ -395,7 +395,7 @@ def wiki_unmasked(shared_data, tmp_path_factory, vocab):
 
 
 def test_dynamic_masking_statistics_on_wikitext(wiki_unmasked):
-  man = pipeline.manifest(wiki_unmasked)
+  man = records.read_manifest(wiki_unmasked)
   cls_id, sep_id, mask_id = (man["vocab"][k] for k in ("cls_id", "sep_id", "mask_id"))
   insts = list(read_instances(wiki_unmasked))
   batch = next(_iter(wiki_unmasked, batch_size=len(insts), seq_len=128, max_predictions=20,

@@ -39,11 +39,12 @@ def v5e():
 def _lowered_text(cfg, devices):
   model_config = plan.bert_config(cfg)
   mesh = sharding.make_mesh(devices=devices)
-  abstract, shardings, optimizer, schedule = steps.abstract_train_state(model_config, cfg, mesh)
-  phase = plan.make_phases(cfg)[0]
-  step = steps.phase_train_step(model_config, phase, optimizer, schedule, mesh, shardings)
-  batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
-  return step.lower(abstract, batch, ABSTRACT_RNG).as_text()
+  phases = plan.make_phases(cfg)
+  pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
+  batch = steps.abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
+                               phases[0].max_predictions)
+  return pretraining.train_step(phases[0]).lower(pretraining.abstract_state, batch,
+                                                 ABSTRACT_RNG).as_text()
 
 
 def test_the_tpu_program_carries_no_cpu_only_kernel(v5e):
@@ -81,7 +82,7 @@ def test_mesh_fallback_warns_with_the_shapes(monkeypatch):
 def _param_count(cfg):
   model_config = plan.bert_config(cfg)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  abstract = steps.abstract_train_state(model_config, cfg, mesh)[0]
+  abstract = steps.Pretraining(model_config, cfg, mesh, plan.make_phases(cfg)).abstract_state
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
 
 

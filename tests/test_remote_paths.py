@@ -173,6 +173,6 @@ def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
 
 def test_missing_gs_data_is_a_user_error(prepared, fake_gcs):
   from bert_jax.errors import UserError
-  from bert_jax.data.pipeline import manifest
+  from bert_jax.data.records import read_manifest
   with pytest.raises(UserError, match="gs://fake-bucket/nothing: not found"):
-    manifest("gs://fake-bucket/nothing")
+    read_manifest("gs://fake-bucket/nothing")

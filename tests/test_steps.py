@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from _mesh_worker import BATCH, VOCAB, make_cfg, synthetic_batch, tiny_model_con
 from bert_jax import sharding, steps
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining
+from bert_jax.phases import make_phases
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +30,28 @@ _COMPILED: dict = {}
 
 
 def _setup(mesh, model_config, grad_accum=1, cfg=None, init_params=None):
-  """(fresh state, shardings, jitted step); compiled once per (model config, accumulation)."""
+  """(fresh state, its Pretraining, jitted step); compiled once per (model config,
+  accumulation)."""
   key = (model_config, grad_accum, init_params is None and cfg is None)
   if key in _COMPILED:
-    host_state, shardings, step = _COMPILED[key]
-    return jax.device_put(host_state, shardings), shardings, step
+    host_state, pretraining, step = _COMPILED[key]
+    return jax.device_put(host_state, pretraining.shardings), pretraining, step
   cfg = cfg or make_cfg()
-  state, shardings, optimizer, schedule = steps.create_train_state(
-      model_config, cfg, mesh, jax.random.PRNGKey(0), init_params=init_params)
-  step = steps.jit_train_step(
-      steps.make_train_step(steps.pretraining_loss(model_config), optimizer, schedule,
-                            grad_accum=grad_accum),
-      mesh, shardings)
+  phases = make_phases(cfg)
+  pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
+  state = pretraining.init_state(jax.random.PRNGKey(0), init_params=init_params)
+  step = pretraining.train_step(dataclasses.replace(phases[0], grad_accum=grad_accum))
   if key[2]:
-    _COMPILED[key] = (_copy(state), shardings, step)
-  return state, shardings, step
+    _COMPILED[key] = (_copy(state), pretraining, step)
+  return state, pretraining, step
 
 
 def test_loss_matches_full_logits_reference(mesh):
   """The gathered-position loss equals cross-entropy taken from logits at every position."""
   model_config = tiny_model_config()
-  state, shardings, _ = _setup(mesh, model_config)
+  state, pretraining, _ = _setup(mesh, model_config)
   batch = synthetic_batch(3)
-  loss = steps.pretraining_loss(model_config)
-  metrics = loss.metrics(steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)(
-      state.params, batch))
+  metrics = pretraining.loss.metrics(pretraining.eval_step(state.params, batch))
   full_BTV, nsp_B2 = BertForPreTraining(model_config).apply(
       {"params": state.params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
   logp = np.asarray(jax.nn.log_softmax(full_BTV.astype(jnp.float64)
@@ -110,12 +110,10 @@ def test_steps_compile_once_under_the_mesh(mesh):
   """Every call traces under the same mesh context: one compilation for many steps (a context
   that is entered only once makes the second call retrace without the mesh and its rules)."""
   model_config = tiny_model_config(dropout=0.1)
-  state, shardings, optimizer, schedule = steps.create_train_state(
-      model_config, make_cfg(), mesh, jax.random.PRNGKey(0))
-  loss = steps.pretraining_loss(model_config)
-  step = steps.jit_train_step(steps.make_train_step(loss, optimizer, schedule), mesh,
-                              shardings)
-  evaluate = steps.jit_eval_step(steps.make_eval_step(loss), mesh, shardings)
+  cfg = make_cfg()
+  pretraining = steps.Pretraining(model_config, cfg, mesh, make_phases(cfg))
+  state = pretraining.init_state(jax.random.PRNGKey(0))
+  step, evaluate = pretraining.train_step(make_phases(cfg)[0]), pretraining.eval_step
   for i in range(3):
     state, _ = step(state, synthetic_batch(i), jax.random.PRNGKey(0))
     evaluate(state.params, synthetic_batch(i))
@@ -145,13 +143,13 @@ def test_init_params_replace_random_values_and_keep_missing_heads(mesh):
   random_state, _, _ = _setup(mesh, model_config)
   given = {"bert": jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32),
                                 _copy(random_state.params["bert"]))}
-  state, shardings, step = _setup(mesh, model_config, init_params=given)
+  state, pretraining, step = _setup(mesh, model_config, init_params=given)
   np.testing.assert_array_equal(
       state.params["bert"]["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"], 0.5)
   jax.tree.map(np.testing.assert_array_equal, _copy(state.params["cls"]),
                _copy(random_state.params["cls"]))
   assert state.params["bert"]["pooler"]["dense"]["kernel"].sharding == \
-      shardings.params["bert"]["pooler"]["dense"]["kernel"]
+      pretraining.shardings.params["bert"]["pooler"]["dense"]["kernel"]
   state, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(0))
   assert metrics["finite"] == 1.0
   wrong = {"bert": {"embeddings": {"word_embeddings": {"embedding": np.zeros((3, 64))}}}}
@@ -176,7 +174,7 @@ def test_lamb_per_phase_state_shards_and_trains(mesh):
   """The NVIDIA-style setup (LAMB, per-phase schedule, accumulation) builds and updates."""
   cfg = make_cfg(name="lamb", bias_correction=True, schedule="per_phase", warmup_steps=0)
   model_config = tiny_model_config()
-  state, shardings, step = _setup(mesh, model_config, grad_accum=2, cfg=cfg)
+  state, _, step = _setup(mesh, model_config, grad_accum=2, cfg=cfg)
   before = _copy(state.params)
   state, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(0))
   assert metrics["finite"] == 1.0 and float(metrics["learning_rate"]) == pytest.approx(1e-3)

@@ -129,8 +129,8 @@ def main() -> int:
     args.max_predictions = max(1, round(args.seq_len * 0.15625))
   with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
     data_dir = prepare(args, tmp)
-    from bert_jax.data.pipeline import manifest
-    man = manifest(data_dir)
+    from bert_jax.data.records import read_manifest
+    man = read_manifest(data_dir)
     if args.dynamic and man["static_masking"]:
       p.error(f"--dynamic: {data_dir} was created with static masking; create it with "
               "--no-static-masking (data without masks is always masked by the pipeline)")

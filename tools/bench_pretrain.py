@@ -82,8 +82,8 @@ def bench_jax(args) -> dict:
 
   from bert_jax.config import get_preset
   from bert_jax.sharding import make_mesh
-  from bert_jax.steps import (create_train_state, jit_train_step, make_train_step,
-                              pretraining_loss)
+  from bert_jax.phases import make_phases
+  from bert_jax.steps import Pretraining
 
   from bert_jax import attention, platforms
   device = jax.devices()[0]
@@ -102,9 +102,10 @@ def bench_jax(args) -> dict:
       decay_power=1.0, end_learning_rate=0.0))
   mesh = make_mesh(data=1, devices=jax.devices()[:1])
   rng = jax.random.PRNGKey(0)
-  state, shardings, optimizer, schedule = create_train_state(model_config, cfg, mesh, rng)
-  loss = pretraining_loss(model_config)
-  train_step = jit_train_step(make_train_step(loss, optimizer, schedule), mesh, shardings)
+  phases = make_phases(cfg)
+  pretraining = Pretraining(model_config, cfg, mesh, phases)
+  state = pretraining.init_state(rng)
+  train_step = pretraining.train_step(phases[0])
   host = synthetic_batch(args.batch_size, args.seq_len, args.max_predictions,
                          model_config.vocab_size)
   batch = jax.device_put(host, jax.devices()[0])

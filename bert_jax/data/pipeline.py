@@ -34,11 +34,6 @@ _DEAD_WORKER = "Worker process was terminated unexpectedly"
 _SPECIAL_IDS = ("cls_id", "sep_id")   # in BatchSource.mask beside mask_tokens' arguments
 
 
-def manifest(data_dir: str | os.PathLike) -> dict:
-  """manifest.json of a create-data directory, validated (UserError names the path)."""
-  return records.read_manifest(data_dir)
-
-
 def check_fits(man: dict, seq_len: int, max_predictions: int, where: str = "data") -> None:
   """UserError unless the data's instances fit a phase of `seq_len` / `max_predictions`."""
   if man["max_seq_length"] > seq_len:
@@ -271,11 +266,13 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
   `worker_count`: grain worker processes (-1: `default_worker_count()`); `prefetch` > 0 builds
   that many batches ahead in a background thread, which also applies `place` (e.g. the copy
   to the devices), so the training loop receives `place(batch)`. `man`: the directory's
-  manifest, when the caller has read it already (each read is a round trip on gs://).
+  manifest, when the caller has read and checked it already (each read is a round trip on
+  gs://).
   """
   data_dir = os.fspath(data_dir)
-  man = manifest(data_dir) if man is None else man
-  check_fits(man, seq_len, max_predictions, where=f"data directory {data_dir}")
+  if man is None:  # a caller that read the manifest has checked it (workdir.read_manifests)
+    man = records.read_manifest(data_dir)
+    check_fits(man, seq_len, max_predictions, where=f"data directory {data_dir}")
   if batch_size < 1:
     raise UserError(f"batch_size {batch_size}: expected at least 1")
   if worker_count < -1 or prefetch < 0:
