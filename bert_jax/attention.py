@@ -178,7 +178,7 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   mesh, batch, heads = _batch_head_specs(b, n)
   q_seg_BT, kv_seg_BS = q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
   if not batch and not heads:
-    return flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg)
+    return to_bnth(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg))
   from jax.sharding import PartitionSpec as P
   b_axes, n_axes = batch or None, heads or None
 
@@ -188,9 +188,9 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
 
   qkv = P(b_axes, n_axes, None, None)
   seg = P(b_axes, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
-                       out_specs=P(b_axes, None, n_axes, None), check_vma=False)(
-                           q, k, v, q_seg_BT, kv_seg_BS, words)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
+                      out_specs=qkv, check_vma=False)(q, k, v, q_seg_BT, kv_seg_BS, words)
+  return to_bnth(out)
 
 
 def _offset_words(words, b_offset, n_offset):

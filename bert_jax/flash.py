@@ -3,15 +3,9 @@ dQ kernels over blocks of queries and keys, no [B,N,T,S] tensor in memory.
 
 Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the
 same Threefry counters, hashed per element inside the kernel from the element's global
-(b, n, t, s). Two layouts of the per-query segment ids and statistics: TPU vector tiles (query
-ids in 128 lanes, key ids in 8 sublanes, key blocks of 128, statistics as rows along the lanes)
-and plain columns and rows (Triton on GPUs). Where it is used, and how it is sharded, is
-`bert_jax.attention`'s business.
-
-Between the forward and the backward pass one float32 per query is kept: the log-sum-exp of its
-scores (as splash and FlashAttention-2 keep it); the backward's delta = rowsum(dO * O) is one
-more. Both enter the kernels as [B,N,1,T] rows on a TPU (a few MiB, where [B,N,T,128] lane tiles
-were 64 MiB per statistic for BERT-large at 512 on a v5e-16), as [B,N,T,1] columns elsewhere.
+(b, n, t, s). Two layouts of the per-query statistics and segment ids: TPU vector tiles (128
+lanes, 8 sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is
+used, and how it is sharded, is `bert_jax.attention`'s business.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ class Config(NamedTuple):
   interpret: bool
   block_q: int
   block_k: int
-  lanes: int  # width of a query's segment id: 128 (a TPU lane tile; statistics as rows) or 1
+  lanes: int  # width of a query's statistics and segment id: 128 (a TPU lane tile) or 1
   sublanes: int  # height of the key segment ids: 8 (a TPU sublane tile) or 1
   smem: bool  # the dropout words in scalar memory (TPU)
   triton: bool  # compiled by Triton (GPU)
@@ -47,11 +41,6 @@ class Config(NamedTuple):
   @property
   def keep_scale(self) -> float:
     return 65536.0 / self.threshold
-
-  @property
-  def rows(self) -> bool:
-    """Per-query statistics as rows [1, T] (TPU: the lanes hold the queries) or columns [T, 1]."""
-    return self.lanes > 1
 
 
 class _Where(NamedTuple):
@@ -90,27 +79,18 @@ def _dot(a, b, contract: tuple[int, int]):
 
 
 def _column(x_1d, lanes: int):
-  """A per-query vector as the [bq, lanes] tile the forward kernel carries."""
+  """A per-query vector as the [bq, lanes] statistics tile."""
   return jax.lax.broadcast_in_dim(x_1d, (x_1d.shape[0], lanes), (0,))
 
 
 def _to_width(stat, width: int):
-  """A [bq, lanes] tile or [bq, 1] column broadcastable against a [bq, width] block."""
+  """A [bq, lanes] statistic broadcastable against a [bq, width] block."""
   lanes = stat.shape[1]
   if lanes == 1 or lanes == width:
     return stat
   if width < lanes:
     return stat[:, :width]
   return jnp.concatenate([stat] * (width // lanes), axis=1)
-
-
-def _stat_column(ref, start, size: int, cfg: Config):
-  """Queries start .. start+size of a per-query statistic as a [size, 1] column, read from a
-  row ref [1, T] (TPU: a lane-to-sublane relayout of one vector, as splash's dq kernel does) or
-  a column ref [T, 1]."""
-  if cfg.rows:
-    return jnp.expand_dims(ref[0, pl.ds(start, size)], -1)
-  return ref[pl.ds(start, size), :]
 
 
 def _scores(q, k, q_seg, kv_seg, scale):
@@ -121,7 +101,7 @@ def _scores(q, k, q_seg, kv_seg, scale):
   return jnp.where(allowed, _dot(q, k, (1, 1)) * scale, _NEG), allowed
 
 
-def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
+def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_ref, *,
                 cfg: Config, seq_q: int, seq_k: int):
   bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
@@ -148,28 +128,19 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, 
           jnp.zeros(q.shape, jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, seq_k // bk, body, init)
   o_ref[...] = (acc / _to_width(l, acc.shape[1])).astype(o_ref.dtype)
-  # For a query that sees no key, m is the float32 minimum and m + log(l) rounds to it: the
-  # backward pass reads that as "no key" (`_probs`).
-  lse = m + jnp.log(l)
-  # TPU: the [bq, 128] tile (every lane alike) turned on its side gives the row [1, bq].
-  lse_ref[...] = jnp.transpose(lse)[:1, :] if cfg.rows else lse
+  # The row maximum and sum apart, not as log-sum-exp: for a query that sees no key both terms
+  # sit at the float32 minimum, where m + log(l) rounds to m.
+  m_ref[...] = m
+  l_ref[...] = l
 
 
-def _probs(s, lse, seq_k: int):
-  """The softmax probabilities of a block of scores from the queries' log-sum-exp [bq, 1]. A
-  query that sees no key (log-sum-exp at the float32 minimum, every score too) has exp(0) = 1
-  for each key, where its softmax is 1/S."""
-  no_key = jnp.where(lse <= 0.5 * _NEG, 1.0 / seq_k, 1.0)
-  return jnp.exp(s - lse) * no_key
-
-
-def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_seg, kv_seg, lse,
+def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_seg, kv_seg, m, l,
                  delta):
-  """For one [bq, bk] block: (dropped probabilities, d logits) of the backward pass; lse and
-  delta are [bq, 1] columns."""
+  """For one [bq, bk] block: (dropped probabilities, d logits) of the backward pass."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   s, allowed = _scores(q, k, q_seg, kv_seg, scale)
-  p = _probs(s, lse, seq_k)
+  bk = s.shape[1]
+  p = jnp.exp(s - _to_width(m, bk)) / _to_width(l, bk)
   dp = _dot(do, v, (1, 1))
   if cfg.rate > 0.0:
     keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape)
@@ -177,11 +148,11 @@ def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_seg, k
     dp = jnp.where(keep, dp * cfg.keep_scale, 0.0)
   else:
     dropped = p
-  ds = jnp.where(allowed, p * (dp - delta) * scale, 0.0)
+  ds = jnp.where(allowed, p * (dp - _to_width(delta, bk)) * scale, 0.0)
   return dropped, ds
 
 
-def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_ref, delta_ref,
                 dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
   bq, bk = cfg.block_q, cfg.block_k
   s0 = pl.program_id(2) * bk
@@ -194,8 +165,8 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref,
     rows = pl.ds(t0, bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     dropped, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do,
-                               qs_ref[rows, :], kv_seg, _stat_column(lse_ref, t0, bq, cfg),
-                               _stat_column(delta_ref, t0, bq, cfg))
+                               qs_ref[rows, :], kv_seg, m_ref[rows, :], l_ref[rows, :],
+                               delta_ref[rows, :])
     dv = dv + _dot(dropped.astype(do.dtype), do, (0, 0))
     dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
     return dk, dv
@@ -206,12 +177,12 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref,
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, delta_ref,
+def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_ref, delta_ref,
                dq_ref, *, cfg: Config, seq_q: int, seq_k: int):
   bq, bk = cfg.block_q, cfg.block_k
   t0 = pl.program_id(2) * bq
   q, do, q_seg = q_ref[...], do_ref[...], qs_ref[...]
-  lse, delta = _stat_column(lse_ref, 0, bq, cfg), _stat_column(delta_ref, 0, bq, cfg)
+  m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
   at = _where(words_ref)
 
   def body(j, dq):
@@ -219,7 +190,7 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, 
     cols = pl.ds(s0, bk)
     k = k_ref[cols, :]
     _, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v_ref[cols, :], do, q_seg,
-                         ks_ref[:, cols], lse, delta)
+                         ks_ref[:, cols], m, l, delta)
     return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
   dq = jax.lax.fori_loop(0, seq_k // bk, body, jnp.zeros(q.shape, jnp.float32))
@@ -228,29 +199,22 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, 
 
 def _specs(t, s, h, cfg: Config, blocked: str):
   """BlockSpecs for a grid (b, n, block index), blocked along the queries or the keys:
-  q/k/v [B,N,T,H], query ids [B,T,lanes], key ids [B,sublanes,S], statistics [B,N,1,T] rows
-  (TPU) or [B,N,T,1] columns."""
+  q/k/v [B,N,T,H], query ids [B,T,lanes], key ids [B,sublanes,S], statistics [B,N,T,lanes]."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
   if blocked == "q":
     bq = cfg.block_q
-    stat = (pl.BlockSpec((sq, sq, 1, bq), lambda i, j, k: (i, j, 0, k)) if cfg.rows
-            else pl.BlockSpec((sq, sq, bq, 1), lambda i, j, k: (i, j, k, 0)))
     return dict(q=pl.BlockSpec((sq, sq, bq, h), lambda i, j, k: (i, j, k, 0)),
                 k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
                 qs=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
-                ks=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)), stat=stat)
+                ks=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
+                row=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
   bk = cfg.block_k
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
               k=pl.BlockSpec((sq, sq, bk, h), lambda i, j, k: (i, j, k, 0)),
               qs=pl.BlockSpec((sq, t, lanes), lambda i, j, k: (i, 0, 0)),
               ks=pl.BlockSpec((sq, sub, bk), lambda i, j, k: (i, 0, k)),
-              stat=pl.BlockSpec((sq, sq) + ((1, t) if cfg.rows else (t, 1)),
-                                lambda i, j, k: (i, j, 0, 0)))
-
-
-def _stat_shape(b: int, n: int, t: int, cfg: Config) -> tuple[int, ...]:
-  return (b, n, 1, t) if cfg.rows else (b, n, t, 1)
+              row=pl.BlockSpec((sq, sq, t, lanes), lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
@@ -288,10 +252,7 @@ def _segment_tiles(q_seg, kv_seg, cfg: Config):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def flash(q, k, v, q_seg, kv_seg, words, cfg: Config):
   """Attention of q [B,N,T,H] over k, v [B,N,S,H] as the segment ids [B,T], [B,S] allow, with
-  the probabilities dropped at cfg.rate by the words [key0, key1, first row, first head]; the
-  output [B,T,N,H], as the output projection reads it, so that the output the backward pass
-  keeps is the very array the model keeps (not a [B,N,T,H] copy, its H = 64 padded to 128
-  lanes on a TPU)."""
+  the probabilities dropped at cfg.rate by the words [key0, key1, first row, first head]."""
   return _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg)[0]
 
 
@@ -300,35 +261,35 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
   s = k.shape[2]
   sp = _specs(t, s, h, cfg, "q")
   kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
-  out, lse = _call(kernel, (b, n, t // cfg.block_q),
-                   [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"]], [sp["q"], sp["stat"]],
-                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct(_stat_shape(b, n, t, cfg), jnp.float32)], cfg, 2,
-                   words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg))
-  out_BTNH = jnp.transpose(out, (0, 2, 1, 3))
-  return out_BTNH, (q, k, v, q_seg, kv_seg, words, out_BTNH, lse.reshape(b, n, t))
+  row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
+  out, m, l = _call(kernel, (b, n, t // cfg.block_q),
+                    [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"]],
+                    [sp["q"], sp["row"], sp["row"]],
+                    [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg, 2,
+                    words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg))
+  # Only the first lane of the statistics is kept for the backward pass.
+  return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0])
 
 
-def _flash_bwd(cfg: Config, residuals, d_out_BTNH):
-  q, k, v, q_seg, kv_seg, words, out_BTNH, lse = residuals
+def _flash_bwd(cfg: Config, residuals, d_out):
+  q, k, v, q_seg, kv_seg, words, out, m, l = residuals
   b, n, t, h = q.shape
   s = k.shape[2]
-  delta = jnp.transpose(jnp.sum(d_out_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32),
-                                axis=-1), (0, 2, 1))
-  d_out = jnp.transpose(d_out_BTNH.astype(q.dtype), (0, 2, 1, 3))
-  stats = [x.reshape(_stat_shape(b, n, t, cfg)) for x in (lse, delta)]
+  d_out = d_out.astype(q.dtype)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  stats = [jnp.broadcast_to(x[..., None], (b, n, t, cfg.lanes)) for x in (m, l, delta)]
   args = (words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg), d_out, *stats)
   sk = _specs(t, s, h, cfg, "k")
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // cfg.block_k),
-                 [sk["q"], sk["k"], sk["k"], sk["qs"], sk["ks"], sk["q"]] + [sk["stat"]] * 2,
+                 [sk["q"], sk["k"], sk["k"], sk["qs"], sk["ks"], sk["q"]] + [sk["row"]] * 3,
                  [sk["k"], sk["k"]],
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                  cfg, 4, *args)  # q·k again, dv, dp, dk
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
-             [sq["q"], sq["k"], sq["k"], sq["qs"], sq["ks"], sq["q"]] + [sq["stat"]] * 2,
+             [sq["q"], sq["k"], sq["k"], sq["qs"], sq["ks"], sq["q"]] + [sq["row"]] * 3,
              sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3, *args)  # q·k, dp, dq
   return dq, dk, dv, None, None, None
 
