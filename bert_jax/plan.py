@@ -35,6 +35,7 @@ import numpy as np
 
 from bert_jax import hostmem, mfu, platforms, steps
 from bert_jax.config import BertConfig
+from bert_jax.data.batch import abstract_batch
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.fileio import as_path
 from bert_jax.phases import Phase, make_phases
@@ -154,7 +155,7 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
   abstract = pretraining.abstract_state
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   chips = mesh.devices.size
-  batch = steps.abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+  batch = abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
   memory = dict(params=_bytes_per_chip(abstract.params),
                 opt_state=_bytes_per_chip(abstract.opt_state), batch=_bytes_per_chip(batch),
                 capacity=target.memory_per_chip)

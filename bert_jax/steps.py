@@ -31,6 +31,7 @@ import optax
 from bert_jax import ops
 from bert_jax import state as state_lib
 from bert_jax.config import BertConfig
+from bert_jax.data import batch as batch_lib
 from bert_jax.errors import UserError
 from bert_jax.heads import BertForPreTraining
 from bert_jax.optim import make_optimizer
@@ -40,8 +41,6 @@ from bert_jax.state import TrainState, host_rng
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_lm_positions",
-              "masked_lm_ids", "masked_lm_weights", "next_sentence_label")
 NAN_POLICIES = ("skip", "stop")
 OBJECTIVES = ("mlm_nsp", "mlm")
 
@@ -57,19 +56,6 @@ def _init_inputs(model_config: BertConfig):
 def _init_params_fn(model_config: BertConfig):
   model, inputs = BertForPreTraining(model_config), _init_inputs(model_config)
   return lambda key: model.init({"params": key}, *inputs)["params"]
-
-
-def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int,
-                   max_predictions: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """A global pretraining batch as ShapeDtypeStructs, split over (data, fsdp) like the real
-  one (`sharding.global_batch`)."""
-  sharding = batch_sharding(mesh)
-  shapes = {"input_ids": (seq_len,), "token_type_ids": (seq_len,), "attention_mask": (seq_len,),
-            "masked_lm_positions": (max_predictions,), "masked_lm_ids": (max_predictions,),
-            "masked_lm_weights": (max_predictions,), "next_sentence_label": ()}
-  return {k: jax.ShapeDtypeStruct((batch_size,) + shapes[k],
-                                  jnp.float32 if k == "masked_lm_weights" else jnp.int32,
-                                  sharding=sharding) for k in BATCH_KEYS}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -144,11 +130,13 @@ def pretraining_loss(model_config: BertConfig, objective: str = "mlm_nsp") -> Lo
   return Loss(sums=sums, counts=counts, metrics=metrics, terms=terms)
 
 
-def _split_micro(x, grad_accum: int):
-  """[B, ...] -> [A, B/A, ...] with micro-batch i = rows i, i+A, ...: each device keeps its own
-  contiguous rows and holds a slice of every micro-batch (no resharding in the scan)."""
-  x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
-  return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+def _micro_batches(batch: Mapping[str, jax.Array], grad_accum: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [A, B/A, ...] by batch.split_micro (finetune's batching joins by its
+  inverse), constrained inside the jitted step so each device keeps its rows."""
+  def split(x):
+    x = batch_lib.split_micro(x, grad_accum)
+    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return {k: split(v) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- train step
@@ -180,7 +168,7 @@ def make_train_step(loss: Loss, optimizer: optax.GradientTransformation,
     if grad_accum == 1:
       grads, sums = grad_fn(state.params, batch, step_rng, counts)
     else:
-      micros = {k: _split_micro(v, grad_accum) for k, v in batch.items()}
+      micros = _micro_batches(batch, grad_accum)
 
       def body(carry, xs):
         micro, i = xs
@@ -252,7 +240,7 @@ class _TrainStep(MeshStep):
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
   """train_step jitted with the state's shardings, the batch split over (data, fsdp), the
-  state donated. Lower it with (abstract state, `abstract_batch(...)`, state.ABSTRACT_RNG)."""
+  state donated. Lower it with (abstract state, `data.batch.abstract_batch(...)`, ABSTRACT_RNG)."""
   return _TrainStep(train_step, mesh,
                     in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

@@ -42,21 +42,23 @@ def tiny_model_config(dropout: float = 0.0, dtype: str = "float32"):
 def synthetic_batch(seed: int, batch: int = BATCH, seq: int = SEQ, pred: int = PRED):
   """A plausible MLM+NSP batch with padding and some unused prediction slots."""
   import numpy as np
+
+  from bert_jax.data.batch import pretraining_batch
   rs = np.random.RandomState(seed)
   lengths = rs.randint(seq // 2, seq + 1, size=batch)
   input_mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
   input_ids = rs.randint(5, VOCAB, size=(batch, seq)) * input_mask
-  segment_ids = ((np.arange(seq)[None] >= (lengths // 2)[:, None]) * input_mask).astype(np.int32)
+  token_type_ids = (np.arange(seq)[None] >= (lengths // 2)[:, None]) * input_mask
   positions = np.stack([np.sort(rs.choice(np.arange(1, l), size=pred, replace=False))
                         for l in lengths]).astype(np.int32)
   n_real = rs.randint(1, pred + 1, size=batch)
   weights = (np.arange(pred)[None] < n_real[:, None]).astype(np.float32)
   positions = positions * (weights > 0)
   ids = np.take_along_axis(input_ids, positions, 1) * (weights > 0)
-  return dict(input_ids=input_ids.astype(np.int32), attention_mask=input_mask,
-              token_type_ids=segment_ids, masked_lm_positions=positions,
-              masked_lm_ids=ids.astype(np.int32), masked_lm_weights=weights,
-              next_sentence_label=rs.randint(0, 2, size=batch).astype(np.int32))
+  return pretraining_batch(dict(
+      input_ids=input_ids, attention_mask=input_mask, token_type_ids=token_type_ids,
+      masked_lm_positions=positions, masked_lm_ids=ids, masked_lm_weights=weights,
+      next_sentence_label=rs.randint(0, 2, size=batch)))
 
 
 def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):

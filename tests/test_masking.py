@@ -48,13 +48,14 @@ def test_token_masking_budget_positions_and_labels():
   m = masking.mask_tokens(np.random.default_rng(1), ids, maskable, None, masked_lm_prob=0.15,
                           max_predictions=8, mask_id=MASK_ID, random_pool=POOL)
   budget = masking.num_to_predict(maskable.sum(1), 0.15, 8)
-  np.testing.assert_array_equal(m.counts, budget)
+  np.testing.assert_array_equal(m.num_predictions, budget)
   for n in range(len(ids)):
-    pos = m.positions[n, :m.counts[n]]
+    pos = m.masked_lm_positions[n, :m.num_predictions[n]]
     assert np.all(np.diff(pos) > 0)
     assert maskable[n, pos].all()
-    np.testing.assert_array_equal(m.labels[n, :m.counts[n]], ids[n, pos])
-    assert not m.positions[n, m.counts[n]:].any() and not m.labels[n, m.counts[n]:].any()
+    np.testing.assert_array_equal(m.masked_lm_ids[n, :m.num_predictions[n]], ids[n, pos])
+    assert not m.masked_lm_positions[n, m.num_predictions[n]:].any()
+    assert not m.masked_lm_ids[n, m.num_predictions[n]:].any()
     untouched = np.ones(ids.shape[1], bool)
     untouched[pos] = False
     np.testing.assert_array_equal(m.input_ids[n, untouched], ids[n, untouched])
@@ -65,9 +66,9 @@ def test_80_10_10_split():
   ids, maskable = _batch(rng, N=3000, L=128)
   m = masking.mask_tokens(np.random.default_rng(3), ids, maskable, None, masked_lm_prob=0.15,
                           max_predictions=20, mask_id=MASK_ID, random_pool=POOL)
-  valid = np.arange(20)[None, :] < m.counts[:, None]
-  got = np.take_along_axis(m.input_ids, m.positions, 1)[valid]
-  orig = m.labels[valid]
+  valid = np.arange(20)[None, :] < m.num_predictions[:, None]
+  got = np.take_along_axis(m.input_ids, m.masked_lm_positions, 1)[valid]
+  orig = m.masked_lm_ids[valid]
   total = valid.sum()
   frac_mask = np.mean(got == MASK_ID)
   frac_keep = np.mean(got == orig)
@@ -88,8 +89,8 @@ def test_whole_word_masking_groups_and_decides_once_per_word():
   mixed_words = 0
   for n in range(len(ids)):
     chosen = np.zeros(ids.shape[1], bool)
-    chosen[m.positions[n, :m.counts[n]]] = True
-    assert m.counts[n] <= budget[n]
+    chosen[m.masked_lm_positions[n, :m.num_predictions[n]]] = True
+    assert m.num_predictions[n] <= budget[n]
     word = np.cumsum(starts[n]) - 1
     sizes_unchosen = []
     for w in np.unique(word[maskable[n]]):
@@ -104,7 +105,7 @@ def test_whole_word_masking_groups_and_decides_once_per_word():
         sizes_unchosen.append(members.sum())
     # Greedy with skipping: no unchosen word would still have fitted in the budget.
     if sizes_unchosen:
-      assert min(sizes_unchosen) > budget[n] - m.counts[n]
+      assert min(sizes_unchosen) > budget[n] - m.num_predictions[n]
   assert mixed_words > 500   # multi-piece words were really exercised
 
 
@@ -114,10 +115,10 @@ def test_whole_word_80_10_10_is_per_word():
   cont = _words(rng, maskable)
   m = masking.mask_tokens(np.random.default_rng(7), ids, maskable, cont, masked_lm_prob=0.15,
                           max_predictions=20, mask_id=MASK_ID, random_pool=POOL)
-  valid = np.arange(20)[None, :] < m.counts[:, None]
-  starts = np.take_along_axis(masking.word_starts(maskable, cont), m.positions, 1) & valid
-  got = np.take_along_axis(m.input_ids, m.positions, 1)[starts]
-  orig = np.take_along_axis(ids, m.positions, 1)[starts]
+  valid = np.arange(20)[None, :] < m.num_predictions[:, None]
+  starts = np.take_along_axis(masking.word_starts(maskable, cont), m.masked_lm_positions, 1) & valid
+  got = np.take_along_axis(m.input_ids, m.masked_lm_positions, 1)[starts]
+  orig = np.take_along_axis(ids, m.masked_lm_positions, 1)[starts]
   assert abs(np.mean(got == MASK_ID) - 0.8) < 0.015
   assert abs(np.mean(got == orig) - 0.1) < 0.015
 
@@ -141,4 +142,4 @@ def test_short_rows_get_at_least_one_prediction(whole_word):
   cont = np.zeros_like(maskable) if whole_word else None
   m = masking.mask_tokens(np.random.default_rng(0), ids, maskable, cont, masked_lm_prob=0.15,
                           max_predictions=20, mask_id=MASK_ID, random_pool=POOL)
-  assert m.counts.tolist() == [1] and m.positions[0, 0] in (1, 3)
+  assert m.num_predictions.tolist() == [1] and m.masked_lm_positions[0, 0] in (1, 3)

@@ -113,26 +113,3 @@ def test_packed_logits_and_gradients_match_one_sequence_per_row(remat):
   close = lambda a, b: np.testing.assert_allclose(  # noqa: E731  float32 noise of the tensor
       a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()) + 1e-7)
   jax.tree.map(close, got_grads, want_grads)
-
-
-def test_a_steps_micro_batches_join_as_the_train_step_splits_them():
-  """batching.join_micro lays a step's micro-batches out (padded to one length, interleaved)
-  exactly as bert_jax.steps' accumulation takes them apart again: micro-batch i comes back."""
-  import jax.numpy as jnp
-
-  from bert_jax import steps
-  from bert_jax.finetune.batching import join_micro
-  rng = np.random.default_rng(0)
-  micros = [{"input_ids": rng.integers(1, 99, (4, length)).astype(np.int32),
-             "labels": rng.integers(0, 3, (4, length)).astype(np.int32),
-             "weight": np.ones(4, np.float32) * i} for i, length in enumerate((8, 16, 8))]
-  joined = join_micro(micros, seq_keys=("input_ids", "labels"))
-  assert joined["input_ids"].shape == (12, 16)
-  for k, fill in (("input_ids", 0), ("labels", -100)):
-    split = np.asarray(steps._split_micro(jnp.asarray(joined[k]), 3))
-    for i, m in enumerate(micros):
-      n = m[k].shape[-1]
-      np.testing.assert_array_equal(split[i][:, :n], m[k])
-      assert (split[i][:, n:] == fill).all()
-  np.testing.assert_array_equal(np.asarray(steps._split_micro(jnp.asarray(joined["weight"]), 3)),
-                                [[0] * 4, [1] * 4, [2] * 4])

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
 
 from bert_jax import plan, sharding, steps  # noqa: E402
+from bert_jax.data.batch import abstract_batch  # noqa: E402
 from bert_jax.run_config import resolve_config  # noqa: E402
 from bert_jax.state import ABSTRACT_RNG  # noqa: E402
 
@@ -41,8 +42,8 @@ def _lowered_text(cfg, devices):
   mesh = sharding.make_mesh(devices=devices)
   phases = plan.make_phases(cfg)
   pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
-  batch = steps.abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
-                               phases[0].max_predictions)
+  batch = abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
+                         phases[0].max_predictions)
   return pretraining.train_step(phases[0]).lower(pretraining.abstract_state, batch,
                                                  ABSTRACT_RNG).as_text()
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bert_jax.data import batch
 from bert_jax.errors import UserError
 
 MASK_FRACTION = 0.8     # of chosen words: replaced by [MASK]
@@ -25,10 +26,18 @@ RANDOM_FRACTION = 0.1   # of chosen words: replaced by random tokens; the rest s
 
 
 class Masked(NamedTuple):
-  input_ids: np.ndarray        # [N, L] int32, masking applied
-  positions: np.ndarray        # [N, P] int32, sorted, 0 past `counts`
-  labels: np.ndarray           # [N, P] int32, original ids at `positions`, 0 past `counts`
-  counts: np.ndarray           # [N] int32, number of predictions per row
+  """Masked rows under the batch's names (batch.PRETRAINING)."""
+  input_ids: np.ndarray            # [N, L] int32, masking applied
+  masked_lm_positions: np.ndarray  # [N, P] int32, sorted, 0 past `num_predictions`
+  masked_lm_ids: np.ndarray        # [N, P] int32, original ids at those positions, 0 past
+  num_predictions: np.ndarray      # [N] int32, number of predictions per row
+
+  def batch_fields(self) -> dict[str, np.ndarray]:
+    """The batch fields masking sets: input_ids and the masked_lm_* three."""
+    return dict(input_ids=self.input_ids, masked_lm_positions=self.masked_lm_positions,
+                masked_lm_ids=self.masked_lm_ids,
+                masked_lm_weights=batch.prediction_weights(self.num_predictions,
+                                                           self.masked_lm_positions.shape[1]))
 
 
 def num_to_predict(num_maskable: np.ndarray, masked_lm_prob: float, max_predictions: int) -> np.ndarray:

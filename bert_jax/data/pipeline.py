@@ -136,9 +136,7 @@ class BatchSource:
     m = masking.mask_tokens(rng, ids_BL, tokens_BL & ~special_BL, continuation_BL,
                             max_predictions=self.max_predictions,
                             **{k: v for k, v in self.mask.items() if k not in _SPECIAL_IDS})
-    batch.update(input_ids=m.input_ids, masked_lm_positions=m.positions, masked_lm_ids=m.labels,
-                 masked_lm_weights=(np.arange(self.max_predictions)[None, :]
-                                    < m.counts[:, None]).astype(np.float32))
+    batch.update(m.batch_fields())
 
 
 class BatchIterator:
@@ -255,10 +253,8 @@ def make_iterator(data_dir, *, split: str = "train", batch_size: int, seq_len: i
                   process_count: int | None = None, worker_count: int = 0,
                   prefetch: int = 0, place=None, drop_remainder: bool = True,
                   man: dict | None = None):
-  """An iterator of per-process batches (dicts of fixed-shape numpy arrays):
-  input_ids, token_type_ids, attention_mask [B, seq_len] int32 (transformers' names);
-  masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32;
-  next_sentence_label [B] int32.
+  """An iterator of per-process batches: dicts of numpy arrays, the fields of
+  `bert_jax.data.batch.PRETRAINING` (transformers' names), T = seq_len, P = max_predictions.
 
   Data created with --no-static-masking is masked here, afresh each epoch, whatever
   `dynamic_masking` says; asking for dynamic masking of statically masked data is an error.

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from bert_jax.data import batch as batch_lib
 from bert_jax.errors import UserError
 from bert_jax.fileio import as_path, is_remote
 
@@ -102,6 +103,8 @@ def decode_record(data: bytes) -> dict[str, np.ndarray]:
   offset += num_pred * dtype.itemsize
   segment_ids = np.zeros(length, np.int32)
   segment_ids[len_a + 2:] = 1         # none for a single segment (length len_a + 2)
+  # `segment_ids` (a batch's token_type_ids) is the name read_instances' documented contract
+  # gives (DESIGN.md, bert_jax.data.read_instances); every batch says token_type_ids (batch.py).
   out = {
       "input_ids": ids.astype(np.int32),
       "segment_ids": segment_ids,
@@ -124,7 +127,9 @@ def _gather(buf_u8: np.ndarray, offset_B: np.ndarray, width_B: np.ndarray, valid
   out_BW = buf_u8[pos_BW].astype(np.int32) | (buf_u8[pos_BW + 1].astype(np.int32) << 8)
   if (width_B == 4).any():
     wide_BW = valid_BW & (width_B == 4)[:, None]
-    high_BW = buf_u8[pos_BW + 2].astype(np.int32) | (buf_u8[pos_BW + 3].astype(np.int32) << 8)
+    high_at_BW = np.where(wide_BW, pos_BW, 0)   # a 16-bit row's last element may end the buffer
+    high_BW = (buf_u8[high_at_BW + 2].astype(np.int32)
+               | (buf_u8[high_at_BW + 3].astype(np.int32) << 8))
     out_BW = np.where(wide_BW, out_BW | (high_BW << 16), out_BW)
   out_BW[~valid_BW] = fill
   return out_BW
@@ -136,10 +141,9 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
   joined buffer, no per-record Python), padded to the pipeline's fixed shapes.
 
   Returns (batch, len_a [B], continuation [B, seq_len] bool or None when no record has it;
-  a single-segment row has len_a = its length - 2 and token_type_ids 0);
-  batch holds input_ids, token_type_ids, attention_mask [B, L] int32 (input_ids `pad_id` past the
-  tokens), masked_lm_positions, masked_lm_ids [B, P] int32 and masked_lm_weights [B, P] float32
-  (0 past the record's predictions), next_sentence_label [B] int32.
+  a single-segment row has len_a = its length - 2 and token_type_ids 0); batch is a
+  `batch.PRETRAINING` batch of seq_len tokens and max_predictions slots: input_ids `pad_id`
+  past the tokens, the masked_lm_* fields 0 past the record's predictions.
   """
   B, L, P = len(data), seq_len, max_predictions
   sizes_B = np.fromiter(map(len, data), np.int64, B)
@@ -169,14 +173,14 @@ def decode_batch(data: Sequence[bytes], seq_len: int, max_predictions: int,
                     f"{int(num_pred_B.max())} predictions: more than the batch's {L} and {P}")
   tokens_BL = np.arange(L)[None, :] < length_B[:, None]
   preds_BP = np.arange(P)[None, :] < num_pred_B[:, None]
-  batch = dict(
+  batch = batch_lib.pretraining_batch(dict(
       input_ids=_gather(buf_u8, ids_at_B, width_B, tokens_BL, pad_id),
       attention_mask=tokens_BL.astype(np.int32),
       token_type_ids=(tokens_BL & (np.arange(L)[None, :] >= len_a_B[:, None] + 2)).astype(np.int32),
       masked_lm_positions=_gather(buf_u8, pos_at_B, np.full(B, 2), preds_BP, 0),
       masked_lm_ids=_gather(buf_u8, labels_at_B, width_B, preds_BP, 0),
-      masked_lm_weights=preds_BP.astype(np.float32),
-      next_sentence_label=((flags_B & FLAG_RANDOM_NEXT) != 0).astype(np.int32))
+      masked_lm_weights=batch_lib.prediction_weights(num_pred_B, P),
+      next_sentence_label=((flags_B & FLAG_RANDOM_NEXT) != 0).astype(np.int32)))
   continuation_BL = None
   if has_cont_B.any():
     cols_L = np.arange(L)

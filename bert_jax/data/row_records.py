@@ -36,13 +36,15 @@ def to_records(rows: Assembled, is_random_next: np.ndarray, rng: np.random.Gener
                             masked_lm_prob=params["masked_lm_prob"],
                             max_predictions=params["max_predictions_per_seq"],
                             mask_id=tok.mask_id, random_pool=pool)
-    counts = m.counts.tolist()
+    counts = m.num_predictions.tolist()
     if not wide:
-      return records.encode_records(m.input_ids, rows.lengths, rows.len_a, m.positions,
-                                    m.labels, m.counts, is_random_next, single_segment)
+      return records.encode_records(m.input_ids, rows.lengths, rows.len_a,
+                                    m.masked_lm_positions, m.masked_lm_ids, m.num_predictions,
+                                    is_random_next, single_segment)
     for n in range(len(lengths)):
       out.append(records.encode_record(m.input_ids[n, :lengths[n]], len_a[n],
-                                       m.positions[n, :counts[n]], m.labels[n, :counts[n]],
+                                       m.masked_lm_positions[n, :counts[n]],
+                                       m.masked_lm_ids[n, :counts[n]],
                                        labels[n], None, wide, single_segment))
     return out
   if not wide and rows.continuation_NL is None:

@@ -1,8 +1,8 @@
 """Batches of fine-tuning features without packing (packing.py packs the [CLS] heads' rows):
 rows padded only to the smallest length bucket (16, 32, 64, ... up to max_seq_length) that
 holds the batch's longest, so jit compiles a handful of shapes; training rows of similar length
-grouped (sorted within shuffled windows of 50 batches); a train step's micro-batches laid out
-as bert_jax.steps' accumulation splits them.
+grouped (sorted within shuffled windows of 50 batches). A train step's micro-batches are
+joined into its rows by bert_jax.data.batch.join_micro, the inverse of the step's split.
 """
 
 from __future__ import annotations
@@ -62,21 +62,3 @@ def make_batch(feats: Features, idx: np.ndarray, batch_size: int, buckets: list[
     batch["labels"][len(idx):] = IGNORE
   batch["weight"] = (np.arange(batch_size) < len(idx)).astype(np.float32)
   return batch
-
-
-def pad_last(x: np.ndarray, length: int, fill: float) -> np.ndarray:
-  return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])], constant_values=fill)
-
-
-def join_micro(micros: list[dict[str, np.ndarray]], seq_keys: tuple[str, ...]) -> dict:
-  """One train step's rows from its micro-batches, padded to one length and interleaved so
-  that micro-batch i is rows i, i+A, ...: the inverse of bert_jax.steps' split (each device
-  keeps contiguous rows and holds a slice of every micro-batch)."""
-  length = max(m["input_ids"].shape[-1] for m in micros)
-  out = {}
-  for k in micros[0]:
-    parts = [pad_last(m[k], length, IGNORE if k == "labels" else 0) if k in seq_keys else m[k]
-             for m in micros]
-    stacked = np.stack(parts, axis=1)  # [B, A, ...]
-    out[k] = stacked.reshape((-1,) + stacked.shape[2:])
-  return out

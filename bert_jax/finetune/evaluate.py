@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax.finetune.batching import pad_last
+from bert_jax.data.batch import pad_last
 from bert_jax.model import Packed
 from bert_jax.steps import Loss
 

@@ -28,8 +28,8 @@ from bert_jax.convert import FINETUNE_INFO
 from bert_jax.errors import UserError
 from bert_jax.fileio import check_writable, write_json_atomic
 from bert_jax.finetune import outputs, packing
-from bert_jax.finetune.batching import (eval_batches, join_micro, make_batch, make_buckets,
-                                        train_batches)
+from bert_jax.data.batch import join_micro
+from bert_jax.finetune.batching import eval_batches, make_batch, make_buckets, train_batches
 from bert_jax.finetune.evaluate import make_eval_step, run_batches, task_loss
 from bert_jax.finetune.featurize import Features
 from bert_jax.finetune.run_config import FinetuneConfig
