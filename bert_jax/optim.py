@@ -32,6 +32,8 @@ from bert_jax.errors import UserError
 from bert_jax.phases import Phase
 
 NO_DECAY_SUBSTRINGS = ("LayerNorm", "layer_norm")
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("continuous", "per_phase")
 DECAY_FROM = ("zero", "warmup_end")  # the first is the default (google-research/bert's)
 
 
@@ -65,30 +67,41 @@ def _warmup_poly(step, peak: float, warmup: int, total: int, end: float, power: 
   return jnp.where(step < warmup, warm, decay)
 
 
+def check_optim_config(o: Any) -> None:
+  """UserError naming the first cfg.optim field this module cannot build (checked when the
+  config is validated, before any work, and again when the optimizer is made)."""
+  if o.name not in OPTIMIZERS:
+    raise UserError(f"--config.optim.name={o.name!r}: expected 'adamw' or 'lamb'")
+  if o.schedule not in SCHEDULES:
+    raise UserError(f"--config.optim.schedule={o.schedule!r}: expected 'continuous' or "
+                    "'per_phase'")
+  if o.get("decay_from", DECAY_FROM[0]) not in DECAY_FROM:
+    raise UserError(f"--config.optim.decay_from={o.decay_from!r}: expected 'zero' (decay over "
+                    "all steps from step 0, as google-research/bert) or 'warmup_end'")
+
+
 def make_schedule(cfg: Any, phases: Sequence[Phase]) -> optax.Schedule:
   """Learning rate as a function of the global step (0-based: the value used by update s)."""
   o = cfg.optim
+  check_optim_config(o)
   end, power = float(o.end_learning_rate), float(o.decay_power)
   decay_from = str(o.get("decay_from", DECAY_FROM[0]))
-  if decay_from not in DECAY_FROM:
-    raise UserError(f"config.optim.decay_from={decay_from!r}: expected one of {DECAY_FROM}")
   kind = str(o.schedule)
   if kind == "continuous":
     peak, warmup = float(o.learning_rate), int(o.warmup_steps)
     total = phases[-1].end_step
     return lambda step: _warmup_poly(step, peak, warmup, total, end, power, decay_from)
-  if kind == "per_phase":
-    def schedule(step):
-      step = jnp.asarray(step)
-      lr = jnp.asarray(0.0, jnp.float32)
-      for p in phases:  # few phases: a select per phase
-        here = _warmup_poly(step - p.start_step, p.learning_rate, p.warmup_steps, p.num_steps,
-                            end, power, decay_from)
-        in_phase = (step >= p.start_step) & ((step < p.end_step) | (p is phases[-1]))
-        lr = jnp.where(in_phase, here, lr)
-      return lr
-    return schedule
-  raise UserError(f"config.optim.schedule={kind!r}: expected 'continuous' or 'per_phase'")
+
+  def schedule(step):  # per_phase
+    step = jnp.asarray(step)
+    lr = jnp.asarray(0.0, jnp.float32)
+    for p in phases:  # few phases: a select per phase
+      here = _warmup_poly(step - p.start_step, p.learning_rate, p.warmup_steps, p.num_steps,
+                          end, power, decay_from)
+      in_phase = (step >= p.start_step) & ((step < p.end_step) | (p is phases[-1]))
+      lr = jnp.where(in_phase, here, lr)
+    return lr
+  return schedule
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -156,8 +169,6 @@ def make_optimizer(cfg: Any, phases: Sequence[Phase]
   parts = []
   if float(o.clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(o.clip_norm)))
-  if name not in ("adamw", "lamb"):
-    raise UserError(f"config.optim.name={name!r}: expected 'adamw' or 'lamb'")
   # LAMB is AdamW's update scaled per layer by its trust ratio. It is defined with bias-corrected
   # moments (NVIDIA's recipe): configs set optim.bias_correction=True for it; False keeps BERT's
   # raw moments.

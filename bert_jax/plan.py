@@ -109,7 +109,7 @@ def bert_config(cfg: Any, device: Any = None) -> BertConfig:
   weights or data: the vocab's size from data.vocab when it is a file here, else init_from's,
   else data.vocab_size."""
   from bert_jax.config import find_config
-  from bert_jax.workdir import bert_config_for, count_lines
+  from bert_jax.workdir import model_config_for, count_lines
   vocab = str(cfg.data.vocab)
   init_config = None
   if cfg.init_from:
@@ -121,7 +121,7 @@ def bert_config(cfg: Any, device: Any = None) -> BertConfig:
   else:
     entries = init_config.vocab_size if init_config else int(cfg.data.vocab_size)
     vocab = "config.data.vocab_size"
-  return bert_config_for(cfg, entries, init_config, vocab, device)
+  return model_config_for(cfg, entries, init_config, vocab, device)
 
 
 # ----------------------------------------------------------------------------- one phase

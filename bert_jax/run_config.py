@@ -230,17 +230,13 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 
 def resolve_config(spec: str, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
-  return resolve_config_and_phases(spec, overrides)[0]
-
-
-def resolve_config_and_phases(spec: str, overrides: list[tuple[str, str]]
-                              ) -> tuple[ml_collections.ConfigDict, list]:
-  """The validated config and the phases that validating it made (so they are made once)."""
+  """The config file with the command line's overrides, validated."""
   cfg = load_config_file(spec)
   configured_total = int(cfg.total_steps)
   apply_overrides(cfg, overrides)
   scale_warmup(cfg, configured_total, {key for key, _ in overrides})
-  return cfg, validate_config(cfg)
+  validate_config(cfg)
+  return cfg
 
 
 def scale_warmup(cfg: ml_collections.ConfigDict, configured_total: int,
@@ -299,16 +295,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> list:
   if cfg.model.get("attention", "auto") not in ATTENTIONS:
     raise UserError(f"--config.model.attention={cfg.model.attention!r}: expected one of "
                     f"{', '.join(ATTENTIONS)}")
-  if cfg.optim.schedule not in ("continuous", "per_phase"):
-    raise UserError(f"--config.optim.schedule={cfg.optim.schedule!r}: expected 'continuous' "
-                    "or 'per_phase'")
-  if cfg.optim.name not in ("adamw", "lamb"):
-    raise UserError(f"--config.optim.name={cfg.optim.name!r}: expected 'adamw' or 'lamb'")
-  from bert_jax.optim import DECAY_FROM
-  decay_from = cfg.optim.get("decay_from", DECAY_FROM[0])
-  if decay_from not in DECAY_FROM:
-    raise UserError(f"--config.optim.decay_from={decay_from!r}: expected 'zero' (decay over "
-                    "all steps from step 0, as google-research/bert) or 'warmup_end'")
+  from bert_jax.optim import check_optim_config
+  check_optim_config(cfg.optim)
   for key in ("log_every", "eval_every", "checkpoint.every_steps"):
     node = cfg
     for part in key.split("."):

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -30,9 +30,9 @@ from bert_jax.errors import UserError, cli_entry, first_line
 from bert_jax.fileio import as_path, check_writable
 from bert_jax.lock import DirLock
 from bert_jax.metric_writer import IntervalMetrics, MetricWriter
-from bert_jax.phases import Phase, phase_at
+from bert_jax.phases import Phase, make_phases, phase_at
 from bert_jax.preemption import Preemption
-from bert_jax.run_config import objective_of, parse_args, resolve_config_and_phases
+from bert_jax.run_config import objective_of, parse_args, resolve_config
 from bert_jax.steps import Pretraining, eval_metrics
 from bert_jax.state import TrainState
 from bert_jax.workdir import load_init_params, prepare_workdir
@@ -56,12 +56,10 @@ def _every(interval: int, step: int) -> bool:
 class Trainer:
   """The pretraining loop over one workdir; `run()` returns the exit code."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str,
-               phases: Sequence[Phase] | None = None):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = cfg
     self.workdir = str(as_path(workdir))  # absolute if local; a gs:// URI stays as it is
     self.lock = DirLock(self.workdir, "--workdir")
-    self._validated_phases = phases
     self.phase, self.iterator = None, None
 
   # -- the loop -----------------------------------------------------------------------------------
@@ -78,15 +76,15 @@ class Trainer:
       self.ckpt.close()
       self.writer.close()
       return 0
-    bc = self.plan.bert_config
+    mc = self.plan.model_config
     self.writer.message(f"{'resuming at' if step else 'starting at'} step {step} of {total}; "
-                        f"model {bc.num_hidden_layers} layers x {bc.hidden_size}, vocab "
-                        f"{bc.vocab_size}; {jax.device_count()} device(s), mesh "
+                        f"model {mc.num_hidden_layers} layers x {mc.hidden_size}, vocab "
+                        f"{mc.vocab_size}; {jax.device_count()} device(s), mesh "
                         f"{dict(self.mesh.shape)}")
     device = self.mesh.devices.flat[0]
     self.writer.message(f"{platforms.describe_dtype(str(self.cfg.model.dtype), device)}; "
-                        + attention.describe(bc.attention, device.platform,
-                                             bc.attention_probs_dropout_prob, bc.dtype))
+                        + attention.describe(mc.attention, device.platform,
+                                             mc.attention_probs_dropout_prob, mc.dtype))
     self._prepare_loop(step)
     self.preemption = Preemption()
     self.preemption.install()
@@ -96,7 +94,7 @@ class Trainer:
         if self.phase is None or phase.index != self.phase.index:
           self._begin_phase(phase, data_state)
           data_state = None
-        step = self._train_step(phase, step)
+        step = self._run_step(phase, step)
         exit_code = self._after_step(phase, step, total)
         if exit_code is not None:
           return exit_code
@@ -114,12 +112,12 @@ class Trainer:
     self.phase = phase
     self._close_iterator()
     self.iterator = self._train_iterator(phase, data_state)
-    self.train_fn = self.pretraining.train_step(phase)
+    self.train_step = self.pretraining.train_step(phase)
     self.first_step_of_phase = True
     self.flops_per_step = (mfu.train_flops_per_sequence(
-        self.plan.bert_config, phase.seq_len, phase.max_predictions) * phase.batch_size)
+        self.plan.model_config, phase.seq_len, phase.max_predictions) * phase.batch_size)
 
-  def _train_step(self, phase: Phase, step: int) -> int:
+  def _run_step(self, phase: Phase, step: int) -> int:
     """One step of `phase`; returns the step count after it."""
     waited = time.perf_counter()
     batch = self._next_batch(phase)
@@ -131,7 +129,7 @@ class Trainer:
                           f"(x{phase.grad_accum} accumulation), {phase.max_predictions} "
                           "predictions; compiling its train step")
     self.meter.dispatching()
-    self.state, metrics = self.train_fn(self.state, batch, self.base_rng)
+    self.state, metrics = self.train_step(self.state, batch, self.base_rng)
     step += 1
     self.meter.add(step, metrics)
     if self.first_step_of_phase:  # compile time is not training time
@@ -175,7 +173,7 @@ class Trainer:
       self.lock.acquire()
     self.plan, init_params = prepare_workdir(
         self.cfg, self.workdir, process_count=self.process_count, is_writer=self.is_writer,
-        phases=self._validated_phases)
+        phases=make_phases(self.cfg))
     self.mesh = sharding.make_mesh(int(self.cfg.mesh.data), int(self.cfg.mesh.fsdp),
                                    int(self.cfg.mesh.tensor))
     sharding.check_batches_split(self.plan.phases, self.mesh)
@@ -191,7 +189,7 @@ class Trainer:
                              keep_every=int(c.keep_every),
                              keep_steps=[p.end_step for p in self.plan.phases],
                              async_save=bool(c.async_save))
-    self.pretraining = Pretraining(self.plan.bert_config, self.cfg, self.mesh, self.plan.phases,
+    self.pretraining = Pretraining(self.plan.model_config, self.cfg, self.mesh, self.plan.phases,
                                    objective_of(self.cfg))
     self.resuming = bool(self.ckpt.all_steps())
     self.skipped_total = 0
@@ -357,14 +355,13 @@ class Trainer:
     return restored.step, restored.data_state
 
 
-def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
-             phases: Sequence[Phase] | None = None) -> int:
-  """Runs (or resumes) the whole schedule in `workdir`; returns the process exit code.
-  `phases`: cfg's, when validating it made them already."""
+def pretrain(cfg: ml_collections.ConfigDict, workdir: str) -> int:
+  """Runs (or resumes) the whole schedule of a validated `cfg` (run_config.resolve_config) in
+  `workdir`; returns the process exit code."""
   platforms.check_install("pretrain")
   check_writable(workdir, "--workdir")
   xla_cache.enable(xla_cache.default_dir())  # a resume after preemption skips the compile
-  trainer = Trainer(cfg, workdir, phases)
+  trainer = Trainer(cfg, workdir)
   try:
     return trainer.run()
   finally:
@@ -375,8 +372,7 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str,
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   config_spec, workdir, overrides = parse_args(argv)
-  cfg, phases = resolve_config_and_phases(config_spec, overrides)
-  return pretrain(cfg, workdir, phases)
+  return pretrain(resolve_config(config_spec, overrides), workdir)
 
 
 if __name__ == "__main__":

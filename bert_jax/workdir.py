@@ -31,7 +31,7 @@ from bert_jax.data.pipeline import check_fits
 from bert_jax.errors import UserError, first_line
 from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
   write_json_atomic
-from bert_jax.phases import Phase, make_phases
+from bert_jax.phases import Phase
 from bert_jax.run_config import config_hash, objective_of, to_plain
 from bert_jax.tokenizer import find_vocab
 from bert_jax.vocab import train_vocab
@@ -42,30 +42,29 @@ class RunPlan:
   """One run of `bert-jax pretrain`, as prepared in its workdir."""
   phases: tuple[Phase, ...]
   config_hash: str
-  bert_config: BertConfig
+  model_config: BertConfig
   data_dirs: tuple[str, ...]        # one create-data directory per phase
   manifests: tuple[dict, ...]       # each phase's manifest.json, read once
 
 
 def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bool,
-                    phases: Sequence[Phase] | None = None) -> tuple[RunPlan, Any]:
+                    phases: Sequence[Phase]) -> tuple[RunPlan, Any]:
   """Vocab, data and model config of a run in `workdir` (created and locked by the caller),
-  checked before anything is trained; the writer then records the configs. `phases`: the
-  ones that validating cfg made, if the caller has them. Returns (plan, init_from's weights:
-  None when the workdir holds checkpoints or without init_from)."""
-  phases = tuple(make_phases(cfg) if phases is None else phases)
+  checked before anything is trained; the writer then records the configs. Returns (plan,
+  init_from's weights: None when the workdir holds checkpoints or without init_from)."""
+  phases = tuple(phases)
   resuming = workdir_has_checkpoint(workdir)
   vocab_file = as_path(workdir) / "vocab.txt"
   vocab_existed = vocab_file.exists()
   try:  # the cheap checks come before data creation, the writes of configs after all checks
     vocab = prepare_vocab(cfg, workdir, is_writer)
-    bert_config, init_params = model_config(cfg, vocab, workdir, load_weights=not resuming)
+    model_config, init_params = load_model(cfg, vocab, workdir, load_weights=not resuming)
     if resuming:
-      _check_same_model(bert_config, workdir)
-    _check_model(bert_config, phases, process_count)
+      _check_same_model(model_config, workdir)
+    _check_model(model_config, phases, process_count)
     data_dirs = prepare_data(cfg, phases, workdir, vocab, is_writer)
     manifests = read_manifests(phases, data_dirs)
-    _check_data(cfg, bert_config, vocab, phases, data_dirs, manifests)
+    _check_data(cfg, model_config, vocab, phases, data_dirs, manifests)
   except Exception:
     # A failed first set-up leaves no vocab.txt behind that would refuse the corrected rerun.
     if is_writer and not vocab_existed and vocab_file.exists():
@@ -73,8 +72,8 @@ def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bo
     raise
   if is_writer:
     _write_resolved_config(cfg, workdir)
-    write_config_json(bert_config, as_path(workdir) / "config.json")
-  plan = RunPlan(phases=phases, config_hash=config_hash(cfg), bert_config=bert_config,
+    write_config_json(model_config, as_path(workdir) / "config.json")
+  plan = RunPlan(phases=phases, config_hash=config_hash(cfg), model_config=model_config,
                  data_dirs=tuple(data_dirs), manifests=tuple(manifests))
   return plan, init_params
 
@@ -128,7 +127,7 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
 
 # --------------------------------------------------------------------------- the model
 
-def bert_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None = None,
+def model_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None = None,
                     vocab: str = "the vocab", device: Any = None) -> BertConfig:
   """The model of a run: init_from's config (`init_config`) or the preset, plus
   model.overrides, dtype (auto: by `device`, default jax's first), remat and attention;
@@ -137,12 +136,12 @@ def bert_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None
              remat=bool(cfg.model.remat), attention=str(cfg.model.get("attention", "auto")))
   overrides = to_plain(cfg.model.overrides)
   if init_config is not None:
-    bert_config = init_config.replace(**{**overrides, **run})
-    if bert_config.vocab_size != vocab_entries:
+    model_config = init_config.replace(**{**overrides, **run})
+    if model_config.vocab_size != vocab_entries:
       raise UserError(f"--config.init_from={cfg.init_from}: its vocab_size is "
-                      f"{bert_config.vocab_size} but {vocab} has {vocab_entries} entries; "
+                      f"{model_config.vocab_size} but {vocab} has {vocab_entries} entries; "
                       "pretrain with the model's own vocab (--config.data.vocab)")
-    return bert_config
+    return model_config
   fields = {f.name for f in dataclasses.fields(BertConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
@@ -154,7 +153,7 @@ def bert_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None
   return get_preset(str(cfg.model.preset), **{**overrides, **run})
 
 
-def model_config(cfg: Any, vocab: str, workdir: str, load_weights: bool = True
+def load_model(cfg: Any, vocab: str, workdir: str, load_weights: bool = True
                  ) -> tuple[BertConfig, Any]:
   """(BertConfig, init params or None): from init_from, else the preset plus overrides.
   Without `load_weights` (a resumed run) init_from's config.json alone is read."""
@@ -166,7 +165,7 @@ def model_config(cfg: Any, vocab: str, workdir: str, load_weights: bool = True
     written = as_path(workdir) / "config.json"
     if init_config is None and written.is_file():  # init_from is gone; the model it started
       init_config = read_config_json(local_copy(str(written)))
-  return bert_config_for(cfg, count_lines(vocab), init_config, vocab), init_params
+  return model_config_for(cfg, count_lines(vocab), init_config, vocab), init_params
 
 
 def load_init_params(cfg: Any) -> Any:
@@ -180,14 +179,14 @@ def load_init_params(cfg: Any) -> Any:
 _RESUMABLE_CHANGES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 
 
-def _check_same_model(bert_config: BertConfig, workdir: str) -> None:
+def _check_same_model(model_config: BertConfig, workdir: str) -> None:
   """A resumed run's model must be the one its checkpoints were written for (config.json):
   refused here, before the checkpoints are read (a mismatch is not damage)."""
   written = as_path(workdir) / "config.json"
   if not written.is_file():
     return
   before = read_config_json(local_copy(str(written))).to_hf_dict()
-  now = bert_config.to_hf_dict()
+  now = model_config.to_hf_dict()
   changed = [f"{k} {before[k]} -> {now[k]}" for k in now
              if k not in _RESUMABLE_CHANGES and before.get(k) != now[k]]
   if changed:
@@ -196,12 +195,12 @@ def _check_same_model(bert_config: BertConfig, workdir: str) -> None:
                     "started with (config.json, config.pretrain.json), or use a new --workdir")
 
 
-def _check_model(bert_config: BertConfig, phases: Sequence[Phase], process_count: int) -> None:
+def _check_model(model_config: BertConfig, phases: Sequence[Phase], process_count: int) -> None:
   for phase in phases:
     where = f"--config.phases.{phase.index}"
-    if phase.seq_len > bert_config.max_position_embeddings:
+    if phase.seq_len > model_config.max_position_embeddings:
       raise UserError(f"{where}.seq_len={phase.seq_len} exceeds the model's "
-                      f"max_position_embeddings={bert_config.max_position_embeddings}")
+                      f"max_position_embeddings={model_config.max_position_embeddings}")
     if phase.batch_size % process_count:
       raise UserError(f"{where}.batch_size={phase.batch_size}: expected a multiple of the "
                       f"{process_count} processes")
@@ -280,10 +279,10 @@ def read_manifests(phases: Sequence[Phase], data_dirs: Sequence[str]) -> list[di
   return manifests
 
 
-def _check_data(cfg: Any, bert_config: BertConfig, vocab: str, phases: Sequence[Phase],
+def _check_data(cfg: Any, model_config: BertConfig, vocab: str, phases: Sequence[Phase],
                 data_dirs: Sequence[str], manifests: Sequence[dict]) -> None:
   vocab_sha = hashlib.sha256(as_path(vocab).read_bytes()).hexdigest()
-  model_vocab = bert_config.vocab_size
+  model_vocab = model_config.vocab_size
   for phase, data_dir, man in zip(phases, data_dirs, manifests):
     objective, made_for = objective_of(cfg), man.get("objective", "mlm_nsp")  # older: pairs
     if made_for != objective:

@@ -1,4 +1,4 @@
-"""Shared defaults for the pretraining configs (see /work/notes and DESIGN.md "The schedule is data").
+"""Shared defaults for the pretraining configs (the schedule is data: README "Configs and presets").
 
 Config files are loaded by path, not imported as a package, so each config pulls this file in
 with `runpy.run_path(str(pathlib.Path(__file__).with_name("common.py")))`, which works from any

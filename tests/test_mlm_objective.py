@@ -331,10 +331,12 @@ def test_config_and_data_objectives_must_agree(prepared, mlm_prepared, objective
 
 
 def test_wwm_ext_config_is_one_mlm_phase_at_512_with_whole_words():
-  from bert_jax.run_config import resolve_config_and_phases
+  from bert_jax.phases import make_phases
+  from bert_jax.run_config import resolve_config
   repo = pathlib.Path(__file__).resolve().parents[1]
-  cfg, phases = resolve_config_and_phases(str(repo / "configs" / "chinese_wwm_ext.py:v.txt"),
-                                          [("data.masked_lm_prob", "0.2")])
+  cfg = resolve_config(str(repo / "configs" / "chinese_wwm_ext.py:v.txt"),
+                       [("data.masked_lm_prob", "0.2")])
+  phases = make_phases(cfg)
   assert cfg.objective == "mlm" and cfg.data.whole_word_mask and cfg.data.masked_lm_prob == 0.2
   assert [(p.seq_len, p.num_steps) for p in phases] == [(512, cfg.total_steps)]
   assert json.dumps(cfg.to_dict())   # plain values throughout

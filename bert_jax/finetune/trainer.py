@@ -97,15 +97,15 @@ class Runner:
       raise UserError(f"{cfg.train_file}: no training records")
     self.model = self.task.model(self.model_config)
     self.mesh = sharding.make_mesh(**sharding.parse_mesh_flag(cfg.mesh, "--mesh"))
-    self.processes, self.process = jax.process_count(), jax.process_index()
+    self.process_count, self.process_index = jax.process_count(), jax.process_index()
     # Rows of a micro-batch (and of an eval batch) split evenly over the batch shards and the
     # processes feeding them.
-    self.unit = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.processes)
+    self.unit = math.lcm(self.mesh.shape["data"] * self.mesh.shape["fsdp"], self.process_count)
     if cfg.batch_size % self.unit:
       raise UserError(f"--batch-size {cfg.batch_size}: expected a multiple of {self.unit} "
                       f"(the mesh {dict(self.mesh.shape)} splits each batch over data x fsdp"
-                      f"{f' and {self.processes} processes' if self.processes > 1 else ''})")
-    if self.process == 0:
+                      f"{f' and {self.process_count} processes' if self.process_count > 1 else ''})")
+    if self.process_index == 0:
       device, mc = self.mesh.devices.flat[0], self.model_config
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
             f"{platforms.describe_dtype(cfg.dtype, device)}; "
@@ -114,7 +114,7 @@ class Runner:
             file=sys.stderr)
     self.buckets = make_buckets(cfg.max_seq_length, cfg.smallest_bucket)
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs
-    self.is_writer = self.process == 0
+    self.is_writer = self.process_index == 0
 
   # -- state and steps ----------------------------------------------------------------------
 
@@ -143,8 +143,8 @@ class Runner:
   def _put(self, batch: dict) -> dict:
     """This process's share of a global host batch, assembled into sharded global arrays."""
     def share(v):
-      rows = len(v) // self.processes
-      return v[self.process * rows:(self.process + 1) * rows]
+      rows = len(v) // self.process_count
+      return v[self.process_index * rows:(self.process_index + 1) * rows]
     return sharding.global_batch({k: share(v) for k, v in batch.items()}, self.mesh)
 
   def _epochs(self, rng: np.random.Generator) -> list[list[np.ndarray]]:
