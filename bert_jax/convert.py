@@ -377,19 +377,18 @@ def main(argv: list[str] | None = None) -> int:
       prog="bert-jax-convert", description="Convert BERT checkpoints between bert-jax (orbax) "
       "and Hugging Face (safetensors) or Google's TF1 checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("from-tf", help="a Google TF1 BERT directory (bert_model.ckpt.index / "
-                     ".data-*, bert_config.json, vocab.txt) -> a bert-jax checkpoint")
-  p.add_argument("source", metavar="tf_dir")
-  p.add_argument("ckpt_dir")
-  p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
+  for name, source, about in (
+      ("from-tf", "tf_dir", "a Google TF1 BERT directory (bert_model.ckpt.index / .data-*, "
+       "bert_config.json, vocab.txt) -> a bert-jax checkpoint"),
+      ("from-hf", "hf_dir", "a Hugging Face BERT directory -> a bert-jax checkpoint")):
+    p = sub.add_parser(name, help=about)
+    p.add_argument("source", metavar=source)
+    p.add_argument("ckpt_dir")
+    p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
   p = sub.add_parser("to-tf", help="a bert-jax pretraining checkpoint or workdir -> a TF1 "
                      "directory as Google's releases (bert_model.ckpt.*, bert_config.json)")
   p.add_argument("ckpt_dir")
   p.add_argument("tf_dir")
-  p = sub.add_parser("from-hf", help="a Hugging Face BERT directory -> a bert-jax checkpoint")
-  p.add_argument("source", metavar="hf_dir")
-  p.add_argument("ckpt_dir")
-  p.add_argument("--seed", type=int, default=0, help="seed for heads the source lacks")
   p = sub.add_parser("to-hf", help="a bert-jax checkpoint, pretraining workdir or fine-tuning "
                      "run's OUTPUT_DIR/best (with its task head) -> Hugging Face")
   p.add_argument("ckpt_dir")
