@@ -1,7 +1,7 @@
 """bert-jax: pretrain BERT the way the paper did, in JAX/Flax."""
 
-from bert_jax import platforms
 from bert_jax.config import BertConfig
+from bert_jax.devices import platforms
 
 platforms.skip_absent_tpu()  # before jax picks its backend
 
@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: `import bert_jax.tokenizer` stays free of jax, and
 # `python -m bert_jax.convert` does not find its module already imported.
-_LAZY = {"BertModel": "bert_jax.model", "BertForPreTraining": "bert_jax.heads",
+_LAZY = {"BertModel": "bert_jax.modeling.model", "BertForPreTraining": "bert_jax.modeling.heads",
          "load_pretrained": "bert_jax.convert"}
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-from bert_jax import hostmem
+from bert_jax.devices import hostmem
 
 # subcommand -> (module, help line). Modules are imported lazily so `--help` is instant.
 SUBCOMMANDS = {
     "train-vocab": ("bert_jax.vocab", "train a WordPiece vocab.txt with sentencepiece"),
     "create-data": ("bert_jax.data.create", "create pretraining data: MLM+NSP pairs or MLM rows"),
-    "pretrain": ("bert_jax.train", "pretrain BERT from an ml_collections config"),
-    "plan": ("bert_jax.plan", "compile the train step for a TPU topology: memory, FLOPs, time"),
+    "pretrain": ("bert_jax.pretraining.train", "pretrain BERT from an ml_collections config"),
+    "plan": ("bert_jax.devices.plan",
+             "compile the train step for a TPU topology: memory, FLOPs, time"),
     "convert": ("bert_jax.convert", "convert checkpoints: orbax <-> Hugging Face, Google TF1"),
     "finetune": ("bert_jax.finetune.__main__", "fine-tune a BERT on a downstream task"),
 }
-TRAINING = ("pretrain", "finetune")  # run with huge-page malloc (bert_jax.hostmem)
+TRAINING = ("pretrain", "finetune")  # run with huge-page malloc (bert_jax.devices.hostmem)
 
 
 def usage() -> str:

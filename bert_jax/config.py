@@ -36,7 +36,7 @@ class BertConfig:
   dtype: str = "float32"        # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"  # master weights
   remat: bool = False           # rematerialise each encoder layer in the backward pass
-  attention: str = "auto"       # auto | xla | pallas | splash | cudnn (bert_jax.attention)
+  attention: str = "auto"       # auto | xla | pallas | splash | cudnn (bert_jax.modeling.attention)
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -74,7 +74,7 @@ class BertConfig:
       raise UserError(f"{source}: {e}") from None
 
 
-# auto: fused where the platform has a kernel (bert_jax.attention.choose); xla: never fused.
+# auto: fused where the platform has a kernel (modeling.attention.choose); xla: never fused.
 ATTENTIONS = ("auto", "xla", "pallas", "splash", "cudnn")
 # gelu is BERT's exact erf GELU; gelu_new/gelu_pytorch_tanh the tanh approximation.
 ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "tanh")
@@ -96,7 +96,7 @@ def read_config_json(path: str) -> BertConfig:
 def write_config_json(config: BertConfig, path: str | os.PathLike,
                       architectures: tuple[str, ...] = ("BertForPreTraining",)) -> None:
   """config.json as transformers writes it, atomically, to any local or gs:// path."""
-  from bert_jax.fileio import write_json_atomic
+  from bert_jax.storage.fileio import write_json_atomic
   write_json_atomic(path, {"architectures": list(architectures), "model_type": "bert",
                            **config.to_hf_dict(), "position_embedding_type": "absolute",
                            "torch_dtype": "float32", "use_cache": True})
@@ -105,7 +105,7 @@ def write_config_json(config: BertConfig, path: str | os.PathLike,
 def find_config(path: str | os.PathLike, levels: int = 2) -> BertConfig | None:
   """The BertConfig of a checkpoint, workdir or HF dir (local or gs://) from the config.json
   in it or up to `levels` parents above (no weights read), or None when there is none."""
-  from bert_jax.fileio import local_copy, self_and_parents
+  from bert_jax.storage.fileio import local_copy, self_and_parents
   for d in self_and_parents(path, levels):
     if (d / "config.json").is_file():
       return read_config_json(local_copy(str(d / "config.json")))

@@ -21,7 +21,8 @@ import numpy as np
 
 from bert_jax.config import BertConfig, read_config_json, write_config_json
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import check_writable, is_remote, new_directory, resolved, write_json_atomic
+from bert_jax.storage.fileio import (check_writable, is_remote, new_directory, resolved,
+                                     write_json_atomic)
 from bert_jax.tokenizer import find_lower_case, find_vocab, write_tokenizer_files
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -143,7 +144,7 @@ def init_pretraining_params(config: BertConfig, seed: int = 0, shapes_only: bool
   import jax
   import jax.numpy as jnp
 
-  from bert_jax.heads import BertForPreTraining
+  from bert_jax.modeling.heads import BertForPreTraining
   ids = jnp.zeros((1, 8), jnp.int32)
   init = BertForPreTraining(config).init
   if shapes_only:
@@ -216,7 +217,7 @@ def load_pretrained(path: str | os.PathLike, seed: int = 0, verbose: bool = True
   if not is_remote(path) and (p / "bert_config.json").is_file():
     config, params, _ = load_tf1(p, seed=seed, verbose=verbose, fresh_heads=fresh_heads)
     return config, params
-  from bert_jax.checkpoint import load_checkpoint  # orbax, only for bert-jax checkpoints
+  from bert_jax.storage.checkpoint import load_checkpoint  # orbax, only for bert-jax checkpoints
   config, params, _ = load_checkpoint(p)
   return config, params
 
@@ -292,7 +293,7 @@ def write_hf_dir(hf_dir: str | os.PathLike, config: BertConfig, params: dict, *,
 # ----------------------------------------------------------------------------- CLI
 
 def from_hf(hf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
-  from bert_jax.checkpoint import write_checkpoint
+  from bert_jax.storage.checkpoint import write_checkpoint
   config, params, missing = load_hf(hf_dir, seed=seed)
   vocab = find_vocab(hf_dir, levels=0)
   if vocab is None:
@@ -303,7 +304,7 @@ def from_hf(hf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
 
 
 def from_tf(tf_dir: str, ckpt_dir: str, seed: int = 0) -> list[str]:
-  from bert_jax.checkpoint import write_checkpoint
+  from bert_jax.storage.checkpoint import write_checkpoint
   config, params, missing = load_tf1(tf_dir, seed=seed)
   vocab = find_vocab(tf_dir, levels=0)
   if vocab is None:
@@ -318,7 +319,7 @@ def to_tf(ckpt_dir: str, tf_dir: str) -> pathlib.Path:
   import shutil
 
   from bert_jax import tf1
-  from bert_jax.checkpoint import load_checkpoint
+  from bert_jax.storage.checkpoint import load_checkpoint
   config, params, params_dir = load_checkpoint(ckpt_dir)
   if "cls" not in params:
     raise UserError(f"{params_dir}: has no pretraining heads (cls); expected a pretraining "
@@ -349,7 +350,7 @@ def to_tf(ckpt_dir: str, tf_dir: str) -> pathlib.Path:
 
 
 def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
-  from bert_jax.checkpoint import load_checkpoint
+  from bert_jax.storage.checkpoint import load_checkpoint
   config, params, params_dir = load_checkpoint(ckpt_dir)
   vocab = find_vocab(params_dir.parent)
   if vocab is None:

@@ -35,7 +35,7 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.models import WordPiece
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import local_copy, scratch_dir, self_and_parents, write_json_atomic
+from bert_jax.storage.fileio import local_copy, scratch_dir, self_and_parents, write_json_atomic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION_PREFIX = "##"

@@ -35,7 +35,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 from bert_jax.data.corpus import iter_documents
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import check_writable, write_text_atomic
+from bert_jax.storage.fileio import check_writable, write_text_atomic
 from bert_jax.tokenizer import CONTINUATION_PREFIX, MAX_INPUT_CHARS_PER_WORD, SPECIAL_TOKENS
 
 MIN_VOCAB_SIZE = 64

@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.overrides = ml_collections.ConfigDict()  # BertConfig fields, e.g. vocab_size
   c.model.dtype = "auto"       # compute dtype (params stay float32); auto: bfloat16 where the
                                # chips have bfloat16 matrix units (TPU, Ampere+, AMX), else float32
-  c.model.attention = "auto"   # fused kernel where the platform has one (bert_jax.attention)
+  c.model.attention = "auto"   # fused kernel where the platform has one (modeling/attention.py)
   c.model.remat = False
 
   c.objective = "mlm_nsp"      # "mlm_nsp": the paper's MLM + NSP on sentence pairs | "mlm":

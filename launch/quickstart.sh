@@ -50,8 +50,8 @@ START=$SECONDS
 read -r VOCAB_SIZE DUPE EVAL_FRACTION CASING MASKING PHASES < <("$PYTHON" - "$CONFIG" <<'EOF'
 import sys
 
-from bert_jax.phases import make_phases
-from bert_jax.run_config import resolve_config
+from bert_jax.pretraining.phases import make_phases
+from bert_jax.pretraining.run_config import resolve_config
 
 cfg = resolve_config(sys.argv[1], [])
 phases = ",".join(f"{p.seq_len}:{p.max_predictions}:{p.end_step - p.start_step}"

@@ -1,7 +1,8 @@
 """Shared tiny pretraining setup for the step/sharding tests, and a subprocess worker.
 
 As a script it runs a few train steps on each requested mesh (or as one process of a
-jax.distributed run) and prints one JSON line per mesh: {"mesh": ..., "losses": [...]}. XLA_FLAGS must be set before jax is imported, hence a subprocess.
+jax.distributed run) and prints one JSON line per mesh: {"mesh": ..., "losses": [...]}.
+XLA_FLAGS must be set before jax is imported, hence a subprocess.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):
   """Trains `steps` steps from seed 0 on `mesh`; rows=(lo, hi) feeds only those rows of each
   global batch from this process (multi-process). Returns the losses."""
   import jax
-  from bert_jax import sharding, steps as steps_lib
-  from bert_jax.phases import make_phases
+  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training import sharding, steps as steps_lib
   cfg = make_cfg()
   model_config = tiny_model_config(dropout)
   phases = make_phases(cfg)
@@ -97,7 +98,7 @@ def main() -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
-  from bert_jax import sharding
+  from bert_jax.training import sharding
   if args.coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)

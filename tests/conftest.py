@@ -38,7 +38,7 @@ def _shared_xla_cache() -> str:
 
 
 XLA_CACHE = _shared_xla_cache()
-# Read by jax at import (this process and every child); the CLIs' own cache (bert_jax.xla_cache)
+# Read by jax at import (this process and every child); the CLIs' own cache (devices/xla_cache.py)
 # reads BERT_JAX_COMPILATION_CACHE, so it points at the same folder.
 _CACHE_ENV = {
     "BERT_JAX_COMPILATION_CACHE": XLA_CACHE,
@@ -52,7 +52,7 @@ os.environ.update(_CACHE_ENV)
 # On a GPU the suite compares as on the CPU: float32 matmuls in full float32 (XLA's GPU default
 # is TF32, ~1e-3, where tests compare at 1e-5) and deterministic scatters (bit-exact resumes).
 # Set before jax starts, for this process and every child.
-from bert_jax import platforms  # noqa: E402  (finds the platform without importing jax)
+from bert_jax.devices import platforms  # noqa: E402  (finds the platform without importing jax)
 
 if platforms.default_platform() == "gpu":
   os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")

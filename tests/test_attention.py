@@ -1,4 +1,4 @@
-"""The fused attention kernel (bert_jax.attention) against the unfused XLA path: values and
+"""The fused attention kernel (bert_jax.modeling.attention) against the unfused XLA path: values and
 gradients with padding and packed segments, attention dropout inside the kernel drawing the
 very bits of dropout.keep_mask, the path each platform takes, and the TPU program `plan`
 compiles. On a CPU the Pallas kernel runs in interpret mode; on a GPU (tools/device_check.sh)
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax import attention, dropout, ops
 from bert_jax.config import BertConfig
-from bert_jax.heads import BertForPreTraining
+from bert_jax.modeling import attention, dropout, ops
+from bert_jax.modeling.heads import BertForPreTraining
 
 INTERPRET = jax.default_backend() == "cpu"
 B, T, N, H = 2, 32, 2, 16
@@ -191,10 +191,11 @@ def test_the_tpu_program_plan_compiles_runs_fused_attention():
   splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
   with the paper's 0.1."""
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
-  from bert_jax import plan, sharding, steps
   from bert_jax.data.batch import abstract_batch
-  from bert_jax.run_config import resolve_config
-  from bert_jax.state import ABSTRACT_RNG
+  from bert_jax.devices import plan
+  from bert_jax.pretraining.run_config import resolve_config
+  from bert_jax.training import sharding, steps
+  from bert_jax.training.state import ABSTRACT_RNG
   import os
   tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "tiny_cpu.py")

@@ -92,7 +92,7 @@ def test_masking_sets_the_batch_fields_under_their_names():
 def test_the_abstract_batch_is_the_schema_split_over_the_batch_axes():
   import jax
 
-  from bert_jax import sharding
+  from bert_jax.training import sharding
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   abstract = batch.abstract_batch(mesh, 4, 16, 3)
   host = batch.pretraining_batch({k: np.zeros(s.shape, s.dtype) for k, s in abstract.items()})
@@ -106,8 +106,8 @@ def test_a_steps_micro_batches_join_as_the_train_step_splits_them():
   as the train step's accumulation takes them apart again: micro-batch i comes back."""
   import jax.numpy as jnp
 
-  from bert_jax import steps
   from bert_jax.finetune.featurize import IGNORE
+  from bert_jax.training import steps
   assert batch.FINETUNING_FILL["labels"] == IGNORE
   rng = np.random.default_rng(0)
   micros = [{"input_ids": rng.integers(1, 99, (4, length)).astype(np.int32),

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax.checkpoint import Checkpointer, abstract_like, load_checkpoint
 from bert_jax.config import get_preset, write_config_json
 from bert_jax.errors import UserError
+from bert_jax.storage.checkpoint import Checkpointer, abstract_like, load_checkpoint
 
 
 def tree(value: float):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bert_jax import BertForPreTraining, load_pretrained
-from bert_jax.checkpoint import write_checkpoint
-from bert_jax.convert import init_pretraining_params, main, read_hf_state_dict, write_hf_dir
 from bert_jax.config import get_preset
+from bert_jax.convert import init_pretraining_params, main, read_hf_state_dict, write_hf_dir
+from bert_jax.storage.checkpoint import write_checkpoint
 from hf_util import padded_batch, save_random_hf
 
 torch = pytest.importorskip("torch")

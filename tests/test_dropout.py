@@ -1,4 +1,4 @@
-"""Dropout keep masks (bert_jax.dropout): jax's Threefry, the keep rate, independence, layout."""
+"""Dropout keep masks (bert_jax.modeling.dropout): jax's Threefry, the keep rate, independence, layout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax import dropout
+from bert_jax.modeling import dropout
 
 
 def test_threefry_matches_jax_threefry_2x32():

@@ -8,11 +8,11 @@ import os
 import subprocess
 import sys
 
-from bert_jax import fileio
+from bert_jax.storage import fileio
 
 _COPY_AND_EXIT = """
 import json, sys
-from bert_jax import fileio
+from bert_jax.storage import fileio
 fileio.is_remote = lambda path: str(path).endswith(".remote")  # a stand-in for gs://
 local = fileio.local_copy(sys.argv[1])
 print(json.dumps([local, open(local).read(), fileio.scratch_dir()]))

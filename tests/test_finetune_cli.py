@@ -83,8 +83,8 @@ def test_classification_outputs_and_export(shared_data, tmp_path, vocab):
   reference = torch.nn.functional.cross_entropy(torch.from_numpy(torch_logits), labels).item()
   assert metrics["validation_loss"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
   # The Flax model on the same ids gives the same logits.
-  from bert_jax import heads
   from bert_jax.convert import load_pretrained
+  from bert_jax.modeling import heads
   cfg, params = load_pretrained(out / "best")
   ours = heads.BertForSequenceClassification(cfg, num_labels=2).apply(
       {"params": params}, enc["input_ids"].numpy(), enc["token_type_ids"].numpy(),
@@ -169,7 +169,7 @@ def _sigterm_at_call(monkeypatch, n):
   import os
   import signal
 
-  from bert_jax import steps
+  from bert_jax.training import steps
   make, calls = steps.jit_train_step, {"n": 0}
 
   def with_signal(*args, **kwargs):

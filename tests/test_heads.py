@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import heads
 from bert_jax.config import BertConfig
 from bert_jax.convert import params_from_hf, params_to_hf
-from bert_jax.model import BertModel
+from bert_jax.modeling import heads
+from bert_jax.modeling.model import BertModel
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

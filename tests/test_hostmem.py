@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bert_jax import hostmem
+from bert_jax.devices import hostmem
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables are Linux-only")
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bert_jax.errors import UserError
-from bert_jax.lock import LOCK_NAME, DirLock
+from bert_jax.training.lock import LOCK_NAME, DirLock
 
 
 def _write_lock(directory, pid, host=None):

@@ -10,7 +10,7 @@ import struct
 import jax.numpy as jnp
 import pytest
 
-from bert_jax.metric_writer import IntervalMetrics, MetricWriter
+from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
 
 
 def rows(path):

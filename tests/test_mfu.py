@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax import mfu
 from bert_jax.config import BertConfig
-from bert_jax.heads import BertForPreTraining
+from bert_jax.devices import mfu
+from bert_jax.modeling.heads import BertForPreTraining
 
 TINY = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=64)

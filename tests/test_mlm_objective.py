@@ -16,8 +16,8 @@ import pytest
 from bert_jax.data import create, masking, read_instances
 from bert_jax.data.corpus import iter_documents
 from bert_jax.data.pipeline import make_iterator
+from bert_jax.pretraining import train
 from bert_jax.tokenizer import load_tokenizer
-from bert_jax import train
 from test_create_data import _original_ids, assert_masking_statistics
 from test_train import TOTAL, assert_bit_equal, completed_run, final_params, \
   kill_past_step_10_and_rerun, rows, run_args
@@ -208,8 +208,8 @@ def test_dynamic_masking_never_masks_the_sep_between_documents(en_vocab, tmp_pat
 
 
 def test_mlm_loss_has_no_nsp_term():
-  from bert_jax import steps
   from bert_jax.config import get_preset
+  from bert_jax.training import steps
   config = get_preset("tiny", vocab_size=120, num_hidden_layers=1, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
   rng = np.random.default_rng(0)
@@ -220,7 +220,7 @@ def test_mlm_loss_has_no_nsp_term():
                masked_lm_ids=rng.integers(5, 120, (4, 3)).astype(np.int32),
                masked_lm_weights=np.ones((4, 3), np.float32),
                next_sentence_label=np.array([0, 1, 1, 0], np.int32))
-  from bert_jax.heads import BertForPreTraining
+  from bert_jax.modeling.heads import BertForPreTraining
   params = BertForPreTraining(config).init(jax.random.PRNGKey(0), batch["input_ids"],
                                            batch["token_type_ids"],
                                            batch["attention_mask"])["params"]
@@ -331,8 +331,8 @@ def test_config_and_data_objectives_must_agree(prepared, mlm_prepared, objective
 
 
 def test_wwm_ext_config_is_one_mlm_phase_at_512_with_whole_words():
-  from bert_jax.phases import make_phases
-  from bert_jax.run_config import resolve_config
+  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.pretraining.run_config import resolve_config
   repo = pathlib.Path(__file__).resolve().parents[1]
   cfg = resolve_config(str(repo / "configs" / "chinese_wwm_ext.py:v.txt"),
                        [("data.masked_lm_prob", "0.2")])

@@ -118,9 +118,9 @@ def test_embedding_gradients_are_float32_under_bfloat16_compute():
   """The tables are looked up in float32 and cast after the sum: their gradients (scatter-adds;
   the token-type table's over every position into 2 rows) equal a float64 scatter of the
   LayerNorm's input gradient within 1e-5."""
-  from bert_jax import ops
   from bert_jax.config import BertConfig
-  from bert_jax.model import BertEmbeddings
+  from bert_jax.modeling import ops
+  from bert_jax.modeling.model import BertEmbeddings
   config = BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64, max_position_embeddings=64, dtype="bfloat16",
                       hidden_dropout_prob=0.0)

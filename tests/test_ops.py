@@ -1,4 +1,4 @@
-"""The hand-written VJPs (bert_jax.ops, heads.add_bias) against autodiff of the textbook math."""
+"""The hand-written VJPs (bert_jax.modeling.ops, heads.add_bias) against autodiff of the textbook math."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax import ops
+from bert_jax.modeling import ops
 
 
 def _keys(n):

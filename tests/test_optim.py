@@ -10,9 +10,9 @@ import pytest
 
 from _mesh_worker import make_cfg, tiny_model_config
 from bert_jax.errors import UserError
-from bert_jax.heads import BertForPreTraining
-from bert_jax.optim import decay_mask, make_optimizer, make_schedule
-from bert_jax.phases import make_phases
+from bert_jax.modeling.heads import BertForPreTraining
+from bert_jax.pretraining.phases import make_phases
+from bert_jax.training.optim import decay_mask, make_optimizer, make_schedule
 
 NAMES = {"dense": {"kernel": (3, 4), "bias": (4,)}, "LayerNorm": {"scale": (4,), "bias": (4,)},
          "embed": {"embedding": (5, 3)}}
@@ -126,7 +126,7 @@ def test_paper_schedule_is_google_research_bert_formula(power, end):
 
 
 def test_paper_configs_default_to_the_google_research_bert_schedule():
-  from bert_jax.run_config import load_config_file
+  from bert_jax.pretraining.run_config import load_config_file
   for name in ("bert_base_paper", "bert_large_paper", "chinese_base", "bert_large_lamb",
                "tiny_cpu"):
     assert load_config_file(f"configs/{name}.py").optim.decay_from == "zero", name
@@ -228,7 +228,7 @@ def test_lamb_trust_ratio_and_exclusions():
 def test_finetune_optimizer_is_optax_adamw_with_linear_warmup_and_decay():
   """The fine-tuning recipe, built from the pretraining parts, equals optax.adamw under
   transformers' linear schedule (warmup from 0, then decay to 0 from the warmup's end)."""
-  from bert_jax.optim import finetune_optimizer
+  from bert_jax.training.optim import finetune_optimizer
   total, warmup, lr = 10, 3, 1e-2
   ours, schedule = finetune_optimizer(lr, total, warmup, weight_decay=0.1, max_grad_norm=1.0)
   sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
@@ -255,7 +255,7 @@ def test_finetune_optimizer_is_optax_adamw_with_linear_warmup_and_decay():
 def test_finetune_cosine_schedule_is_transformers_cosine_with_warmup():
   """--lr-schedule cosine: transformers' get_cosine_schedule_with_warmup (half a cosine to 0)."""
   import math
-  from bert_jax.optim import finetune_optimizer
+  from bert_jax.training.optim import finetune_optimizer
   lr, total, warmup = 3e-5, 50, 10
   _, schedule = finetune_optimizer(lr, total, warmup, 0.01, 1.0, decay="cosine")
 

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import heads
 from bert_jax.config import BertConfig
 from bert_jax.finetune import packing
 from bert_jax.finetune.batching import make_batch
 from bert_jax.finetune.evaluate import forward
 from bert_jax.finetune.featurize import Features
 from bert_jax.finetune.tasks import _masked_ce
+from bert_jax.modeling import heads
 
 CONFIG = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, max_position_embeddings=64,

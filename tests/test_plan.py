@@ -16,10 +16,11 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
 
-from bert_jax import plan, sharding, steps  # noqa: E402
 from bert_jax.data.batch import abstract_batch  # noqa: E402
-from bert_jax.run_config import resolve_config  # noqa: E402
-from bert_jax.state import ABSTRACT_RNG  # noqa: E402
+from bert_jax.devices import plan  # noqa: E402
+from bert_jax.pretraining.run_config import resolve_config  # noqa: E402
+from bert_jax.training import sharding, steps
+from bert_jax.training.state import ABSTRACT_RNG  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_cpu.py")
@@ -152,7 +153,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 def test_local_and_two_plans_at_once_on_one_machine():
   """`local` compiles for this host's CPU; two TPU plans in two processes at once both load
   libtpu (ALLOW_MULTIPLE_LIBTPU_LOAD)."""
-  base = [sys.executable, "-m", "bert_jax.plan", "--config", TINY, "--phase", "1", "--json",
+  base = [sys.executable, "-m", "bert_jax.devices.plan", "--config", TINY, "--phase", "1", "--json",
           "--config.phases.0.seq_len=64", "--config.phases.0.max_predictions=10"]
   procs = [subprocess.Popen(base + ["--topology", t], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)

@@ -89,7 +89,7 @@ def check_quickstart_output(workdir: pathlib.Path, out: str) -> None:
   train = [r for r in rows if r.get("split") == "train"]
   assert [r["seq_len"] for r in train] == sorted(r["seq_len"] for r in train)
   assert {r["seq_len"] for r in train} == {128, 512}
-  from bert_jax.run_config import resolve_config
+  from bert_jax.pretraining.run_config import resolve_config
   total_steps = int(resolve_config(str(REPO_ROOT / "configs" / "tiny_cpu.py"), []).total_steps)
   assert train[-1]["step"] == total_steps
   assert (workdir / "checkpoints" / str(total_steps)).is_dir()

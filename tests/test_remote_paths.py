@@ -88,7 +88,7 @@ def fake_gcs(tmp_path, monkeypatch):
 
 
 def test_fileio_atomic_writes_on_gs(fake_gcs):
-  from bert_jax import fileio
+  from bert_jax.storage import fileio
   (fake_gcs / "a").mkdir()  # a local "bucket" needs the directory that GCS does not
   fileio.write_json_atomic("gs://fake-bucket/a/b.json", {"x": 1})
   assert json.loads((fake_gcs / "a" / "b.json").read_text()) == {"x": 1}
@@ -101,7 +101,7 @@ def test_fileio_atomic_writes_on_gs(fake_gcs):
 
 
 def test_metric_writer_on_gs_rewrites_and_truncates(fake_gcs):
-  from bert_jax.metric_writer import MetricWriter
+  from bert_jax.pretraining.metric_writer import MetricWriter
   w = MetricWriter("gs://fake-bucket/run", stream=open(os.devnull, "w"), upload_secs=0)
   for step in (1, 2, 3):
     w.write(step, {"loss": 1.0 / step}, phase=0, seq_len=32)
@@ -120,7 +120,7 @@ def test_metric_writer_on_gs_rewrites_and_truncates(fake_gcs):
 @pytest.mark.slow  # two pretraining runs
 def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
   import shutil
-  from bert_jax import train
+  from bert_jax.pretraining import train
   vocab, (d32, d64) = prepared
   shutil.copyfile(vocab, fake_gcs / "vocab.txt")
   for name, src in (("d32", d32), ("d64", d64)):
@@ -172,7 +172,7 @@ def test_pretrain_on_gs_writes_bucket_and_resumes(prepared, fake_gcs):
 
 
 def test_missing_gs_data_is_a_user_error(prepared, fake_gcs):
-  from bert_jax.errors import UserError
   from bert_jax.data.records import read_manifest
+  from bert_jax.errors import UserError
   with pytest.raises(UserError, match="gs://fake-bucket/nothing: not found"):
     read_manifest("gs://fake-bucket/nothing")

@@ -7,10 +7,10 @@ import pathlib
 
 import pytest
 
-from bert_jax import run_config, train
 from bert_jax.errors import UserError
-from bert_jax.phases import make_phases
-from bert_jax.workdir import prepare_vocab
+from bert_jax.pretraining import run_config, train
+from bert_jax.pretraining.phases import make_phases
+from bert_jax.pretraining.workdir import prepare_vocab
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

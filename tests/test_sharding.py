@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bert_jax import sharding
 from bert_jax.errors import UserError
+from bert_jax.training import sharding
 
 WORKER = os.path.join(os.path.dirname(__file__), "_mesh_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

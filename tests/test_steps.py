@@ -11,10 +11,10 @@ import optax
 import pytest
 
 from _mesh_worker import BATCH, VOCAB, make_cfg, synthetic_batch, tiny_model_config
-from bert_jax import sharding, steps
 from bert_jax.errors import UserError
-from bert_jax.heads import BertForPreTraining
-from bert_jax.phases import make_phases
+from bert_jax.modeling.heads import BertForPreTraining
+from bert_jax.pretraining.phases import make_phases
+from bert_jax.training import sharding, steps
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from bert_jax import train
-from bert_jax.run_config import resolve_config
-from bert_jax.workdir import prepare_vocab
+from bert_jax.pretraining import train
+from bert_jax.pretraining.run_config import resolve_config
+from bert_jax.pretraining.workdir import prepare_vocab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.py")
@@ -28,7 +28,7 @@ TOTAL = 16
 # so a test can kill it at a chosen point; the computation itself is untouched.
 RUNNER = """
 import os, sys, time
-import bert_jax.steps as steps
+import bert_jax.training.steps as steps
 delay = float(os.environ.get("BERT_JAX_TEST_STEP_DELAY", "0"))
 make = steps.jit_train_step
 def slow(*a, **k):
@@ -39,7 +39,7 @@ def slow(*a, **k):
     return out
   return call
 steps.jit_train_step = slow
-from bert_jax.train import main
+from bert_jax.pretraining.train import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -254,7 +254,7 @@ def test_checkpoint_of_the_own_data_handler_resumes_bit_exact(prepared, referenc
   assert state["next_record"] == 12 * 8
   files[0].write_text(json.dumps({"kind": "json", "value": state}))
   meta = json.loads((step / "_CHECKPOINT_METADATA").read_text())
-  meta["item_handlers"]["data"] = "bert_jax.checkpoint.DataStateHandler"
+  meta["item_handlers"]["data"] = "bert_jax.storage.checkpoint.DataStateHandler"
   (step / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
   code, out = finish(start(run_args(prepared, workdir)))
   assert code == 0, out
@@ -404,7 +404,7 @@ def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
 
 def _poison_batch_at(monkeypatch, call_index):
   """masked_lm_weights become NaN in the `call_index`-th batch (1-based): a non-finite loss."""
-  import bert_jax.sharding as sharding
+  import bert_jax.training.sharding as sharding
   real = sharding.global_batch
   calls = {"n": 0}
 

@@ -187,8 +187,8 @@ def test_special_tokens_in_the_text_are_not_learned_as_words():
 def test_a_runs_vocab_size_counts_blank_tokens_as_the_tokenizer_does(tmp_path, shared_data):
   """bert-base-chinese's vocab has an empty token (id 343): pretraining sizes the model by
   the tokenizer's count, not by the non-blank lines."""
+  from bert_jax.pretraining.workdir import count_lines
   from bert_jax.tokenizer import read_vocab_lines
-  from bert_jax.workdir import count_lines
   vocab = shared_data / "vocab" / "bert-base-chinese-vocab.txt"
   assert count_lines(str(vocab)) == len(read_vocab_lines(vocab)) == 21128
   crlf = tmp_path / "vocab.txt"

@@ -22,7 +22,7 @@ def bench(impl: str, args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from bert_jax import attention
+  from bert_jax.modeling import attention
 
   shape = (args.batch, args.seq_len, args.heads, args.head_dim)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)

@@ -13,7 +13,7 @@ with the MiniLM uncased vocab.
 Prints sequences/s and tokens/s of one process (median of the rounds) and per core (per
 CPU-second of the process and its worker processes, which other load on the machine does not
 change), beside the rate a host needs: chips x peak x MFU / training FLOPs per sequence
-(`bert_jax.mfu`, BERT-base by default), and the ratio.
+(`bert_jax.devices.mfu`, BERT-base by default), and the ratio.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("BERT_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
-# Accelerator hosts: (name, the bert_jax.mfu.PEAK_FLOPS entry, chips per host).
+# Accelerator hosts: (name, the bert_jax.devices.mfu.PEAK_FLOPS entry, chips per host).
 HOSTS = (("v4", "TPU v4", 4), ("v5e", "TPU v5e", 8), ("v5p", "TPU v5p", 4),
          ("v6e", "TPU v6e", 8), ("H100", "H100", 8))
 
@@ -36,7 +36,7 @@ HOSTS = (("v4", "TPU v4", 4), ("v5e", "TPU v5e", 8), ("v5p", "TPU v5p", 4),
 def host_needs(seq_len: int, max_predictions: int, mfu: float, preset: str = "base"):
   """[(host, chips, sequences/s the host consumes at `mfu`)] for BERT `preset` training."""
   from bert_jax.config import get_preset
-  from bert_jax.mfu import PEAK_FLOPS, train_flops_per_sequence
+  from bert_jax.devices.mfu import PEAK_FLOPS, train_flops_per_sequence
   flops = train_flops_per_sequence(get_preset(preset), seq_len, max_predictions)
   peaks = dict(PEAK_FLOPS)
   return [(name, chips, chips * peaks[kind] * mfu / flops) for name, kind, chips in HOSTS]

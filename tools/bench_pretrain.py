@@ -7,15 +7,15 @@
 
 Both sides train on the same synthetic shapes: B sequences of T tokens (all real, two segments),
 P masked positions per sequence, NSP labels; dropout on (train mode), an AdamW update per step.
-- bert-jax: `bert_jax.steps` train_step (MLM logits only at the P gathered positions), jitted
+- bert-jax: `bert_jax.training.steps` train_step (MLM logits only at the P gathered positions), jitted
   with its shardings on a one-device mesh, state donated.
 - transformers: BertForPreTraining in train mode, labels -100 except at the masked positions,
   torch.optim.AdamW; its MLM head runs at every position (that is how the model is written).
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; --rounds N
 alternates the sides N times and keeps each side's best round (the machine may be shared).
-bert-jax runs with the huge-page malloc its `pretrain` command sets (bert_jax.hostmem;
+bert-jax runs with the huge-page malloc its `pretrain` command sets (bert_jax.devices.hostmem;
 --plain-malloc to leave it out), transformers with the environment as it is.
-MFU = model FLOPs of the useful work (bert_jax.mfu: 6 x matmul params per token, MLM head at
+MFU = model FLOPs of the useful work (bert_jax.devices.mfu: 6 x matmul params per token, MLM head at
 the P predicted positions, plus attention) x sequences/s / peak FLOP/s of one device (on CPU
 the measured float32 matmul rate). Not a test: nothing here asserts a speed.
 """
@@ -81,11 +81,12 @@ def bench_jax(args) -> dict:
   import numpy as np
 
   from bert_jax.config import get_preset
-  from bert_jax.sharding import make_mesh
-  from bert_jax.phases import make_phases
-  from bert_jax.steps import Pretraining
+  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.sharding import make_mesh
+  from bert_jax.training.steps import Pretraining
 
-  from bert_jax import attention, platforms
+  from bert_jax.devices import platforms
+  from bert_jax.modeling import attention
   device = jax.devices()[0]
   dtype = platforms.compute_dtype(args.dtype, device)
   model_config = get_preset(args.preset, dtype=dtype, attention=args.attention)
@@ -124,7 +125,7 @@ def bench_jax(args) -> dict:
   if "peak_bytes_in_use" in stats:  # accelerators: the device's own high-water mark
     out["peak_device_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
   try:
-    from bert_jax import mfu
+    from bert_jax.devices import mfu
     flops = mfu.train_flops_per_sequence(model_config, args.seq_len, args.max_predictions)
     out.update(flops_per_sequence=float(flops),
                peak_flops=float(mfu.peak_flops_per_device(jax.devices()[0])))
@@ -192,10 +193,10 @@ def _child_argv(args, side: str) -> list[str]:
 
 
 def _child_env(args, side: str) -> dict:
-  """bert-jax runs as `bert-jax pretrain` does (huge-page malloc, bert_jax.hostmem); PyTorch as
+  """bert-jax runs as `bert-jax pretrain` does (huge-page malloc, bert_jax.devices.hostmem); PyTorch as
   users run it (the tunable made it slightly slower when we tried it)."""
   if side == "jax" and not args.plain_malloc:
-    from bert_jax.hostmem import with_huge_pages
+    from bert_jax.devices.hostmem import with_huge_pages
     return with_huge_pages(os.environ)
   return dict(os.environ)
 

@@ -79,7 +79,7 @@ def abstract_batch(mesh, batch_size: int, seq_len: int,
   """A global pretraining batch as ShapeDtypeStructs, split over (data, fsdp) like the real
   one (`sharding.global_batch`): what the train step is lowered with."""
   import jax
-  from bert_jax.sharding import batch_sharding
+  from bert_jax.training.sharding import batch_sharding
   sharding = batch_sharding(mesh)
   sizes = pretraining_sizes(batch_size, seq_len, max_predictions)
   return {f.name: jax.ShapeDtypeStruct(shape, f.dtype, sharding=sharding)

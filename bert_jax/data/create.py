@@ -29,11 +29,11 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from bert_jax.data import instances as inst_lib
 from bert_jax.data import full_sentences, masking, records, row_records
+from bert_jax.data import instances as inst_lib
 from bert_jax.data.shards import RECORDS_PER_SHARD, SplitWriter, prepare_output_dir
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import check_writable, write_json_atomic
+from bert_jax.storage.fileio import check_writable, write_json_atomic
 
 CHUNK_DOCUMENTS = 1000
 CHUNK_CHARS = 256 << 10

@@ -28,7 +28,7 @@ import numpy as np
 
 from bert_jax.data import batch as batch_lib
 from bert_jax.errors import UserError
-from bert_jax.fileio import as_path, is_remote
+from bert_jax.storage.fileio import as_path, is_remote
 
 RECORD_VERSION = 1
 FORMAT_NAME = "bert-jax-instances"

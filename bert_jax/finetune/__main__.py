@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from bert_jax import hostmem, platforms, xla_cache
+from bert_jax.devices import hostmem, platforms, xla_cache
 from bert_jax.errors import cli_entry
 from bert_jax.finetune import TASK_NAMES
 

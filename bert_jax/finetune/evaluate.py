@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.data.batch import pad_last
-from bert_jax.model import Packed
-from bert_jax.steps import Loss
+from bert_jax.modeling.model import Packed
+from bert_jax.training.steps import Loss
 
 
 def forward(model, params, batch, key=None):

@@ -14,7 +14,7 @@ import pathlib
 import warnings
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import check_writable
+from bert_jax.storage.fileio import check_writable
 
 METRICS = "metrics.json"
 COMPLETE, INCOMPLETE = "complete", "incomplete"

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_finetuned(model: str):
   """(finetune.json, model config, params, tokenizer) of a fine-tuning run's best model."""
-  from bert_jax.checkpoint import load_checkpoint
   from bert_jax.convert import FINETUNE_INFO
+  from bert_jax.storage.checkpoint import load_checkpoint
   from bert_jax.tokenizer import find_lower_case, find_vocab, load_tokenizer
   d = pathlib.Path(model)
   best = d / "best" if (d / "best" / FINETUNE_INFO).is_file() else d
@@ -144,9 +144,9 @@ def _choice(opts, info, task, tok, labels, run):
 def _qa(opts, info, task, tok, labels, run):
   """id,answer of spans in each question's relevant (or selected) paragraph; n-best spans."""
   from bert_jax.finetune import paragraphs, qa, squad_eval
+  from bert_jax.finetune.featurize import Features
   from bert_jax.finetune.run_config import DEFAULT_QA_DOC_STRIDE
   from bert_jax.finetune.tasks import DEFAULT_MAX_ANSWER_LENGTH
-  from bert_jax.finetune.featurize import Features
   path, T = opts.test_file, int(info["max_seq_length"])
   selected = (paragraphs.read_selected(opts.selected_paragraphs)
               if opts.selected_paragraphs else None)
@@ -242,7 +242,7 @@ def scores_path(output: str) -> pathlib.Path:
 
 
 def main(argv: list[str]) -> int:
-  from bert_jax.fileio import write_text_atomic
+  from bert_jax.storage.fileio import write_text_atomic
   opts = build_parser().parse_args(argv)
   rows, scores = predict(opts)
   buf = io.StringIO()

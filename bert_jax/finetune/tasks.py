@@ -12,7 +12,6 @@ import warnings
 import numpy as np
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import write_text_atomic
 from bert_jax.finetune import squad_eval
 from bert_jax.finetune.featurize import (Features, featurize_choice, featurize_tags,
                                          featurize_text, word_predictions)
@@ -20,6 +19,7 @@ from bert_jax.finetune.paragraphs import read_qa
 from bert_jax.finetune.readers import (build_label_map, read_choice, read_tagged,
                                        read_text_records, tag_names)
 from bert_jax.finetune.run_config import FinetuneConfig
+from bert_jax.storage.fileio import write_text_atomic
 
 
 def _masked_ce(logits, labels, weight):
@@ -49,7 +49,7 @@ class Task:
     return batch["weight"].sum()
 
   def model(self, config):
-    from bert_jax import heads
+    from bert_jax.modeling import heads
     return heads.FINETUNE_HEADS[self.architecture](config, num_labels=self.num_labels)
 
   def hf_config(self) -> dict:

@@ -1,5 +1,5 @@
 """The fine-tuning loop: load an init, packed or length-bucketed batches, the shared train state
-and step (bert_jax.state, bert_jax.steps: mesh shardings, donation, accumulation, several
+and step (training.state, training.steps: mesh shardings, donation, accumulation, several
 processes) with the task's loss, large eval batches, keep the best evaluation, export to
 transformers.
 
@@ -22,21 +22,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from bert_jax import attention, platforms, sharding, steps, xla_cache
-from bert_jax import state as state_lib
 from bert_jax.convert import FINETUNE_INFO
-from bert_jax.errors import UserError
-from bert_jax.fileio import check_writable, write_json_atomic
-from bert_jax.finetune import outputs, packing
 from bert_jax.data.batch import join_micro
+from bert_jax.devices import platforms, xla_cache
+from bert_jax.errors import UserError
+from bert_jax.finetune import outputs, packing
 from bert_jax.finetune.batching import eval_batches, make_batch, make_buckets, train_batches
 from bert_jax.finetune.evaluate import make_eval_step, run_batches, task_loss
 from bert_jax.finetune.featurize import Features
 from bert_jax.finetune.run_config import FinetuneConfig
 from bert_jax.finetune.tasks import TASKS, Task
-from bert_jax.lock import DirLock
-from bert_jax.optim import finetune_optimizer
-from bert_jax.preemption import Preemption
+from bert_jax.modeling import attention
+from bert_jax.storage.fileio import check_writable, write_json_atomic
+from bert_jax.training import sharding, steps
+from bert_jax.training import state as state_lib
+from bert_jax.training.lock import DirLock
+from bert_jax.training.optim import finetune_optimizer
+from bert_jax.training.preemption import Preemption
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -76,7 +78,7 @@ def load_init(cfg: FinetuneConfig):
 
 class Runner:
   """One fine-tuning run on a (data, fsdp, tensor) mesh, one or several processes: the train
-  state and step are the pretraining ones (bert_jax.state, bert_jax.steps) with the task's
+  state and step are the pretraining ones (training.state, training.steps) with the task's
   loss. Process 0 writes; every process feeds its share of each batch."""
 
   def __init__(self, cfg: FinetuneConfig):
@@ -269,7 +271,7 @@ class Runner:
     return t2
 
   def _save_best(self, out) -> None:
-    from bert_jax.checkpoint import disk_full_error
+    from bert_jax.storage.checkpoint import disk_full_error
     try:
       self._write_best(out)
     except Exception as e:
@@ -279,7 +281,7 @@ class Runner:
       raise UserError(f"{full}: the best model so far was not saved") from None
 
   def _write_best(self, out) -> None:
-    from bert_jax.checkpoint import write_checkpoint
+    from bert_jax.storage.checkpoint import write_checkpoint
     cfg = self.cfg
     d = pathlib.Path(cfg.output_dir)
     d.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any, TextIO
 
-from bert_jax.fileio import as_path, copy_atomic, is_remote, write_text_atomic
+from bert_jax.storage.fileio import as_path, copy_atomic, is_remote, write_text_atomic
 
 # Printed in this order on the progress line when present.
 _PROGRESS_KEYS = (("loss", "loss {:.4f}"), ("mlm_accuracy", "mlm_acc {:.3f}"),

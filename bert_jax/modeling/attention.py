@@ -1,6 +1,6 @@
 """Attention without [B,N,T,S] tensors in memory: a flash-attention Pallas kernel with BERT's
-attention dropout inside it (`bert_jax.flash`), cuDNN's flash attention (GPU) and TPU splash attention where
-nothing is dropped, and the choice between them and the unfused XLA path (`ops.attention` /
+attention dropout inside it (`flash.py`), cuDNN's flash attention (GPU) and TPU splash
+attention where nothing is dropped, and the choice between them and the unfused XLA path (`ops.attention` /
 `ops.dropout_attention`).
 
 Which keys a query sees is given by segment ids: query t attends key s when
@@ -31,8 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bert_jax import dropout, flash, ops
 from bert_jax.config import ATTENTIONS
+from bert_jax.modeling import dropout, flash, ops
 
 IMPLEMENTATIONS = ATTENTIONS
 _MIN_BLOCK = 16  # Triton's smallest dot operand side

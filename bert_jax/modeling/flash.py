@@ -5,7 +5,7 @@ Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabil
 same Threefry counters, hashed per element inside the kernel from the element's global
 (b, n, t, s). Two layouts of the per-query statistics and segment ids: TPU vector tiles (128
 lanes, 8 sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is
-used, and how it is sharded, is `bert_jax.attention`'s business.
+used, and how it is sharded, is `bert_jax.modeling.attention`'s business.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from bert_jax import dropout
+from bert_jax.modeling import dropout
 
 _NEG = float(np.finfo(np.float32).min)
 

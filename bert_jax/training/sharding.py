@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bert_jax import platforms
+from bert_jax.devices import platforms
 from bert_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")

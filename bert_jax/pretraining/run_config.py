@@ -278,8 +278,8 @@ def objective_of(cfg: Any) -> str:
 def validate_config(cfg: ml_collections.ConfigDict) -> list:
   """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
-  from bert_jax.phases import make_phases
-  from bert_jax.steps import NAN_POLICIES, OBJECTIVES
+  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.steps import NAN_POLICIES, OBJECTIVES
   if cfg.nan_policy not in NAN_POLICIES:
     raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")
   if objective_of(cfg) not in OBJECTIVES:
@@ -295,7 +295,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> list:
   if cfg.model.get("attention", "auto") not in ATTENTIONS:
     raise UserError(f"--config.model.attention={cfg.model.attention!r}: expected one of "
                     f"{', '.join(ATTENTIONS)}")
-  from bert_jax.optim import check_optim_config
+  from bert_jax.training.optim import check_optim_config
   check_optim_config(cfg.optim)
   for key in ("log_every", "eval_every", "checkpoint.every_steps"):
     node = cfg

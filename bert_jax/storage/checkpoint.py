@@ -45,9 +45,10 @@ from grain.python import PyGrainCheckpointRestore, PyGrainCheckpointSave
 
 from bert_jax.config import BertConfig, find_config, write_config_json
 from bert_jax.errors import UserError, drop_closed_loop_noise
-from bert_jax.fileio import new_directory, resolved, write_json_atomic
-from bert_jax.integrity import (check_fingerprint, first_restorable, fingerprint_is_finite,
-                                params_fingerprint, structure_mismatch)
+from bert_jax.storage.fileio import new_directory, resolved, write_json_atomic
+from bert_jax.storage.integrity import (check_fingerprint, first_restorable,
+                                        fingerprint_is_finite, params_fingerprint,
+                                        structure_mismatch)
 
 CHECKPOINTS = "checkpoints"
 PARAMS = "params"

@@ -33,15 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import hostmem, mfu, platforms, steps
 from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
+from bert_jax.devices import hostmem, mfu, platforms
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.fileio import as_path
-from bert_jax.phases import Phase, make_phases
-from bert_jax.run_config import objective_of, parse_overrides, resolve_config
-from bert_jax.sharding import check_batches_split, make_mesh
-from bert_jax.state import ABSTRACT_RNG
+from bert_jax.pretraining.phases import Phase, make_phases
+from bert_jax.pretraining.run_config import objective_of, parse_overrides, resolve_config
+from bert_jax.storage.fileio import as_path
+from bert_jax.training import steps
+from bert_jax.training.sharding import check_batches_split, make_mesh
+from bert_jax.training.state import ABSTRACT_RNG
 
 EXIT_DOES_NOT_FIT = 3
 MEGACORE = ("v4", "v5p")  # two TensorCores per chip, addressed as one device
@@ -109,7 +110,7 @@ def bert_config(cfg: Any, device: Any = None) -> BertConfig:
   weights or data: the vocab's size from data.vocab when it is a file here, else init_from's,
   else data.vocab_size."""
   from bert_jax.config import find_config
-  from bert_jax.workdir import model_config_for, count_lines
+  from bert_jax.pretraining.workdir import model_config_for, count_lines
   vocab = str(cfg.data.vocab)
   init_config = None
   if cfg.init_from:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from bert_jax.errors import UserError
-from bert_jax.sharding import LOGICAL_AXIS_RULES, logical_shardings, replicated
+from bert_jax.training.sharding import LOGICAL_AXIS_RULES, logical_shardings, replicated
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import resource
 import sys
 from typing import Mapping
 
-from bert_jax import platforms
+from bert_jax.devices import platforms
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "BERT_JAX_NO_HUGEPAGES"

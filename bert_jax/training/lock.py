@@ -21,7 +21,7 @@ import time
 import warnings
 
 from bert_jax.errors import UserError
-from bert_jax.fileio import as_path, is_remote, write_text_atomic
+from bert_jax.storage.fileio import as_path, is_remote, write_text_atomic
 
 LOCK_NAME = ".bert-jax.lock"
 

@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax import attention, dropout, ops
-from bert_jax.attention import Segments
 from bert_jax.config import BertConfig
+from bert_jax.modeling import attention, dropout, ops
+from bert_jax.modeling.attention import Segments
 
 ACT_FNS = {
     "gelu": ops.gelu,  # BERT's exact erf GELU
@@ -69,7 +69,7 @@ def dense(config: BertConfig, features: int, axes: tuple[str | None, str | None]
 
 
 class Dropout(nn.Module):
-  """Inverted dropout with 16-bit keep decisions from a fused Threefry hash (bert_jax.dropout).
+  """Inverted dropout with 16-bit keep decisions from a fused Threefry hash (modeling.dropout).
   Stateless in the "dropout" rng like nn.Dropout, and independent of the mesh."""
   rate: float
 

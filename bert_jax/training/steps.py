@@ -4,8 +4,8 @@ jitted on a mesh, and the pretraining state (abstract or directly sharded).
 Pretraining loss: MLM cross-entropy at the masked positions, weighted by masked_lm_weights and
 averaged over the real predictions of the whole global batch, plus (objective mlm_nsp) NSP
 cross-entropy averaged over sequences; both in float32. Objective mlm has no NSP term and no
-nsp_* metrics (the NSP head is still in the model, untrained). MLM logits are computed only at the gathered positions (never
-[B,T,V]).
+nsp_* metrics (the NSP head is still in the model, untrained). MLM logits are computed only
+at the gathered positions (never [B,T,V]).
 
 Gradient accumulation scans over micro-batches inside the jitted step. Each micro-batch's loss
 is normalised by the *global* batch's prediction count, so the summed gradients equal one big
@@ -28,16 +28,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bert_jax import ops
-from bert_jax import state as state_lib
 from bert_jax.config import BertConfig
 from bert_jax.data import batch as batch_lib
 from bert_jax.errors import UserError
-from bert_jax.heads import BertForPreTraining
-from bert_jax.optim import make_optimizer
-from bert_jax.phases import Phase
-from bert_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
-from bert_jax.state import TrainState, host_rng
+from bert_jax.modeling import ops
+from bert_jax.modeling.heads import BertForPreTraining
+from bert_jax.pretraining.phases import Phase
+from bert_jax.training import state as state_lib
+from bert_jax.training.optim import make_optimizer
+from bert_jax.training.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
+from bert_jax.training.state import TrainState, host_rng
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ switches the data iterator. Rerunning in the same workdir resumes from the newes
 checkpoint; SIGTERM (a TPU preemption) finishes the step, saves and exits 0. The rng of step s
 is fold_in(base, s) and the data-iterator state is checkpointed, so a resumed run computes the
 same parameters as an uninterrupted one. The workdir (vocab, data, model config) is prepared
-by bert_jax.workdir before the loop starts.
+by bert_jax.pretraining.workdir before the loop starts.
 """
 
 from __future__ import annotations
@@ -22,20 +22,21 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from bert_jax import attention, hostmem, mfu, platforms, xla_cache
-from bert_jax import sharding  # sharding.global_batch looked up per call (tests substitute it)
-from bert_jax.checkpoint import Checkpointer
 from bert_jax.data.pipeline import make_iterator
+from bert_jax.devices import hostmem, mfu, platforms, xla_cache
 from bert_jax.errors import UserError, cli_entry, first_line
-from bert_jax.fileio import as_path, check_writable
-from bert_jax.lock import DirLock
-from bert_jax.metric_writer import IntervalMetrics, MetricWriter
-from bert_jax.phases import Phase, make_phases, phase_at
-from bert_jax.preemption import Preemption
-from bert_jax.run_config import objective_of, parse_args, resolve_config
-from bert_jax.steps import Pretraining, eval_metrics
-from bert_jax.state import TrainState
-from bert_jax.workdir import load_init_params, prepare_workdir
+from bert_jax.modeling import attention
+from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
+from bert_jax.pretraining.phases import Phase, make_phases, phase_at
+from bert_jax.pretraining.run_config import objective_of, parse_args, resolve_config
+from bert_jax.pretraining.workdir import load_init_params, prepare_workdir
+from bert_jax.storage.checkpoint import Checkpointer
+from bert_jax.storage.fileio import as_path, check_writable
+from bert_jax.training import sharding  # sharding.global_batch looked up per call (tests swap it)
+from bert_jax.training.lock import DirLock
+from bert_jax.training.preemption import Preemption
+from bert_jax.training.state import TrainState
+from bert_jax.training.steps import Pretraining, eval_metrics
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
 
@@ -288,7 +289,7 @@ class Trainer:
     sums = jax.device_get([
         self.pretraining.eval_step(self.state.params, sharding.global_batch(b, self.mesh))
         for b in batches])
-    row = eval_metrics(self.pretraining.loss, sums)   # the objective's means over all the eval batches
+    row = eval_metrics(self.pretraining.loss, sums)   # means over all the eval batches
     del row["mlm_weight"]
     row["eval_sequences"] = int(row.pop("num_sequences"))
     self.writer.write(step, row, split="eval", phase=phase.index, seq_len=phase.seq_len)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bert_jax import ops
 from bert_jax.config import BertConfig
-from bert_jax.model import ACT_FNS, BertModel, Projection, dense, layer_norm, zeros_init
+from bert_jax.modeling import ops
+from bert_jax.modeling.model import ACT_FNS, BertModel, Projection, dense, layer_norm, zeros_init
 
 
 class BertLMPredictionHead(nn.Module):

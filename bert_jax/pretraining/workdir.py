@@ -20,19 +20,19 @@ import jax
 from array_record.python.array_record_module import ArrayRecordReader
 from jax.experimental import multihost_utils
 
-from bert_jax import platforms
-from bert_jax.checkpoint import workdir_has_checkpoint
 from bert_jax.config import (BertConfig, find_config, get_preset, read_config_json,
                              write_config_json)
 from bert_jax.convert import load_pretrained
 from bert_jax.data import records
 from bert_jax.data.create import create_data
 from bert_jax.data.pipeline import check_fits
+from bert_jax.devices import platforms
 from bert_jax.errors import UserError, first_line
-from bert_jax.fileio import as_path, copy_atomic, is_remote, local_copy, upload_tree, \
-  write_json_atomic
-from bert_jax.phases import Phase
-from bert_jax.run_config import config_hash, objective_of, to_plain
+from bert_jax.pretraining.phases import Phase
+from bert_jax.pretraining.run_config import config_hash, objective_of, to_plain
+from bert_jax.storage.checkpoint import workdir_has_checkpoint
+from bert_jax.storage.fileio import (as_path, copy_atomic, is_remote, local_copy, upload_tree,
+                                     write_json_atomic)
 from bert_jax.tokenizer import find_vocab
 from bert_jax.vocab import train_vocab
 

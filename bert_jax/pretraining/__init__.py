@@ -1,0 +1,1 @@
+"""The pretraining run: its config, phases, workdir, loop and metrics."""
