@@ -50,7 +50,7 @@ START=$SECONDS
 read -r VOCAB_SIZE DUPE EVAL_FRACTION CASING MASKING PHASES < <("$PYTHON" - "$CONFIG" <<'EOF'
 import sys
 
-from bert_jax.pretraining.phases import make_phases
+from bert_jax.training.phases import make_phases
 from bert_jax.pretraining.run_config import resolve_config
 
 cfg = resolve_config(sys.argv[1], [])

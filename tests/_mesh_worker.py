@@ -66,7 +66,7 @@ def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):
   """Trains `steps` steps from seed 0 on `mesh`; rows=(lo, hi) feeds only those rows of each
   global batch from this process (multi-process). Returns the losses."""
   import jax
-  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.phases import make_phases
   from bert_jax.training import sharding, steps as steps_lib
   cfg = make_cfg()
   model_config = tiny_model_config(dropout)

@@ -191,11 +191,9 @@ def test_the_tpu_program_plan_compiles_runs_fused_attention():
   splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
   with the paper's 0.1."""
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
-  from bert_jax.data.batch import abstract_batch
   from bert_jax.devices import plan
   from bert_jax.pretraining.run_config import resolve_config
   from bert_jax.training import sharding, steps
-  from bert_jax.training.state import ABSTRACT_RNG
   import os
   tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "tiny_cpu.py")
@@ -205,14 +203,11 @@ def test_the_tpu_program_plan_compiles_runs_fused_attention():
         ("phases", "[{'fraction': 1.0, 'seq_len': 128, 'max_predictions': 10, "
                    "'batch_size': 8, 'grad_accum': 1}]"), ("total_steps", "100"),
         ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
-    model_config = plan.bert_config(cfg)
+    model_config = plan.model_config_of(cfg)
     mesh = sharding.make_mesh(devices=plan.load_target("v5e:2x2").devices)
     phases = plan.make_phases(cfg)
     pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
-    batch = abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
-                           phases[0].max_predictions)
-    return pretraining.train_step(phases[0]).lower(pretraining.abstract_state, batch,
-                                                   ABSTRACT_RNG).as_text()
+    return pretraining.lower_train_step(phases[0]).as_text()
 
   fast, paper = lowered(0.0), lowered(0.1)
   assert "tpu_custom_call" in fast and "splash" in fast

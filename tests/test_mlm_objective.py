@@ -331,7 +331,7 @@ def test_config_and_data_objectives_must_agree(prepared, mlm_prepared, objective
 
 
 def test_wwm_ext_config_is_one_mlm_phase_at_512_with_whole_words():
-  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.phases import make_phases
   from bert_jax.pretraining.run_config import resolve_config
   repo = pathlib.Path(__file__).resolve().parents[1]
   cfg = resolve_config(str(repo / "configs" / "chinese_wwm_ext.py:v.txt"),

@@ -11,8 +11,8 @@ import pytest
 from _mesh_worker import make_cfg, tiny_model_config
 from bert_jax.errors import UserError
 from bert_jax.modeling.heads import BertForPreTraining
-from bert_jax.pretraining.phases import make_phases
 from bert_jax.training.optim import decay_mask, make_optimizer, make_schedule
+from bert_jax.training.phases import make_phases
 
 NAMES = {"dense": {"kernel": (3, 4), "bias": (4,)}, "LayerNorm": {"scale": (4,), "bias": (4,)},
          "embed": {"embedding": (5, 3)}}

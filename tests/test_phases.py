@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from bert_jax.errors import UserError
-from bert_jax.pretraining.phases import make_phases, phase_at
+from bert_jax.training.phases import make_phases, phase_at
 
 
 def paper_cfg(total_steps=1_000_000, **optim):

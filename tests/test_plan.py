@@ -16,11 +16,9 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
 
-from bert_jax.data.batch import abstract_batch  # noqa: E402
 from bert_jax.devices import plan  # noqa: E402
 from bert_jax.pretraining.run_config import resolve_config  # noqa: E402
-from bert_jax.training import sharding, steps
-from bert_jax.training.state import ABSTRACT_RNG  # noqa: E402
+from bert_jax.training import sharding, steps  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny_cpu.py")
@@ -39,14 +37,10 @@ def v5e():
 
 
 def _lowered_text(cfg, devices):
-  model_config = plan.bert_config(cfg)
+  model_config = plan.model_config_of(cfg)
   mesh = sharding.make_mesh(devices=devices)
   phases = plan.make_phases(cfg)
-  pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
-  batch = abstract_batch(mesh, phases[0].batch_size, phases[0].seq_len,
-                         phases[0].max_predictions)
-  return pretraining.train_step(phases[0]).lower(pretraining.abstract_state, batch,
-                                                 ABSTRACT_RNG).as_text()
+  return steps.Pretraining(model_config, cfg, mesh, phases).lower_train_step(phases[0]).as_text()
 
 
 def test_the_tpu_program_carries_no_cpu_only_kernel(v5e):
@@ -82,7 +76,7 @@ def test_mesh_fallback_warns_with_the_shapes(monkeypatch):
 
 
 def _param_count(cfg):
-  model_config = plan.bert_config(cfg)
+  model_config = plan.model_config_of(cfg)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   abstract = steps.Pretraining(model_config, cfg, mesh, plan.make_phases(cfg)).abstract_state
   return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))

@@ -9,8 +9,8 @@ import pytest
 
 from bert_jax.errors import UserError
 from bert_jax.pretraining import run_config, train
-from bert_jax.pretraining.phases import make_phases
 from bert_jax.pretraining.workdir import prepare_vocab
+from bert_jax.training.phases import make_phases
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,8 +13,8 @@ import pytest
 from _mesh_worker import BATCH, VOCAB, make_cfg, synthetic_batch, tiny_model_config
 from bert_jax.errors import UserError
 from bert_jax.modeling.heads import BertForPreTraining
-from bert_jax.pretraining.phases import make_phases
 from bert_jax.training import sharding, steps
+from bert_jax.training.phases import make_phases
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def bench_jax(args) -> dict:
   import numpy as np
 
   from bert_jax.config import get_preset
-  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.phases import make_phases
   from bert_jax.training.sharding import make_mesh
   from bert_jax.training.steps import Pretraining
 

@@ -1,1 +1,2 @@
-"""Hardware: which platform a host has, AOT plans for TPU topologies, MFU, host memory, the XLA compilation cache."""
+"""Hardware: which platform a host has, AOT plans for TPU topologies, MFU, host memory, the XLA
+compilation cache."""

@@ -37,12 +37,11 @@ from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
 from bert_jax.devices import hostmem, mfu, platforms
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.pretraining.phases import Phase, make_phases
 from bert_jax.pretraining.run_config import objective_of, parse_overrides, resolve_config
 from bert_jax.storage.fileio import as_path
 from bert_jax.training import steps
+from bert_jax.training.phases import Phase, make_phases
 from bert_jax.training.sharding import check_batches_split, make_mesh
-from bert_jax.training.state import ABSTRACT_RNG
 
 EXIT_DOES_NOT_FIT = 3
 MEGACORE = ("v4", "v5p")  # two TensorCores per chip, addressed as one device
@@ -105,7 +104,7 @@ def load_target(name: str) -> Target:
 
 # ----------------------------------------------------------------------------- the model
 
-def bert_config(cfg: Any, device: Any = None) -> BertConfig:
+def model_config_of(cfg: Any, device: Any = None) -> BertConfig:
   """The model `bert-jax pretrain` would build on `device` (dtype auto), without reading
   weights or data: the vocab's size from data.vocab when it is a file here, else init_from's,
   else data.vocab_size."""
@@ -169,7 +168,7 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
         file=sys.stderr, flush=True)
   start = time.perf_counter()
   try:
-    compiled = pretraining.train_step(phase).lower(abstract, batch, ABSTRACT_RNG).compile()
+    compiled = pretraining.lower_train_step(phase).compile()
   except Exception as e:
     message = str(e)
     if not _OOM.search(message):
@@ -300,7 +299,7 @@ def format_report(report: dict) -> str:
 
 def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu: float,
          config_name: str = "") -> dict:
-  model_config = bert_config(cfg, target.devices[0])
+  model_config = model_config_of(cfg, target.devices[0])
   phases = make_phases(cfg)
   chosen = phases if phase_numbers is None else [phases[n - 1] for n in phase_numbers]
   mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),

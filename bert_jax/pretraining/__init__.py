@@ -1,1 +1,1 @@
-"""The pretraining run: its config, phases, workdir, loop and metrics."""
+"""The pretraining run: its config, workdir, loop and metrics."""

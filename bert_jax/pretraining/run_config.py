@@ -278,7 +278,7 @@ def objective_of(cfg: Any) -> str:
 def validate_config(cfg: ml_collections.ConfigDict) -> list:
   """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
-  from bert_jax.pretraining.phases import make_phases
+  from bert_jax.training.phases import make_phases
   from bert_jax.training.steps import NAN_POLICIES, OBJECTIVES
   if cfg.nan_policy not in NAN_POLICIES:
     raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")

@@ -27,11 +27,11 @@ from bert_jax.devices import hostmem, mfu, platforms, xla_cache
 from bert_jax.errors import UserError, cli_entry, first_line
 from bert_jax.modeling import attention
 from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
-from bert_jax.pretraining.phases import Phase, make_phases, phase_at
 from bert_jax.pretraining.run_config import objective_of, parse_args, resolve_config
 from bert_jax.pretraining.workdir import load_init_params, prepare_workdir
 from bert_jax.storage.checkpoint import Checkpointer
 from bert_jax.storage.fileio import as_path, check_writable
+from bert_jax.training.phases import Phase, make_phases, phase_at
 from bert_jax.training import sharding  # sharding.global_batch looked up per call (tests swap it)
 from bert_jax.training.lock import DirLock
 from bert_jax.training.preemption import Preemption

@@ -28,9 +28,9 @@ from bert_jax.data.create import create_data
 from bert_jax.data.pipeline import check_fits
 from bert_jax.devices import platforms
 from bert_jax.errors import UserError, first_line
-from bert_jax.pretraining.phases import Phase
 from bert_jax.pretraining.run_config import config_hash, objective_of, to_plain
 from bert_jax.storage.checkpoint import workdir_has_checkpoint
+from bert_jax.training.phases import Phase
 from bert_jax.storage.fileio import (as_path, copy_atomic, is_remote, local_copy, upload_tree,
                                      write_json_atomic)
 from bert_jax.tokenizer import find_vocab

@@ -1,1 +1,2 @@
-"""On-disk state: orbax checkpoints and exported params, their integrity checks, local and remote file I/O."""
+"""On-disk state: orbax checkpoints and exported params, their integrity checks, local and
+remote file I/O."""

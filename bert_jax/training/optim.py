@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from bert_jax.errors import UserError
-from bert_jax.pretraining.phases import Phase
+from bert_jax.training.phases import Phase
 
 NO_DECAY_SUBSTRINGS = ("LayerNorm", "layer_norm")
 OPTIMIZERS = ("adamw", "lamb")

@@ -33,9 +33,9 @@ from bert_jax.data import batch as batch_lib
 from bert_jax.errors import UserError
 from bert_jax.modeling import ops
 from bert_jax.modeling.heads import BertForPreTraining
-from bert_jax.pretraining.phases import Phase
 from bert_jax.training import state as state_lib
 from bert_jax.training.optim import make_optimizer
+from bert_jax.training.phases import Phase
 from bert_jax.training.sharding import LOGICAL_AXIS_RULES, batch_sharding, replicated
 from bert_jax.training.state import TrainState, host_rng
 
@@ -282,7 +282,8 @@ class Pretraining:
                    `shardings` alone
   init_state(rng, init_params=None)   the state, initialised directly sharded; `init_params`
                    (a plain pytree) replaces the random values where it has them
-  train_step(phase)   the phase's jitted step (one per accumulation, compiled per shape)
+  train_step(phase)   the phase's jitted step (one per accumulation, compiled per shape);
+                   `lower_train_step(phase)` lowers it with abstract arguments (AOT compiles)
   eval_step        the jitted deterministic pass returning the loss's sums
   update_step      the update alone (`plan` counts the FLOPs of accumulated steps with it)
   """
@@ -308,6 +309,11 @@ class Pretraining:
           make_train_step(self.loss, self._optimizer, self._schedule,
                           grad_accum=phase.grad_accum), self.mesh, self.shardings)
     return self._train_steps[phase.grad_accum]
+
+  def lower_train_step(self, phase: Phase) -> jax.stages.Lowered:
+    """The phase's step lowered for the mesh's devices (a TPU topology's, say), nothing run."""
+    batch = batch_lib.abstract_batch(self.mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+    return self.train_step(phase).lower(self.abstract_state, batch, state_lib.ABSTRACT_RNG)
 
   @functools.cached_property
   def eval_step(self) -> MeshStep:
