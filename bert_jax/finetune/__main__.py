@@ -10,15 +10,7 @@ import sys
 from bert_jax.devices import hostmem, platforms, xla_cache
 from bert_jax.errors import cli_entry
 from bert_jax.finetune import TASK_NAMES
-
-
-def positive(kind):
-  def parse(text):
-    value = kind(text)
-    if value <= 0:
-      raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-  return parse
+from bert_jax.finetune.run_config import positive
 
 
 def build_parser() -> argparse.ArgumentParser:

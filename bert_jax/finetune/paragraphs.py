@@ -108,15 +108,15 @@ def _check_answer(answer: Any, context: str, where: str) -> dict:
   return {"text": answer["text"], "start": located}
 
 
-def choice_records(path: str, context_file: str | None, data: Any = None,
-                   labeled: bool = True) -> list:
-  """One ChoiceRecord per question: the question beside each of its paragraphs."""
-  from bert_jax.finetune.readers import ChoiceRecord
+def choice_rows(path: str, context_file: str | None, data: Any = None,
+                labeled: bool = True) -> list[tuple]:
+  """One (id, questions, paragraphs, label, line) per question, the fields of
+  readers.ChoiceRecord: the question beside each of its paragraphs."""
   records, contexts = read_records(path, context_file, data, labeled)
-  return [ChoiceRecord(r["id"], [r["question"]] * len(r["paragraphs"]),
-                       [contexts[p] for p in r["paragraphs"]],
-                       UNLABELED if r["relevant"] is None else r["paragraphs"].index(r["relevant"]),
-                       n) for n, r in enumerate(records)]
+  return [(r["id"], [r["question"]] * len(r["paragraphs"]),
+           [contexts[p] for p in r["paragraphs"]],
+           UNLABELED if r["relevant"] is None else r["paragraphs"].index(r["relevant"]), n)
+          for n, r in enumerate(records)]
 
 
 def qa_examples(path: str, context_file: str | None, data: Any = None, labeled: bool = True,

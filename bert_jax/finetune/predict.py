@@ -32,7 +32,7 @@ SCORES_SUFFIX = ".scores.json"
 
 def build_parser() -> argparse.ArgumentParser:
   from bert_jax.finetune import TASK_NAMES
-  from bert_jax.finetune.__main__ import positive
+  from bert_jax.finetune.run_config import positive
   p = argparse.ArgumentParser(
       prog="python -m bert_jax.finetune predict",
       description="Predict with a fine-tuned model on a file without labels; writes the "

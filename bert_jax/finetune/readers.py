@@ -341,7 +341,8 @@ def read_choice_json(path: str, context_file: str | None = None,
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: not valid JSON ({e})") from None
   if paragraphs.is_paragraph_layout(loaded):
-    return paragraphs.choice_records(path, context_file, loaded, labeled)
+    return [ChoiceRecord(*row)
+            for row in paragraphs.choice_rows(path, context_file, loaded, labeled)]
   if loaded is None:
     rows, _ = _jsonl_rows(path, content)
   else:

@@ -11,6 +11,17 @@ import dataclasses
 
 from bert_jax.errors import UserError
 
+
+def positive(kind):
+  """An argparse type: `kind` of the text, refused unless above zero (both commands' flags)."""
+  def parse(text):
+    value = kind(text)
+    if value <= 0:
+      raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+  return parse
+
+
 # --max-seq-length and --doc-stride when not given: QA's windows are longer.
 DEFAULT_MAX_SEQ_LENGTH = {"qa": 384}
 DEFAULT_QA_DOC_STRIDE = 128
