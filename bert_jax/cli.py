@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "train-vocab": ("bert_jax.vocab", "train a WordPiece vocab.txt with sentencepiece"),
     "create-data": ("bert_jax.data.create", "create pretraining data: MLM+NSP pairs or MLM rows"),
     "pretrain": ("bert_jax.pretraining.train", "pretrain BERT from an ml_collections config"),
-    "plan": ("bert_jax.devices.plan",
+    "plan": ("bert_jax.pretraining.plan",
              "compile the train step for a TPU topology: memory, FLOPs, time"),
     "convert": ("bert_jax.convert", "convert checkpoints: orbax <-> Hugging Face, Google TF1"),
     "finetune": ("bert_jax.finetune.__main__", "fine-tune a BERT on a downstream task"),

@@ -191,7 +191,7 @@ def test_the_tpu_program_plan_compiles_runs_fused_attention():
   splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
   with the paper's 0.1."""
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
-  from bert_jax.devices import plan
+  from bert_jax.pretraining import plan
   from bert_jax.pretraining.run_config import resolve_config
   from bert_jax.training import sharding, steps
   import os

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
 
-from bert_jax.devices import plan  # noqa: E402
+from bert_jax.pretraining import plan  # noqa: E402
 from bert_jax.pretraining.run_config import resolve_config  # noqa: E402
 from bert_jax.training import sharding, steps  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 def test_local_and_two_plans_at_once_on_one_machine():
   """`local` compiles for this host's CPU; two TPU plans in two processes at once both load
   libtpu (ALLOW_MULTIPLE_LIBTPU_LOAD)."""
-  base = [sys.executable, "-m", "bert_jax.devices.plan", "--config", TINY, "--phase", "1", "--json",
+  base = [sys.executable, "-m", "bert_jax.pretraining.plan", "--config", TINY, "--phase", "1", "--json",
           "--config.phases.0.seq_len=64", "--config.phases.0.max_predictions=10"]
   procs = [subprocess.Popen(base + ["--topology", t], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)

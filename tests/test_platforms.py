@@ -94,7 +94,7 @@ def test_an_accelerator_host_with_a_cpu_only_jax_stops_with_the_install(host, ca
                                                                        monkeypatch, device):
   """pretrain, finetune and plan --topology local: one line naming the install, exit 2, before
   any work (the workdir is never made); JAX_PLATFORMS=cpu still runs on the CPU."""
-  from bert_jax.devices import plan
+  from bert_jax.pretraining import plan
   from bert_jax.finetune.__main__ import main as finetune_main
   host([INTEL, device])
   monkeypatch.delenv(platforms._PINNED, raising=False)

@@ -1,2 +1,1 @@
-"""Hardware: which platform a host has, AOT plans for TPU topologies, MFU, host memory, the XLA
-compilation cache."""
+"""Hardware: which platform a host has, MFU, host memory, the XLA compilation cache."""
