@@ -94,7 +94,7 @@ def test_the_abstract_batch_is_the_schema_split_over_the_batch_axes():
 
   from bert_jax.training import sharding
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  abstract = batch.abstract_batch(mesh, 4, 16, 3)
+  abstract = batch.abstract_batch(sharding.batch_sharding(mesh), 4, 16, 3)
   host = batch.pretraining_batch({k: np.zeros(s.shape, s.dtype) for k, s in abstract.items()})
   assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
       k: (v.shape, v.dtype) for k, v in host.items()}

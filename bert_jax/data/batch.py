@@ -74,13 +74,11 @@ def pretraining_batch(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return {f.name: np.asarray(arrays[f.name]).astype(f.dtype, copy=False) for f in PRETRAINING}
 
 
-def abstract_batch(mesh, batch_size: int, seq_len: int,
+def abstract_batch(sharding, batch_size: int, seq_len: int,
                    max_predictions: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """A global pretraining batch as ShapeDtypeStructs, split over (data, fsdp) like the real
-  one (`sharding.global_batch`): what the train step is lowered with."""
+  """A global pretraining batch as ShapeDtypeStructs placed by `sharding` (the real one's,
+  `training.sharding.batch_sharding(mesh)`): what the train step is lowered with."""
   import jax
-  from bert_jax.training.sharding import batch_sharding
-  sharding = batch_sharding(mesh)
   sizes = pretraining_sizes(batch_size, seq_len, max_predictions)
   return {f.name: jax.ShapeDtypeStruct(shape, f.dtype, sharding=sharding)
           for f, shape in zip(PRETRAINING, shapes(PRETRAINING, **sizes).values())}

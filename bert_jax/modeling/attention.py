@@ -1,7 +1,7 @@
 """Attention without [B,N,T,S] tensors in memory: a flash-attention Pallas kernel with BERT's
 attention dropout inside it (`flash.py`), cuDNN's flash attention (GPU) and TPU splash
-attention where nothing is dropped, and the choice between them and the unfused XLA path (`ops.attention` /
-`ops.dropout_attention`).
+attention where nothing is dropped, and the choice between them and the unfused XLA path
+(`ops.attention` / `ops.dropout_attention`).
 
 Which keys a query sees is given by segment ids: query t attends key s when
 q_seg[t] == kv_seg[s] and kv_seg[s] != 0. A padded batch is q_seg = 1, kv_seg = its attention

@@ -41,7 +41,7 @@ from bert_jax.pretraining.run_config import objective_of, parse_overrides, resol
 from bert_jax.storage.fileio import as_path
 from bert_jax.training import steps
 from bert_jax.training.phases import Phase, make_phases
-from bert_jax.training.sharding import check_batches_split, make_mesh
+from bert_jax.training.sharding import batch_sharding, check_batches_split, make_mesh
 
 EXIT_DOES_NOT_FIT = 3
 MEGACORE = ("v4", "v5p")  # two TensorCores per chip, addressed as one device
@@ -155,7 +155,8 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
   abstract = pretraining.abstract_state
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   chips = mesh.devices.size
-  batch = abstract_batch(mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+  batch = abstract_batch(batch_sharding(mesh), phase.batch_size, phase.seq_len,
+                         phase.max_predictions)
   memory = dict(params=_bytes_per_chip(abstract.params),
                 opt_state=_bytes_per_chip(abstract.opt_state), batch=_bytes_per_chip(batch),
                 capacity=target.memory_per_chip)

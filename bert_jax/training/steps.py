@@ -240,7 +240,8 @@ class _TrainStep(MeshStep):
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) -> MeshStep:
   """train_step jitted with the state's shardings, the batch split over (data, fsdp), the
-  state donated. Lower it with (abstract state, `data.batch.abstract_batch(...)`, ABSTRACT_RNG)."""
+  state donated. Lower it with (abstract state, `data.batch.abstract_batch(...)`,
+  ABSTRACT_RNG); `Pretraining.lower_train_step` does."""
   return _TrainStep(train_step, mesh,
                     in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
@@ -312,7 +313,8 @@ class Pretraining:
 
   def lower_train_step(self, phase: Phase) -> jax.stages.Lowered:
     """The phase's step lowered for the mesh's devices (a TPU topology's, say), nothing run."""
-    batch = batch_lib.abstract_batch(self.mesh, phase.batch_size, phase.seq_len, phase.max_predictions)
+    batch = batch_lib.abstract_batch(batch_sharding(self.mesh), phase.batch_size, phase.seq_len,
+                                     phase.max_predictions)
     return self.train_step(phase).lower(self.abstract_state, batch, state_lib.ABSTRACT_RNG)
 
   @functools.cached_property
