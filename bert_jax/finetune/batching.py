@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bert_jax.finetune.featurize import IGNORE, Features
+from bert_jax.data.batch import IGNORE
+from bert_jax.finetune.featurize import Features
 
 SORT_WINDOW_BATCHES = 50
 

@@ -11,11 +11,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bert_jax.data.batch import IGNORE  # label of positions that do not count in the loss
 from bert_jax.errors import UserError
 from bert_jax.finetune import qa_windows
 from bert_jax.finetune.readers import ChoiceRecord, TaggedSentence, TextRecord
-
-IGNORE = -100  # label of positions that do not count in the loss (as transformers)
 
 
 @dataclasses.dataclass

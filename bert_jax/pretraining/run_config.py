@@ -279,12 +279,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> list:
   """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
   from bert_jax.training.phases import make_phases
-  from bert_jax.training.steps import NAN_POLICIES, OBJECTIVES
+  from bert_jax.training.steps import NAN_POLICIES, check_objective
   if cfg.nan_policy not in NAN_POLICIES:
     raise UserError(f"--config.nan_policy={cfg.nan_policy!r}: expected one of {NAN_POLICIES}")
-  if objective_of(cfg) not in OBJECTIVES:
-    raise UserError(f"--config.objective={objective_of(cfg)!r}: expected one of "
-                    f"{', '.join(OBJECTIVES)}")
+  check_objective(objective_of(cfg))
   if cfg.model.preset not in PRESETS:
     raise UserError(f"--config.model.preset={cfg.model.preset!r}: expected one of "
                     f"{', '.join(PRESETS)}")

@@ -80,12 +80,18 @@ class Loss:
     return sum(sums[s] / jnp.maximum(counts[c], 1e-6) for s, c in self.terms)
 
 
+def check_objective(objective: str) -> None:
+  """UserError unless `objective` is one this module builds a loss for (checked when the
+  config is validated, and again by pretraining_loss for direct callers)."""
+  if objective not in OBJECTIVES:
+    raise UserError(f"--config.objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+
+
 def pretraining_loss(model_config: BertConfig, objective: str = "mlm_nsp") -> Loss:
   """MLM + NSP: MLM cross-entropy at the gathered positions averaged over the real predictions,
   NSP cross-entropy averaged over sequences, both in float32. Objective "mlm": the MLM term
   alone, and the nsp_* sums and metrics are absent."""
-  if objective not in OBJECTIVES:
-    raise UserError(f"--config.objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
+  check_objective(objective)
   with_nsp = objective == "mlm_nsp"
   model = BertForPreTraining(model_config)
   deterministic = (model_config.hidden_dropout_prob == 0.0
