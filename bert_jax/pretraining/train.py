@@ -196,7 +196,7 @@ class Trainer:
     self.skipped_total = 0
     step, data_state = self._restore()
     if step == 0:
-      if init_params is None and self.cfg.init_from:
+      if init_params is None:  # None again without init_from
         init_params = load_init_params(self.cfg)
       rng = jax.random.fold_in(jax.random.PRNGKey(int(self.cfg.seed)), 0)
       self.state = self.pretraining.init_state(rng, init_params)
