@@ -54,14 +54,16 @@ def _where(words_ref) -> _Where:
                 pl.program_id(1).astype(jnp.uint32) + words_ref[3])
 
 
-def _keep(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, s0, shape):
-  """The kept elements of a [bq, bk] block at (t0, s0): the bits keep_mask draws for
-  [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit quarter s // C; C = S/4, a
-  power of two, so both are a shift and a mask)."""
+def _keep(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, s0, shape,
+          keys_first: bool = False):
+  """The kept elements of a [bq, bk] block at (t0, s0) ([bk, bq] keys first): the bits keep_mask
+  draws for [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit quarter s // C;
+  C = S/4, a power of two, so both are a shift and a mask)."""
   b, n = at
   c = seq_k // 4
-  t = (t0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)).astype(jnp.uint32)
-  s = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  t_axis, s_axis = (1, 0) if keys_first else (0, 1)
+  t = (t0 + jax.lax.broadcasted_iota(jnp.int32, shape, t_axis)).astype(jnp.uint32)
+  s = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, s_axis)
   within = (n * np.uint32(seq_q) + t) * np.uint32(c) + (s & (c - 1)).astype(jnp.uint32)
   hi, lo = dropout.threefry2x32(words_ref[0], words_ref[1], within,
                                 jnp.broadcast_to(b, shape))
@@ -93,19 +95,20 @@ def _to_width(stat, width: int):
   return jnp.concatenate([stat] * (width // lanes), axis=1)
 
 
-def _scores(q, k, q_seg, kv_seg, scale):
-  """Scaled q·k of a block with the disallowed pairs at the float32 minimum, and the mask.
-  q_seg: [bq, lanes]; kv_seg: [sublanes, bk] (the first row is read)."""
-  kv_row = kv_seg[:1]
-  allowed = (_to_width(q_seg, kv_row.shape[1]) == kv_row) & (kv_row != 0)
-  return jnp.where(allowed, _dot(q, k, (1, 1)) * scale, _NEG), allowed
+def _scores(a, b, a_ids, b_ids, scale):
+  """Scaled a·b of a block (queries by keys, or keys by queries) with the disallowed pairs at
+  the float32 minimum, and the mask. a_ids: [rows of a, lanes]; b_ids: [sublanes, rows of b]
+  (the first row is read). A pair is allowed when its ids are equal and not 0 (padding)."""
+  b_row = b_ids[:1]
+  allowed = (_to_width(a_ids, b_row.shape[1]) == b_row) & (b_row != 0)
+  return jnp.where(allowed, _dot(a, b, (1, 1)) * scale, _NEG), allowed
 
 
-def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_ref, *,
+def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref, *,
                 cfg: Config, seq_q: int, seq_k: int):
   bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
-  q, q_seg = q_ref[...], qs_ref[...]
+  q, q_ids = q_ref[...], q_ids_ref[...]
   scale = 1.0 / math.sqrt(q.shape[-1])
   at = _where(words_ref)
 
@@ -113,7 +116,7 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_
     m, l, acc = carry
     s0 = pl.multiple_of(j * bk, bk)
     v = v_ref[pl.ds(s0, bk), :]
-    s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_seg, ks_ref[:, pl.ds(s0, bk)], scale)
+    s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_ids, kv_ids_ref[:, pl.ds(s0, bk)], scale)
     m_new = jnp.maximum(m, _column(jnp.max(s, axis=1), lanes))
     p = jnp.exp(s - _to_width(m_new, bk))
     alpha = jnp.exp(m - m_new)
@@ -134,41 +137,53 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, m_ref, l_
   l_ref[...] = l
 
 
-def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_seg, kv_seg, m, l,
-                 delta):
-  """For one [bq, bk] block: (dropped probabilities, d logits) of the backward pass."""
+def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_ids, kv_ids, m, l,
+                 delta, keys_first: bool):
+  """For one block: (dropped probabilities, d logits) of the backward pass, as [bq, bk], or as
+  [bk, bq] keys first. Query first, q_ids and the statistics are [bq, lanes] column tiles and
+  kv_ids a [sublanes, bk] row tile; keys first, kv_ids is the column tile and q_ids and the
+  statistics [sublanes, bq] row tiles."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  s, allowed = _scores(q, k, q_seg, kv_seg, scale)
-  bk = s.shape[1]
-  p = jnp.exp(s - _to_width(m, bk)) / _to_width(l, bk)
-  dp = _dot(do, v, (1, 1))
+  if keys_first:
+    s, allowed = _scores(k, q, kv_ids, q_ids, scale)
+    dp = _dot(v, do, (1, 1))
+    per_query = lambda x: x[:1]
+  else:
+    s, allowed = _scores(q, k, q_ids, kv_ids, scale)
+    dp = _dot(do, v, (1, 1))
+    per_query = lambda x: _to_width(x, s.shape[1])
+  p = jnp.exp(s - per_query(m)) / per_query(l)
   if cfg.rate > 0.0:
-    keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape)
+    keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape, keys_first)
     dropped = jnp.where(keep, p * cfg.keep_scale, 0.0)
     dp = jnp.where(keep, dp * cfg.keep_scale, 0.0)
   else:
     dropped = p
-  ds = jnp.where(allowed, p * (dp - _to_width(delta, bk)) * scale, 0.0)
+  ds = jnp.where(allowed, p * (dp - per_query(delta)) * scale, 0.0)
   return dropped, ds
 
 
-def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_ref, delta_ref,
-                dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
+def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
+                delta_ref, dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
+  """dK and dV of one key block, over [bk, bq] blocks (keys first): both products then take the
+  block as it is. (Query first, they take it transposed, and XLA's Triton spends minutes
+  compiling the dropout hash feeding a transposed operand; the key-major block compiles in
+  about a second.)"""
   bq, bk = cfg.block_q, cfg.block_k
   s0 = pl.program_id(2) * bk
-  k, v, kv_seg = k_ref[...], v_ref[...], ks_ref[...]
+  k, v, kv_ids = k_ref[...], v_ref[...], kv_ids_ref[...]
   at = _where(words_ref)
 
   def body(i, carry):
     dk, dv = carry
     t0 = pl.multiple_of(i * bq, bq)
-    rows = pl.ds(t0, bq)
+    rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
     dropped, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do,
-                               qs_ref[rows, :], kv_seg, m_ref[rows, :], l_ref[rows, :],
-                               delta_ref[rows, :])
-    dv = dv + _dot(dropped.astype(do.dtype), do, (0, 0))
-    dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
+                               q_ids_ref[cols], kv_ids, m_ref[cols], l_ref[cols],
+                               delta_ref[cols], keys_first=True)
+    dv = dv + _dot(dropped.astype(do.dtype), do, (1, 0))
+    dk = dk + _dot(ds.astype(q.dtype), q, (1, 0))
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -177,11 +192,11 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_ref, delta_ref,
+def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref, delta_ref,
                dq_ref, *, cfg: Config, seq_q: int, seq_k: int):
   bq, bk = cfg.block_q, cfg.block_k
   t0 = pl.program_id(2) * bq
-  q, do, q_seg = q_ref[...], do_ref[...], qs_ref[...]
+  q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
   m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
   at = _where(words_ref)
 
@@ -189,8 +204,8 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_
     s0 = pl.multiple_of(j * bk, bk)
     cols = pl.ds(s0, bk)
     k = k_ref[cols, :]
-    _, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v_ref[cols, :], do, q_seg,
-                         ks_ref[:, cols], m, l, delta)
+    _, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v_ref[cols, :], do, q_ids,
+                         kv_ids_ref[:, cols], m, l, delta, keys_first=False)
     return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
   dq = jax.lax.fori_loop(0, seq_k // bk, body, jnp.zeros(q.shape, jnp.float32))
@@ -198,23 +213,26 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, m_ref, l_
 
 
 def _specs(t, s, h, cfg: Config, blocked: str):
-  """BlockSpecs for a grid (b, n, block index), blocked along the queries or the keys:
-  q/k/v [B,N,T,H], query ids [B,T,lanes], key ids [B,sublanes,S], statistics [B,N,T,lanes]."""
+  """BlockSpecs for a grid (b, n, block index), blocked along the queries (the forward and dQ
+  kernels: query ids [B,T,lanes] and statistics [B,N,T,lanes] as column tiles, key ids
+  [B,sublanes,S] as a row tile) or the keys (the dK/dV kernel, keys first: key ids
+  [B,S,lanes] as the column tile, query ids [B,sublanes,T] and statistics [B,N,sublanes,T]
+  as row tiles); q/k/v are [B,N,T,H]."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
   if blocked == "q":
     bq = cfg.block_q
     return dict(q=pl.BlockSpec((sq, sq, bq, h), lambda i, j, k: (i, j, k, 0)),
                 k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
-                qs=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
-                ks=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
-                row=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
+                q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
+                kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
+                stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
   bk = cfg.block_k
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
               k=pl.BlockSpec((sq, sq, bk, h), lambda i, j, k: (i, j, k, 0)),
-              qs=pl.BlockSpec((sq, t, lanes), lambda i, j, k: (i, 0, 0)),
-              ks=pl.BlockSpec((sq, sub, bk), lambda i, j, k: (i, 0, k)),
-              row=pl.BlockSpec((sq, sq, t, lanes), lambda i, j, k: (i, j, 0, 0)))
+              q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
+              kv_ids=pl.BlockSpec((sq, bk, lanes), lambda i, j, k: (i, k, 0)),
+              stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
@@ -242,11 +260,14 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: in
                         cost_estimate=cost, **params)(*args)
 
 
-def _segment_tiles(q_seg, kv_seg, cfg: Config):
-  """[B,T] and [B,S] ids as the kernels read them: [B,T,lanes] and [B,sublanes,S]."""
-  b, t = q_seg.shape
-  return (jnp.broadcast_to(q_seg[:, :, None], (b, t, cfg.lanes)),
-          jnp.broadcast_to(kv_seg[:, None, :], (b, cfg.sublanes, kv_seg.shape[1])))
+def _column_tile(ids, lanes: int):
+  """[B,L] ids (or [B,N,L] statistics) as [..., L, lanes]: one per row of a block."""
+  return jnp.broadcast_to(ids[..., None], ids.shape + (lanes,))
+
+
+def _row_tile(ids, sublanes: int):
+  """[B,L] ids (or [B,N,L] statistics) as [..., sublanes, L]: one per column of a block."""
+  return jnp.broadcast_to(ids[..., None, :], ids.shape[:-1] + (sublanes, ids.shape[-1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -263,10 +284,11 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
   kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
   row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
   out, m, l = _call(kernel, (b, n, t // cfg.block_q),
-                    [sp["q"], sp["k"], sp["k"], sp["qs"], sp["ks"]],
-                    [sp["q"], sp["row"], sp["row"]],
+                    [sp["q"], sp["k"], sp["k"], sp["q_ids"], sp["kv_ids"]],
+                    [sp["q"], sp["stats"], sp["stats"]],
                     [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg, 2,
-                    words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg))
+                    words, q, k, v, _column_tile(q_seg, cfg.lanes),
+                    _row_tile(kv_seg, cfg.sublanes))
   # Only the first lane of the statistics is kept for the backward pass.
   return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0])
 
@@ -277,20 +299,22 @@ def _flash_bwd(cfg: Config, residuals, d_out):
   s = k.shape[2]
   d_out = d_out.astype(q.dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  stats = [jnp.broadcast_to(x[..., None], (b, n, t, cfg.lanes)) for x in (m, l, delta)]
-  args = (words, q, k, v, *_segment_tiles(q_seg, kv_seg, cfg), d_out, *stats)
   sk = _specs(t, s, h, cfg, "k")
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // cfg.block_k),
-                 [sk["q"], sk["k"], sk["k"], sk["qs"], sk["ks"], sk["q"]] + [sk["row"]] * 3,
-                 [sk["k"], sk["k"]],
+                 [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
+                 + [sk["stats"]] * 3, [sk["k"], sk["k"]],
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 cfg, 4, *args)  # q·k again, dv, dp, dk
+                 cfg, 4,  # q·k again, dv, dp, dk
+                 words, q, k, v, _row_tile(q_seg, cfg.sublanes), _column_tile(kv_seg, cfg.lanes),
+                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
-             [sq["q"], sq["k"], sq["k"], sq["qs"], sq["ks"], sq["q"]] + [sq["row"]] * 3,
-             sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3, *args)  # q·k, dp, dq
+             [sq["q"], sq["k"], sq["k"], sq["q_ids"], sq["kv_ids"], sq["q"]] + [sq["stats"]] * 3,
+             sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3,  # q·k, dp, dq
+             words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes),
+             d_out, *[_column_tile(x, cfg.lanes) for x in (m, l, delta)])
   return dq, dk, dv, None, None, None
 
 
