@@ -3,7 +3,7 @@
 from bert_jax.config import BertConfig
 from bert_jax.devices import platforms
 
-platforms.skip_absent_tpu()  # before jax picks its backend
+platforms.skip_absent_accelerators()  # before jax picks its backend
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "load_pretrained"]
 __version__ = "0.1.0"

@@ -186,29 +186,50 @@ def test_a_training_step_is_the_same_through_the_kernel():
                ref_grads)
 
 
-def test_the_tpu_program_plan_compiles_runs_fused_attention():
-  """The train step compiled for a v5e topology calls the fused kernels (Mosaic custom calls):
-  splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
-  with the paper's 0.1."""
-  pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
+def _train_step_for(devices, dropout_prob: float, attention: str = "auto"):
+  """The tiny config's train step (what `bert-jax plan` compiles), lowered for `devices`."""
   from bert_jax.pretraining import plan
   from bert_jax.pretraining.run_config import resolve_config
   from bert_jax.training import sharding, steps
   import os
   tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "tiny_cpu.py")
+  cfg = resolve_config(tiny, [
+      ("phases", "[{'fraction': 1.0, 'seq_len': 128, 'max_predictions': 10, "
+                 "'batch_size': 8, 'grad_accum': 1}]"), ("total_steps", "100"),
+      ("model.dtype", "bfloat16"), ("model.attention", attention),
+      ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
+  model_config = plan.model_config_of(cfg)
+  mesh = sharding.make_mesh(devices=devices)
+  phases = plan.make_phases(cfg)
+  pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
+  return pretraining.lower_train_step(phases[0])
 
-  def lowered(dropout_prob):
-    cfg = resolve_config(tiny, [
-        ("phases", "[{'fraction': 1.0, 'seq_len': 128, 'max_predictions': 10, "
-                   "'batch_size': 8, 'grad_accum': 1}]"), ("total_steps", "100"),
-        ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
-    model_config = plan.model_config_of(cfg)
-    mesh = sharding.make_mesh(devices=plan.load_target("v5e:2x2").devices)
-    phases = plan.make_phases(cfg)
-    pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
-    return pretraining.lower_train_step(phases[0]).as_text()
 
-  fast, paper = lowered(0.0), lowered(0.1)
+def test_the_tpu_program_plan_compiles_runs_fused_attention():
+  """The train step compiled for a v5e topology calls the fused kernels (Mosaic custom calls):
+  splash with attention dropout 0 (the fast recipe), this project's kernel, dropping inside it,
+  with the paper's 0.1."""
+  pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
+  from bert_jax.pretraining import plan
+  devices = plan.load_target("v5e:2x2").devices
+  fast, paper = (_train_step_for(devices, p).as_text() for p in (0.0, 0.1))
   assert "tpu_custom_call" in fast and "splash" in fast
   assert "tpu_custom_call" in paper and "_fwd_kernel" in paper and "_dq_kernel" in paper
+
+
+def test_the_kernel_compiles_into_a_gpu_train_step():
+  """The train step for two H100s, compiled on this host from a description of the GPU (jax's
+  CUDA plugin, the plan-gpu extra), with the kernel dropping inside it: its three kernels are
+  Triton calls in the program, and XLA compiles them (the dK/dV kernel once took XLA's Triton
+  minutes: a dropout hash feeding a transposed operand)."""
+  from bert_jax.devices import gpu_targets
+  try:
+    devices = gpu_targets.devices("h100:2")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  lowered = _train_step_for(devices, 0.1, attention="pallas")
+  text = lowered.as_text()
+  assert text.count("__gpu$xla.gpu.triton") >= 3
+  compiled = lowered.compile()
+  assert compiled.memory_analysis().temp_size_in_bytes > 0

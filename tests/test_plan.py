@@ -1,9 +1,11 @@
-"""`bert-jax plan`: the real train step compiled for TPU topologies on this CPU host.
+"""`bert-jax plan`: the real train step compiled for TPU topologies and NVIDIA GPUs on this CPU
+host.
 
 Kept small: a 2-layer, 128-wide BERT at short lengths compiles for a TPU in seconds."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -119,6 +121,30 @@ def test_accumulated_flops_scale_with_the_micro_batches(v5e):
   assert four == pytest.approx(4 * one, rel=0.03)
 
 
+def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
+  """h100:2 (one host of two): the step compiled on this CPU host from a description of the
+  GPU (jax's CUDA plugin). XLA counts no FLOPs there: the report says so and times the step by
+  the model's FLOPs."""
+  from bert_jax.devices import gpu_targets
+  try:
+    gpu_targets.devices("h100:1")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  assert plan.main(["--config", TINY, "--topology", "h100:2", "--phase", "1", "--json",
+                    "--config.model.attention=xla"] + [f"--config.{k}={v}" for k, v in SHORT]) == 0
+  report = json.loads(capsys.readouterr().out)
+  (phase,) = report["phases"]
+  assert report["target"]["kind"] == gpu_targets.GPUS["h100"].device_name
+  assert report["target"]["memory_per_chip"] == 80 * 2**30 and phase["fits"]
+  assert phase["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert phase["memory"]["arguments"] == pytest.approx(3 * 4 * _param_count(_cfg()), rel=0.05)
+  flops = phase["flops"]
+  assert flops["compiled_per_chip"] is None and flops["ratio"] is None
+  assert phase["bound"]["step_s"] == pytest.approx(flops["model_per_chip"] / 989e12)
+  report["config"] = ""
+  assert "compiled ? (the compiler counts none)" in plan.format_report(report)
+
+
 def test_does_not_fit_exits_3_with_a_suggestion(capsys):
   code = plan.main(["--config", TINY, "--topology", "v5e:2x2", "--phase", "2",
                     "--config.phases.1.batch_size=16384"])
@@ -132,6 +158,7 @@ def test_does_not_fit_exits_3_with_a_suggestion(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--topology", "v5x:2x2"], "--topology v5x:2x2: "),
     (["--topology", "v5e"], "expected a TPU topology"),
+    (["--topology", "h900:8"], "a GPU one (a100, h100, h200: h100:8, h100:2x8)"),
     (["--topology", "local", "--phase", "3"], "--phase 3: expected a phase number 1..2"),
     (["--topology", "local", "--config.phases.0.batch_size=0"], "batch_size=0"),
     # checked before any compile: 32 rows in 16 micro-batches of 2 over 4 chips

@@ -67,6 +67,31 @@ def test_jax_platforms_wins(host, monkeypatch):
   assert platforms.default_platform() == "gpu"
 
 
+@pytest.mark.parametrize("devices,installed,pinned", [
+    ([INTEL], ("libtpu",), True),                          # the test extra on a CPU host
+    ([INTEL], ("jax_cuda13_plugin",), True),               # plan-gpu on a CPU host
+    ([INTEL, NVIDIA_GPU], ("libtpu", "jax_cuda13_plugin"), False),
+    ([INTEL, NVIDIA_GPU], ("libtpu",), True),              # check_install refuses it later
+    ([INTEL, TPU], ("libtpu",), False),
+    ([INTEL], (), False),                                  # nothing to keep jax from
+])
+def test_jax_starts_on_the_cpu_where_no_installed_backend_has_its_chips(
+    host, monkeypatch, devices, installed, pinned):
+  host(devices, installed=installed)
+  monkeypatch.delenv(platforms._PINNED, raising=False)
+  monkeypatch.setattr(platforms, "sys", type("Sys", (), {"modules": {}}))  # jax: not yet
+  platforms.skip_absent_accelerators()
+  assert (os.environ.get("JAX_PLATFORMS") == "cpu") == pinned
+  assert bool(os.environ.get(platforms._PINNED)) == pinned
+
+
+def test_a_gpu_plugin_on_an_unreadable_pci_bus_lets_jax_look(host, monkeypatch, tmp_path):
+  host([INTEL], installed=("jax_cuda13_plugin",))
+  monkeypatch.setattr(platforms, "_PCI_DEVICES", tmp_path / "no-sysfs")
+  platforms.skip_absent_accelerators()
+  assert "JAX_PLATFORMS" not in os.environ
+
+
 def test_importing_bert_jax_keeps_jax_off_an_absent_tpu():
   """With libtpu installed on a CPU host, jax starts on the CPU without libtpu's error lines."""
   pytest.importorskip("libtpu")
@@ -116,7 +141,7 @@ def test_an_accelerator_host_with_a_cpu_only_jax_stops_with_the_install(host, ca
 
 
 def test_our_own_cpu_pin_does_not_hide_a_gpu(host, monkeypatch):
-  """skip_absent_tpu pins a host without a TPU to the CPU; on a GPU host without the CUDA
+  """skip_absent_accelerators pins a host without a TPU to the CPU; on a GPU host without the CUDA
   plugin that pin must not pass for the user's JAX_PLATFORMS=cpu."""
   host([NVIDIA_GPU], installed=("libtpu",))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")

@@ -4,9 +4,10 @@
   entry of JAX_PLATFORMS when set, else an accelerator whose chips are on this host's PCI bus
   *and* whose jax plugin is installed, else the CPU.
 - `compute_dtype("auto", device)`: bfloat16 where the device has bfloat16 matrix units.
-- `skip_absent_tpu()`: with libtpu installed (the `tpu` extra, for `bert-jax plan`) but no TPU
-  on this host, jax would still try libtpu for its default backend, print five lines of errors
-  and fall back to the CPU; this makes it start on the CPU directly.
+- `skip_absent_accelerators()`: with libtpu or a CUDA plugin installed (the `tpu` and `plan-gpu`
+  extras, for `bert-jax plan`) but no such chip on this host, jax would still try them for its
+  default backend, print errors and fall back to the CPU; this makes it start on the CPU
+  directly.
 """
 
 from __future__ import annotations
@@ -85,13 +86,19 @@ def check_install(command: str) -> None:
                   f"{INSTALLS[kind]} (or set JAX_PLATFORMS=cpu to run on the CPU anyway)")
 
 
-def skip_absent_tpu() -> None:
-  """Start jax on the CPU when libtpu is installed but this host has no TPU and no GPU plugin
-  either (then the CPU is what jax would end up on anyway). Leaves an explicit JAX_PLATFORMS
-  alone; `bert-jax plan` still reaches libtpu for TPU topologies."""
-  if os.environ.get("JAX_PLATFORMS") or not _installed("libtpu"):
+def skip_absent_accelerators() -> None:
+  """Start jax on the CPU when a backend for accelerators is installed (libtpu, or a CUDA
+  plugin: both also compile for absent chips in `bert-jax plan`) but none that this host's PCI
+  bus lists: jax would try each, print errors and fall back to the CPU anyway (and a CUDA plugin
+  on a host without CUDA registers nothing then, not even its compiler). Leaves an explicit
+  JAX_PLATFORMS alone, and a GPU plugin where the PCI bus cannot be read (jax looks itself)."""
+  gpu_plugin = any(_installed(p) for p in _GPU_PLUGINS)
+  if os.environ.get("JAX_PLATFORMS") or not (gpu_plugin or _installed("libtpu")):
     return
-  if "tpu" in accelerators_on_host() or any(_installed(p) for p in _GPU_PLUGINS):
+  present = accelerators_on_host()
+  if "tpu" in present and _installed("libtpu") or "gpu" in present and gpu_plugin:
+    return
+  if gpu_plugin and not _PCI_DEVICES.is_dir():
     return
   os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; inherited by subprocesses
   os.environ[_PINNED] = "1"  # ours, not the user's: check_install still looks at the host

@@ -1,14 +1,15 @@
-"""`bert-jax plan`: compile the real train step for a TPU topology (or this machine's devices)
-ahead of time, and report per phase what a pod would give before it is rented.
+"""`bert-jax plan`: compile the real train step for a TPU topology, NVIDIA GPUs (or this
+machine's devices) ahead of time, and report per phase what a pod would give before it is rented.
 
-  bert-jax plan --config configs/X.py[:arg] --topology v5e:4x4|v4:2x2x1|...|local
+  bert-jax plan --config configs/X.py[:arg] --topology v5e:4x4|v4:2x2x1|...|h100:8|local
                 [--phase N|all] [--mfu 0.4] [--json] [--config.a.b=v ...]
 
 Nothing is trained and no data is read: the train state and the batch are ShapeDtypeStructs with
 their shardings, lowered through `steps.Pretraining` (what `bert-jax pretrain` runs) and
 compiled by XLA for the topology's devices; libtpu compiles TPU programs on any host (MaxText's
-train_compile.py works the same way). Memory and FLOPs are XLA's own figures
-(`memory_analysis()`, `cost_analysis()`). XLA counts a loop body once, so with gradient
+train_compile.py works the same way), and jax's CUDA plugin GPU programs from a description of
+the GPU (devices/gpu_targets.py). Memory and FLOPs are XLA's own figures (`memory_analysis()`,
+`cost_analysis()`; it counts no FLOPs for a GPU compiled for without one). XLA counts a loop body once, so with gradient
 accumulation the FLOPs are corrected: the update outside the loop is compiled alone and the
 rest multiplied by the number of micro-batches.
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
-from bert_jax.devices import hostmem, mfu, platforms
+from bert_jax.devices import gpu_targets, hostmem, mfu, platforms
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.pretraining.run_config import objective_of, parse_overrides, resolve_config
 from bert_jax.storage.fileio import as_path
@@ -75,14 +76,21 @@ def _quiet_fd2():
 
 
 def load_target(name: str) -> Target:
-  """`local` (this machine's devices) or a TPU topology as get_topology_desc names it."""
+  """`local` (this machine's devices), an NVIDIA GPU topology (`h100:8`, `h200:2x8`; see
+  devices/gpu_targets.py) or a TPU topology as get_topology_desc names it."""
   if name == "local":
     devices = jax.devices()
+  elif gpu_targets.parse(name):
+    try:
+      devices = gpu_targets.devices(name)
+    except RuntimeError as e:
+      raise UserError(f"--topology {name}: {str(e).splitlines()[0][:200]}") from None
   else:
     version, _, shape = name.partition(":")
     if not re.fullmatch(r"v\d+[a-z]*", version) or not re.fullmatch(r"\d+(x\d+)+", shape):
       raise UserError(f"--topology {name}: expected a TPU topology such as v5e:2x2, v4:2x2x1, "
-                      "v5p:2x2x4, v6e:2x4, or local")
+                      f"v5p:2x2x4, v6e:2x4, a GPU one ({', '.join(gpu_targets.GPUS)}: h100:8, "
+                      "h100:2x8), or local")
     try:
       from jax.experimental import topologies
       import libtpu  # noqa: F401  (the compiler for TPU programs)
@@ -132,10 +140,12 @@ def _bytes_per_chip(tree: Any) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _flops(compiled) -> float:
+def _flops(compiled) -> float | None:
+  """XLA's FLOP count of a compiled program; None where the compiler gives none (a GPU
+  compiled for without one)."""
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  return float(analysis.get("flops", 0.0))
+  return float(analysis.get("flops", 0.0)) if analysis else None
 
 
 def _update_flops(pretraining: steps.Pretraining) -> float:
@@ -172,6 +182,10 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
     compiled = pretraining.lower_train_step(phase).compile()
   except Exception as e:
     message = str(e)
+    if "cuDNN" in message and gpu_targets.parse(target.name):
+      raise UserError(f"--topology {target.name}: attention through cuDNN cannot be planned "
+                      f"without the cuDNN library ({message.splitlines()[0][:100]}); plan "
+                      "--config.model.attention=pallas or =xla") from None
     if not _OOM.search(message):
       raise
     out.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
@@ -192,15 +206,15 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
   memory["margin"] = None if target.memory_per_chip is None else target.memory_per_chip - peak
   out["fits"] = fits
   compiled_flops = _flops(compiled)
-  if phase.grad_accum > 1:  # the loop body was counted once
+  if phase.grad_accum > 1 and compiled_flops is not None:  # the loop body was counted once
     outside = _update_flops(pretraining)
     compiled_flops = outside + phase.grad_accum * (compiled_flops - outside)
   model_flops = (mfu.train_flops_per_sequence(model_config, phase.seq_len, phase.max_predictions)
                  * phase.batch_size / chips)
   out["flops"] = dict(compiled_per_chip=compiled_flops, model_per_chip=model_flops,
-                      ratio=compiled_flops / model_flops)
+                      ratio=None if compiled_flops is None else compiled_flops / model_flops)
   if target.peak_flops:
-    bound_s = compiled_flops / target.peak_flops
+    bound_s = (model_flops if compiled_flops is None else compiled_flops) / target.peak_flops
     at_mfu_s = model_flops / (assumed_mfu * target.peak_flops)
     rate = lambda s: dict(step_s=s, sequences_per_s=phase.batch_size / s,
                           tokens_per_s=phase.batch_size * phase.seq_len / s)
@@ -279,8 +293,11 @@ def format_report(report: dict) -> str:
       lines.append(f"  compiler: {p['compiler_error']}")
     if "flops" in p:
       f = p["flops"]
-      lines.append(f"  FLOPs per chip per step: compiled {f['compiled_per_chip']:.3e}, model "
-                   f"{f['model_per_chip']:.3e} (ratio {f['ratio']:.2f})")
+      compiled = ("? (the compiler counts none)" if f["compiled_per_chip"] is None
+                  else f"{f['compiled_per_chip']:.3e}")
+      ratio = "" if f["ratio"] is None else f" (ratio {f['ratio']:.2f})"
+      lines.append(f"  FLOPs per chip per step: compiled {compiled}, model "
+                   f"{f['model_per_chip']:.3e}{ratio}")
     for key, label in (("bound", "at peak (bound)"), ("at_mfu", "at {mfu:.0%} MFU")):
       if key in p:
         r = p[key]
@@ -331,15 +348,16 @@ def _phase_numbers(text: str, count: int) -> list[int] | None:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="bert-jax plan",
-      description="Compile the real train step ahead of time for a TPU topology (or this "
-                  "machine's devices) and report memory per chip, FLOPs, step time and the "
+      description="Compile the real train step ahead of time for a TPU topology, NVIDIA GPUs "
+                  "(or this machine's devices) and report memory per chip, FLOPs, step time and the "
                   "schedule's wall time per phase. Exit 3 when a phase does not fit.",
       epilog="Override config fields as for pretrain: --config.phases.0.batch_size=512, "
              "--config.mesh.fsdp=4, --config.model.remat=True.")
   p.add_argument("--config", required=True, metavar="FILE[:ARG]")
   p.add_argument("--topology", required=True,
-                 help="a TPU topology (v5e:2x2, v5e:16x16, v4:2x2x1, v5p:2x2x4, v6e:2x4) or "
-                      "local (this machine's devices)")
+                 help="a TPU topology (v5e:2x2, v5e:16x16, v4:2x2x1, v5p:2x2x4, v6e:2x4), "
+                      "NVIDIA GPUs (h100:8 = one host of 8, h200:2x8, a100:8) or local (this "
+                      "machine's devices)")
   p.add_argument("--phase", default="all", help="phase number (1 = first) or all")
   p.add_argument("--mfu", type=float, default=0.4,
                  help="assumed model-FLOPs utilisation for the time estimates (default 0.4)")
