@@ -15,11 +15,12 @@ an element depend on its global (b, n, t, s), whatever the mesh.
 
 The kernel is chosen by the platform of the mesh the step is traced under (`target_platform`),
 so `bert-jax plan` compiles the TPU path on any host. On TPUs the Pallas kernel (its TPU layout
-checked in interpret mode; compiled, never yet run on a chip) trains the paper's recipe. On an
-H200 it computes what the XLA path computes (its tests pass there), but a BERT-base step through
-it did not finish compiling and running within 150 s (README): until it is measured there, `auto`
-takes it nowhere on GPUs, which train attention dropout through the XLA path and say so in the
-run's log; the fast recipe (attention dropout 0, configs/bert_base_fast.py) is fused there.
+checked in interpret mode; compiled, never yet run on a chip) trains the paper's recipe. On
+GPUs it compiles through Triton (a BERT-base step for an H200 in as long as the unfused one,
+`bert-jax plan --topology h200:1`), but its speed there is not yet measured: until it is,
+`auto` takes it nowhere on GPUs, which train attention dropout through the XLA path and say so
+in the run's log; the fast recipe (attention dropout 0, configs/bert_base_fast.py) is fused
+there.
 cuDNN reads a padding mask as lengths: padding at the end, as every batch made here.
 """
 

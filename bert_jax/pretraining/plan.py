@@ -186,6 +186,9 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
       raise UserError(f"--topology {target.name}: attention through cuDNN cannot be planned "
                       f"without the cuDNN library ({message.splitlines()[0][:100]}); plan "
                       "--config.model.attention=pallas or =xla") from None
+    if "ptxas" in message and gpu_targets.parse(target.name):
+      raise UserError(f"--topology {target.name}: XLA found no ptxas (NVIDIA's assembler) to "
+                      "compile for the GPU; pip install 'bert-jax[plan-gpu]' brings it") from None
     if not _OOM.search(message):
       raise
     out.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
