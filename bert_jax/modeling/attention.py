@@ -159,8 +159,8 @@ def _axis_offset(axes: tuple[str, ...], local: int):
 
 
 def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate: float = 0.0,
-                    interpret: bool = False, layout: str | None = None, block_q: int = 128,
-                    block_k: int | None = None):
+                    interpret: bool = False, layout: str | None = None,
+                    block_q: int | None = None, block_k: int | None = None):
   """The Pallas kernel over the whole batch: under a mesh, each device runs it on its own rows
   and heads (shard_map), with the global row and head offsets that keep the dropout bits
   mesh-independent. `layout` ("tpu" or "gpu"; default: the traced platform's) shapes the
@@ -170,7 +170,10 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   q, k, v = to_bnth(q_BTNH), to_bnth(k_BSNH), to_bnth(v_BSNH)
   tpu = (layout or target_platform()) == "tpu"
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
-  # keeps them), key blocks of one lane tile; elsewhere plain columns and rows.
+  # keeps them), blocks of one lane tile; elsewhere plain columns and rows, and 64 x 64 blocks:
+  # with the dropout hash, ptxas spills no register there with Triton's 4 warps (128-query
+  # blocks spill up to 2.3 KB per thread at length 512).
+  block_q = block_q or (128 if tpu else 64)
   cfg = flash.Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
                      block_k=min(block_k or (128 if tpu else 64), k.shape[2]),
                      lanes=128 if tpu else 1, sublanes=8 if tpu else 1,

@@ -192,8 +192,8 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref, delta_ref,
-               dq_ref, *, cfg: Config, seq_q: int, seq_k: int):
+def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
+               delta_ref, dq_ref, *, cfg: Config, seq_q: int, seq_k: int):
   bq, bk = cfg.block_q, cfg.block_k
   t0 = pl.program_id(2) * bq
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]

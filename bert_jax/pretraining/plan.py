@@ -9,9 +9,9 @@ their shardings, lowered through `steps.Pretraining` (what `bert-jax pretrain` r
 compiled by XLA for the topology's devices; libtpu compiles TPU programs on any host (MaxText's
 train_compile.py works the same way), and jax's CUDA plugin GPU programs from a description of
 the GPU (devices/gpu_targets.py). Memory and FLOPs are XLA's own figures (`memory_analysis()`,
-`cost_analysis()`; it counts no FLOPs for a GPU compiled for without one). XLA counts a loop body once, so with gradient
-accumulation the FLOPs are corrected: the update outside the loop is compiled alone and the
-rest multiplied by the number of micro-batches.
+`cost_analysis()`; it counts no FLOPs for a GPU compiled for without one). XLA counts a loop
+body once, so with gradient accumulation the FLOPs are corrected: the update outside the loop
+is compiled alone and the rest multiplied by the number of micro-batches.
 
 Exit codes: 0 every planned phase fits; 3 one does not (with what would make it fit); 2 bad input.
 """
@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="bert-jax plan",
       description="Compile the real train step ahead of time for a TPU topology, NVIDIA GPUs "
-                  "(or this machine's devices) and report memory per chip, FLOPs, step time and the "
-                  "schedule's wall time per phase. Exit 3 when a phase does not fit.",
+                  "(or this machine's devices) and report memory per chip, FLOPs, step time and "
+                  "the schedule's wall time per phase. Exit 3 when a phase does not fit.",
       epilog="Override config fields as for pretrain: --config.phases.0.batch_size=512, "
              "--config.mesh.fsdp=4, --config.model.remat=True.")
   p.add_argument("--config", required=True, metavar="FILE[:ARG]")
