@@ -170,12 +170,16 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   q, k, v = to_bnth(q_BTNH), to_bnth(k_BSNH), to_bnth(v_BSNH)
   tpu = (layout or target_platform()) == "tpu"
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
-  # keeps them), blocks of one lane tile; elsewhere plain columns and rows, and 64 x 64 blocks:
-  # with the dropout hash, ptxas spills no register there with Triton's 4 warps (128-query
-  # blocks spill up to 2.3 KB per thread at length 512).
+  # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
+  # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
+  # four blocks (flash.groups). Compiled for an H200, ptxas spills at most 72 bytes per thread
+  # there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB with
+  # 128 x 64 blocks and a hash per element.
+  s = k.shape[2]
   block_q = block_q or (128 if tpu else 64)
+  block_k = block_k or (128 if tpu else max(16, min(32, s // 4)))
   cfg = flash.Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
-                     block_k=min(block_k or (128 if tpu else 64), k.shape[2]),
+                     block_k=min(block_k, s),
                      lanes=128 if tpu else 1, sublanes=8 if tpu else 1,
                      smem=tpu and not interpret,
                      triton=not interpret and target_platform() == "gpu")

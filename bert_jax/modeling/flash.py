@@ -54,23 +54,42 @@ def _where(words_ref) -> _Where:
                 pl.program_id(1).astype(jnp.uint32) + words_ref[3])
 
 
-def _keep(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, s0, shape,
-          keys_first: bool = False):
-  """The kept elements of a [bq, bk] block at (t0, s0) ([bk, bq] keys first): the bits keep_mask
-  draws for [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit quarter s // C;
-  C = S/4, a power of two, so both are a shift and a mask)."""
+def groups(cfg: Config, seq_k: int) -> int:
+  """How many key blocks draw their dropout bits from the same hashes: 4 where a block fits in
+  a quarter of the keys (C = S/4; keep_mask's counter of key s is s mod C and its 16-bit word
+  s // C, so the blocks at one offset in the four quarters share their counters, and one
+  Threefry gives all four masks, as in keep_mask), else 1 (a block spans quarters: one hash per
+  element). The kernels visit key blocks as (j, g): block j of quarter g, at j*bk + g*S/4."""
+  return 4 if cfg.block_k <= seq_k // 4 else 1
+
+
+def _keeps(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, j, shape,
+           keys_first: bool = False) -> list:
+  """The kept elements of the groups(...) [bq, bk] blocks ([bk, bq] keys first) at queries t0
+  and key-block index j: the bits keep_mask draws for [B, N, T, S] (counter (n*T + t)*C +
+  s mod C under row b, 16-bit word s // C; C = S/4, a power of two, so both are a mask and a
+  shift)."""
   b, n = at
   c = seq_k // 4
   t_axis, s_axis = (1, 0) if keys_first else (0, 1)
   t = (t0 + jax.lax.broadcasted_iota(jnp.int32, shape, t_axis)).astype(jnp.uint32)
-  s = s0 + jax.lax.broadcasted_iota(jnp.int32, shape, s_axis)
+  s = j * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, s_axis)
   within = (n * np.uint32(seq_q) + t) * np.uint32(c) + (s & (c - 1)).astype(jnp.uint32)
   hi, lo = dropout.threefry2x32(words_ref[0], words_ref[1], within,
                                 jnp.broadcast_to(b, shape))
-  quarter = s >> (c.bit_length() - 1)
-  bits = jnp.where(quarter == 0, hi >> 16, jnp.where(quarter == 1, hi & 0xFFFF,
-                   jnp.where(quarter == 2, lo >> 16, lo & 0xFFFF)))
-  return bits.astype(jnp.int32) < cfg.threshold
+  words = (hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF)
+  if groups(cfg, seq_k) == 4:
+    bits = list(words)
+  else:
+    word = s >> (c.bit_length() - 1)
+    bits = [jnp.where(word == 0, words[0], jnp.where(word == 1, words[1],
+                      jnp.where(word == 2, words[2], words[3])))]
+  return [x.astype(jnp.int32) < cfg.threshold for x in bits]
+
+
+def _block_start(cfg: Config, seq_k: int, j, g):
+  """The first key of block j of quarter g (see `groups`)."""
+  return pl.multiple_of(j * cfg.block_k + g * (seq_k // groups(cfg, seq_k)), cfg.block_k)
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -111,25 +130,29 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
   q, q_ids = q_ref[...], q_ids_ref[...]
   scale = 1.0 / math.sqrt(q.shape[-1])
   at = _where(words_ref)
+  quarters = groups(cfg, seq_k)
 
   def body(j, carry):
-    m, l, acc = carry
-    s0 = pl.multiple_of(j * bk, bk)
-    v = v_ref[pl.ds(s0, bk), :]
-    s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_ids, kv_ids_ref[:, pl.ds(s0, bk)], scale)
-    m_new = jnp.maximum(m, _column(jnp.max(s, axis=1), lanes))
-    p = jnp.exp(s - _to_width(m_new, bk))
-    alpha = jnp.exp(m - m_new)
-    l = l * alpha + _column(jnp.sum(p, axis=1), lanes)
-    if cfg.rate > 0.0:
-      keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape)
-      p = jnp.where(keep, p * cfg.keep_scale, 0.0)
-    acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
-    return m_new, l, acc
+    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk)) if cfg.rate > 0.0
+             else [None] * quarters)
+    for g, keep in enumerate(keeps):
+      m, l, acc = carry
+      s0 = _block_start(cfg, seq_k, j, g)
+      v = v_ref[pl.ds(s0, bk), :]
+      s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_ids, kv_ids_ref[:, pl.ds(s0, bk)], scale)
+      m_new = jnp.maximum(m, _column(jnp.max(s, axis=1), lanes))
+      p = jnp.exp(s - _to_width(m_new, bk))
+      alpha = jnp.exp(m - m_new)
+      l = l * alpha + _column(jnp.sum(p, axis=1), lanes)
+      if keep is not None:
+        p = jnp.where(keep, p * cfg.keep_scale, 0.0)
+      acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
+      carry = m_new, l, acc
+    return carry
 
   init = (jnp.full((bq, lanes), -jnp.inf, jnp.float32), jnp.zeros((bq, lanes), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, seq_k // bk, body, init)
+  m, l, acc = jax.lax.fori_loop(0, seq_k // (bk * quarters), body, init)
   o_ref[...] = (acc / _to_width(l, acc.shape[1])).astype(o_ref.dtype)
   # The row maximum and sum apart, not as log-sum-exp: for a query that sees no key both terms
   # sit at the float32 minimum, where m + log(l) rounds to m.
@@ -137,12 +160,11 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
   l_ref[...] = l
 
 
-def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_ids, kv_ids, m, l,
-                 delta, keys_first: bool):
+def _probs_grads(cfg, q, k, v, do, q_ids, kv_ids, m, l, delta, keep, keys_first: bool):
   """For one block: (dropped probabilities, d logits) of the backward pass, as [bq, bk], or as
   [bk, bq] keys first. Query first, q_ids and the statistics are [bq, lanes] column tiles and
   kv_ids a [sublanes, bk] row tile; keys first, kv_ids is the column tile and q_ids and the
-  statistics [sublanes, bq] row tiles."""
+  statistics [sublanes, bq] row tiles. `keep`: the block's kept elements (None: no dropout)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   if keys_first:
     s, allowed = _scores(k, q, kv_ids, q_ids, scale)
@@ -153,43 +175,46 @@ def _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do, q_ids, k
     dp = _dot(do, v, (1, 1))
     per_query = lambda x: _to_width(x, s.shape[1])
   p = jnp.exp(s - per_query(m)) / per_query(l)
-  if cfg.rate > 0.0:
-    keep = _keep(words_ref, at, cfg, seq_q, seq_k, t0, s0, p.shape, keys_first)
+  dropped = p
+  if keep is not None:
     dropped = jnp.where(keep, p * cfg.keep_scale, 0.0)
     dp = jnp.where(keep, dp * cfg.keep_scale, 0.0)
-  else:
-    dropped = p
   ds = jnp.where(allowed, p * (dp - per_query(delta)) * scale, 0.0)
   return dropped, ds
 
 
 def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
                 delta_ref, dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
-  """dK and dV of one key block, over [bk, bq] blocks (keys first): both products then take the
-  block as it is. (Query first, they take it transposed, and XLA's Triton spends minutes
-  compiling the dropout hash feeding a transposed operand; the key-major block compiles in
-  about a second.)"""
+  """dK and dV of key block j in each of the groups(...) quarters (k_ref: [quarters, bk, H]),
+  over [bk, bq] blocks (keys first): both products then take the block as it is. (Query first,
+  they take it transposed, and XLA's Triton spends minutes compiling the dropout hash feeding a
+  transposed operand; the key-major block compiles in about a second.)"""
   bq, bk = cfg.block_q, cfg.block_k
-  s0 = pl.program_id(2) * bk
-  k, v, kv_ids = k_ref[...], v_ref[...], kv_ids_ref[...]
+  j = pl.program_id(2)
   at = _where(words_ref)
+  quarters = groups(cfg, seq_k)
 
   def body(i, carry):
-    dk, dv = carry
     t0 = pl.multiple_of(i * bq, bq)
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
-    dropped, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v, do,
-                               q_ids_ref[cols], kv_ids, m_ref[cols], l_ref[cols],
-                               delta_ref[cols], keys_first=True)
-    dv = dv + _dot(dropped.astype(do.dtype), do, (1, 0))
-    dk = dk + _dot(ds.astype(q.dtype), q, (1, 0))
-    return dk, dv
+    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
+             if cfg.rate > 0.0 else [None] * quarters)
+    out = []
+    for g, keep in enumerate(keeps):
+      dk, dv = carry[g]
+      dropped, ds = _probs_grads(cfg, q, k_ref[g], v_ref[g], do, q_ids_ref[cols],
+                                 kv_ids_ref[g], m_ref[cols], l_ref[cols], delta_ref[cols],
+                                 keep, keys_first=True)
+      out.append((dk + _dot(ds.astype(q.dtype), q, (1, 0)),
+                  dv + _dot(dropped.astype(do.dtype), do, (1, 0))))
+    return tuple(out)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, seq_q // bq, body, (zeros, zeros))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  zeros = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
+  grads = jax.lax.fori_loop(0, seq_q // bq, body, ((zeros, zeros),) * quarters)
+  for g, (dk, dv) in enumerate(grads):
+    dk_ref[g] = dk.astype(dk_ref.dtype)
+    dv_ref[g] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
@@ -199,16 +224,20 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
   m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
   at = _where(words_ref)
+  quarters = groups(cfg, seq_k)
 
   def body(j, dq):
-    s0 = pl.multiple_of(j * bk, bk)
-    cols = pl.ds(s0, bk)
-    k = k_ref[cols, :]
-    _, ds = _probs_grads(words_ref, at, cfg, seq_q, seq_k, t0, s0, q, k, v_ref[cols, :], do, q_ids,
-                         kv_ids_ref[:, cols], m, l, delta, keys_first=False)
-    return dq + _dot(ds.astype(k.dtype), k, (1, 0))
+    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk)) if cfg.rate > 0.0
+             else [None] * quarters)
+    for g, keep in enumerate(keeps):
+      cols = pl.ds(_block_start(cfg, seq_k, j, g), bk)
+      k = k_ref[cols, :]
+      _, ds = _probs_grads(cfg, q, k, v_ref[cols, :], do, q_ids, kv_ids_ref[:, cols], m, l,
+                           delta, keep, keys_first=False)
+      dq = dq + _dot(ds.astype(k.dtype), k, (1, 0))
+    return dq
 
-  dq = jax.lax.fori_loop(0, seq_k // bk, body, jnp.zeros(q.shape, jnp.float32))
+  dq = jax.lax.fori_loop(0, seq_k // (bk * quarters), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -216,8 +245,9 @@ def _specs(t, s, h, cfg: Config, blocked: str):
   """BlockSpecs for a grid (b, n, block index), blocked along the queries (the forward and dQ
   kernels: query ids [B,T,lanes] and statistics [B,N,T,lanes] as column tiles, key ids
   [B,sublanes,S] as a row tile) or the keys (the dK/dV kernel, keys first: key ids
-  [B,S,lanes] as the column tile, query ids [B,sublanes,T] and statistics [B,N,sublanes,T]
-  as row tiles); q/k/v are [B,N,T,H]."""
+  [B,quarters,S/quarters,lanes] as the column tile, query ids [B,sublanes,T] and statistics
+  [B,N,sublanes,T] as row tiles; k/v as [B,N,quarters,S/quarters,H], so that one instance
+  holds block j of each quarter, see `groups`); q/k/v are [B,N,T,H]."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
   if blocked == "q":
@@ -227,11 +257,11 @@ def _specs(t, s, h, cfg: Config, blocked: str):
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
-  bk = cfg.block_k
+  bk, quarters = cfg.block_k, groups(cfg, s)
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
-              k=pl.BlockSpec((sq, sq, bk, h), lambda i, j, k: (i, j, k, 0)),
+              k=pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)),
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
-              kv_ids=pl.BlockSpec((sq, bk, lanes), lambda i, j, k: (i, k, 0)),
+              kv_ids=pl.BlockSpec((sq, quarters, bk, lanes), lambda i, j, k: (i, 0, k, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)))
 
 
@@ -239,7 +269,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: in
   """The pallas_call of one kernel. Its cost (`matmuls` products of 2·B·N·T·S·H FLOPs, one exp
   per score) is declared, so XLA's FLOP count (`bert-jax plan`) includes what it computes."""
   b, n, t, h = args[1].shape
-  s = args[2].shape[2]
+  s = args[2].size // (b * n * h)
   cost = pl.CostEstimate(
       flops=matmuls * 2 * b * n * t * s * h, transcendentals=b * n * t * s,
       bytes_accessed=sum(x.size * x.dtype.itemsize for x in args)
@@ -254,7 +284,8 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: in
     words_spec = pl.BlockSpec((4,), lambda i, j, k: (0,))
     if cfg.triton:
       from jax.experimental.pallas import triton as plgpu
-      params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
+      # 8 warps: the registers of the dK/dV kernel's accumulators spread over 256 threads
+      params = dict(compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2))
   return pl.pallas_call(kernel, grid=grid, in_specs=[words_spec, *in_specs],
                         out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret,
                         cost_estimate=cost, **params)(*args)
@@ -300,14 +331,19 @@ def _flash_bwd(cfg: Config, residuals, d_out):
   d_out = d_out.astype(q.dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   sk = _specs(t, s, h, cfg, "k")
+  quarters = groups(cfg, s)
+  by_quarter = lambda x: x.reshape(x.shape[:-2] + (quarters, s // quarters, x.shape[-1]))
+  k4, v4 = by_quarter(k), by_quarter(v)
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
-                 (b, n, s // cfg.block_k),
+                 (b, n, s // (cfg.block_k * quarters)),
                  [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
                  + [sk["stats"]] * 3, [sk["k"], sk["k"]],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                 [jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype)],
                  cfg, 4,  # q·k again, dv, dp, dk
-                 words, q, k, v, _row_tile(q_seg, cfg.sublanes), _column_tile(kv_seg, cfg.lanes),
-                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
+                 words, q, k4, v4, _row_tile(q_seg, cfg.sublanes),
+                 by_quarter(_column_tile(kv_seg, cfg.lanes)), d_out,
+                 *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
+  dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
