@@ -185,7 +185,7 @@ def _probs_grads(cfg, q, k, v, do, q_ids, kv_ids, m, l, delta, keep, keys_first:
 
 def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
                 delta_ref, dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
-  """dK and dV of key block j in each of the groups(...) quarters (k_ref: [quarters, bk, H]),
+  """dK and dV of key block j in each of the groups(...) quarters (dk_ref: [quarters, bk, H]),
   over [bk, bq] blocks (keys first): both products then take the block as it is. (Query first,
   they take it transposed, and XLA's Triton spends minutes compiling the dropout hash feeding a
   transposed operand; the key-major block compiles in about a second.)"""
@@ -198,19 +198,20 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
     t0 = pl.multiple_of(i * bq, bq)
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
+    q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
     keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
              if cfg.rate > 0.0 else [None] * quarters)
     out = []
     for g, keep in enumerate(keeps):
       dk, dv = carry[g]
-      dropped, ds = _probs_grads(cfg, q, k_ref[g], v_ref[g], do, q_ids_ref[cols],
-                                 kv_ids_ref[g], m_ref[cols], l_ref[cols], delta_ref[cols],
-                                 keep, keys_first=True)
+      keys = pl.ds(_block_start(cfg, seq_k, j, g), bk)
+      dropped, ds = _probs_grads(cfg, q, k_ref[keys, :], v_ref[keys, :], do, q_ids,
+                                 kv_ids_ref[keys, :], m, l, delta, keep, keys_first=True)
       out.append((dk + _dot(ds.astype(q.dtype), q, (1, 0)),
                   dv + _dot(dropped.astype(do.dtype), do, (1, 0))))
     return tuple(out)
 
-  zeros = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
+  zeros = jnp.zeros((bk, dk_ref.shape[-1]), jnp.float32)
   grads = jax.lax.fori_loop(0, seq_q // bq, body, ((zeros, zeros),) * quarters)
   for g, (dk, dv) in enumerate(grads):
     dk_ref[g] = dk.astype(dk_ref.dtype)
@@ -245,9 +246,9 @@ def _specs(t, s, h, cfg: Config, blocked: str):
   """BlockSpecs for a grid (b, n, block index), blocked along the queries (the forward and dQ
   kernels: query ids [B,T,lanes] and statistics [B,N,T,lanes] as column tiles, key ids
   [B,sublanes,S] as a row tile) or the keys (the dK/dV kernel, keys first: key ids
-  [B,quarters,S/quarters,lanes] as the column tile, query ids [B,sublanes,T] and statistics
-  [B,N,sublanes,T] as row tiles; k/v as [B,N,quarters,S/quarters,H], so that one instance
-  holds block j of each quarter, see `groups`); q/k/v are [B,N,T,H]."""
+  [B,S,lanes] as the column tile, query ids [B,sublanes,T] and statistics [B,N,sublanes,T] as
+  row tiles; one instance reads block j of each quarter of the keys and writes dK and dV as
+  [B,N,quarters,S/quarters,H], see `groups`); q/k/v are [B,N,T,H]."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
   if blocked == "q":
@@ -259,9 +260,10 @@ def _specs(t, s, h, cfg: Config, blocked: str):
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
   bk, quarters = cfg.block_k, groups(cfg, s)
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
-              k=pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)),
+              k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
+              dk=pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)),
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
-              kv_ids=pl.BlockSpec((sq, quarters, bk, lanes), lambda i, j, k: (i, 0, k, 0)),
+              kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)))
 
 
@@ -269,7 +271,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: in
   """The pallas_call of one kernel. Its cost (`matmuls` products of 2·B·N·T·S·H FLOPs, one exp
   per score) is declared, so XLA's FLOP count (`bert-jax plan`) includes what it computes."""
   b, n, t, h = args[1].shape
-  s = args[2].size // (b * n * h)
+  s = args[2].shape[2]
   cost = pl.CostEstimate(
       flops=matmuls * 2 * b * n * t * s * h, transcendentals=b * n * t * s,
       bytes_accessed=sum(x.size * x.dtype.itemsize for x in args)
@@ -332,17 +334,16 @@ def _flash_bwd(cfg: Config, residuals, d_out):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   sk = _specs(t, s, h, cfg, "k")
   quarters = groups(cfg, s)
-  by_quarter = lambda x: x.reshape(x.shape[:-2] + (quarters, s // quarters, x.shape[-1]))
-  k4, v4 = by_quarter(k), by_quarter(v)
+  by_quarter = (b, n, quarters, s // quarters, h)
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // (cfg.block_k * quarters)),
                  [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
-                 + [sk["stats"]] * 3, [sk["k"], sk["k"]],
-                 [jax.ShapeDtypeStruct(k4.shape, k.dtype), jax.ShapeDtypeStruct(v4.shape, v.dtype)],
+                 + [sk["stats"]] * 3, [sk["dk"], sk["dk"]],
+                 [jax.ShapeDtypeStruct(by_quarter, k.dtype),
+                  jax.ShapeDtypeStruct(by_quarter, v.dtype)],
                  cfg, 4,  # q·k again, dv, dp, dk
-                 words, q, k4, v4, _row_tile(q_seg, cfg.sublanes),
-                 by_quarter(_column_tile(kv_seg, cfg.lanes)), d_out,
-                 *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
+                 words, q, k, v, _row_tile(q_seg, cfg.sublanes), _column_tile(kv_seg, cfg.lanes),
+                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
   dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
