@@ -2,8 +2,8 @@
 dQ kernels over blocks of queries and keys, no [B,N,T,S] tensor in memory.
 
 Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the
-same Threefry counters, hashed per element inside the kernel from the element's global
-(b, n, t, s). Two layouts of the per-query statistics and segment ids: TPU vector tiles (128
+same Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one
+hash for the four keys that share a counter where blocks allow (`groups`). Two layouts of the per-query statistics and segment ids: TPU vector tiles (128
 lanes, 8 sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is
 used, and how it is sharded, is `bert_jax.modeling.attention`'s business.
 """
