@@ -172,7 +172,7 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
-  # four blocks (flash.groups). Compiled for an H200, ptxas spills at most 72 bytes per thread
+  # four blocks (flash.groups). Compiled for an H200, ptxas spills at most 64 bytes per thread
   # there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB with
   # 128 x 64 blocks and a hash per element.
   s = k.shape[2]
