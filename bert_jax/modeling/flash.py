@@ -66,9 +66,11 @@ def groups(cfg: Config, seq_k: int) -> int:
 def _keeps(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, j, shape,
            keys_first: bool = False) -> list:
   """The kept elements of the groups(...) [bq, bk] blocks ([bk, bq] keys first) at queries t0
-  and key-block index j: the bits keep_mask draws for [B, N, T, S] (counter (n*T + t)*C +
-  s mod C under row b, 16-bit word s // C; C = S/4, a power of two, so both are a mask and a
-  shift)."""
+  and key-block index j (None for each where nothing is dropped): the bits keep_mask draws for
+  [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit word s // C; C = S/4, a
+  power of two, so both are a mask and a shift)."""
+  if cfg.rate <= 0.0:
+    return [None] * groups(cfg, seq_k)
   b, n = at
   c = seq_k // 4
   t_axis, s_axis = (1, 0) if keys_first else (0, 1)
@@ -133,9 +135,7 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
   quarters = groups(cfg, seq_k)
 
   def body(j, carry):
-    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk)) if cfg.rate > 0.0
-             else [None] * quarters)
-    for g, keep in enumerate(keeps):
+    for g, keep in enumerate(_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))):
       m, l, acc = carry
       s0 = _block_start(cfg, seq_k, j, g)
       v = v_ref[pl.ds(s0, bk), :]
@@ -199,8 +199,7 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
-    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
-             if cfg.rate > 0.0 else [None] * quarters)
+    keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
     out = []
     for g, keep in enumerate(keeps):
       dk, dv = carry[g]
@@ -228,9 +227,7 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_
   quarters = groups(cfg, seq_k)
 
   def body(j, dq):
-    keeps = (_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk)) if cfg.rate > 0.0
-             else [None] * quarters)
-    for g, keep in enumerate(keeps):
+    for g, keep in enumerate(_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))):
       cols = pl.ds(_block_start(cfg, seq_k, j, g), bk)
       k = k_ref[cols, :]
       _, ds = _probs_grads(cfg, q, k, v_ref[cols, :], do, q_ids, kv_ids_ref[:, cols], m, l,
