@@ -31,6 +31,16 @@ def _installed(module: str) -> bool:
     return False
 
 
+def _backend_installed(kind: str) -> bool:
+  """Whether jax's backend for "tpu" (libtpu) or "gpu" (a CUDA or ROCm plugin) is installed."""
+  return _installed("libtpu") if kind == "tpu" else any(_installed(p) for p in _GPU_PLUGINS)
+
+
+def _usable(present: set[str]) -> str | None:
+  """The accelerator of `present` that jax has a backend for (a TPU first), else None."""
+  return next((k for k in ("tpu", "gpu") if k in present and _backend_installed(k)), None)
+
+
 def accelerators_on_host() -> set[str]:
   """{"tpu", "gpu"} by what the PCI bus lists (Linux); empty elsewhere or on a CPU-only host."""
   found = set()
@@ -54,12 +64,7 @@ def default_platform() -> str:
   requested = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
   if requested:
     return {"cuda": "gpu", "rocm": "gpu"}.get(requested, requested)
-  present = accelerators_on_host()
-  if "tpu" in present and _installed("libtpu"):
-    return "tpu"
-  if "gpu" in present and any(_installed(p) for p in _GPU_PLUGINS):
-    return "gpu"
-  return "cpu"
+  return _usable(accelerators_on_host()) or "cpu"
 
 
 # What installs a host's accelerator backend for jax.
@@ -78,8 +83,7 @@ def check_install(command: str) -> None:
   if not present:
     return
   kind = "tpu" if "tpu" in present else "gpu"
-  if kind == "tpu" and _installed("libtpu") or kind == "gpu" and any(
-      _installed(p) for p in _GPU_PLUGINS):
+  if _backend_installed(kind):
     return
   raise UserError(f"{command}: this host has {kind.upper()}s but jax has no {kind.upper()} "
                   f"backend installed and would run on the CPU; install it with "
@@ -92,11 +96,10 @@ def skip_absent_accelerators() -> None:
   bus lists: jax would try each, print errors and fall back to the CPU anyway (and a CUDA plugin
   on a host without CUDA registers nothing then, not even its compiler). Leaves an explicit
   JAX_PLATFORMS alone, and a GPU plugin where the PCI bus cannot be read (jax looks itself)."""
-  gpu_plugin = any(_installed(p) for p in _GPU_PLUGINS)
-  if os.environ.get("JAX_PLATFORMS") or not (gpu_plugin or _installed("libtpu")):
+  gpu_plugin = _backend_installed("gpu")
+  if os.environ.get("JAX_PLATFORMS") or not (gpu_plugin or _backend_installed("tpu")):
     return
-  present = accelerators_on_host()
-  if "tpu" in present and _installed("libtpu") or "gpu" in present and gpu_plugin:
+  if _usable(accelerators_on_host()):
     return
   if gpu_plugin and not _PCI_DEVICES.is_dir():
     return
