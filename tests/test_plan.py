@@ -145,6 +145,30 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
   assert "compiled ? (the compiler counts none)" in plan.format_report(report)
 
 
+def test_cudnn_attention_on_a_gpu_plan_without_cudnn_is_one_line_and_exit_2(capsys):
+  """Attention dropout 0 in bfloat16 takes cuDNN on a GPU; jax asks the cuDNN library for its
+  version while tracing, so a host without it cannot plan that step: one line naming the
+  attention settings that can be planned."""
+  from bert_jax.devices import gpu_targets
+  try:
+    gpu_targets.devices("h100:1")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  from jax._src.lib import cuda_versions  # what jax asks while tracing
+  try:
+    cuda_versions.cudnn_get_version()
+    pytest.skip("cuDNN is installed here: the step plans")
+  except RuntimeError:
+    pass
+  code = plan.main(["--config", TINY, "--topology", "h100:1", "--phase", "1",
+                    "--config.model.dtype=bfloat16",
+                    "--config.model.overrides.attention_probs_dropout_prob=0.0"]
+                   + [f"--config.{k}={v}" for k, v in SHORT])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and err[-1].startswith("error: --topology h100:1: attention through cuDNN")
+  assert "--config.model.attention=pallas or =xla" in err[-1]
+
+
 def test_does_not_fit_exits_3_with_a_suggestion(capsys):
   code = plan.main(["--config", TINY, "--topology", "v5e:2x2", "--phase", "2",
                     "--config.phases.1.batch_size=16384"])
