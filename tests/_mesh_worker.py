@@ -40,6 +40,15 @@ def tiny_model_config(dropout: float = 0.0, dtype: str = "float32"):
                     dtype=dtype)
 
 
+def state_copies(compiled) -> list[str]:
+  """The copies in a compiled step's entry computation shaped like one of its (matrix-shaped)
+  arguments: none where the update writes the donated params and moments in place."""
+  import re
+  entry = compiled.as_text().split("\nENTRY ", 1)[1]
+  arguments = {s for s in re.findall(r"= (\w+\[[\d,]*\])\S* parameter\(", entry) if "," in s}
+  return [s for s in re.findall(r"= (\w+\[[\d,]*\])\S* copy\(", entry) if s in arguments]
+
+
 def synthetic_batch(seed: int, batch: int = BATCH, seq: int = SEQ, pred: int = PRED):
   """A plausible MLM+NSP batch with padding and some unused prediction slots."""
   import numpy as np

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _mesh_worker import state_copies
 from bert_jax.config import BertConfig
 from bert_jax.modeling import attention, dropout, ops
 from bert_jax.modeling.heads import BertForPreTraining
@@ -229,7 +230,8 @@ def test_the_kernel_compiles_into_a_gpu_train_step():
   """The train step for two H100s, compiled on this host from a description of the GPU (jax's
   CUDA plugin, the plan-gpu extra), with the kernel dropping inside it: its three kernels are
   Triton calls in the program, and XLA compiles them (the dK/dV kernel once took XLA's Triton
-  minutes: a dropout hash feeding a transposed operand)."""
+  minutes: a dropout hash feeding a transposed operand). The update writes the donated state in
+  place (a conditional finiteness guard once copied every parameter and moment)."""
   from bert_jax.devices import gpu_targets
   try:
     devices = gpu_targets.devices("h100:2")
@@ -240,3 +242,4 @@ def test_the_kernel_compiles_into_a_gpu_train_step():
   assert text.count("__gpu$xla.gpu.triton") >= 3
   compiled = lowered.compile()
   assert compiled.memory_analysis().temp_size_in_bytes > 0
+  assert state_copies(compiled) == []

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from _mesh_worker import BATCH, VOCAB, make_cfg, synthetic_batch, tiny_model_config
+from _mesh_worker import (BATCH, VOCAB, make_cfg, state_copies, synthetic_batch,
+                          tiny_model_config)
 from bert_jax.errors import UserError
 from bert_jax.modeling.heads import BertForPreTraining
 from bert_jax.training import sharding, steps
@@ -104,6 +105,15 @@ def test_non_finite_batch_is_skipped(mesh):
   jax.tree.map(np.testing.assert_array_equal, _copy(state.opt_state), before_opt)
   state, metrics = step(state, synthetic_batch(2), jax.random.PRNGKey(1))
   assert metrics["finite"] == 1.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_the_update_writes_the_state_in_place(mesh):
+  """The compiled step copies no parameter or moment: the finiteness guard (a conditional on
+  the CPU, a select per leaf elsewhere) leaves the update in place on the donated buffers (a
+  select here made XLA CPU copy the old moments; test_attention checks a GPU step)."""
+  _, pretraining, step = _setup(mesh, tiny_model_config())
+  compiled = pretraining.lower_train_step(make_phases(make_cfg())[0]).compile()
+  assert state_copies(compiled) == []
 
 
 def test_steps_compile_once_under_the_mesh(mesh):

@@ -199,15 +199,24 @@ def make_update(optimizer: optax.GradientTransformation, schedule: optax.Schedul
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                          global_step=state.step)
-    params = optax.apply_updates(state.params, updates)
-    # A select per leaf, not lax.cond: it fuses into the update, which then writes the donated
-    # buffers in place; a conditional's results were copied out (on GPU a copy of the params
-    # and both moments, 3x the parameters' bytes, in every step).
-    keep_finite = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep_finite, params, state.params)
-    opt_state = jax.tree.map(keep_finite, opt_state, state.opt_state)
+    def apply(_):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                            global_step=state.step)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    def keep(_):
+      return state.params, state.opt_state
+
+    def select():
+      keep_finite = lambda new, old: jnp.where(finite, new, old)
+      return jax.tree.map(keep_finite, apply(None), keep(None))
+
+    # Both leave the donated state's buffers updated in place, each on its compilers: on GPU and
+    # TPU a select per leaf fuses into the update's kernels, where a conditional's results were
+    # copied out (params and both moments, every step); XLA CPU recomputes the new moments
+    # inside the params' kernel, so there a select needs copies of the old ones.
+    params, opt_state = jax.lax.platform_dependent(
+        cpu=lambda: jax.lax.cond(finite, apply, keep, None), default=select)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
