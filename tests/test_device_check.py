@@ -5,10 +5,46 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import kernel_profile  # noqa: E402
+
+
+def _gpu_like_trace():
+  """Two steps on a GPU as jax.profiler writes them: kernels on two streams (one overlapping
+  another), the derived XLA Ops line repeating them, and host events."""
+  meta = lambda pid, tid, kind, name: dict(ph="M", pid=pid, tid=tid, name=kind,
+                                           args=dict(name=name))
+  kernel = lambda tid, ts, dur, name, op: dict(ph="X", pid=2, tid=tid, ts=ts, dur=dur,
+                                               name=name, args=dict(hlo_op=op))
+  events = [meta(1, 0, "process_name", "/host:CPU"), meta(2, 0, "process_name", "/device:GPU:0"),
+            meta(2, 7, "thread_name", "Stream #7(Compute)"),
+            meta(2, 9, "thread_name", "Stream #9(MemcpyD2D)"),
+            meta(2, 99, "thread_name", "XLA Ops"),
+            dict(ph="X", pid=1, tid=0, ts=0, dur=5000, name="PjitFunction(train_step)")]
+  for step in range(2):
+    t = step * 1000
+    events += [kernel(7, t, 300, "nvjet_tst_128x256", "gemm_fusion_dot.3"),
+               kernel(7, t + 300, 100, "loop_add_fusion_2", "loop_add_fusion.2"),
+               kernel(7, t + 400, 200, "_dkv_kernel", "custom-call.5"),
+               kernel(9, t + 350, 100, "memcpy", "copy.4"),  # overlaps the add
+               kernel(99, t, 600, "gemm_fusion_dot.3", "gemm_fusion_dot.3")]
+  return dict(traceEvents=events)
+
+
+def test_kernel_profile_counts_stream_kernels_once_per_step():
+  summary = kernel_profile.summarize(_gpu_like_trace(), steps=2)
+  assert summary["kernels_per_step"] == 4  # the XLA Ops line is not counted again
+  assert summary["kinds_ms"] == {"matmul": 0.3, "attention": 0.2, "other": 0.1, "copy": 0.1}
+  assert summary["busy_ms"] == 0.6  # the copy overlaps the add: counted once
+  assert summary["idle_ms"] == 0.2  # the gap between the two steps, per step
+  assert summary["top"][0] == dict(name="gemm_fusion_dot.3", kind="matmul", ms=0.3, calls=1.0)
+  assert "busy 0.60 ms" in kernel_profile.format_summary(summary)
 
 
 @pytest.mark.slow
@@ -25,4 +61,6 @@ def test_device_check_cpu_mode_writes_one_json_of_every_case(tmp_path):
         64 * case["sequences_per_s"])
     assert 0 < case["mfu"] < 1
     assert "unfused XLA" in case["attention"]  # a CPU has no fused kernel
+    profile = case["profile"]  # one traced step, XLA's CPU thunks standing in for kernels
+    assert profile["busy_ms"] > 0 and profile["top"] and sum(profile["kinds_ms"].values()) > 0
   assert report["plan"]["phases"][0]["fits"] in (True, False)

@@ -17,7 +17,8 @@ bert-jax runs with the huge-page malloc its `pretrain` command sets (bert_jax.de
 --plain-malloc to leave it out), transformers with the environment as it is.
 MFU = model FLOPs of the useful work (bert_jax.devices.mfu: 6 x matmul params per token, MLM head at
 the P predicted positions, plus attention) x sequences/s / peak FLOP/s of one device (on CPU
-the measured float32 matmul rate). Not a test: nothing here asserts a speed.
+the measured float32 matmul rate). --profile-steps N adds where the device's time goes
+(tools/kernel_profile.py). Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def bench_jax(args) -> dict:
                peak_flops=float(mfu.peak_flops_per_device(jax.devices()[0])))
   except ImportError:
     pass
+  if args.profile_steps:
+    from kernel_profile import profile_steps
+    out["profile"] = profile_steps(step, args.profile_steps)
   loss = float(np.asarray(train_step(holder["state"], batch, rng)[1]["loss"]))
   out["final_loss"] = loss
   return out
@@ -187,7 +191,7 @@ def _child_argv(args, side: str) -> list[str]:
           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
           "--max-predictions", str(args.max_predictions), "--dtype", args.dtype,
           "--steps", str(args.steps), "--warmup", str(args.warmup), "--attention",
-          args.attention, "--json"] + (
+          args.attention, "--profile-steps", str(args.profile_steps), "--json"] + (
               [] if args.attention_dropout is None
               else ["--attention-dropout", str(args.attention_dropout)])
 
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) per side")
   parser.add_argument("--rounds", type=int, default=1, help="alternate the sides N times")
+  parser.add_argument("--profile-steps", type=int, default=0,
+                      help="after the timed steps, trace N more (jax.profiler) and report where "
+                           "the device's time goes per kind of kernel (tools/kernel_profile.py)")
   parser.add_argument("--side", choices=("both", "jax", "torch"), default="both")
   parser.add_argument("--plain-malloc", action="store_true",
                       help="run bert-jax without the huge-page malloc its CLI uses")
@@ -290,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
   if flops and peak:
     print(f"model FLOPs/sequence {flops:.3e}; peak {peak:.3e} FLOP/s per device "
           f"({best['jax']['backend']})")
+  if "profile" in best.get("jax", {}):
+    from kernel_profile import format_summary
+    print(format_summary(best["jax"]["profile"]))
   if args.json_out:
     rows = []
     for side, r in best.items():

@@ -8,7 +8,9 @@
 # GPU mode (default), sized to finish within about 8 minutes on one H200: attention alone
 # (compile and step time of xla / pallas / cudnn, tools/bench_attention.py), then
 #   BERT-base 128 x 256, BERT-base 512 x 64, BERT-large 128 x 64, bfloat16, attention xla
-#   (unfused, dropout 0.1), fast (auto, attention dropout 0: cuDNN) and pallas (dropout inside).
+#   (unfused, dropout 0.1), fast (auto, attention dropout 0: cuDNN) and pallas (dropout inside),
+#   each then traced for 3 more steps: where the device's time goes, per kind of kernel and the
+#   top kernels (tools/kernel_profile.py), for tuning after the machine has gone back.
 # Every step has its own timeout and log, so one that hangs costs its timeout, not the run.
 # --cpu: the same steps on tiny shapes (CI runs it, so the script cannot rot).
 # Packages the machine lacks travel as wheels in .whl/ (README, "Measuring on a GPU").
@@ -39,11 +41,13 @@ if [ "$mode" = cpu ]; then
   cases="tiny:64:4"
   attentions="xla fast"
   steps=2
+  profile=1
   plan_config="configs/tiny_cpu.py"
 else
   cases="base:128:256 base:512:64 large:128:64"
   attentions="xla fast pallas"
   steps=10
+  profile=3
   plan_config="configs/bert_base_paper.py"
 fi
 
@@ -74,7 +78,7 @@ for case in $cases; do
     [ "$attn" = fast ] && flags=(--attention auto --attention-dropout 0)
     timeout 150 "$python" tools/bench_pretrain.py --side jax --preset "$preset" --seq-len "$seq" \
       --batch-size "$batch" --dtype bfloat16 "${flags[@]}" --steps "$steps" --warmup 2 \
-      --plain-malloc --json-out "$out/$name.json" > "$out/$name.log" 2>&1
+      --profile-steps "$profile" --plain-malloc --json-out "$out/$name.json" > "$out/$name.log" 2>&1
     echo "$name: exit $? $(grep -E '^bert-jax ' "$out/$name.log" | head -1)"
   done
 done
@@ -86,6 +90,8 @@ run_tests 200 tests tests/test_ops.py tests/test_model.py tests/test_steps.py \
 "$python" - "$out" "$mode" <<'PY'
 import glob, json, os, sys
 out, mode = sys.argv[1], sys.argv[2]
+sys.path.insert(0, "tools")
+from kernel_profile import format_summary
 cases = []
 for log in sorted(glob.glob(os.path.join(out, "*_*x*_*.log")), key=os.path.getmtime):
   name = os.path.basename(log)[:-4]
@@ -95,7 +101,7 @@ for log in sorted(glob.glob(os.path.join(out, "*_*x*_*.log")), key=os.path.getmt
       cases.append(dict(case=name, **{k: row.get(k) for k in (
           "preset", "seq_len", "batch_size", "dtype", "attention", "sequences_per_s",
           "tokens_per_s", "mfu", "step_s", "warmup_s", "peak_device_memory_gb", "peak_rss_mb",
-          "device")}))
+          "device", "profile")}))
   else:
     cases.append(dict(case=name, error=open(log).read()[-1500:]))
 report = dict(mode=mode, cases=cases)
@@ -119,6 +125,8 @@ for c in cases:
     mem = c.get("peak_device_memory_gb")
     print(f"{c['case']:<22}{c['sequences_per_s']:>9.1f}{c['tokens_per_s']:>11.0f}{mfu:>7}"
           f"{mem if mem is None else round(mem, 1)!s:>9}")
+    if c.get("profile"):
+      print(f"  {format_summary(c['profile'])}")
 print(f"wrote {os.path.join(out, 'device_check.json')}")
 sys.exit(0 if cases and not any("error" in c for c in cases) else 1)
 PY
