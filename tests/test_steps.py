@@ -109,9 +109,9 @@ def test_non_finite_batch_is_skipped(mesh):
 
 def test_the_update_writes_the_state_in_place(mesh):
   """The compiled step copies no parameter or moment: the finiteness guard (a conditional on
-  the CPU, a select per leaf elsewhere) leaves the update in place on the donated buffers (a
-  select here made XLA CPU copy the old moments; test_attention checks a GPU step)."""
-  _, pretraining, step = _setup(mesh, tiny_model_config())
+  CPUs and TPUs, a select per leaf on GPUs) leaves the update in place on the donated buffers
+  (a select here made XLA CPU copy the old moments; test_attention checks a GPU step)."""
+  _, pretraining, _ = _setup(mesh, tiny_model_config())
   compiled = pretraining.lower_train_step(make_phases(make_cfg())[0]).compile()
   assert state_copies(compiled) == []
 

@@ -211,12 +211,13 @@ def make_update(optimizer: optax.GradientTransformation, schedule: optax.Schedul
       keep_finite = lambda new, old: jnp.where(finite, new, old)
       return jax.tree.map(keep_finite, apply(None), keep(None))
 
-    # Both leave the donated state's buffers updated in place, each on its compilers: on GPU and
-    # TPU a select per leaf fuses into the update's kernels, where a conditional's results were
-    # copied out (params and both moments, every step); XLA CPU recomputes the new moments
-    # inside the params' kernel, so there a select needs copies of the old ones.
+    # Either way the donated state's buffers are updated in place, each on its compilers. On
+    # GPUs XLA copies a conditional's results out (params and both moments, every step), but a
+    # select per leaf fuses into the update's kernels. On CPUs and TPUs the conditional is in
+    # place, while a select grows the temporaries (XLA CPU recomputes the new moments inside
+    # the params' kernel, so it copies the old ones).
     params, opt_state = jax.lax.platform_dependent(
-        cpu=lambda: jax.lax.cond(finite, apply, keep, None), default=select)
+        cuda=select, rocm=select, default=lambda: jax.lax.cond(finite, apply, keep, None))
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
