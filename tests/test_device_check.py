@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -64,3 +65,22 @@ def test_device_check_cpu_mode_writes_one_json_of_every_case(tmp_path):
     profile = case["profile"]  # one traced step, XLA's CPU thunks standing in for kernels
     assert profile["busy_ms"] > 0 and profile["top"] and sum(profile["kinds_ms"].values()) > 0
   assert report["plan"]["phases"][0]["fits"] in (True, False)
+  # two files, as a lent machine sends back at most eight: the report and the logs
+  assert sorted(os.listdir(tmp_path)) == ["device_check.json", "device_check_logs.tar.gz"]
+  with tarfile.open(tmp_path / "device_check_logs.tar.gz") as logs:
+    names = {os.path.basename(n) for n in logs.getnames()}
+  assert {"tiny_64x4_fast.log", "tiny_64x4_xla.log", "plan.log"} <= names
+
+
+def test_device_check_past_its_budget_still_writes_the_report(tmp_path):
+  """A lent machine's minutes are few: steps that would start past --budget are skipped and
+  recorded, and the JSON comes out all the same."""
+  proc = subprocess.run(["bash", "tools/device_check.sh", "--cpu", "--budget", "0", "--out",
+                         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  report = json.loads((tmp_path / "device_check.json").read_text())
+  assert {c["case"] for c in report["cases"]} == {"tiny_64x4_fast", "tiny_64x4_xla"}
+  assert all("budget of 0 s ran out" in c["error"] for c in report["cases"])
+  bad = subprocess.run(["bash", "tools/device_check.sh", "--budget", "soon"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--budget soon" in bad.stderr
