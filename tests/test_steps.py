@@ -89,9 +89,17 @@ def test_grad_accumulation_equals_one_big_batch(mesh):
   assert l1[0] != l1[-1]
 
 
-def test_non_finite_batch_is_skipped(mesh):
-  model_config = tiny_model_config()
-  state, _, step = _setup(mesh, model_config)
+@pytest.mark.parametrize("guard", ["conditional", "select"])
+def test_non_finite_batch_is_skipped(mesh, guard, monkeypatch):
+  """Under both guards: the conditional that CPUs and TPUs compile, and the select per leaf
+  that GPUs do (run here by taking the step's "cuda" branch)."""
+  if guard == "select":
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default=None, **branches:
+                        branches.get("cuda", default)(*args))
+  state, pretraining, step = _setup(mesh, tiny_model_config(),
+                                    cfg=make_cfg() if guard == "select" else None)
+  lowered = step.lower(pretraining.abstract_state, synthetic_batch(0), jax.random.PRNGKey(1))
+  assert ("stablehlo.case" in lowered.as_text()) == (guard == "conditional")
   state, metrics = step(state, synthetic_batch(0), jax.random.PRNGKey(1))
   assert metrics["finite"] == 1.0
   before_params, before_opt = _copy(state.params), _copy(state.opt_state)
