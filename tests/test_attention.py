@@ -6,6 +6,7 @@ the same tests run the compiled kernel."""
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,33 +47,49 @@ def _textbook(q, k, v, segments, rate):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def _fused(q, k, v, segments, rate, key=KEY):
+def _fused(q, k, v, segments, rate, key=KEY, block_q=16):
   return attention.flash_attention(q, k, v, segments.queries(q.shape[1]), segments.kv_BS,
                                    dropout.key_words_of(key), rate=rate, interpret=INTERPRET,
-                                   block_q=16, block_k=16)
+                                   block_q=block_q, block_k=16)
 
 
 # 16-key blocks: at length 32 each spans two quarters of the keys (a hash per element); at 64
-# each is a quarter, and the four at one offset share their hashes (flash.groups)
-@pytest.mark.parametrize("kind,t", [("padded", 32), ("packed", 32), ("packed", 64)])
+# each is a quarter, and the four at one offset share their hashes (flash.groups). 16-query
+# blocks hash again in the backward kernels; 32-query blocks (the GPU's are 64) make the forward
+# kernel write its keep bits for them (flash.packs_keep).
+@pytest.mark.parametrize("kind,t,block_q", [("padded", 32, 16), ("packed", 32, 16),
+                                            ("packed", 64, 16), ("packed", 64, 32)])
 @pytest.mark.parametrize("rate", [0.0, 0.1])
-def test_kernel_equals_the_xla_path_forward_and_gradients(kind, t, rate):
+def test_kernel_equals_the_xla_path_forward_and_gradients(kind, t, block_q, rate):
   segments = _segments(kind, t)
   q, k, v = _qkv(t=t)
   g = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+  fused = functools.partial(_fused, block_q=block_q)
   with jax.default_matmul_precision("highest"):
     ref, ref_grads = jax.value_and_grad(
         lambda *x: jnp.sum(_textbook(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
     out, grads = jax.value_and_grad(
-        lambda *x: jnp.sum(_fused(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(_fused(q, k, v, segments, rate),
+        lambda *x: jnp.sum(fused(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(fused(q, k, v, segments, rate),
                                _textbook(q, k, v, segments, rate), atol=2e-6, rtol=1e-5)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # a sum of 4,096 products
   for name, a, b in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
   if rate == 0.0:  # and the deterministic path the model takes on the CPU
     np.testing.assert_allclose(ops.attention(q, k, v, segments.mask())[:, :20],
-                               _fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
+                               fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
+
+
+def test_the_backward_kernels_read_the_forwards_keep_bits():
+  """With 32-query blocks and dropout, the gradient's kernels take one [B,N,T/32,S] uint32
+  array, the forward's keep bits: the dQ and dK/dV kernels read it instead of hashing again."""
+  segments = _segments("packed", 64)
+  q, k, v = _qkv(t=64)
+  grad = jax.grad(lambda q: jnp.sum(_fused(q, k, v, segments, 0.1, block_q=32)))
+  calls = [e for e in jax.make_jaxpr(grad)(q).jaxpr.eqns if e.primitive.name == "pallas_call"]
+  bits = lambda call: [x.aval.shape for x in call.invars + call.outvars
+                       if x.aval.dtype == jnp.uint32 and x.aval.ndim == 4]
+  assert [bits(call) for call in calls] == [[(B, N, 64 // 32, 64)]] * 3
 
 
 @pytest.mark.parametrize("kind,t", [("padded", 128), ("packed", 256), ("packed", 512)])

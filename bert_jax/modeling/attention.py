@@ -9,9 +9,10 @@ mask; packed rows (model.Packed) give each sequence its own number, padding 0. A
 no key gets the mean of all values, as the XLA path's softmax over all-masked logits gives.
 
 Dropout in the kernel draws the very bits `dropout.keep_mask` draws for the [B,N,T,S]
-probabilities (the same Threefry counters, hashed per element inside the kernel instead of
-written out), so the fused and unfused paths train identically for a given key; the bits of
-an element depend on its global (b, n, t, s), whatever the mesh.
+probabilities (the same Threefry counters, hashed inside the forward kernel instead of written
+out as a mask; on GPUs it keeps them packed, 1 bit per element, for the backward kernels), so
+the fused and unfused paths train identically for a given key; the bits of an element depend
+on its global (b, n, t, s), whatever the mesh.
 
 The kernel is chosen by the platform of the mesh the step is traced under (`target_platform`),
 so `bert-jax plan` compiles the TPU path on any host. On TPUs the Pallas kernel (its TPU layout

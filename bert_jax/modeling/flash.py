@@ -3,9 +3,12 @@ dQ kernels over blocks of queries and keys, no [B,N,T,S] tensor in memory.
 
 Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the
 same Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one
-hash for the four keys that share a counter where blocks allow (`groups`). Two layouts of the per-query statistics and segment ids: TPU vector tiles (128
-lanes, 8 sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is
-used, and how it is sharded, is `bert_jax.modeling.attention`'s business.
+hash for the four keys that share a counter where blocks allow (`groups`). In the plain layout
+the forward kernel also writes the bits, packed 32 queries to a word (1 bit per element), and
+the backward kernels read them instead of hashing again (`packs_keep`); TPU blocks hash in all
+three. Two layouts of the per-query statistics and segment ids: TPU vector tiles (128 lanes, 8
+sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is used, and
+how it is sharded, is `bert_jax.modeling.attention`'s business.
 """
 
 from __future__ import annotations
@@ -94,6 +97,42 @@ def _block_start(cfg: Config, seq_k: int, j, g):
   return pl.multiple_of(j * cfg.block_k + g * (seq_k // groups(cfg, seq_k)), cfg.block_k)
 
 
+def packs_keep(cfg: Config) -> bool:
+  """Whether the forward kernel writes its keep bits for the backward kernels ([B,N,T/32,S]
+  uint32, 32 queries to a word: 1 bit per element) instead of their hashing them again: two
+  thirds of the hashing, which bounds the kernels (Threefry's integer work outweighs their
+  matrix work). In the plain layout (Triton), whose blocks reshape freely; TPU blocks hash."""
+  return cfg.rate > 0.0 and cfg.lanes == 1 and cfg.block_q % 32 == 0
+
+
+def _pack(keep):
+  """[bq, bk] kept elements -> [bq/32, bk] uint32 words: bit r of word w is query 32w + r."""
+  bq, bk = keep.shape
+  bits = keep.reshape(bq // 32, 32, bk).astype(jnp.uint32)
+  return jnp.sum(bits << jax.lax.broadcasted_iota(jnp.uint32, (1, 32, 1), 1), axis=1,
+                 dtype=jnp.uint32)
+
+
+def _unpack(words, keys_first: bool):
+  """[bq/32, bk] words -> the [bq, bk] kept elements, or [bk, bq] keys first."""
+  if keys_first:
+    words = words.T
+    rows, cols = words.shape
+    spread = jnp.broadcast_to(words[:, :, None], (rows, cols, 32)).reshape(rows, cols * 32)
+    bit = jax.lax.broadcasted_iota(jnp.uint32, spread.shape, 1) & 31
+  else:
+    rows, cols = words.shape
+    spread = jnp.broadcast_to(words[:, None, :], (rows, 32, cols)).reshape(rows * 32, cols)
+    bit = jax.lax.broadcasted_iota(jnp.uint32, spread.shape, 0) & 31
+  return ((spread >> bit) & 1) != 0
+
+
+def _read_keeps(bits_ref, cfg: Config, seq_k: int, j, words, keys_first: bool) -> list:
+  """What `_keeps` hashes, read from the forward's bits: rows `words` of the bits block."""
+  return [_unpack(bits_ref[words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
+                  keys_first) for g in range(groups(cfg, seq_k))]
+
+
 def _dot(a, b, contract: tuple[int, int]):
   precision = (jax.lax.Precision.HIGHEST if a.dtype == jnp.float32
                else jax.lax.Precision.DEFAULT)
@@ -125,8 +164,9 @@ def _scores(a, b, a_ids, b_ids, scale):
   return jnp.where(allowed, _dot(a, b, (1, 1)) * scale, _NEG), allowed
 
 
-def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref, *,
-                cfg: Config, seq_q: int, seq_k: int):
+def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref,
+                *bits_ref, cfg: Config, seq_q: int, seq_k: int):
+  """bits_ref (where packs_keep): the block's keep bits, [bq/32, S] words."""
   bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
   q, q_ids = q_ref[...], q_ids_ref[...]
@@ -146,6 +186,8 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
       l = l * alpha + _column(jnp.sum(p, axis=1), lanes)
       if keep is not None:
         p = jnp.where(keep, p * cfg.keep_scale, 0.0)
+        if bits_ref:
+          bits_ref[0][:, pl.ds(s0, bk)] = _pack(keep)
       acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
       carry = m_new, l, acc
     return carry
@@ -184,11 +226,13 @@ def _probs_grads(cfg, q, k, v, do, q_ids, kv_ids, m, l, delta, keep, keys_first:
 
 
 def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
-                delta_ref, dk_ref, dv_ref, *, cfg: Config, seq_q: int, seq_k: int):
+                delta_ref, *refs, cfg: Config, seq_q: int, seq_k: int):
   """dK and dV of key block j in each of the groups(...) quarters (dk_ref: [quarters, bk, H]),
   over [bk, bq] blocks (keys first): both products then take the block as it is. (Query first,
   they take it transposed, and XLA's Triton spends minutes compiling the dropout hash feeding a
-  transposed operand; the key-major block compiles in about a second.)"""
+  transposed operand; the key-major block compiles in about a second.) refs: the forward's
+  keep bits ([T/32, S] words, where packs_keep), then dk_ref and dv_ref."""
+  *bits_ref, dk_ref, dv_ref = refs
   bq, bk = cfg.block_q, cfg.block_k
   j = pl.program_id(2)
   at = _where(words_ref)
@@ -199,7 +243,11 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
-    keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
+    if bits_ref:
+      words = pl.ds(pl.multiple_of(i * (bq // 32), bq // 32), bq // 32)
+      keeps = _read_keeps(bits_ref[0], cfg, seq_k, j, words, keys_first=True)
+    else:
+      keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
     out = []
     for g, keep in enumerate(keeps):
       dk, dv = carry[g]
@@ -218,7 +266,9 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
 
 
 def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
-               delta_ref, dq_ref, *, cfg: Config, seq_q: int, seq_k: int):
+               delta_ref, *refs, cfg: Config, seq_q: int, seq_k: int):
+  """refs: the forward's keep bits ([bq/32, S] words, where packs_keep), then dq_ref."""
+  *bits_ref, dq_ref = refs
   bq, bk = cfg.block_q, cfg.block_k
   t0 = pl.program_id(2) * bq
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
@@ -227,7 +277,11 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_
   quarters = groups(cfg, seq_k)
 
   def body(j, dq):
-    for g, keep in enumerate(_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))):
+    if bits_ref:
+      keeps = _read_keeps(bits_ref[0], cfg, seq_k, j, slice(None), keys_first=False)
+    else:
+      keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))
+    for g, keep in enumerate(keeps):
       cols = pl.ds(_block_start(cfg, seq_k, j, g), bk)
       k = k_ref[cols, :]
       _, ds = _probs_grads(cfg, q, k, v_ref[cols, :], do, q_ids, kv_ids_ref[:, cols], m, l,
@@ -254,14 +308,16 @@ def _specs(t, s, h, cfg: Config, blocked: str):
                 k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
-                stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)))
+                stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)),
+                bits=pl.BlockSpec((sq, sq, bq // 32, s), lambda i, j, k: (i, j, k, 0)))
   bk, quarters = cfg.block_k, groups(cfg, s)
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
               k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
               dk=pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)),
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
               kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
-              stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)))
+              stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)),
+              bits=pl.BlockSpec((sq, sq, t // 32, s), lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
@@ -313,18 +369,19 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
   sp = _specs(t, s, h, cfg, "q")
   kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
   row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
-  out, m, l = _call(kernel, (b, n, t // cfg.block_q),
-                    [sp["q"], sp["k"], sp["k"], sp["q_ids"], sp["kv_ids"]],
-                    [sp["q"], sp["stats"], sp["stats"]],
-                    [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row], cfg, 2,
-                    words, q, k, v, _column_tile(q_seg, cfg.lanes),
-                    _row_tile(kv_seg, cfg.sublanes))
+  packed = packs_keep(cfg)
+  out, m, l, *bits = _call(
+      kernel, (b, n, t // cfg.block_q), [sp["q"], sp["k"], sp["k"], sp["q_ids"], sp["kv_ids"]],
+      [sp["q"], sp["stats"], sp["stats"]] + [sp["bits"]] * packed,
+      [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row]
+      + [jax.ShapeDtypeStruct((b, n, t // 32, s), jnp.uint32)] * packed, cfg, 2,
+      words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes))
   # Only the first lane of the statistics is kept for the backward pass.
-  return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0])
+  return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0], bits)
 
 
 def _flash_bwd(cfg: Config, residuals, d_out):
-  q, k, v, q_seg, kv_seg, words, out, m, l = residuals
+  q, k, v, q_seg, kv_seg, words, out, m, l, bits = residuals
   b, n, t, h = q.shape
   s = k.shape[2]
   d_out = d_out.astype(q.dtype)
@@ -335,20 +392,21 @@ def _flash_bwd(cfg: Config, residuals, d_out):
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // (cfg.block_k * quarters)),
                  [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
-                 + [sk["stats"]] * 3, [sk["dk"], sk["dk"]],
+                 + [sk["stats"]] * 3 + [sk["bits"]] * len(bits), [sk["dk"], sk["dk"]],
                  [jax.ShapeDtypeStruct(by_quarter, k.dtype),
                   jax.ShapeDtypeStruct(by_quarter, v.dtype)],
                  cfg, 4,  # q·k again, dv, dp, dk
                  words, q, k, v, _row_tile(q_seg, cfg.sublanes), _column_tile(kv_seg, cfg.lanes),
-                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)])
+                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)], *bits)
   dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
   sq = _specs(t, s, h, cfg, "q")
   dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
              (b, n, t // cfg.block_q),
-             [sq["q"], sq["k"], sq["k"], sq["q_ids"], sq["kv_ids"], sq["q"]] + [sq["stats"]] * 3,
+             [sq["q"], sq["k"], sq["k"], sq["q_ids"], sq["kv_ids"], sq["q"]] + [sq["stats"]] * 3
+             + [sq["bits"]] * len(bits),
              sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3,  # q·k, dp, dq
              words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes),
-             d_out, *[_column_tile(x, cfg.lanes) for x in (m, l, delta)])
+             d_out, *[_column_tile(x, cfg.lanes) for x in (m, l, delta)], *bits)
   return dq, dk, dv, None, None, None
 
 
