@@ -81,14 +81,14 @@ def test_kernel_equals_the_xla_path_forward_and_gradients(kind, t, block_q, rate
 
 
 def test_the_backward_kernels_read_the_forwards_keep_bits():
-  """With 32-query blocks and dropout, the gradient's kernels take one [B,N,T/32,S] uint32
+  """With 32-query blocks and dropout, the gradient's kernels take one [B,N,T/32,S] int32
   array, the forward's keep bits: the dQ and dK/dV kernels read it instead of hashing again."""
   segments = _segments("packed", 64)
   q, k, v = _qkv(t=64)
   grad = jax.grad(lambda q: jnp.sum(_fused(q, k, v, segments, 0.1, block_q=32)))
   calls = [e for e in jax.make_jaxpr(grad)(q).jaxpr.eqns if e.primitive.name == "pallas_call"]
   bits = lambda call: [x.aval.shape for x in call.invars + call.outvars
-                       if x.aval.dtype == jnp.uint32 and x.aval.ndim == 4]
+                       if x.aval.dtype == jnp.int32 and x.aval.ndim == 4]
   assert [bits(call) for call in calls] == [[(B, N, 64 // 32, 64)]] * 3
 
 

@@ -10,7 +10,7 @@ no key gets the mean of all values, as the XLA path's softmax over all-masked lo
 
 Dropout in the kernel draws the very bits `dropout.keep_mask` draws for the [B,N,T,S]
 probabilities (the same Threefry counters, hashed inside the forward kernel instead of written
-out as a mask; on GPUs it keeps them packed, 1 bit per element, for the backward kernels), so
+out as a mask, and kept packed, 1 or 2 bits per element, for the backward kernels), so
 the fused and unfused paths train identically for a given key; the bits of an element depend
 on its global (b, n, t, s), whatever the mesh.
 

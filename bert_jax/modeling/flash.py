@@ -3,12 +3,12 @@ dQ kernels over blocks of queries and keys, no [B,N,T,S] tensor in memory.
 
 Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the
 same Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one
-hash for the four keys that share a counter where blocks allow (`groups`). In the plain layout
-the forward kernel also writes the bits, packed 32 queries to a word (1 bit per element), and
-the backward kernels read them instead of hashing again (`packs_keep`); TPU blocks hash in all
-three. Two layouts of the per-query statistics and segment ids: TPU vector tiles (128 lanes, 8
-sublanes, key blocks of 128) and plain columns and rows (Triton on GPUs). Where it is used, and
-how it is sharded, is `bert_jax.modeling.attention`'s business.
+hash for the four keys that share a counter where blocks allow (`groups`). The forward kernel
+also writes the bits, packed 32 queries to a word (16 in TPU tiles), and the backward kernels
+read them instead of hashing again (`packs_keep`). Two layouts of the per-query statistics and
+segment ids: TPU vector tiles (128 lanes, 8 sublanes, key blocks of 128) and plain columns and
+rows (Triton on GPUs). Where it is used, and how it is sharded, is
+`bert_jax.modeling.attention`'s business.
 """
 
 from __future__ import annotations
@@ -97,40 +97,40 @@ def _block_start(cfg: Config, seq_k: int, j, g):
   return pl.multiple_of(j * cfg.block_k + g * (seq_k // groups(cfg, seq_k)), cfg.block_k)
 
 
+def _per_word(cfg: Config) -> int:
+  """Queries whose keep bits share an int32 word: 32, or 16 in TPU tiles, so that a 128-query
+  block's words are one 8-row tile."""
+  return 32 if cfg.sublanes == 1 else 16
+
+
 def packs_keep(cfg: Config) -> bool:
-  """Whether the forward kernel writes its keep bits for the backward kernels ([B,N,T/32,S]
-  uint32, 32 queries to a word: 1 bit per element) instead of their hashing them again: two
-  thirds of the hashing, which bounds the kernels (Threefry's integer work outweighs their
-  matrix work). In the plain layout (Triton), whose blocks reshape freely; TPU blocks hash."""
-  return cfg.rate > 0.0 and cfg.lanes == 1 and cfg.block_q % 32 == 0
+  """Whether the forward kernel writes its keep bits for the backward kernels ([B,N,T/w,S]
+  int32, w = `_per_word` queries to a word: 1 or 2 bits per element) instead of their hashing
+  them again: two thirds of the hashing, which bounds the kernels (Threefry's integer work
+  outweighs their matrix work)."""
+  return cfg.rate > 0.0 and cfg.block_q % (_per_word(cfg) * cfg.sublanes) == 0
 
 
-def _pack(keep):
-  """[bq, bk] kept elements -> [bq/32, bk] uint32 words: bit r of word w is query 32w + r."""
+def _pack(keep, per_word: int):
+  """[bq, bk] kept elements -> [bq/w, bk] int32 words: bit r of word v is query w*v + r."""
   bq, bk = keep.shape
-  bits = keep.reshape(bq // 32, 32, bk).astype(jnp.uint32)
-  return jnp.sum(bits << jax.lax.broadcasted_iota(jnp.uint32, (1, 32, 1), 1), axis=1,
-                 dtype=jnp.uint32)
+  bits = keep.astype(jnp.int32).reshape(bq // per_word, per_word, bk)
+  return jnp.sum(bits << jax.lax.broadcasted_iota(jnp.int32, bits.shape, 1), axis=1)
 
 
-def _unpack(words, keys_first: bool):
-  """[bq/32, bk] words -> the [bq, bk] kept elements, or [bk, bq] keys first."""
-  if keys_first:
-    words = words.T
-    rows, cols = words.shape
-    spread = jnp.broadcast_to(words[:, :, None], (rows, cols, 32)).reshape(rows, cols * 32)
-    bit = jax.lax.broadcasted_iota(jnp.uint32, spread.shape, 1) & 31
-  else:
-    rows, cols = words.shape
-    spread = jnp.broadcast_to(words[:, None, :], (rows, 32, cols)).reshape(rows * 32, cols)
-    bit = jax.lax.broadcasted_iota(jnp.uint32, spread.shape, 0) & 31
-  return ((spread >> bit) & 1) != 0
+def _unpack(words, per_word: int, keys_first: bool):
+  """[bq/w, bk] words -> the [bq, bk] kept elements, or [bk, bq] keys first."""
+  rows, cols = words.shape
+  spread = jnp.broadcast_to(words[:, None, :], (rows, per_word, cols)).reshape(
+      rows * per_word, cols)
+  bits = (spread >> (jax.lax.broadcasted_iota(jnp.int32, spread.shape, 0) & (per_word - 1))) & 1
+  return (bits.T if keys_first else bits) != 0
 
 
 def _read_keeps(bits_ref, cfg: Config, seq_k: int, j, words, keys_first: bool) -> list:
   """What `_keeps` hashes, read from the forward's bits: rows `words` of the bits block."""
   return [_unpack(bits_ref[words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
-                  keys_first) for g in range(groups(cfg, seq_k))]
+                  _per_word(cfg), keys_first) for g in range(groups(cfg, seq_k))]
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -187,7 +187,7 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
       if keep is not None:
         p = jnp.where(keep, p * cfg.keep_scale, 0.0)
         if bits_ref:
-          bits_ref[0][:, pl.ds(s0, bk)] = _pack(keep)
+          bits_ref[0][:, pl.ds(s0, bk)] = _pack(keep, _per_word(cfg))
       acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
       carry = m_new, l, acc
     return carry
@@ -244,7 +244,8 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
     if bits_ref:
-      words = pl.ds(pl.multiple_of(i * (bq // 32), bq // 32), bq // 32)
+      per_block = bq // _per_word(cfg)
+      words = pl.ds(pl.multiple_of(i * per_block, per_block), per_block)
       keeps = _read_keeps(bits_ref[0], cfg, seq_k, j, words, keys_first=True)
     else:
       keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
@@ -309,7 +310,8 @@ def _specs(t, s, h, cfg: Config, blocked: str):
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)),
-                bits=pl.BlockSpec((sq, sq, bq // 32, s), lambda i, j, k: (i, j, k, 0)))
+                bits=pl.BlockSpec((sq, sq, bq // _per_word(cfg), s),
+                                  lambda i, j, k: (i, j, k, 0)))
   bk, quarters = cfg.block_k, groups(cfg, s)
   return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
               k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
@@ -317,7 +319,7 @@ def _specs(t, s, h, cfg: Config, blocked: str):
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
               kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)),
-              bits=pl.BlockSpec((sq, sq, t // 32, s), lambda i, j, k: (i, j, 0, 0)))
+              bits=pl.BlockSpec((sq, sq, t // _per_word(cfg), s), lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
@@ -374,7 +376,7 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
       kernel, (b, n, t // cfg.block_q), [sp["q"], sp["k"], sp["k"], sp["q_ids"], sp["kv_ids"]],
       [sp["q"], sp["stats"], sp["stats"]] + [sp["bits"]] * packed,
       [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row]
-      + [jax.ShapeDtypeStruct((b, n, t // 32, s), jnp.uint32)] * packed, cfg, 2,
+      + [jax.ShapeDtypeStruct((b, n, t // _per_word(cfg), s), jnp.int32)] * packed, cfg, 2,
       words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes))
   # Only the first lane of the statistics is kept for the backward pass.
   return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0], bits)
