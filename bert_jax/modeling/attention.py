@@ -167,39 +167,43 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   mesh-independent. `layout` ("tpu" or "gpu"; default: the traced platform's) shapes the
   per-query statistics and segment ids for the chip's vector tiles; tests interpret both."""
   b, t, n, h = q_BTNH.shape
-  to_bnth = lambda x: jnp.transpose(x, (0, 2, 1, 3))
-  q, k, v = to_bnth(q_BTNH), to_bnth(k_BSNH), to_bnth(v_BSNH)
   tpu = (layout or target_platform()) == "tpu"
+  # TPU blocks are tiles of one head's rows ([B,N,T,H]); Triton reads a head's rows strided
+  # from the model's [B,T,N,H], with no transposes around the kernels.
+  to_kernel = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if tpu else (lambda x: x)
+  q, k, v = to_kernel(q_BTNH), to_kernel(k_BSNH), to_kernel(v_BSNH)
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
   # four blocks (flash.groups). Compiled for an H200, ptxas spills at most 64 bytes per thread
   # there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB with
   # 128 x 64 blocks and a hash per element.
-  s = k.shape[2]
+  s = k_BSNH.shape[1]
   block_q = block_q or (128 if tpu else 64)
   block_k = block_k or (128 if tpu else max(16, min(32, s // 4)))
   cfg = flash.Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
                      block_k=min(block_k, s),
                      lanes=128 if tpu else 1, sublanes=8 if tpu else 1,
                      smem=tpu and not interpret,
-                     triton=not interpret and target_platform() == "gpu")
+                     triton=not interpret and target_platform() == "gpu", btnh=not tpu)
   mesh, batch, heads = _batch_head_specs(b, n)
   q_seg_BT, kv_seg_BS = q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
   if not batch and not heads:
-    return to_bnth(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg))
+    return to_kernel(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0),
+                                 cfg))
   from jax.sharding import PartitionSpec as P
   b_axes, n_axes = batch or None, heads or None
+  head_axis = 1 if tpu else 2
 
   def local(q, k, v, qs, kvs, words):
-    offsets = (_axis_offset(batch, q.shape[0]), _axis_offset(heads, q.shape[1]))
+    offsets = (_axis_offset(batch, q.shape[0]), _axis_offset(heads, q.shape[head_axis]))
     return flash.flash(q, k, v, qs, kvs, _offset_words(words, *offsets), cfg)
 
-  qkv = P(b_axes, n_axes, None, None)
+  qkv = P(b_axes, n_axes, None, None) if tpu else P(b_axes, None, n_axes, None)
   seg = P(b_axes, None)
   out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
                       out_specs=qkv, check_vma=False)(q, k, v, q_seg_BT, kv_seg_BS, words)
-  return to_bnth(out)
+  return to_kernel(out)
 
 
 def _offset_words(words, b_offset, n_offset):

@@ -36,6 +36,10 @@ class Config(NamedTuple):
   sublanes: int  # height of the key segment ids: 8 (a TPU sublane tile) or 1
   smem: bool  # the dropout words in scalar memory (TPU)
   triton: bool  # compiled by Triton (GPU)
+  # q, k, v, the output and the gradients as [B,T,N,H], the model's layout, each block a head's
+  # rows read strided (plain layout: no transposes around the kernels); else [B,N,T,H] (TPU
+  # blocks are whole tiles of one head)
+  btnh: bool = False
 
   @property
   def threshold(self) -> int:
@@ -131,6 +135,12 @@ def _read_keeps(bits_ref, cfg: Config, seq_k: int, j, words, keys_first: bool) -
   """What `_keeps` hashes, read from the forward's bits: rows `words` of the bits block."""
   return [_unpack(bits_ref[words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
                   _per_word(cfg), keys_first) for g in range(groups(cfg, seq_k))]
+
+
+def _dims(x, cfg: Config) -> tuple[int, int, int, int]:
+  """(B, N, length, H) of q, k, v or a gradient in the config's layout."""
+  b, first, second, h = x.shape
+  return (b, second, first, h) if cfg.btnh else (b, first, second, h)
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -300,22 +310,30 @@ def _specs(t, s, h, cfg: Config, blocked: str):
   [B,sublanes,S] as a row tile) or the keys (the dK/dV kernel, keys first: key ids
   [B,S,lanes] as the column tile, query ids [B,sublanes,T] and statistics [B,N,sublanes,T] as
   row tiles; one instance reads block j of each quarter of the keys and writes dK and dV as
-  [B,N,quarters,S/quarters,H], see `groups`); q/k/v are [B,N,T,H]."""
+  [B,N,quarters,S/quarters,H], see `groups`, or [B,quarters,S/quarters,N,H] where cfg.btnh);
+  q/k/v are [B,N,T,H], or [B,T,N,H] where cfg.btnh."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
+
+  def rows(length: int, block: bool):
+    """A head's `length` rows of q/k/v for grid (b, n, block index); the block's rows, or all."""
+    at = (lambda k: k) if block else (lambda k: 0)
+    if cfg.btnh:
+      return pl.BlockSpec((sq, length, sq, h), lambda i, j, k: (i, at(k), j, 0))
+    return pl.BlockSpec((sq, sq, length, h), lambda i, j, k: (i, j, at(k), 0))
+
   if blocked == "q":
     bq = cfg.block_q
-    return dict(q=pl.BlockSpec((sq, sq, bq, h), lambda i, j, k: (i, j, k, 0)),
-                k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
+    return dict(q=rows(bq, True), k=rows(s, False),
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)),
                 bits=pl.BlockSpec((sq, sq, bq // _per_word(cfg), s),
                                   lambda i, j, k: (i, j, k, 0)))
   bk, quarters = cfg.block_k, groups(cfg, s)
-  return dict(q=pl.BlockSpec((sq, sq, t, h), lambda i, j, k: (i, j, 0, 0)),
-              k=pl.BlockSpec((sq, sq, s, h), lambda i, j, k: (i, j, 0, 0)),
-              dk=pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)),
+  dk = (pl.BlockSpec((sq, quarters, bk, sq, h), lambda i, j, k: (i, 0, k, j, 0)) if cfg.btnh
+        else pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)))
+  return dict(q=rows(t, False), k=rows(s, False), dk=dk,
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
               kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)),
@@ -325,8 +343,8 @@ def _specs(t, s, h, cfg: Config, blocked: str):
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
   """The pallas_call of one kernel. Its cost (`matmuls` products of 2·B·N·T·S·H FLOPs, one exp
   per score) is declared, so XLA's FLOP count (`bert-jax plan`) includes what it computes."""
-  b, n, t, h = args[1].shape
-  s = args[2].shape[2]
+  b, n, t, h = _dims(args[1], cfg)
+  s = _dims(args[2], cfg)[2]
   cost = pl.CostEstimate(
       flops=matmuls * 2 * b * n * t * s * h, transcendentals=b * n * t * s,
       bytes_accessed=sum(x.size * x.dtype.itemsize for x in args)
@@ -360,14 +378,15 @@ def _row_tile(ids, sublanes: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def flash(q, k, v, q_seg, kv_seg, words, cfg: Config):
-  """Attention of q [B,N,T,H] over k, v [B,N,S,H] as the segment ids [B,T], [B,S] allow, with
-  the probabilities dropped at cfg.rate by the words [key0, key1, first row, first head]."""
+  """Attention of q [B,N,T,H] over k, v [B,N,S,H] ([B,T,N,H] and [B,S,N,H] where cfg.btnh) as
+  the segment ids [B,T], [B,S] allow, with the probabilities dropped at cfg.rate by the words
+  [key0, key1, first row, first head]."""
   return _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
-  b, n, t, h = q.shape
-  s = k.shape[2]
+  b, n, t, h = _dims(q, cfg)
+  s = _dims(k, cfg)[2]
   sp = _specs(t, s, h, cfg, "q")
   kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
   row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
@@ -384,13 +403,15 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
 
 def _flash_bwd(cfg: Config, residuals, d_out):
   q, k, v, q_seg, kv_seg, words, out, m, l, bits = residuals
-  b, n, t, h = q.shape
-  s = k.shape[2]
+  b, n, t, h = _dims(q, cfg)
+  s = _dims(k, cfg)[2]
   d_out = d_out.astype(q.dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = jnp.swapaxes(delta, 1, 2) if cfg.btnh else delta  # [B,N,T] as m and l
   sk = _specs(t, s, h, cfg, "k")
   quarters = groups(cfg, s)
-  by_quarter = (b, n, quarters, s // quarters, h)
+  by_quarter = ((b, quarters, s // quarters, n, h) if cfg.btnh
+                else (b, n, quarters, s // quarters, h))
   dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
                  (b, n, s // (cfg.block_k * quarters)),
                  [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
