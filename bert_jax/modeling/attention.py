@@ -169,9 +169,9 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   b, t, n, h = q_BTNH.shape
   tpu = (layout or target_platform()) == "tpu"
   # TPU blocks are tiles of one head's rows ([B,N,T,H]); Triton reads a head's rows strided
-  # from the model's [B,T,N,H], with no transposes around the kernels.
-  to_kernel = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if tpu else (lambda x: x)
-  q, k, v = to_kernel(q_BTNH), to_kernel(k_BSNH), to_kernel(v_BSNH)
+  # from the model's [B,T,N,H], with no transposes around the kernels. (Its own inverse.)
+  swap = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if tpu else (lambda x: x)
+  q, k, v = swap(q_BTNH), swap(k_BSNH), swap(v_BSNH)
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
@@ -189,8 +189,7 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   mesh, batch, heads = _batch_head_specs(b, n)
   q_seg_BT, kv_seg_BS = q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
   if not batch and not heads:
-    return to_kernel(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0),
-                                 cfg))
+    return swap(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg))
   from jax.sharding import PartitionSpec as P
   b_axes, n_axes = batch or None, heads or None
   head_axis = 1 if tpu else 2
@@ -203,7 +202,7 @@ def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate:
   seg = P(b_axes, None)
   out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
                       out_specs=qkv, check_vma=False)(q, k, v, q_seg_BT, kv_seg_BS, words)
-  return to_kernel(out)
+  return swap(out)
 
 
 def _offset_words(words, b_offset, n_offset):
