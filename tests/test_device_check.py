@@ -81,6 +81,16 @@ def test_device_check_past_its_budget_still_writes_the_report(tmp_path):
   report = json.loads((tmp_path / "device_check.json").read_text())
   assert {c["case"] for c in report["cases"]} == {"tiny_64x4_fast", "tiny_64x4_xla"}
   assert all("budget of 0 s ran out" in c["error"] for c in report["cases"])
+  # the GPU mode's steps too (run here on the CPU, where the budget stops every one of them)
+  gpu = subprocess.run(["bash", "tools/device_check.sh", "--budget", "0", "--out",
+                        str(tmp_path / "gpu")], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                             PYTHON=sys.executable))
+  assert gpu.returncode == 1, gpu.stdout + gpu.stderr
+  report = json.loads((tmp_path / "gpu" / "device_check.json").read_text())
+  assert len(report["cases"]) == 9  # 3 shapes x (xla, fast, pallas)
+  assert all("budget of 0 s ran out" in c["error"] for c in report["cases"])
+  assert report["tests_attention"].startswith("skipped") and report["mode"] == "gpu"
   bad = subprocess.run(["bash", "tools/device_check.sh", "--budget", "soon"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--budget soon" in bad.stderr
