@@ -131,10 +131,19 @@ def _unpack(words, per_word: int, keys_first: bool):
   return (bits.T if keys_first else bits) != 0
 
 
-def _read_keeps(bits_ref, cfg: Config, seq_k: int, j, words, keys_first: bool) -> list:
-  """What `_keeps` hashes, read from the forward's bits: rows `words` of the bits block."""
-  return [_unpack(bits_ref[words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
-                  _per_word(cfg), keys_first) for g in range(groups(cfg, seq_k))]
+def _backward_keeps(words_ref, bits_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, i,
+                    j, keys_first: bool) -> list:
+  """The backward kernels' kept elements of the groups(...) blocks at query block i and key
+  block index j: read from the forward's bits where it left them (bits_ref, see packs_keep:
+  all the words of the queries keys first, else the query block's own), else hashed again."""
+  bq, per_word = cfg.block_q, _per_word(cfg)
+  if not bits_ref:
+    shape = (cfg.block_k, bq) if keys_first else (bq, cfg.block_k)
+    return _keeps(words_ref, at, cfg, seq_q, seq_k, i * bq, j, shape, keys_first)
+  words = (pl.ds(pl.multiple_of(i * (bq // per_word), bq // per_word), bq // per_word)
+           if keys_first else slice(None))
+  return [_unpack(bits_ref[0][words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
+                  per_word, keys_first) for g in range(groups(cfg, seq_k))]
 
 
 def _dims(x, cfg: Config) -> tuple[int, int, int, int]:
@@ -176,7 +185,7 @@ def _scores(a, b, a_ids, b_ids, scale):
 
 def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref,
                 *bits_ref, cfg: Config, seq_q: int, seq_k: int):
-  """bits_ref (where packs_keep): the block's keep bits, [bq/32, S] words."""
+  """bits_ref (where packs_keep): the block's keep bits, [bq/w, S] words (`_per_word`)."""
   bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
   q, q_ids = q_ref[...], q_ids_ref[...]
@@ -241,7 +250,7 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
   over [bk, bq] blocks (keys first): both products then take the block as it is. (Query first,
   they take it transposed, and XLA's Triton spends minutes compiling the dropout hash feeding a
   transposed operand; the key-major block compiles in about a second.) refs: the forward's
-  keep bits ([T/32, S] words, where packs_keep), then dk_ref and dv_ref."""
+  keep bits ([T/w, S] words, where packs_keep), then dk_ref and dv_ref."""
   *bits_ref, dk_ref, dv_ref = refs
   bq, bk = cfg.block_q, cfg.block_k
   j = pl.program_id(2)
@@ -253,12 +262,7 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
-    if bits_ref:
-      per_block = bq // _per_word(cfg)
-      words = pl.ds(pl.multiple_of(i * per_block, per_block), per_block)
-      keeps = _read_keeps(bits_ref[0], cfg, seq_k, j, words, keys_first=True)
-    else:
-      keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bk, bq), keys_first=True)
+    keeps = _backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j, keys_first=True)
     out = []
     for g, keep in enumerate(keeps):
       dk, dv = carry[g]
@@ -278,20 +282,17 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
 
 def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
                delta_ref, *refs, cfg: Config, seq_q: int, seq_k: int):
-  """refs: the forward's keep bits ([bq/32, S] words, where packs_keep), then dq_ref."""
+  """refs: the forward's keep bits ([bq/w, S] words, where packs_keep), then dq_ref."""
   *bits_ref, dq_ref = refs
-  bq, bk = cfg.block_q, cfg.block_k
-  t0 = pl.program_id(2) * bq
+  bk = cfg.block_k
+  i = pl.program_id(2)
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
   m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
   at = _where(words_ref)
   quarters = groups(cfg, seq_k)
 
   def body(j, dq):
-    if bits_ref:
-      keeps = _read_keeps(bits_ref[0], cfg, seq_k, j, slice(None), keys_first=False)
-    else:
-      keeps = _keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))
+    keeps = _backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j, keys_first=False)
     for g, keep in enumerate(keeps):
       cols = pl.ds(_block_start(cfg, seq_k, j, g), bk)
       k = k_ref[cols, :]
