@@ -47,10 +47,14 @@ def _textbook(q, k, v, segments, rate):
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def _fused(q, k, v, segments, rate, key=KEY, block_q=16):
-  return attention.flash_attention(q, k, v, segments.queries(q.shape[1]), segments.kv_BS,
-                                   dropout.key_words_of(key), rate=rate, interpret=INTERPRET,
-                                   block_q=block_q, block_k=16)
+def _fused(q, k, v, segments, rate, key=KEY, block_q=16, bias=None):
+  """The kernel on q, k and v fused as the model's projection (and its bias [3,N,H], added in
+  the kernel): the gradients come back through the stack, split from the one [B,T,3,N,H]
+  gradient the kernels write."""
+  return attention.flash_attention(attention.fuse(q, k, v, axis=2),
+                                   segments.queries(q.shape[1]), segments.kv_BS,
+                                   dropout.key_words_of(key), bias_3NH=bias, rate=rate,
+                                   interpret=INTERPRET, block_q=block_q, block_k=16)
 
 
 # 16-key blocks: at length 32 each spans two quarters of the keys (a hash per element); at 64
@@ -61,23 +65,28 @@ def _fused(q, k, v, segments, rate, key=KEY, block_q=16):
                                             ("packed", 64, 16), ("packed", 64, 32)])
 @pytest.mark.parametrize("rate", [0.0, 0.1])
 def test_kernel_equals_the_xla_path_forward_and_gradients(kind, t, block_q, rate):
+  """With the projection's bias, which the kernel adds to q, k and v as it reads them."""
   segments = _segments(kind, t)
   q, k, v = _qkv(t=t)
+  bias = jnp.asarray(np.random.default_rng(5).normal(size=(3, N, H)), jnp.float32)
   g = jax.random.normal(jax.random.PRNGKey(1), q.shape)
-  fused = functools.partial(_fused, block_q=block_q)
+  fused = lambda q, k, v, b: _fused(q, k, v, segments, rate, block_q=block_q, bias=b)
+  # the bias [3,N,H] split as the projection is: [1,1,N,H] for each of q, k and v
+  textbook = lambda q, k, v, b: _textbook(*(x + y for x, y in zip(
+      (q, k, v), attention.queries_keys_values(b[None, None]))), segments, rate)
   with jax.default_matmul_precision("highest"):
     ref, ref_grads = jax.value_and_grad(
-        lambda *x: jnp.sum(_textbook(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
+        lambda *x: jnp.sum(textbook(*x) * g), argnums=(0, 1, 2, 3))(q, k, v, bias)
     out, grads = jax.value_and_grad(
-        lambda *x: jnp.sum(fused(*x, segments, rate) * g), argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(fused(q, k, v, segments, rate),
-                               _textbook(q, k, v, segments, rate), atol=2e-6, rtol=1e-5)
+        lambda *x: jnp.sum(fused(*x) * g), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    np.testing.assert_allclose(fused(q, k, v, bias), textbook(q, k, v, bias), atol=2e-6,
+                               rtol=1e-5)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # a sum of 4,096 products
-  for name, a, b in zip("qkv", grads, ref_grads):
+  for name, a, b in zip(["q", "k", "v", "bias"], grads, ref_grads):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
   if rate == 0.0:  # and the deterministic path the model takes on the CPU
     np.testing.assert_allclose(ops.attention(q, k, v, segments.mask())[:, :20],
-                               fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
+                               _fused(q, k, v, segments, rate)[:, :20], atol=2e-6)
 
 
 def test_the_backward_kernels_read_the_forwards_keep_bits():
@@ -113,9 +122,9 @@ def test_the_tpu_layout_equals_the_xla_path_too(kind, t):
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
   def fused(q, k, v):
-    return attention.flash_attention(q, k, v, segments.queries(t), segments.kv_BS,
-                                     dropout.key_words_of(KEY), rate=0.1, interpret=True,
-                                     layout="tpu")
+    return attention.flash_attention(attention.fuse(q, k, v, axis=2), segments.queries(t),
+                                     segments.kv_BS, dropout.key_words_of(KEY), rate=0.1,
+                                     interpret=True, layout="tpu")
 
   with jax.default_matmul_precision("highest"):
     ref = jax.value_and_grad(lambda *x: jnp.sum(textbook(*x) * g), argnums=(0, 1, 2))(q, k, v)
@@ -125,25 +134,26 @@ def test_the_tpu_layout_equals_the_xla_path_too(kind, t):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
-def _dropped(key, rate=0.1, s=H):
+def _dropped(key, rate=0.1, s=T):
   """keep x scale for every (b, n, t, s), read back through the kernel: q = k = 0 gives uniform
-  probabilities 1/S and v = the identity reads them out ([B, T, N, S])."""
-  zeros = jnp.zeros((B, 64, N, s))
+  probabilities 1/S and v = the identity reads them out ([B, T, N, S], T = S)."""
+  zeros = jnp.zeros((B, s, N, s))
   eye = jnp.broadcast_to(jnp.eye(s)[None, :, None, :], (B, s, N, s))
   segments = attention.Segments(None, jnp.ones((B, s), jnp.int32))
-  out = attention.flash_attention(zeros, zeros[:, :s], eye, segments.queries(64), segments.kv_BS,
+  out = attention.flash_attention(attention.fuse(zeros, zeros, eye, axis=2),
+                                  segments.queries(s), segments.kv_BS,
                                   dropout.key_words_of(key), rate=rate, interpret=INTERPRET,
                                   block_q=16, block_k=16)
   return np.asarray(out) * s
 
 
-@pytest.mark.parametrize("keys", [H, 64])  # 16-key blocks spanning quarters; quarter blocks
+@pytest.mark.parametrize("keys", [T, 64])  # 16-key blocks spanning quarters; quarter blocks
 def test_kernel_dropout_keeps_one_minus_rate_and_draws_keep_masks_bits(keys):
   dropped = _dropped(KEY, s=keys)
   kept = dropped > 0
   assert abs(kept.mean() - 0.9) < 0.01
   np.testing.assert_allclose(dropped[kept], 65536.0 / dropout.keep_threshold(0.1), rtol=1e-6)
-  keep, _ = dropout.keep_mask(KEY, (B, N, 64, keys), 0.1)
+  keep, _ = dropout.keep_mask(KEY, (B, N, keys, keys), 0.1)
   np.testing.assert_array_equal(kept, np.transpose(np.asarray(keep), (0, 2, 1, 3)))
 
 
@@ -270,22 +280,24 @@ from bert_jax.training import sharding
 layout, t, block = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 16)), jnp.float32) for _ in range(3))
+bias = jnp.asarray(rng.normal(size=(3, 2, 16)), jnp.float32)
 seg = jnp.asarray(np.repeat([[1] * (t - 8) + [0] * 8], 2, 0), jnp.int32)
 words = dropout.key_words_of(jax.random.PRNGKey(3))
-fused = lambda q, k, v: attention.flash_attention(q, k, v, seg, seg, words, rate=0.1,
-    interpret=True, layout=layout, block_q=block, block_k=block)
-grad = jax.jit(jax.grad(lambda *x: jnp.sum(fused(*x) ** 2), argnums=(0, 1, 2)))
-alone = grad(q, k, v)
+fused = lambda q, k, v, b: attention.flash_attention(attention.fuse(q, k, v, axis=2), seg, seg,
+    words, bias_3NH=b, rate=0.1, interpret=True, layout=layout, block_q=block, block_k=block)
+grad = jax.jit(jax.grad(lambda *x: jnp.sum(fused(*x) ** 2), argnums=(0, 1, 2, 3)))
+alone = grad(q, k, v, bias)
 with jax.set_mesh(sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])):
-  sharded = grad(q, k, v)
+  sharded = grad(q, k, v, bias)
 print(max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(alone, sharded)))
 """
 
 
 @pytest.mark.parametrize("layout,t,block", [("gpu", 32, 32), ("tpu", 128, 128)])
 def test_the_kernel_on_a_mesh_draws_the_same_bits(layout, t, block):
-  """Rows and heads split over a data x tensor mesh (shard_map, each shard's global offsets):
-  the gradients equal those on one device, dropout bits included."""
+  """Rows and heads split over a data x tensor mesh (shard_map, each shard's global offsets;
+  the projection's bias split by heads): the gradients equal those on one device, dropout
+  bits included."""
   import os
   import subprocess
   import sys

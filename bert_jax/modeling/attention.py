@@ -114,31 +114,49 @@ def describe(implementation: str, platform: str, rate: float, dtype: str = "bflo
           f"{where[evaluate]}")
 
 
-def attend(q_BTNH, k_BSNH, v_BSNH, segments: Segments, *, rate: float = 0.0,
+def fuse(q, k, v, axis: int):
+  """q, k and v stacked along a new `axis` in the fused projection's order (keys, values,
+  queries: the order in which the kernel writes their gradients, flash.KEYS)."""
+  parts = {flash.QUERIES: q, flash.KEYS: k, flash.VALUES: v}
+  return jnp.stack([parts[i] for i in range(3)], axis=axis)
+
+
+def queries_keys_values(kvq_BT3NH):
+  """q [B,T,N,H], k and v [B,S,N,H] of the fused projection [B,T,3,N,H] (see `fuse`). One
+  split: its gradient is one concatenate, where three slices' would be three pads and adds."""
+  parts = [x[:, :, 0] for x in jnp.split(kvq_BT3NH, 3, axis=2)]
+  return parts[flash.QUERIES], parts[flash.KEYS], parts[flash.VALUES]
+
+
+def attend(kvq_BT3NH, segments: Segments, *, bias_3NH=None, rate: float = 0.0,
            key: jax.Array | None = None, implementation: str = "auto"):
-  """softmax(q·k/sqrt(H) over the keys `segments` allows) · v, with inverted dropout of the
-  probabilities at `rate` when `key` is given."""
-  t, n, h = q_BTNH.shape[1:]
+  """softmax(q·k/sqrt(H) over the keys `segments` allows) · v of the fused projection
+  [B,T,3,N,H] (see `fuse`) plus its bias [3,N,H] where given, with inverted dropout of the
+  probabilities at `rate` when `key` is given: [B,T,N,H]."""
+  _, t, _, n, h = kvq_BT3NH.shape
   training = key is not None and rate > 0.0
-  path = choose(implementation, target_platform(), rate, training, (t, k_BSNH.shape[1], h),
-                jnp.dtype(q_BTNH.dtype).name, segments.q_BT is not None)
-  if path == "xla":
-    mask = segments.mask()
-    if not training:
-      return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask)
-    keep, scale = dropout.keep_mask(key, (q_BTNH.shape[0], n, t, k_BSNH.shape[1]), rate)
-    return ops.dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask, keep, scale)
+  path = choose(implementation, target_platform(), rate, training, (t, t, h),
+                jnp.dtype(kvq_BT3NH.dtype).name, segments.q_BT is not None)
+  if path == "pallas":
+    words = dropout.key_words_of(key) if training else jnp.zeros((2,), jnp.uint32)
+    # On a CPU (attention="pallas" asked for by name: tests) the kernel runs interpreted.
+    return flash_attention(kvq_BT3NH, segments.queries(t), segments.kv_BS, words,
+                           bias_3NH=bias_3NH, rate=rate if training else 0.0,
+                           interpret=target_platform() == "cpu")
+  if bias_3NH is not None:
+    kvq_BT3NH = ops.add_bias(kvq_BT3NH, bias_3NH)
+  q_BTNH, k_BSNH, v_BSNH = queries_keys_values(kvq_BT3NH)
   if path == "splash":
     return _splash(q_BTNH, k_BSNH, v_BSNH, segments)
   if path == "cudnn":
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSNH, v_BSNH, implementation="cudnn",
         key_value_seq_lengths=jnp.sum(segments.kv_BS != 0, axis=1, dtype=jnp.int32))
-  words = dropout.key_words_of(key) if training else jnp.zeros((2,), jnp.uint32)
-  # On a CPU (attention="pallas" asked for by name: tests) the kernel runs interpreted.
-  return flash_attention(q_BTNH, k_BSNH, v_BSNH, segments.queries(t), segments.kv_BS, words,
-                         rate=rate if training else 0.0,
-                         interpret=target_platform() == "cpu")
+  mask = segments.mask()
+  if not training:
+    return ops.attention(q_BTNH, k_BSNH, v_BSNH, mask)
+  keep, scale = dropout.keep_mask(key, (q_BTNH.shape[0], n, t, t), rate)
+  return ops.dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask, keep, scale)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -159,50 +177,59 @@ def _axis_offset(axes: tuple[str, ...], local: int):
   return jax.lax.axis_index(axes) * local if axes else 0
 
 
-def flash_attention(q_BTNH, k_BSNH, v_BSNH, q_seg_BT, kv_seg_BS, words, *, rate: float = 0.0,
-                    interpret: bool = False, layout: str | None = None,
+def flash_attention(kvq_BT3NH, q_seg_BT, kv_seg_BS, words, *, bias_3NH=None,
+                    rate: float = 0.0, interpret: bool = False, layout: str | None = None,
                     block_q: int | None = None, block_k: int | None = None):
-  """The Pallas kernel over the whole batch: under a mesh, each device runs it on its own rows
-  and heads (shard_map), with the global row and head offsets that keep the dropout bits
+  """The Pallas kernel over the whole batch of the fused projection [B,T,3,N,H] (see `fuse`)
+  plus its bias [3,N,H] where given: under a mesh, each device runs it on its own rows and
+  heads (shard_map), with the global row and head offsets that keep the dropout bits
   mesh-independent. `layout` ("tpu" or "gpu"; default: the traced platform's) shapes the
   per-query statistics and segment ids for the chip's vector tiles; tests interpret both."""
-  b, t, n, h = q_BTNH.shape
+  b, t, _, n, h = kvq_BT3NH.shape
   tpu = (layout or target_platform()) == "tpu"
-  # TPU blocks are tiles of one head's rows ([B,N,T,H]); Triton reads a head's rows strided
-  # from the model's [B,T,N,H], with no transposes around the kernels. (Its own inverse.)
-  swap = (lambda x: jnp.transpose(x, (0, 2, 1, 3))) if tpu else (lambda x: x)
-  q, k, v = swap(q_BTNH), swap(k_BSNH), swap(v_BSNH)
+  # TPU blocks are tiles of one head's rows: q, k and v as [B,N,T,H] (the bias added as they
+  # are transposed). Triton reads a head's rows strided from the fused projection, adds their
+  # bias as it reads them, and writes the gradient in place: no pass over the projection
+  # around the kernels.
+  to_bnth = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+  if tpu and bias_3NH is not None:
+    kvq_BT3NH, bias_3NH = ops.add_bias(kvq_BT3NH, bias_3NH), None
+  qkv = (tuple(to_bnth(x) for x in queries_keys_values(kvq_BT3NH)) if tpu else kvq_BT3NH)
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
   # four blocks (flash.groups). Compiled for an H200, ptxas spills at most 64 bytes per thread
   # there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB with
   # 128 x 64 blocks and a hash per element.
-  s = k_BSNH.shape[1]
   block_q = block_q or (128 if tpu else 64)
-  block_k = block_k or (128 if tpu else max(16, min(32, s // 4)))
+  block_k = block_k or (128 if tpu else max(16, min(32, t // 4)))
   cfg = flash.Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
-                     block_k=min(block_k, s),
+                     block_k=min(block_k, t),
                      lanes=128 if tpu else 1, sublanes=8 if tpu else 1,
                      smem=tpu and not interpret,
-                     triton=not interpret and target_platform() == "gpu", btnh=not tpu)
+                     triton=not interpret and target_platform() == "gpu", fused=not tpu)
   mesh, batch, heads = _batch_head_specs(b, n)
   q_seg_BT, kv_seg_BS = q_seg_BT.astype(jnp.int32), kv_seg_BS.astype(jnp.int32)
   if not batch and not heads:
-    return swap(flash.flash(q, k, v, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg))
+    out = flash.flash(qkv, bias_3NH, q_seg_BT, kv_seg_BS, _offset_words(words, 0, 0), cfg)
+    return to_bnth(out) if tpu else out
   from jax.sharding import PartitionSpec as P
   b_axes, n_axes = batch or None, heads or None
-  head_axis = 1 if tpu else 2
+  local_b = b // math.prod(mesh.shape[a] for a in batch)
+  local_n = n // math.prod(mesh.shape[a] for a in heads)
 
-  def local(q, k, v, qs, kvs, words):
-    offsets = (_axis_offset(batch, q.shape[0]), _axis_offset(heads, q.shape[head_axis]))
-    return flash.flash(q, k, v, qs, kvs, _offset_words(words, *offsets), cfg)
+  def local(qkv, bias, qs, kvs, words):
+    offsets = (_axis_offset(batch, local_b), _axis_offset(heads, local_n))
+    return flash.flash(qkv, bias, qs, kvs, _offset_words(words, *offsets), cfg)
 
-  qkv = P(b_axes, n_axes, None, None) if tpu else P(b_axes, None, n_axes, None)
+  bnth = P(b_axes, n_axes, None, None)
+  qkv_spec = (bnth,) * 3 if tpu else P(b_axes, None, None, n_axes, None)
   seg = P(b_axes, None)
-  out = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg, P()),
-                      out_specs=qkv, check_vma=False)(q, k, v, q_seg_BT, kv_seg_BS, words)
-  return swap(out)
+  bias_spec = P(None, n_axes, None)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, bias_spec, seg, seg, P()),
+                      out_specs=bnth if tpu else P(b_axes, None, n_axes, None),
+                      check_vma=False)(qkv, bias_3NH, q_seg_BT, kv_seg_BS, words)
+  return to_bnth(out) if tpu else out
 
 
 def _offset_words(words, b_offset, n_offset):

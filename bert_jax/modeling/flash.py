@@ -5,10 +5,11 @@ Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabil
 same Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one
 hash for the four keys that share a counter where blocks allow (`groups`). The forward kernel
 also writes the bits, packed 32 queries to a word (16 in TPU tiles), and the backward kernels
-read them instead of hashing again (`packs_keep`). Two layouts of the per-query statistics and
-segment ids: TPU vector tiles (128 lanes, 8 sublanes, key blocks of 128) and plain columns and
-rows (Triton on GPUs). Where it is used, and how it is sharded, is
-`bert_jax.modeling.attention`'s business.
+read them instead of hashing again (`packs_keep`). Two layouts: TPU vector tiles (q, k and v
+as [B,N,T,H] arrays; per-query statistics in 128 lanes, key ids in 8 sublanes, key blocks of
+128), and plain columns and rows (Triton on GPUs) reading the model's fused [B,T,3,N,H]
+projection in place and writing its gradient in place (`Config.fused`). Where it is used, and
+how it is sharded, is `bert_jax.modeling.attention`'s business.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from jax.experimental import pallas as pl
 from bert_jax.modeling import dropout
 
 _NEG = float(np.finfo(np.float32).min)
+# The order along the fused array's axis 2: the dK/dV kernel writes keys and values as one
+# block of two at its start, then the dQ kernel writes the queries into the same buffer.
+KEYS, VALUES, QUERIES = 0, 1, 2
 
 
 class Config(NamedTuple):
@@ -36,10 +40,11 @@ class Config(NamedTuple):
   sublanes: int  # height of the key segment ids: 8 (a TPU sublane tile) or 1
   smem: bool  # the dropout words in scalar memory (TPU)
   triton: bool  # compiled by Triton (GPU)
-  # q, k, v, the output and the gradients as [B,T,N,H], the model's layout, each block a head's
-  # rows read strided (plain layout: no transposes around the kernels); else [B,N,T,H] (TPU
-  # blocks are whole tiles of one head)
-  btnh: bool = False
+  # q, k and v as one [B,T,3,N,H] array (KEYS, VALUES, QUERIES), the model's projection, and
+  # the output as [B,T,N,H], each block a head's rows read strided: no slices, transposes or
+  # concatenates around the kernels (plain layout); else separate [B,N,T,H] arrays (TPU blocks
+  # are whole tiles of one head)
+  fused: bool = False
 
   @property
   def threshold(self) -> int:
@@ -146,10 +151,19 @@ def _backward_keeps(words_ref, bits_ref, at: _Where, cfg: Config, seq_q: int, se
                   per_word, keys_first) for g in range(groups(cfg, seq_k))]
 
 
-def _dims(x, cfg: Config) -> tuple[int, int, int, int]:
-  """(B, N, length, H) of q, k, v or a gradient in the config's layout."""
-  b, first, second, h = x.shape
-  return (b, second, first, h) if cfg.btnh else (b, first, second, h)
+def _dims(qkv, cfg: Config) -> tuple[int, int, int, int, int]:
+  """(B, N, T, S, H) of the fused array, or of the (q, k, v) arrays."""
+  if cfg.fused:
+    b, t, _, n, h = qkv.shape
+    return b, n, t, t, h
+  (b, n, t, h), s = qkv[0].shape, qkv[1].shape[2]
+  return b, n, t, s, h
+
+
+def _operands(qkv, cfg: Config) -> list:
+  """q, k and v as the kernels take them: the fused array three times (each read at its own
+  index, see `_specs`), or the three arrays."""
+  return [qkv] * 3 if cfg.fused else list(qkv)
 
 
 def _dot(a, b, contract: tuple[int, int]):
@@ -181,6 +195,31 @@ def _scores(a, b, a_ids, b_ids, scale):
   b_row = b_ids[:1]
   allowed = (_to_width(a_ids, b_row.shape[1]) == b_row) & (b_row != 0)
   return jnp.where(allowed, _dot(a, b, (1, 1)) * scale, _NEG), allowed
+
+
+class _Biased(NamedTuple):
+  """q, k or v in a kernel where the projection's bias ([H]) is added as its rows are read (the
+  unbiased projection is the kernel's operand: no separate pass adds the bias)."""
+  ref: object
+  bias_ref: object
+
+  @property
+  def shape(self):
+    return self.ref.shape
+
+  def __getitem__(self, index):
+    x = self.ref[index]
+    return (x.astype(jnp.float32) + self.bias_ref[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _reading_biases(kernel):
+  """The kernel (a partial of one below) taking the biases of q, k and v as its three inputs
+  after v; named as the kernel, which profiles (tools/kernel_profile.py) look for."""
+  def biased(words_ref, q_ref, k_ref, v_ref, q_bias, k_bias, v_bias, *refs):
+    return kernel(words_ref, _Biased(q_ref, q_bias), _Biased(k_ref, k_bias),
+                  _Biased(v_ref, v_bias), *refs)
+  biased.__name__ = kernel.func.__name__
+  return biased
 
 
 def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref,
@@ -250,8 +289,10 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
   over [bk, bq] blocks (keys first): both products then take the block as it is. (Query first,
   they take it transposed, and XLA's Triton spends minutes compiling the dropout hash feeding a
   transposed operand; the key-major block compiles in about a second.) refs: the forward's
-  keep bits ([T/w, S] words, where packs_keep), then dk_ref and dv_ref."""
-  *bits_ref, dk_ref, dv_ref = refs
+  keep bits ([T/w, S] words, where packs_keep), then dk_ref and dv_ref, or where cfg.fused one
+  [quarters, bk, 2, H] block of both (KEYS, VALUES)."""
+  outputs = 1 if cfg.fused else 2
+  bits_ref, grads_ref = refs[:-outputs], refs[-outputs:]
   bq, bk = cfg.block_q, cfg.block_k
   j = pl.program_id(2)
   at = _where(words_ref)
@@ -273,17 +314,22 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
                   dv + _dot(dropped.astype(do.dtype), do, (1, 0))))
     return tuple(out)
 
-  zeros = jnp.zeros((bk, dk_ref.shape[-1]), jnp.float32)
+  zeros = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
   grads = jax.lax.fori_loop(0, seq_q // bq, body, ((zeros, zeros),) * quarters)
   for g, (dk, dv) in enumerate(grads):
-    dk_ref[g] = dk.astype(dk_ref.dtype)
-    dv_ref[g] = dv.astype(dv_ref.dtype)
+    if cfg.fused:
+      grads_ref[0][g, :, KEYS, :] = dk.astype(grads_ref[0].dtype)
+      grads_ref[0][g, :, VALUES, :] = dv.astype(grads_ref[0].dtype)
+    else:
+      grads_ref[0][g] = dk.astype(grads_ref[0].dtype)
+      grads_ref[1][g] = dv.astype(grads_ref[1].dtype)
 
 
 def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_ref, l_ref,
                delta_ref, *refs, cfg: Config, seq_q: int, seq_k: int):
-  """refs: the forward's keep bits ([bq/w, S] words, where packs_keep), then dq_ref."""
-  *bits_ref, dq_ref = refs
+  """refs: the forward's keep bits ([bq/w, S] words, where packs_keep), where cfg.fused the
+  dK/dV kernel's output (the buffer dq_ref writes into, not read), then dq_ref."""
+  bits_ref, dq_ref = refs[:-2 if cfg.fused else -1], refs[-1]
   bk = cfg.block_k
   i = pl.program_id(2)
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
@@ -311,44 +357,56 @@ def _specs(t, s, h, cfg: Config, blocked: str):
   [B,sublanes,S] as a row tile) or the keys (the dK/dV kernel, keys first: key ids
   [B,S,lanes] as the column tile, query ids [B,sublanes,T] and statistics [B,N,sublanes,T] as
   row tiles; one instance reads block j of each quarter of the keys and writes dK and dV as
-  [B,N,quarters,S/quarters,H], see `groups`, or [B,quarters,S/quarters,N,H] where cfg.btnh);
-  q/k/v are [B,N,T,H], or [B,T,N,H] where cfg.btnh."""
+  [B,N,quarters,S/quarters,H], see `groups`, or where cfg.fused both as
+  [B,quarters,S/quarters,3,N,H], the first two of axis 3). q, k, v: see `Config.fused`."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   lanes, sub = cfg.lanes, cfg.sublanes
 
-  def rows(length: int, block: bool):
-    """A head's `length` rows of q/k/v for grid (b, n, block index); the block's rows, or all."""
+  def rows(length: int, block: bool, which: int | None = None):
+    """A head's `length` rows for grid (b, n, block index), the block's or all: of q, k or v
+    (`which`: its index in the fused array), or of the output and its gradient."""
     at = (lambda k: k) if block else (lambda k: 0)
-    if cfg.btnh:
+    if not cfg.fused:
+      return pl.BlockSpec((sq, sq, length, h), lambda i, j, k: (i, j, at(k), 0))
+    if which is None:
       return pl.BlockSpec((sq, length, sq, h), lambda i, j, k: (i, at(k), j, 0))
-    return pl.BlockSpec((sq, sq, length, h), lambda i, j, k: (i, j, at(k), 0))
+    return pl.BlockSpec((sq, length, sq, sq, h), lambda i, j, k: (i, at(k), which, j, 0))
 
+  # A head's bias [H] of q, k or v in the fused [3,N,H] biases.
+  bias = lambda which: pl.BlockSpec((sq, sq, h), lambda i, j, k: (which, j, 0))
+  biases = [bias(QUERIES), bias(KEYS), bias(VALUES)]
   if blocked == "q":
     bq = cfg.block_q
-    return dict(q=rows(bq, True), k=rows(s, False),
+    return dict(biases=biases, q=rows(bq, True, QUERIES), k=rows(s, False, KEYS),
+                v=rows(s, False, VALUES), out=rows(bq, True),
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)),
                 bits=pl.BlockSpec((sq, sq, bq // _per_word(cfg), s),
                                   lambda i, j, k: (i, j, k, 0)))
   bk, quarters = cfg.block_k, groups(cfg, s)
-  dk = (pl.BlockSpec((sq, quarters, bk, sq, h), lambda i, j, k: (i, 0, k, j, 0)) if cfg.btnh
-        else pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0)))
-  return dict(q=rows(t, False), k=rows(s, False), dk=dk,
+  assert (KEYS, VALUES) == (0, 1)  # block 0 of two along the fused axis
+  dkv = ([pl.BlockSpec((sq, quarters, bk, 2, sq, h), lambda i, j, k: (i, 0, k, 0, j, 0))]
+         if cfg.fused else
+         [pl.BlockSpec((sq, sq, quarters, bk, h), lambda i, j, k: (i, j, 0, k, 0))] * 2)
+  return dict(biases=biases, q=rows(t, False, QUERIES), k=rows(s, False, KEYS),
+              v=rows(s, False, VALUES), out=rows(t, False), dkv=dkv,
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
               kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)),
               bits=pl.BlockSpec((sq, sq, t // _per_word(cfg), s), lambda i, j, k: (i, j, 0, 0)))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, *args):
+def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, dims,
+          *args, aliases=None):
   """The pallas_call of one kernel. Its cost (`matmuls` products of 2·B·N·T·S·H FLOPs, one exp
-  per score) is declared, so XLA's FLOP count (`bert-jax plan`) includes what it computes."""
-  b, n, t, h = _dims(args[1], cfg)
-  s = _dims(args[2], cfg)[2]
+  per score; dims = (B, N, T, S, H)) is declared, so XLA's FLOP count (`bert-jax plan`)
+  includes what it computes. The fused array, passed as q, k and v, is counted once."""
+  b, n, t, s, h = dims
+  distinct = {id(x): x for x in args}.values()
   cost = pl.CostEstimate(
       flops=matmuls * 2 * b * n * t * s * h, transcendentals=b * n * t * s,
-      bytes_accessed=sum(x.size * x.dtype.itemsize for x in args)
+      bytes_accessed=sum(x.size * x.dtype.itemsize for x in distinct)
       + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out_shape)))
   params = {}
   if cfg.smem:
@@ -364,7 +422,8 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: in
       params = dict(compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=2))
   return pl.pallas_call(kernel, grid=grid, in_specs=[words_spec, *in_specs],
                         out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret,
-                        cost_estimate=cost, **params)(*args)
+                        cost_estimate=cost, input_output_aliases=aliases or {},
+                        **params)(*args)
 
 
 def _column_tile(ids, lanes: int):
@@ -377,61 +436,81 @@ def _row_tile(ids, sublanes: int):
   return jnp.broadcast_to(ids[..., None, :], ids.shape[:-1] + (sublanes, ids.shape[-1]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def flash(q, k, v, q_seg, kv_seg, words, cfg: Config):
-  """Attention of q [B,N,T,H] over k, v [B,N,S,H] ([B,T,N,H] and [B,S,N,H] where cfg.btnh) as
-  the segment ids [B,T], [B,S] allow, with the probabilities dropped at cfg.rate by the words
-  [key0, key1, first row, first head]."""
-  return _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def flash(qkv, bias, q_seg, kv_seg, words, cfg: Config):
+  """Attention of the queries over the keys and values `qkv` (one [B,T,3,N,H] array where
+  cfg.fused, plus its `bias` [3,N,H] or None; else q [B,N,T,H], k and v [B,N,S,H], bias None)
+  as the segment ids [B,T], [B,S] allow, with the probabilities dropped at cfg.rate by the
+  words [key0, key1, first row, first head]: [B,T,N,H] where cfg.fused, else [B,N,T,H]."""
+  return _flash_fwd(qkv, bias, q_seg, kv_seg, words, cfg)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, words, cfg: Config):
-  b, n, t, h = _dims(q, cfg)
-  s = _dims(k, cfg)[2]
-  sp = _specs(t, s, h, cfg, "q")
-  kernel = functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s)
+def _kernel_and_inputs(kernel, qkv, bias, cfg: Config, specs: dict):
+  """The kernel, and the specs and operands of its first inputs after the words: q, k and v,
+  then their biases where given (added in the kernel, `_Biased`)."""
+  in_specs = [specs["q"], specs["k"], specs["v"]]
+  if bias is None:
+    return kernel, in_specs, _operands(qkv, cfg)
+  assert cfg.fused, "a bias is added in the kernel to the fused projection only"
+  return _reading_biases(kernel), in_specs + specs["biases"], _operands(qkv, cfg) + [bias] * 3
+
+
+def _flash_fwd(qkv, bias, q_seg, kv_seg, words, cfg: Config):
+  dims = b, n, t, s, h = _dims(qkv, cfg)
+  kernel, in_specs, operands = _kernel_and_inputs(
+      functools.partial(_fwd_kernel, cfg=cfg, seq_q=t, seq_k=s), qkv, bias, cfg,
+      sp := _specs(t, s, h, cfg, "q"))
   row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
+  dtype = jax.tree.leaves(qkv)[0].dtype
   packed = packs_keep(cfg)
   out, m, l, *bits = _call(
-      kernel, (b, n, t // cfg.block_q), [sp["q"], sp["k"], sp["k"], sp["q_ids"], sp["kv_ids"]],
-      [sp["q"], sp["stats"], sp["stats"]] + [sp["bits"]] * packed,
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), row, row]
+      kernel, (b, n, t // cfg.block_q), in_specs + [sp["q_ids"], sp["kv_ids"]],
+      [sp["out"], sp["stats"], sp["stats"]] + [sp["bits"]] * packed,
+      [jax.ShapeDtypeStruct((b, t, n, h) if cfg.fused else (b, n, t, h), dtype), row, row]
       + [jax.ShapeDtypeStruct((b, n, t // _per_word(cfg), s), jnp.int32)] * packed, cfg, 2,
-      words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes))
+      dims, words, *operands, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes))
   # Only the first lane of the statistics is kept for the backward pass.
-  return out, (q, k, v, q_seg, kv_seg, words, out, m[..., 0], l[..., 0], bits)
+  return out, (qkv, bias, q_seg, kv_seg, words, out, m[..., 0], l[..., 0], bits)
 
 
 def _flash_bwd(cfg: Config, residuals, d_out):
-  q, k, v, q_seg, kv_seg, words, out, m, l, bits = residuals
-  b, n, t, h = _dims(q, cfg)
-  s = _dims(k, cfg)[2]
-  d_out = d_out.astype(q.dtype)
+  qkv, bias, q_seg, kv_seg, words, out, m, l, bits = residuals
+  dims = b, n, t, s, h = _dims(qkv, cfg)
+  dtype = out.dtype
+  d_out = d_out.astype(dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = jnp.swapaxes(delta, 1, 2) if cfg.btnh else delta  # [B,N,T] as m and l
-  sk = _specs(t, s, h, cfg, "k")
+  delta = jnp.swapaxes(delta, 1, 2) if cfg.fused else delta  # [B,N,T] as m and l
   quarters = groups(cfg, s)
-  by_quarter = ((b, quarters, s // quarters, n, h) if cfg.btnh
+  by_quarter = ((b, quarters, s // quarters, 3, n, h) if cfg.fused
                 else (b, n, quarters, s // quarters, h))
-  dk, dv = _call(functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s),
-                 (b, n, s // (cfg.block_k * quarters)),
-                 [sk["q"], sk["k"], sk["k"], sk["q_ids"], sk["kv_ids"], sk["q"]]
-                 + [sk["stats"]] * 3 + [sk["bits"]] * len(bits), [sk["dk"], sk["dk"]],
-                 [jax.ShapeDtypeStruct(by_quarter, k.dtype),
-                  jax.ShapeDtypeStruct(by_quarter, v.dtype)],
-                 cfg, 4,  # q·k again, dv, dp, dk
-                 words, q, k, v, _row_tile(q_seg, cfg.sublanes), _column_tile(kv_seg, cfg.lanes),
-                 d_out, *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)], *bits)
-  dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
-  sq = _specs(t, s, h, cfg, "q")
-  dq = _call(functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s),
-             (b, n, t // cfg.block_q),
-             [sq["q"], sq["k"], sq["k"], sq["q_ids"], sq["kv_ids"], sq["q"]] + [sq["stats"]] * 3
-             + [sq["bits"]] * len(bits),
-             sq["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), cfg, 3,  # q·k, dp, dq
-             words, q, k, v, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes),
-             d_out, *[_column_tile(x, cfg.lanes) for x in (m, l, delta)], *bits)
-  return dq, dk, dv, None, None, None
+  kernel, in_specs, operands = _kernel_and_inputs(
+      functools.partial(_dkv_kernel, cfg=cfg, seq_q=t, seq_k=s), qkv, bias, cfg,
+      sk := _specs(t, s, h, cfg, "k"))
+  dkv = _call(kernel, (b, n, s // (cfg.block_k * quarters)),
+              in_specs + [sk["q_ids"], sk["kv_ids"], sk["out"]] + [sk["stats"]] * 3
+              + [sk["bits"]] * len(bits), sk["dkv"],
+              [jax.ShapeDtypeStruct(by_quarter, dtype)] * len(sk["dkv"]),
+              cfg, 4,  # q·k again, dv, dp, dk
+              dims, words, *operands, _row_tile(q_seg, cfg.sublanes),
+              _column_tile(kv_seg, cfg.lanes), d_out,
+              *[_row_tile(x, cfg.sublanes) for x in (m, l, delta)], *bits)
+  kernel, in_specs, operands = _kernel_and_inputs(
+      functools.partial(_dq_kernel, cfg=cfg, seq_q=t, seq_k=s), qkv, bias, cfg,
+      sq := _specs(t, s, h, cfg, "q"))
+  in_specs += [sq["q_ids"], sq["kv_ids"], sq["out"]] + [sq["stats"]] * 3 + [sq["bits"]] * len(bits)
+  args = [words, *operands, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes),
+          d_out, *[_column_tile(x, cfg.lanes) for x in (m, l, delta)], *bits]
+  if not cfg.fused:
+    dq = _call(kernel, (b, n, t // cfg.block_q), in_specs, sq["q"],
+               jax.ShapeDtypeStruct(qkv[0].shape, dtype), cfg, 3, dims, *args)
+    return (dq, *(x.reshape(k.shape) for x, k in zip(dkv, qkv[1:]))), None, None, None, None
+  # dQ into the dK/dV kernel's buffer, in place: the whole fused gradient
+  d_qkv = _call(kernel, (b, n, t // cfg.block_q), in_specs + [sq["q"]], sq["q"],
+                jax.ShapeDtypeStruct(qkv.shape, dtype), cfg, 3, dims, *args,
+                dkv[0].reshape(qkv.shape), aliases={len(args): 0})  # q·k, dp, dq
+  d_bias = (None if bias is None
+            else jnp.sum(d_qkv, axis=(0, 1), dtype=jnp.float32).astype(bias.dtype))
+  return d_qkv, d_bias, None, None, None
 
 
 flash.defvjp(_flash_fwd, _flash_bwd)

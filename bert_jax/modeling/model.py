@@ -192,19 +192,21 @@ class BertSelfAttention(nn.Module):
                    name=name).weights((c.hidden_size,))
         for name in ("query", "key", "value")))
     # One fused [E, 3, N, H] matmul instead of three (forward and backward): fewer, larger GEMMs.
-    qkv_BT3NH = ops.add_bias(ops.linear(x_BTE.astype(c.dtype), jnp.stack(kernels, 1), 1),
-                             jnp.stack(biases, 0))
-    # One split (its gradient is one concatenate) rather than three slices (three pads and adds).
-    q_BTNH, k_BSNH, v_BSNH = (x[:, :, 0] for x in jnp.split(qkv_BT3NH, 3, axis=2))
+    # The GPU kernel reads its [B,T,3,N,H] output in place, adding the bias as it reads, and
+    # writes its gradient in place.
+    kvq_BT3NH = ops.linear(x_BTE.astype(c.dtype), attention.fuse(*kernels, axis=1), 1)
+    bias_3NH = attention.fuse(*biases, axis=0)
     rate = c.attention_probs_dropout_prob
     training = not self.deterministic and rate > 0.0
     if training and rate >= 1.0:
-      return jnp.zeros_like(readout.queries(q_BTNH) if readout is not None else q_BTNH)
+      zeros_BTNH = jnp.zeros_like(kvq_BT3NH[:, :, 0])
+      return readout.queries(zeros_BTNH) if readout is not None else zeros_BTNH
     # BERT drops attention probabilities; the fused kernels do it inside themselves.
     key = Dropout(rate).key() if training else None
     if readout is None:
-      return attention.attend(q_BTNH, k_BSNH, v_BSNH, segments, rate=rate, key=key,
+      return attention.attend(kvq_BT3NH, segments, bias_3NH=bias_3NH, rate=rate, key=key,
                               implementation=c.attention)
+    q_BTNH, k_BSNH, v_BSNH = attention.queries_keys_values(ops.add_bias(kvq_BT3NH, bias_3NH))
     q_BTNH, k_BSNH, v_BSNH = readout.queries(q_BTNH), readout.keys(k_BSNH), readout.keys(v_BSNH)
     mask_B11S = readout.key_mask(segments.mask())
     if key is None:
