@@ -7,6 +7,8 @@ the same tests run the compiled kernel."""
 from __future__ import annotations
 
 import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,8 +259,11 @@ def test_the_kernel_compiles_into_a_gpu_train_step():
   """The train step for two H100s, compiled on this host from a description of the GPU (jax's
   CUDA plugin, the plan-gpu extra), with the kernel dropping inside it: its three kernels are
   Triton calls in the program, and XLA compiles them (the dK/dV kernel once took XLA's Triton
-  minutes: a dropout hash feeding a transposed operand). The update writes the donated state in
-  place (a conditional finiteness guard once copied every parameter and moment)."""
+  minutes: a dropout hash feeding a transposed operand). They read the fused q/k/v projection
+  and write its gradient where it lies: nothing but the kernels makes an array of its shape
+  [B,T,3,N,H] or of a slice of it (XLA's slices, bias add and concatenate once surrounded them).
+  The update writes the donated state in place (a conditional finiteness guard once copied
+  every parameter and moment)."""
   from bert_jax.devices import gpu_targets
   try:
     devices = gpu_targets.devices("h100:2")
@@ -270,6 +275,9 @@ def test_the_kernel_compiles_into_a_gpu_train_step():
   compiled = lowered.compile()
   assert compiled.memory_analysis().temp_size_in_bytes > 0
   assert state_copies(compiled) == []
+  entry = compiled.as_text().split("\nENTRY", 1)[1]
+  makers = re.findall(r"= \w+\[\d+,\d+,[13],\d+,\d+\]\S* ([\w-]+)\(", entry)
+  assert "custom-call" in makers and set(makers) <= {"custom-call", "bitcast"}, makers
 
 
 _MESH_SCRIPT = """
