@@ -198,10 +198,10 @@ def _scores(a, b, a_ids, b_ids, scale):
 
 
 class _Biased(NamedTuple):
-  """q, k or v in a kernel where the projection's bias ([H]) is added as its rows are read (the
-  unbiased projection is the kernel's operand: no separate pass adds the bias)."""
+  """q, k or v in a kernel where the projection's bias ([1, H], read once) is added as its rows
+  are read (the unbiased projection is the kernel's operand: no separate pass adds the bias)."""
   ref: object
-  bias_ref: object
+  bias: jax.Array
 
   @property
   def shape(self):
@@ -209,15 +209,19 @@ class _Biased(NamedTuple):
 
   def __getitem__(self, index):
     x = self.ref[index]
-    return (x.astype(jnp.float32) + self.bias_ref[...].astype(jnp.float32)).astype(x.dtype)
+    return x + self.bias.astype(x.dtype)
 
 
 def _reading_biases(kernel):
-  """The kernel (a partial of one below) taking the biases of q, k and v as its three inputs
-  after v; named as the kernel, which profiles (tools/kernel_profile.py) look for."""
-  def biased(words_ref, q_ref, k_ref, v_ref, q_bias, k_bias, v_bias, *refs):
-    return kernel(words_ref, _Biased(q_ref, q_bias), _Biased(k_ref, k_bias),
-                  _Biased(v_ref, v_bias), *refs)
+  """The kernel (a partial of one below) taking the biases of q and v as its two inputs after
+  v; named as the kernel, which profiles (tools/kernel_profile.py) look for. The keys' bias is
+  not added: it adds q_t·b_k to every score of query t, which the softmax takes away, so no
+  probability, output or gradient depends on it (its gradient, the sum of dK, is zero but for
+  rounding, as on the XLA path)."""
+  def biased(words_ref, q_ref, k_ref, v_ref, q_bias, v_bias, *refs):
+    row = lambda ref: ref[...][None, :]
+    return kernel(words_ref, _Biased(q_ref, row(q_bias)), k_ref, _Biased(v_ref, row(v_bias)),
+                  *refs)
   biased.__name__ = kernel.func.__name__
   return biased
 
@@ -372,9 +376,9 @@ def _specs(t, s, h, cfg: Config, blocked: str):
       return pl.BlockSpec((sq, length, sq, h), lambda i, j, k: (i, at(k), j, 0))
     return pl.BlockSpec((sq, length, sq, sq, h), lambda i, j, k: (i, at(k), which, j, 0))
 
-  # A head's bias [H] of q, k or v in the fused [3,N,H] biases.
+  # A head's bias [H] of q or v in the fused [3,N,H] biases (see `_reading_biases`).
   bias = lambda which: pl.BlockSpec((sq, sq, h), lambda i, j, k: (which, j, 0))
-  biases = [bias(QUERIES), bias(KEYS), bias(VALUES)]
+  biases = [bias(QUERIES), bias(VALUES)]
   if blocked == "q":
     bq = cfg.block_q
     return dict(biases=biases, q=rows(bq, True, QUERIES), k=rows(s, False, KEYS),
@@ -452,7 +456,7 @@ def _kernel_and_inputs(kernel, qkv, bias, cfg: Config, specs: dict):
   if bias is None:
     return kernel, in_specs, _operands(qkv, cfg)
   assert cfg.fused, "a bias is added in the kernel to the fused projection only"
-  return _reading_biases(kernel), in_specs + specs["biases"], _operands(qkv, cfg) + [bias] * 3
+  return _reading_biases(kernel), in_specs + specs["biases"], _operands(qkv, cfg) + [bias] * 2
 
 
 def _flash_fwd(qkv, bias, q_seg, kv_seg, words, cfg: Config):
