@@ -451,7 +451,7 @@ def flash(qkv, bias, q_seg, kv_seg, words, cfg: Config):
 
 def _kernel_and_inputs(kernel, qkv, bias, cfg: Config, specs: dict):
   """The kernel, and the specs and operands of its first inputs after the words: q, k and v,
-  then their biases where given (added in the kernel, `_Biased`)."""
+  then, where a bias is given, the queries' and values' biases (see `_reading_biases`)."""
   in_specs = [specs["q"], specs["k"], specs["v"]]
   if bias is None:
     return kernel, in_specs, _operands(qkv, cfg)
