@@ -26,30 +26,32 @@ def bench(impl: str, args) -> dict:
 
   shape = (args.batch, args.seq_len, args.heads, args.head_dim)
   data_key, dropout_key = jax.random.split(jax.random.PRNGKey(0))
-  # q, k and v as the model's fused projection makes them (attention.fuse)
+  # q, k and v as the model's fused projection makes them (attention.fuse), and its bias, which
+  # the Pallas kernel adds as it reads and the other paths in a pass of their own
   kvq = jax.random.normal(data_key, (args.batch, args.seq_len, 3, args.heads, args.head_dim),
                           jnp.dtype(args.dtype))
+  bias = jnp.full((3, args.heads, args.head_dim), 0.1, kvq.dtype)
   segments = attention.Segments(None, jnp.ones(shape[:2], jnp.int32))
   rate = args.rate
 
-  def loss(kvq):
-    out = attention.attend(kvq, segments, rate=rate, key=dropout_key if rate else None,
-                           implementation=impl)
+  def loss(kvq, bias):
+    out = attention.attend(kvq, segments, bias_3NH=bias, rate=rate,
+                           key=dropout_key if rate else None, implementation=impl)
     return jnp.sum(out.astype(jnp.float32))
 
-  grad = jax.jit(jax.grad(loss))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   row = dict(implementation=impl, shape=list(shape), dtype=args.dtype, rate=rate)
   try:
     start = time.perf_counter()
-    compiled = grad.lower(kvq).compile()
+    compiled = grad.lower(kvq, bias).compile()
     row["compile_s"] = time.perf_counter() - start
     # XLA's scratch for the whole forward + backward: where [B,N,T,S] tensors or the kernels'
     # statistics would show.
     row["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-    jax.block_until_ready(compiled(kvq))
+    jax.block_until_ready(compiled(kvq, bias))
     start = time.perf_counter()
     for _ in range(args.steps):
-      out = compiled(kvq)
+      out = compiled(kvq, bias)
     jax.block_until_ready(out)
     row["step_ms"] = 1000 * (time.perf_counter() - start) / args.steps
     # Useful work: 2 forward matmuls (q·k, p·v) and 4 backward (dv, dp, dq, dk), 2·B·N·T·S·H
