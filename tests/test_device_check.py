@@ -64,12 +64,21 @@ def test_device_check_cpu_mode_writes_one_json_of_every_case(tmp_path):
     assert "unfused XLA" in case["attention"]  # a CPU has no fused kernel
     profile = case["profile"]  # one traced step, XLA's CPU thunks standing in for kernels
     assert profile["busy_ms"] > 0 and profile["top"] and sum(profile["kinds_ms"].values()) > 0
+  # attention alone, with and without dropout: the XLA path and the kernel (interpreted here)
+  # timed, and cuDNN, which a CPU lacks, reported with its error rather than stopping the run
+  alone = {(row["implementation"], row["rate"]): row for row in report["attention_alone"]}
+  assert set(alone) == {("xla", 0.1), ("pallas", 0.1), ("xla", 0.0), ("pallas", 0.0),
+                        ("cudnn", 0.0)}
+  for impl in ("xla", "pallas"):
+    for rate in (0.1, 0.0):
+      assert alone[impl, rate]["step_ms"] > 0 and "error" not in alone[impl, rate]
+  assert "error" in alone["cudnn", 0.0] and "step_ms" not in alone["cudnn", 0.0]
   assert report["plan"]["phases"][0]["fits"] in (True, False)
   # two files, as a lent machine sends back at most eight: the report and the logs
   assert sorted(os.listdir(tmp_path)) == ["device_check.json", "device_check_logs.tar.gz"]
   with tarfile.open(tmp_path / "device_check_logs.tar.gz") as logs:
     names = {os.path.basename(n) for n in logs.getnames()}
-  assert {"tiny_64x4_fast.log", "tiny_64x4_xla.log", "plan.log"} <= names
+  assert {"tiny_64x4_fast.log", "tiny_64x4_xla.log", "attention_0.1.log", "plan.log"} <= names
 
 
 def test_device_check_past_its_budget_still_writes_the_report(tmp_path):

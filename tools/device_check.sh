@@ -15,7 +15,8 @@
 # the whole keeps within --budget seconds (default 480): a step that would start past it is
 # skipped and recorded as such, so the JSON always comes out. Where the kernel fails alone
 # (attention alone, dropout 0.1) its training cases are skipped instead of failing slowly.
-# --cpu: the same steps on tiny shapes (CI runs it, so the script cannot rot).
+# --cpu: the same steps on tiny shapes (CI runs it, so the script cannot rot); the tests run
+# on GPUs only (CI runs them anyway).
 # Packages the machine lacks travel as wheels in .whl/ (README, "Measuring on a GPU").
 # Writes two files into DIR (default: $OUT when set, else device_check/), as a lent machine
 # sends back only a few: device_check.json and device_check_logs.tar.gz (one log per step).
@@ -71,12 +72,14 @@ if [ "$mode" = cpu ]; then
   export JAX_PLATFORMS=cpu
   cases="tiny:64:4"
   attentions="xla fast"
+  alone=(--batch 2 --seq-len 64 --heads 2 --head-dim 16 --dtype float32 --steps 2)
   steps=2
   profile=1
   plan_config="configs/tiny_cpu.py"
 else
   cases="base:128:256 base:512:64 large:128:64"
   attentions="xla fast pallas"
+  alone=()  # bench_attention's defaults: BERT-base 128 x 64 in bfloat16
   steps=10
   profile=3
   plan_config="configs/bert_base_paper.py"
@@ -94,21 +97,20 @@ run_tests() {  # the GPU's own run of the tests (tests/conftest.py pins float32 
 }
 
 run_tests 150 tests_attention tests/test_attention.py
-if [ "$mode" = gpu ]; then  # attention alone at BERT-base 128 x 64: compile and step times apart
-  for rate in 0.1 0.0; do
-    impls="xla pallas"; [ "$rate" = 0.0 ] && impls="xla pallas cudnn"
-    t=$(limit 240 "attention_$rate") && timed "$t" "$work/attention_$rate.log" \
-      "$python" tools/bench_attention.py --rate "$rate" --implementations $impls \
-      --json-out "$work/attention_$rate.json"
-    echo "attention alone, dropout $rate:"; grep '^{' "$work/attention_$rate.log"
-  done
-  # The kernel's training cases only where it compiled and ran alone (a step skipped for the
-  # budget leaves the cases to say so themselves)
-  alone="$work/attention_0.1.log"
-  if ! grep -q '^skipped' "$alone" && { ! grep -q '"implementation": "pallas"' "$alone" \
-      || grep '"implementation": "pallas"' "$alone" | grep -q '"error"'; }; then
-    kernel_failed=1
-  fi
+# attention alone: compile and step times apart, per implementation
+for rate in 0.1 0.0; do
+  impls="xla pallas"; [ "$rate" = 0.0 ] && impls="xla pallas cudnn"
+  t=$(limit 240 "attention_$rate") && timed "$t" "$work/attention_$rate.log" \
+    "$python" tools/bench_attention.py "${alone[@]}" --rate "$rate" --implementations $impls \
+    --json-out "$work/attention_$rate.json"
+  echo "attention alone, dropout $rate:"; grep '^{' "$work/attention_$rate.log"
+done
+# The kernel's training cases only where it compiled and ran alone (a step skipped for the
+# budget leaves the cases to say so themselves)
+alone_log="$work/attention_0.1.log"
+if ! grep -q '^skipped' "$alone_log" && { ! grep -q '"implementation": "pallas"' "$alone_log" \
+    || grep '"implementation": "pallas"' "$alone_log" | grep -q '"error"'; }; then
+  kernel_failed=1
 fi
 for case in $cases; do
   IFS=: read -r preset seq batch <<< "$case"
