@@ -223,7 +223,6 @@ def _train_step_for(devices, dropout_prob: float, attention: str = "auto", seq_l
   """The tiny config's train step (what `bert-jax plan` compiles), lowered for `devices`."""
   from bert_jax.pretraining import plan
   from bert_jax.pretraining.run_config import resolve_config
-  from bert_jax.training import sharding, steps
   import os
   tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "tiny_cpu.py")
@@ -232,10 +231,7 @@ def _train_step_for(devices, dropout_prob: float, attention: str = "auto", seq_l
                  "'batch_size': 8, 'grad_accum': 1}]"), ("total_steps", "100"),
       ("model.dtype", "bfloat16"), ("model.attention", attention),
       ("model.overrides.attention_probs_dropout_prob", str(dropout_prob))])
-  model_config = plan.model_config_of(cfg)
-  mesh = sharding.make_mesh(devices=devices)
-  phases = plan.make_phases(cfg)
-  pretraining = steps.Pretraining(model_config, cfg, mesh, phases)
+  _, phases, _, pretraining = plan.setup(cfg, devices)
   return pretraining.lower_train_step(phases[0])
 
 

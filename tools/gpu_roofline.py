@@ -130,15 +130,8 @@ def compile_step(config: str, overrides: list[tuple[str, str]], target, phase: i
   """The compiled train step of `phase` (1-based) for a plan target, as `bert-jax plan`
   compiles it."""
   from bert_jax.pretraining import plan
-  from bert_jax.pretraining.run_config import objective_of, resolve_config
-  from bert_jax.training import steps
-  from bert_jax.training.sharding import make_mesh
-  cfg = resolve_config(config, overrides)
-  phases = plan.make_phases(cfg)
-  mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
-                   devices=target.devices)
-  pretraining = steps.Pretraining(plan.model_config_of(cfg, target.devices[0]), cfg, mesh,
-                                  phases, objective_of(cfg))
+  from bert_jax.pretraining.run_config import resolve_config
+  _, phases, _, pretraining = plan.setup(resolve_config(config, overrides), target.devices)
   return pretraining.lower_train_step(phases[phase - 1]).compile()
 
 

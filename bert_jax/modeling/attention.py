@@ -121,9 +121,12 @@ def fuse(q, k, v, axis: int):
   return jnp.stack([parts[i] for i in range(3)], axis=axis)
 
 
-def queries_keys_values(kvq_BT3NH):
-  """q [B,T,N,H], k and v [B,S,N,H] of the fused projection [B,T,3,N,H] (see `fuse`). One
-  split: its gradient is one concatenate, where three slices' would be three pads and adds."""
+def queries_keys_values(kvq_BT3NH, bias_3NH=None):
+  """q [B,T,N,H], k and v [B,S,N,H] of the fused projection [B,T,3,N,H] (see `fuse`) plus its
+  bias [3,N,H] where given. One split: its gradient is one concatenate, where three slices'
+  would be three pads and adds."""
+  if bias_3NH is not None:
+    kvq_BT3NH = ops.add_bias(kvq_BT3NH, bias_3NH)
   parts = [x[:, :, 0] for x in jnp.split(kvq_BT3NH, 3, axis=2)]
   return parts[flash.QUERIES], parts[flash.KEYS], parts[flash.VALUES]
 
@@ -143,9 +146,7 @@ def attend(kvq_BT3NH, segments: Segments, *, bias_3NH=None, rate: float = 0.0,
     return flash_attention(kvq_BT3NH, segments.queries(t), segments.kv_BS, words,
                            bias_3NH=bias_3NH, rate=rate if training else 0.0,
                            interpret=target_platform() == "cpu")
-  if bias_3NH is not None:
-    kvq_BT3NH = ops.add_bias(kvq_BT3NH, bias_3NH)
-  q_BTNH, k_BSNH, v_BSNH = queries_keys_values(kvq_BT3NH)
+  q_BTNH, k_BSNH, v_BSNH = queries_keys_values(kvq_BT3NH, bias_3NH)
   if path == "splash":
     return _splash(q_BTNH, k_BSNH, v_BSNH, segments)
   if path == "cudnn":
@@ -192,9 +193,10 @@ def flash_attention(kvq_BT3NH, q_seg_BT, kv_seg_BS, words, *, bias_3NH=None,
   # bias as it reads them, and writes the gradient in place: no pass over the projection
   # around the kernels.
   to_bnth = lambda x: jnp.transpose(x, (0, 2, 1, 3))
-  if tpu and bias_3NH is not None:
-    kvq_BT3NH, bias_3NH = ops.add_bias(kvq_BT3NH, bias_3NH), None
-  qkv = (tuple(to_bnth(x) for x in queries_keys_values(kvq_BT3NH)) if tpu else kvq_BT3NH)
+  qkv = kvq_BT3NH
+  if tpu:
+    qkv = tuple(to_bnth(x) for x in queries_keys_values(kvq_BT3NH, bias_3NH))
+    bias_3NH = None
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves

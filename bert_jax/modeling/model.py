@@ -206,7 +206,7 @@ class BertSelfAttention(nn.Module):
     if readout is None:
       return attention.attend(kvq_BT3NH, segments, bias_3NH=bias_3NH, rate=rate, key=key,
                               implementation=c.attention)
-    q_BTNH, k_BSNH, v_BSNH = attention.queries_keys_values(ops.add_bias(kvq_BT3NH, bias_3NH))
+    q_BTNH, k_BSNH, v_BSNH = attention.queries_keys_values(kvq_BT3NH, bias_3NH)
     q_BTNH, k_BSNH, v_BSNH = readout.queries(q_BTNH), readout.keys(k_BSNH), readout.keys(v_BSNH)
     mask_B11S = readout.key_mask(segments.mask())
     if key is None:

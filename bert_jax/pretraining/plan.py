@@ -28,7 +28,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -318,15 +318,30 @@ def format_report(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+class Setup(NamedTuple):
+  """What `plan` compiles a config's steps from, for some devices."""
+  model_config: BertConfig
+  phases: list[Phase]
+  mesh: Any
+  pretraining: steps.Pretraining
+
+
+def setup(cfg: Any, devices: list) -> Setup:
+  """The model, phases, mesh and steps of `cfg` over `devices` (compile-only ones included);
+  nothing is compiled yet."""
+  model_config = model_config_of(cfg, devices[0])
+  phases = make_phases(cfg)
+  mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
+                   devices=devices)
+  return Setup(model_config, phases, mesh,
+               steps.Pretraining(model_config, cfg, mesh, phases, objective_of(cfg)))
+
+
 def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu: float,
          config_name: str = "") -> dict:
-  model_config = model_config_of(cfg, target.devices[0])
-  phases = make_phases(cfg)
+  model_config, phases, mesh, pretraining = setup(cfg, target.devices)
   chosen = phases if phase_numbers is None else [phases[n - 1] for n in phase_numbers]
-  mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
-                   devices=target.devices)
   check_batches_split(chosen, mesh)  # before minutes of compiling
-  pretraining = steps.Pretraining(model_config, cfg, mesh, phases, objective_of(cfg))
   results = [plan_phase(model_config, cfg, p, mesh, pretraining, target, assumed_mfu)
              for p in chosen]
   timed = [r["at_mfu"]["phase_s"] for r in results if "at_mfu" in r]
