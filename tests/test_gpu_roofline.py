@@ -74,6 +74,16 @@ def test_bound_takes_the_larger_of_traffic_and_matmul_per_kernel():
   assert out["groups"][1] == dict(group="loop y", kernels=2, ms=pytest.approx(3.0), gb=3.0)
 
 
+@pytest.mark.parametrize("argv,named", [
+    (["--config", "configs/tiny_cpu.py", "--topology", "v5e:2x2"], "--topology v5e:2x2"),
+    (["--config", "configs/no_such.py"], "no_such.py"),
+    (["--config", "configs/tiny_cpu.py", "--phase", "3"], "--phase 3")])
+def test_bad_input_is_one_line_and_exit_2(argv, named, capsys):
+  assert gpu_roofline.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and named in err and "\n" not in err
+
+
 def test_a_compiled_gpu_step_holds_the_models_matmul_flops():
   """The tiny config's step compiled for an H100 (no GPU attached): the matmul FLOPs read from
   its unfused program are the model's, forward and backward (1.0003x: the model count leaves

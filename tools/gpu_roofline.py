@@ -135,8 +135,9 @@ def compile_step(config: str, overrides: list[tuple[str, str]], target, phase: i
   return pretraining.lower_train_step(phases[phase - 1]).compile()
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
   from bert_jax.devices import gpu_targets
+  from bert_jax.errors import UserError
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True)
   p.add_argument("--topology", default="h200:1", help="a GPU one: h100:8, h200:1, ...")
@@ -147,13 +148,15 @@ def main(argv=None) -> int:
   args, rest = p.parse_known_args(argv)
   parsed = gpu_targets.parse(args.topology)
   if not parsed:
-    print(f"gpu_roofline: --topology {args.topology}: expected a GPU one such as h200:1",
-          file=sys.stderr)
-    return 2
+    raise UserError(f"--topology {args.topology}: expected a GPU one such as h200:1")
   from bert_jax.pretraining import plan
-  from bert_jax.pretraining.run_config import parse_overrides
-  target = plan.load_target(args.topology)
+  from bert_jax.pretraining.run_config import parse_overrides, resolve_config
   overrides = parse_overrides(rest)
+  # a bad config or phase says so before the target loads and the compiles start
+  count = len(plan.make_phases(resolve_config(args.config, overrides)))
+  if not 1 <= args.phase <= count:
+    raise UserError(f"--phase {args.phase}: expected 1 to {count} ({args.config}'s phases)")
+  target = plan.load_target(args.topology)
   report = []
   for attention in args.attention:
     compiled = compile_step(args.config, overrides + [("model.attention", attention)],
@@ -172,6 +175,12 @@ def main(argv=None) -> int:
     with open(args.json_out, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1)
   return 0
+
+
+def main(argv=None) -> int:
+  """A bad flag or config: one line, exit 2 (bert_jax.errors.cli_entry)."""
+  from bert_jax.errors import cli_entry
+  return cli_entry(_main)(argv)
 
 
 if __name__ == "__main__":
