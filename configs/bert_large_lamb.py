@@ -21,7 +21,6 @@ def get_config(arg=None):
   del arg
   c = common["base_config"]()
   c.model.preset = "large"
-  c.model.remat = True
   total = PHASE1_STEPS + PHASE2_STEPS
   c.total_steps = total
   c.phases = [

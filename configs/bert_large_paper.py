@@ -10,8 +10,7 @@ def get_config(arg=None):
   del arg
   c = common["base_config"]()
   c.model.preset = "large"
-  # 24 layers at length 512: trade compute for activation memory (16 GB TPU chips). 80 GB GPUs
-  # hold the paper's batches without it: --config.model.remat=False, about 30% less step time
-  # there by tools/gpu_roofline.py (README, "Pretrain on GPUs").
-  c.model.remat = True
+  # model.remat stays auto: 16 GB TPU chips recompute each layer where a phase would not fit
+  # otherwise, 80 GB GPUs hold the paper's batches without it (about 30% less step time by
+  # tools/gpu_roofline.py, README "Pretrain on GPUs").
   return c

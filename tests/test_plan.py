@@ -170,13 +170,27 @@ def test_cudnn_attention_on_a_gpu_plan_without_cudnn_is_one_line_and_exit_2(caps
 
 
 def test_does_not_fit_exits_3_with_a_suggestion(capsys):
+  """model.remat auto tried the step without remat first, then with; neither fits."""
   code = plan.main(["--config", TINY, "--topology", "v5e:2x2", "--phase", "2",
-                    "--config.phases.1.batch_size=16384"])
-  out = capsys.readouterr().out
-  assert code == plan.EXIT_DOES_NOT_FIT
-  assert "DOES NOT FIT" in out
-  assert "to fit, try: --config.model.remat=True" in out
-  assert "--config.phases.1.grad_accum=" in out
+                    "--config.phases.1.batch_size=16384", "--json"])
+  (phase,) = json.loads(capsys.readouterr().out)["phases"]
+  assert code == plan.EXIT_DOES_NOT_FIT and not phase["fits"]
+  assert phase["remat"] is True and phase["remat_auto"].startswith("remat on: ")
+  # XLA TPU refuses the program without remat: more than the chip holds
+  assert phase["remat_auto"] == "remat on: without it the step does not fit in 16.00 GiB per chip"
+  assert not any("remat" in s for s in phase["suggestions"])
+  assert any(s.startswith("--config.phases.1.grad_accum=") for s in phase["suggestions"])
+
+
+@pytest.mark.parametrize("remat, suggested", [("False", True), ("True", False), ("auto", False)])
+def test_remat_is_suggested_only_where_it_is_off(remat, suggested):
+  cfg = _cfg(("model.remat", remat))
+  (phase,) = plan.make_phases(cfg)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  memory = dict(capacity=16 * 2**30, peak=20 * 2**30, params=2**20, opt_state=2**21, batch=2**10,
+                temporaries=19 * 2**30)
+  out = plan.suggestions(cfg, phase, mesh, memory)
+  assert any(s.startswith("--config.model.remat=auto") for s in out) is suggested
 
 
 @pytest.mark.parametrize("argv,message", [

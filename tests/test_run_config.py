@@ -34,6 +34,7 @@ def test_paper_recipe(name):
       0.01, 10_000, "continuous", 1.0)
   assert o.bias_correction is False and o.clip_norm == 1.0
   assert c.model.preset == ("base" if "base" in name else "large")
+  assert run_config.remat_of(c) == "auto"  # recompute only where a phase would not fit
 
 
 def test_paper_model_dropout_and_positions():
@@ -121,6 +122,26 @@ def test_overrides_parse_to_field_types():
   assert dict(c.model.overrides) == {"hidden_dropout_prob": 0.0}
 
 
+@pytest.mark.parametrize("words, remat", [
+    ((), "auto"), (("model.remat=True",), True), (("model.remat=off",), False),
+    (("model.remat=AUTO",), "auto")])
+def test_remat_is_true_false_or_auto(words, remat):
+  got = run_config.remat_of(load("tiny_cpu.py", *words))
+  assert got == remat and type(got) is type(remat)
+
+
+def test_a_config_file_may_set_remat_to_a_bool(tmp_path):
+  """common.py's remat is "auto", a string; a user's file built on it may still say True."""
+  own = tmp_path / "own.py"
+  own.write_text(f"import runpy\ncommon = runpy.run_path({str(CONFIGS / 'common.py')!r})\n"
+                 "def get_config(arg=None):\n  c = common['base_config']()\n"
+                 "  c.model.remat = True\n  return c\n")
+  c = run_config.resolve_config(str(own), [])
+  assert run_config.remat_of(c) is True
+  assert run_config.remat_of(run_config.resolve_config(str(own), [("model.remat", "auto")])) \
+      == "auto"
+
+
 def test_list_literal_override():
   c = load("tiny_cpu.py", "data.input=['x.txt', 'y.txt']",
            "phases=[{'fraction': 1.0, 'seq_len': 64, 'max_predictions': 10, 'batch_size': 2}]")
@@ -142,6 +163,8 @@ def test_list_literal_override():
     ("--config.total_steps.x=1", "is a int, not a group"),
     ("--config.phases=[dict(a=1)]", "expected a Python literal"),
     ("--config.phases=['a']", "expected a list of dicts"),
+    ("--config.model.remat=sometimes",
+     "--config.model.remat='sometimes': expected true, false or auto"),
     ("--config.optim.decay_from=middle", "--config.optim.decay_from='middle': expected 'zero'"),
     ("--config.optim.warmup_steps=800", "warmup_steps=800: at or beyond the end of training"),
 ])

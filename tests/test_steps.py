@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 from _mesh_worker import (BATCH, VOCAB, make_cfg, state_copies, synthetic_batch,
                           tiny_model_config)
+from bert_jax.devices import mfu
 from bert_jax.errors import UserError
 from bert_jax.modeling.heads import BertForPreTraining
 from bert_jax.training import sharding, steps
@@ -198,3 +200,86 @@ def test_lamb_per_phase_state_shards_and_trains(mesh):
   assert metrics["finite"] == 1.0 and float(metrics["learning_rate"]) == pytest.approx(1e-3)
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before)
   assert min(jax.tree.leaves(moved)) > 0.0
+
+
+def _auto(mesh, cfg, model_config=None):
+  return steps.Pretraining(model_config or tiny_model_config(dropout=0.1), cfg, mesh,
+                           make_phases(cfg), auto_remat=True)
+
+
+def test_auto_remat_keeps_activations_that_fit_and_compiles_the_step_once(mesh, caplog):
+  """remat auto compiles the step without remat to read its peak memory; where that fits (a
+  tiny step on this host) the same compile is what the step runs, given batches placed as the
+  training loop places them."""
+  cfg = make_cfg()
+  pretraining = _auto(mesh, cfg)
+  state = pretraining.init_state(jax.random.PRNGKey(0))
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    step = pretraining.train_step(make_phases(cfg)[0])
+    for i in range(2):
+      batch = sharding.global_batch(synthetic_batch(i), mesh)
+      state, _ = step(state, batch, jax.random.PRNGKey(0))
+  choice = pretraining.remat_choices[0]
+  assert not choice.remat and 0 < choice.peak_without <= mfu.HEADROOM * choice.capacity
+  assert "remat off: the step needs" in choice.describe()
+  compiles = [r for r in caplog.records if "XLA compilation of jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage() for r in compiles]
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
+
+
+def test_auto_remat_recomputes_where_the_step_would_not_fit_and_trains_the_same(mesh,
+                                                                                 monkeypatch):
+  monkeypatch.setattr(steps.mfu, "memory_per_device", lambda device: 100e3)  # 100 kB chips
+  cfg = make_cfg()
+  phase = make_phases(cfg)[0]
+  auto, plain = _auto(mesh, cfg), steps.Pretraining(tiny_model_config(dropout=0.1), cfg, mesh,
+                                                    make_phases(cfg))
+  assert auto.remat(phase) and not plain.remat(phase)
+  assert auto.remat_choices[0].peak_without > mfu.HEADROOM * 100e3
+  assert "remat on: the step needs" in auto.remat_choices[0].describe()
+  # the forward pass again inside the backward one
+  assert _flops(auto.lower_train_step(phase).compile()) > 1.15 * _flops(
+      plain.lower_train_step(phase).compile())
+  results = []
+  for pretraining in (auto, plain):
+    state = pretraining.init_state(jax.random.PRNGKey(0))
+    state, metrics = pretraining.train_step(phase)(state, synthetic_batch(0),
+                                                   jax.random.PRNGKey(1))
+    results.append((float(metrics["loss"]), _copy(state.params)))
+  (remat_loss, remat_params), (loss, params) = results
+  assert remat_loss == pytest.approx(loss, rel=1e-6)  # the same dropout bits, recomputed
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_params, params)
+
+
+@pytest.mark.parametrize("error, remat", [
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 21.34G of 15.75G hbm.", True),
+    ("INTERNAL: ptxas exited with non-zero error code", None)])
+def test_auto_remat_takes_a_compiler_out_of_memory_as_does_not_fit(mesh, monkeypatch, error,
+                                                                   remat):
+  """TPU compilers refuse a program larger than the chip: remat then; other errors pass."""
+  cfg = make_cfg()
+  phase = make_phases(cfg)[0]
+  pretraining = _auto(mesh, cfg)
+  real_lower = pretraining._lower
+
+  class Refused:
+    def compile(self):
+      raise RuntimeError(error)
+
+  def lower(step, phase):
+    return Refused() if step is pretraining._train_steps.get((1, False)) else real_lower(step,
+                                                                                         phase)
+
+  monkeypatch.setattr(pretraining, "_lower", lower)
+  if remat is None:
+    with pytest.raises(RuntimeError, match="ptxas"):
+      pretraining.remat(phase)
+    return
+  assert pretraining.remat(phase) is remat
+  assert pretraining.remat_choices[0].describe().startswith(
+      "remat on: without it the step does not fit in")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 
 import jax
@@ -79,6 +80,27 @@ def memory_per_device(device) -> float | None:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
   kind = device.device_kind.lower()
   return next((float(b) for name, b in MEMORY_BYTES if name.lower() in kind), None)
+
+
+# What a step may take of a device's memory when planned or chosen (remat auto): the rest is for
+# the allocator's fragmentation and the input batches in flight.
+HEADROOM = 0.9
+
+
+def compiled_peak_bytes(compiled) -> int:
+  """Bytes a compiled program holds on one device at its peak (XLA's memory_analysis):
+  arguments and outputs, a donated buffer once, temporaries and code."""
+  stats = compiled.memory_analysis()
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes + stats.generated_code_size_in_bytes)
+
+
+# How XLA says a program does not fit (TPU compilers refuse it; allocators at run time).
+_OUT_OF_MEMORY = re.compile(r"(RESOURCE_EXHAUSTED|[Oo]ut of memory|Exceeded hbm)")
+
+
+def out_of_memory(error: BaseException | str) -> bool:
+  return bool(_OUT_OF_MEMORY.search(str(error)))
 
 
 def _measured_matmul_flops(n: int = 512, repeats: int = 5) -> float:

@@ -38,7 +38,8 @@ from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
 from bert_jax.devices import gpu_targets, hostmem, mfu, platforms
 from bert_jax.errors import UserError, cli_entry
-from bert_jax.pretraining.run_config import objective_of, parse_overrides, resolve_config
+from bert_jax.pretraining.run_config import (objective_of, parse_overrides, remat_of,
+                                             resolve_config)
 from bert_jax.storage.fileio import as_path
 from bert_jax.training import steps
 from bert_jax.training.phases import Phase, make_phases
@@ -46,7 +47,6 @@ from bert_jax.training.sharding import batch_sharding, check_batches_split, make
 
 EXIT_DOES_NOT_FIT = 3
 MEGACORE = ("v4", "v5p")  # two TensorCores per chip, addressed as one device
-HEADROOM = 0.9            # suggestions aim at 90% of a chip's memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +155,6 @@ def _update_flops(pretraining: steps.Pretraining) -> float:
   return _flops(pretraining.update_step.lower(abstract, abstract.params, metrics).compile())
 
 
-_OOM = re.compile(r"(RESOURCE_EXHAUSTED|[Oo]ut of memory|Exceeded hbm)")
 _TEMPORARIES = re.compile(r"temporaries \(([\d.]+)G\)")
 
 
@@ -189,20 +188,18 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
     if "ptxas" in message and gpu_targets.parse(target.name):
       raise UserError(f"--topology {target.name}: XLA found no ptxas (NVIDIA's assembler) to "
                       "compile for the GPU; pip install 'bert-jax[plan-gpu]' brings it") from None
-    if not _OOM.search(message):
+    if not mfu.out_of_memory(message):
       raise
-    out.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
-               compiler_error=message.strip().splitlines()[0][:300])
+    out.update(_remat(pretraining, phase), compile_s=round(time.perf_counter() - start, 1),
+               fits=False, compiler_error=message.strip().splitlines()[0][:300])
     needed = _TEMPORARIES.search(message)  # XLA TPU: "... HLO temporaries (42.39G) exceeds"
     memory.update(peak=None, margin=None,
                   temporaries=float(needed.group(1)) * 2**30 if needed else None)
     out["suggestions"] = suggestions(cfg, phase, mesh, memory)
     return out
-  out["compile_s"] = round(time.perf_counter() - start, 1)
+  out.update(_remat(pretraining, phase), compile_s=round(time.perf_counter() - start, 1))
   stats = compiled.memory_analysis()
-  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes + stats.temp_size_in_bytes
-          + stats.generated_code_size_in_bytes)
+  peak = mfu.compiled_peak_bytes(compiled)
   memory.update(arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
                 code=stats.generated_code_size_in_bytes, peak=peak)
   fits = target.memory_per_chip is None or peak <= target.memory_per_chip
@@ -228,14 +225,20 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
   return out
 
 
+def _remat(pretraining: steps.Pretraining, phase: Phase) -> dict:
+  """remat: whether the step recomputes; remat_auto: why, where model.remat is auto."""
+  choice = pretraining.remat_choices.get(phase.index)
+  return dict(remat=pretraining.remat(phase), remat_auto=choice and choice.describe())
+
+
 def suggestions(cfg: Any, phase: Phase, mesh, memory: dict) -> list[str]:
   """What would make a phase fit, most effective first."""
   out = []
   capacity, peak = memory["capacity"], memory.get("peak")
   state = memory["params"] + memory["opt_state"]
-  if not cfg.model.remat:
-    out.append("--config.model.remat=True (recompute each layer's activations in the backward "
-               "pass instead of keeping them)")
+  if remat_of(cfg) is False:
+    out.append("--config.model.remat=auto (recompute each layer's activations in the backward "
+               "pass in the phases that do not fit without)")
   if capacity and state > 0.25 * capacity:
     fsdp = mesh.shape["fsdp"] * 2
     out.append(f"--config.mesh.fsdp={fsdp} (shard parameters and optimizer state {fsdp} ways; "
@@ -245,7 +248,7 @@ def suggestions(cfg: Any, phase: Phase, mesh, memory: dict) -> list[str]:
   temporaries = memory.get("temporaries")
   if capacity and temporaries:  # activations scale with the micro-batch, the state does not
     rest = (peak - temporaries) if peak else state + memory["batch"]
-    while factor < per_shard and rest + temporaries / factor > HEADROOM * capacity:
+    while factor < per_shard and rest + temporaries / factor > mfu.HEADROOM * capacity:
       factor *= 2
   if per_shard >= factor:
     out.append(f"--config.phases.{phase.index}.grad_accum={phase.grad_accum * factor} (a "
@@ -292,6 +295,8 @@ def format_report(report: dict) -> str:
                  f"{_size(m['opt_state'])}, batch {_size(m['batch'])}, temporaries "
                  f"{_size(m.get('temporaries'))}, code {_size(m.get('code'))}; peak "
                  f"{_size(m['peak'])} of {_size(m['capacity'])}: {verdict}{margin}")
+    if p.get("remat_auto"):
+      lines.append(f"  {p['remat_auto']} (model.remat auto)")
     if "compiler_error" in p:
       lines.append(f"  compiler: {p['compiler_error']}")
     if "flops" in p:
@@ -334,7 +339,11 @@ def setup(cfg: Any, devices: list) -> Setup:
   mesh = make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor),
                    devices=devices)
   return Setup(model_config, phases, mesh,
-               steps.Pretraining(model_config, cfg, mesh, phases, objective_of(cfg)))
+               steps.Pretraining(model_config, cfg, mesh, phases, objective_of(cfg),
+                                 auto_remat=remat_of(cfg) == "auto"))
+
+
+_REMAT_NOTE = {True: ", remat", False: "", "auto": ", remat auto"}
 
 
 def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu: float,
@@ -348,7 +357,7 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
   return dict(
       config=config_name, model=f"{model_config.num_hidden_layers} x "
       f"{model_config.hidden_size}, vocab {model_config.vocab_size}"
-      f"{', remat' if model_config.remat else ''}, {model_config.dtype}",
+      f"{_REMAT_NOTE[remat_of(cfg)]}, {model_config.dtype}",
       target=dict(name=target.name, chips=len(target.devices), kind=target.kind,
                   memory_per_chip=target.memory_per_chip, peak_flops=target.peak_flops),
       mfu=assumed_mfu, phases=results, fits=all(r["fits"] for r in results),
@@ -370,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "(or this machine's devices) and report memory per chip, FLOPs, step time and "
                   "the schedule's wall time per phase. Exit 3 when a phase does not fit.",
       epilog="Override config fields as for pretrain: --config.phases.0.batch_size=512, "
-             "--config.mesh.fsdp=4, --config.model.remat=True.")
+             "--config.mesh.fsdp=4, --config.model.remat=False.")
   p.add_argument("--config", required=True, metavar="FILE[:ARG]")
   p.add_argument("--topology", required=True,
                  help="a TPU topology (v5e:2x2, v5e:16x16, v4:2x2x1, v5p:2x2x4, v6e:2x4), "

@@ -145,7 +145,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, s
         continue
       raise UserError(f"{flag}: no such config field; expected one of "
                       f"{', '.join(sorted(node.keys()))}")
-    value = _parse_value(flag, node[last], text)
+    untyped = (isinstance(node, ml_collections.ConfigDict)
+               and node.get_ref(last).get_type() is object)  # e.g. model.remat: a bool or auto
+    value = text if untyped else _parse_value(flag, node[last], text)
     if isinstance(node, ml_collections.ConfigDict):
       with node.ignore_type():
         setattr(node, last, value)
@@ -275,6 +277,18 @@ def objective_of(cfg: Any) -> str:
   return str(cfg.get("objective", "mlm_nsp"))
 
 
+def remat_of(cfg: Any) -> bool | str:
+  """model.remat as True, False or "auto" (config files give a bool or a word; the command line
+  a word)."""
+  value = cfg.model.get("remat", False)
+  text = str(value).lower()
+  if isinstance(value, bool) or text in _TRUE + _FALSE:
+    return text in _TRUE
+  if text != "auto":
+    raise UserError(f"--config.model.remat={value!r}: expected true, false or auto")
+  return "auto"
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> list:
   """UserError naming the first bad field; returns the config's phases."""
   from bert_jax.config import PRESETS
@@ -289,6 +303,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> list:
   if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
     raise UserError(f"--config.model.dtype={cfg.model.dtype!r}: expected auto, float32, "
                     "bfloat16 or float16")
+  remat_of(cfg)
   from bert_jax.config import ATTENTIONS
   if cfg.model.get("attention", "auto") not in ATTENTIONS:
     raise UserError(f"--config.model.attention={cfg.model.attention!r}: expected one of "

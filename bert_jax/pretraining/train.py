@@ -27,7 +27,7 @@ from bert_jax.devices import hostmem, mfu, platforms, xla_cache
 from bert_jax.errors import UserError, cli_entry, first_line
 from bert_jax.modeling import attention
 from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
-from bert_jax.pretraining.run_config import objective_of, parse_args, resolve_config
+from bert_jax.pretraining.run_config import objective_of, parse_args, remat_of, resolve_config
 from bert_jax.pretraining.workdir import load_init_params, prepare_workdir
 from bert_jax.storage.checkpoint import Checkpointer
 from bert_jax.storage.fileio import as_path, check_writable
@@ -114,6 +114,9 @@ class Trainer:
     self._close_iterator()
     self.iterator = self._train_iterator(phase, data_state)
     self.train_step = self.pretraining.train_step(phase)
+    choice = self.pretraining.remat_choices.get(phase.index)
+    if choice:
+      self.writer.message(f"phase {phase.index + 1}: {choice.describe()} (model.remat auto)")
     self.first_step_of_phase = True
     self.flops_per_step = (mfu.train_flops_per_sequence(
         self.plan.model_config, phase.seq_len, phase.max_predictions) * phase.batch_size)
@@ -191,7 +194,7 @@ class Trainer:
                              keep_steps=[p.end_step for p in self.plan.phases],
                              async_save=bool(c.async_save))
     self.pretraining = Pretraining(self.plan.model_config, self.cfg, self.mesh, self.plan.phases,
-                                   objective_of(self.cfg))
+                                   objective_of(self.cfg), auto_remat=remat_of(self.cfg) == "auto")
     self.resuming = bool(self.ckpt.all_steps())
     self.skipped_total = 0
     step, data_state = self._restore()

@@ -28,7 +28,7 @@ from bert_jax.data.create import create_data
 from bert_jax.data.pipeline import check_fits
 from bert_jax.devices import platforms
 from bert_jax.errors import UserError, first_line
-from bert_jax.pretraining.run_config import config_hash, objective_of, to_plain
+from bert_jax.pretraining.run_config import config_hash, objective_of, remat_of, to_plain
 from bert_jax.storage.checkpoint import workdir_has_checkpoint
 from bert_jax.training.phases import Phase
 from bert_jax.storage.fileio import (as_path, copy_atomic, is_remote, local_copy, upload_tree,
@@ -130,10 +130,10 @@ def prepare_vocab(cfg: Any, workdir: str, is_writer: bool) -> str:
 def model_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | None = None,
                     vocab: str = "the vocab", device: Any = None) -> BertConfig:
   """The model of a run: init_from's config (`init_config`) or the preset, plus
-  model.overrides, dtype (auto: by `device`, default jax's first), remat and attention;
-  checked against the vocab's size. No I/O."""
+  model.overrides, dtype (auto: by `device`, default jax's first), remat (auto: off here, chosen
+  per phase by steps.Pretraining) and attention; checked against the vocab's size. No I/O."""
   run = dict(dtype=platforms.compute_dtype(str(cfg.model.dtype), device or jax.devices()[0]),
-             remat=bool(cfg.model.remat), attention=str(cfg.model.get("attention", "auto")))
+             remat=remat_of(cfg) is True, attention=str(cfg.model.get("attention", "auto")))
   overrides = to_plain(cfg.model.overrides)
   if init_config is not None:
     model_config = init_config.replace(**{**overrides, **run})

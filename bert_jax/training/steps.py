@@ -30,6 +30,7 @@ import optax
 
 from bert_jax.config import BertConfig
 from bert_jax.data import batch as batch_lib
+from bert_jax.devices import mfu
 from bert_jax.errors import UserError
 from bert_jax.modeling import ops
 from bert_jax.modeling.heads import BertForPreTraining
@@ -291,6 +292,24 @@ def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) 
 
 # ----------------------------------------------------------------------------- the whole build
 
+@dataclasses.dataclass(frozen=True)
+class RematChoice:
+  """What remat auto chose for a phase: `remat` on when the step without it would take more
+  than HEADROOM of a chip's memory (`peak_without`; None where the compiler refused it)."""
+  remat: bool
+  peak_without: float | None
+  capacity: float | None
+
+  def describe(self) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    if self.peak_without is None:
+      where = "memory" if self.capacity is None else f"{gib(self.capacity)} per chip"
+      return f"remat on: without it the step does not fit in {where}"
+    of = "" if self.capacity is None else f" of {gib(self.capacity)}"
+    return (f"remat {'on' if self.remat else 'off'}: the step needs "
+            f"{gib(self.peak_without)}{of} per chip without it")
+
+
 class Pretraining:
   """One model's pretraining on one mesh, built once: what `bert-jax pretrain` runs and
   `bert-jax plan` compiles. The optimizer, schedule and shardings stay inside.
@@ -299,39 +318,75 @@ class Pretraining:
                    `shardings` alone
   init_state(rng, init_params=None)   the state, initialised directly sharded; `init_params`
                    (a plain pytree) replaces the random values where it has them
-  train_step(phase)   the phase's jitted step (one per accumulation, compiled per shape);
-                   `lower_train_step(phase)` lowers it with abstract arguments (AOT compiles)
+  train_step(phase)   the phase's jitted step (one per accumulation and remat, compiled per
+                   shape); `lower_train_step(phase)` lowers it with abstract arguments (AOT)
   eval_step        the jitted deterministic pass returning the loss's sums
   update_step      the update alone (`plan` counts the FLOPs of accumulated steps with it)
+
+  auto_remat: each phase's step recomputes each layer in the backward pass only when it would
+  not fit a chip's memory otherwise (model_config.remat is then ignored): the step without remat
+  is compiled first and its peak memory read (the compile is cached, so a step that fits is
+  compiled once); `remat_choices` holds what was chosen per phase.
   """
 
   def __init__(self, model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh,
-               phases: Sequence[Phase], objective: str = "mlm_nsp"):
+               phases: Sequence[Phase], objective: str = "mlm_nsp", auto_remat: bool = False):
     self.mesh = mesh
     self.loss = pretraining_loss(model_config, objective)
+    self._model_config, self._objective, self._auto_remat = model_config, objective, auto_remat
+    self._losses = {model_config.remat: self.loss}  # by remat: the same parameters either way
     self._optimizer, self._schedule = make_optimizer(cfg, phases)
     self._init_params_fn = _init_params_fn(model_config)
     self.abstract_state = state_lib.abstract_state(self._init_params_fn, self._optimizer, mesh)
     self.shardings = state_lib.shardings_of(self.abstract_state)
-    self._train_steps: dict[int, MeshStep] = {}
+    self._train_steps: dict[tuple[int, bool], MeshStep] = {}
+    self.remat_choices: dict[int, RematChoice] = {}
 
   def init_state(self, rng, init_params: Any = None) -> TrainState:
     return state_lib.create_state(self._init_params_fn, self._optimizer, self.mesh, rng,
                                   init_params=init_params)[0]
 
+  def remat(self, phase: Phase) -> bool:
+    """Whether the phase's step recomputes each layer in the backward pass."""
+    if not self._auto_remat:
+      return self._model_config.remat
+    if phase.index not in self.remat_choices:
+      self.remat_choices[phase.index] = self._choose_remat(phase)
+    return self.remat_choices[phase.index].remat
+
+  def _choose_remat(self, phase: Phase) -> RematChoice:
+    capacity = mfu.memory_per_device(self.mesh.devices.flat[0])
+    try:
+      compiled = self._lower(self._step(phase.grad_accum, remat=False), phase).compile()
+    except Exception as e:  # XLA TPU refuses a program larger than the chip
+      if not mfu.out_of_memory(e):
+        raise
+      return RematChoice(True, None, capacity)
+    peak = mfu.compiled_peak_bytes(compiled)
+    return RematChoice(capacity is not None and peak > mfu.HEADROOM * capacity, peak, capacity)
+
   def train_step(self, phase: Phase) -> MeshStep:
     """The same under every nan_policy (the loop applies it)."""
-    if phase.grad_accum not in self._train_steps:
-      self._train_steps[phase.grad_accum] = jit_train_step(
-          make_train_step(self.loss, self._optimizer, self._schedule,
-                          grad_accum=phase.grad_accum), self.mesh, self.shardings)
-    return self._train_steps[phase.grad_accum]
+    return self._step(phase.grad_accum, self.remat(phase))
+
+  def _step(self, grad_accum: int, remat: bool) -> MeshStep:
+    if (grad_accum, remat) not in self._train_steps:
+      if remat not in self._losses:
+        self._losses[remat] = pretraining_loss(self._model_config.replace(remat=remat),
+                                               self._objective)
+      self._train_steps[grad_accum, remat] = jit_train_step(
+          make_train_step(self._losses[remat], self._optimizer, self._schedule,
+                          grad_accum=grad_accum), self.mesh, self.shardings)
+    return self._train_steps[grad_accum, remat]
 
   def lower_train_step(self, phase: Phase) -> jax.stages.Lowered:
     """The phase's step lowered for the mesh's devices (a TPU topology's, say), nothing run."""
+    return self._lower(self.train_step(phase), phase)
+
+  def _lower(self, step: MeshStep, phase: Phase) -> jax.stages.Lowered:
     batch = batch_lib.abstract_batch(batch_sharding(self.mesh), phase.batch_size, phase.seq_len,
                                      phase.max_predictions)
-    return self.train_step(phase).lower(self.abstract_state, batch, state_lib.ABSTRACT_RNG)
+    return step.lower(self.abstract_state, batch, state_lib.ABSTRACT_RNG)
 
   @functools.cached_property
   def eval_step(self) -> MeshStep:
