@@ -37,6 +37,7 @@ def slow(*a, **k):
     out = fn(*args)
     time.sleep(delay)
     return out
+  call.lower = fn.lower  # model.remat auto compiles the step ahead of time
   return call
 steps.jit_train_step = slow
 from bert_jax.pretraining.train import main
@@ -400,6 +401,65 @@ def test_rerun_of_finished_workdir_is_a_no_op(prepared, reference, capsys):
   assert train.main(run_args(prepared, workdir)) == 0
   assert "already complete: step 16" in capsys.readouterr().out
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def _phase_2_runs_out_of_memory_without_remat(monkeypatch, take_state: bool):
+  """The step without remat fails on phase 2's batches (length 64) as XLA fails a step larger
+  than the device, after deleting the donated state if `take_state`; it compiles as usual."""
+  import jax
+
+  from bert_jax.training import steps
+  real = steps.Pretraining._step
+
+  class Failing:
+    def __init__(self, step):
+      self.step, self.lower = step, step.lower
+
+    def __call__(self, state, batch, rng):
+      if batch["input_ids"].shape[1] != 64:
+        return self.step(state, batch, rng)
+      if take_state:
+        jax.tree.map(lambda x: x.delete(), state)
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.21GiB.")
+
+  monkeypatch.setattr(steps.Pretraining, "_step",
+                      lambda self, accum, remat: real(self, accum, remat) if remat
+                      else Failing(real(self, accum, remat)))
+
+
+def test_a_step_out_of_memory_without_remat_reruns_its_batch_with_remat(
+    prepared, reference, tmp_path, monkeypatch, capsys):
+  """model.remat auto left remat off (the step fitted on paper) but the step ran out of memory:
+  the phase recomputes from then on, the same batch runs again, no step is lost, and
+  remat.json keeps later starts from trying again."""
+  _phase_2_runs_out_of_memory_without_remat(monkeypatch, take_state=False)
+  assert train.main(run_args(prepared, tmp_path)) == 0
+  out = capsys.readouterr().out
+  assert "phase 2: ran out of device memory without remat (RuntimeError: RESOURCE_EXHAUSTED" in out
+  assert json.loads((tmp_path / "remat.json").read_text()) == {"phases": [1]}
+  assert [r["step"] for r in rows(tmp_path)] == list(range(1, TOTAL + 1))
+  expected = final_params(reference[0])  # remat recomputes the same numbers
+  for key, value in final_params(tmp_path).items():
+    np.testing.assert_allclose(value, expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_a_step_out_of_memory_that_took_the_state_stops_and_the_rerun_recomputes(
+    prepared, reference, tmp_path, monkeypatch, capsys):
+  _phase_2_runs_out_of_memory_without_remat(monkeypatch, take_state=True)
+  assert train.main(run_args(prepared, tmp_path)) == train.EXIT_OUT_OF_MEMORY
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f"error: phase 2's step ran out of device memory without remat and took "
+                     f"the train state with it; {tmp_path}/remat.json now makes the phase "
+                     "recompute: rerun the same command to resume from step 14")
+  monkeypatch.undo()
+  assert train.main(run_args(prepared, tmp_path)) == 0
+  out = capsys.readouterr().out
+  assert ("phase 2: remat on: the step without it ran out of device memory when it ran "
+          "(model.remat auto)") in out
+  assert [r["step"] for r in rows(tmp_path)][-3:] == [14, 15, 16]
+  expected = final_params(reference[0])
+  for key, value in final_params(tmp_path).items():
+    np.testing.assert_allclose(value, expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def _poison_batch_at(monkeypatch, call_index):

@@ -28,7 +28,8 @@ from bert_jax.errors import UserError, cli_entry, first_line
 from bert_jax.modeling import attention
 from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.pretraining.run_config import objective_of, parse_args, remat_of, resolve_config
-from bert_jax.pretraining.workdir import load_init_params, prepare_workdir
+from bert_jax.pretraining.workdir import (REMAT_RECORD, load_init_params, prepare_workdir,
+                                          record_remat_phase)
 from bert_jax.storage.checkpoint import Checkpointer
 from bert_jax.storage.fileio import as_path, check_writable
 from bert_jax.training.phases import Phase, make_phases, phase_at
@@ -39,6 +40,11 @@ from bert_jax.training.state import TrainState
 from bert_jax.training.steps import Pretraining, eval_metrics
 
 EXIT_NONFINITE = 3  # the run stopped on a non-finite loss (nan_policy=stop)
+EXIT_OUT_OF_MEMORY = 1  # a step ran out of device memory after taking the state; rerun resumes
+
+
+class _StateLost(Exception):
+  """A step that ran out of device memory had already taken (donated) the train state."""
 
 
 def _mesh_peak_flops() -> float | None:
@@ -95,7 +101,10 @@ class Trainer:
         if self.phase is None or phase.index != self.phase.index:
           self._begin_phase(phase, data_state)
           data_state = None
-        step = self._run_step(phase, step)
+        try:
+          step = self._run_step(phase, step)
+        except _StateLost:
+          return self._stop_out_of_memory(phase, step)
         exit_code = self._after_step(phase, step, total)
         if exit_code is not None:
           return exit_code
@@ -133,7 +142,7 @@ class Trainer:
                           f"(x{phase.grad_accum} accumulation), {phase.max_predictions} "
                           "predictions; compiling its train step")
     self.meter.dispatching()
-    self.state, metrics = self.train_step(self.state, batch, self.base_rng)
+    self.state, metrics = self._step_or_recompute(phase, batch)
     step += 1
     self.meter.add(step, metrics)
     if self.first_step_of_phase:  # compile time is not training time
@@ -141,6 +150,39 @@ class Trainer:
       self.meter.restart_clock()
       self.first_step_of_phase = False
     return step
+
+  def _step_or_recompute(self, phase: Phase, batch: dict) -> tuple[TrainState, dict]:
+    """The train step on `batch`. Where it runs out of device memory with remat left off by
+    model.remat auto, the phase recomputes from now on (remat.json records it for later
+    starts) and the same batch runs again; _StateLost if the failed step had taken the state."""
+    try:
+      out = self.train_step(self.state, batch, self.base_rng)
+      if self.first_step_of_phase:  # a step that does not fit fails here
+        jax.block_until_ready(out)
+      return out
+    except Exception as e:  # XLA's RESOURCE_EXHAUSTED comes as a runtime error
+      if not (mfu.out_of_memory(e) and self.pretraining.recompute(phase)):
+        raise
+      error = first_line(e, 160)
+    if self.is_writer:
+      record_remat_phase(self.workdir, phase.index)
+    self.writer.message(f"phase {phase.index + 1}: ran out of device memory without remat "
+                        f"({error}); it recomputes each layer from now on ({REMAT_RECORD})")
+    if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+      raise _StateLost
+    self.train_step = self.pretraining.train_step(phase)
+    return self.train_step(self.state, batch, self.base_rng)
+
+  def _stop_out_of_memory(self, phase: Phase, step: int) -> int:
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    print(f"error: phase {phase.index + 1}'s step ran out of device memory without remat and "
+          f"took the train state with it; {self.workdir}/{REMAT_RECORD} now makes the phase "
+          f"recompute: rerun the same command to resume from "
+          f"{'step ' + str(last) if last is not None else 'the start'}", file=sys.stderr,
+          flush=True)
+    self.writer.flush()
+    return EXIT_OUT_OF_MEMORY
 
   def _after_step(self, phase: Phase, step: int, total: int) -> int | None:
     """The events due after `step`, in order; an exit code when the run ends here."""
@@ -194,7 +236,8 @@ class Trainer:
                              keep_steps=[p.end_step for p in self.plan.phases],
                              async_save=bool(c.async_save))
     self.pretraining = Pretraining(self.plan.model_config, self.cfg, self.mesh, self.plan.phases,
-                                   objective_of(self.cfg), auto_remat=remat_of(self.cfg) == "auto")
+                                   objective_of(self.cfg), auto_remat=remat_of(self.cfg) == "auto",
+                                   remat_phases=self.plan.remat_phases)
     self.resuming = bool(self.ckpt.all_steps())
     self.skipped_total = 0
     step, data_state = self._restore()

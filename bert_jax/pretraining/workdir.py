@@ -45,6 +45,7 @@ class RunPlan:
   model_config: BertConfig
   data_dirs: tuple[str, ...]        # one create-data directory per phase
   manifests: tuple[dict, ...]       # each phase's manifest.json, read once
+  remat_phases: tuple[int, ...] = ()  # whose step ran out of memory without remat (remat.json)
 
 
 def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bool,
@@ -74,8 +75,33 @@ def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bo
     _write_resolved_config(cfg, workdir)
     write_config_json(model_config, as_path(workdir) / "config.json")
   plan = RunPlan(phases=phases, config_hash=config_hash(cfg), model_config=model_config,
-                 data_dirs=tuple(data_dirs), manifests=tuple(manifests))
+                 data_dirs=tuple(data_dirs), manifests=tuple(manifests),
+                 remat_phases=recorded_remat_phases(workdir))
   return plan, init_params
+
+
+# --------------------------------------------------------------------------- remat.json
+
+REMAT_RECORD = "remat.json"  # {"phases": [1]}: 0-based phases that must recompute (remat auto)
+
+
+def recorded_remat_phases(workdir: str) -> tuple[int, ...]:
+  """The phases whose step ran out of device memory without remat in an earlier start of this
+  workdir, so that a restart does not run out again."""
+  path = as_path(workdir) / REMAT_RECORD
+  if not path.exists():
+    return ()
+  try:
+    return tuple(sorted({int(i) for i in json.loads(path.read_text(encoding="utf-8"))["phases"]}))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    warnings.warn(f"{path}: unreadable ({first_line(e)}); each phase is tried without remat "
+                  "again", stacklevel=2)
+    return ()
+
+
+def record_remat_phase(workdir: str, index: int) -> None:
+  phases = sorted(set(recorded_remat_phases(workdir)) | {index})
+  write_json_atomic(as_path(workdir) / REMAT_RECORD, dict(phases=phases))
 
 
 # --------------------------------------------------------------------------- the vocab

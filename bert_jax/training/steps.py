@@ -299,9 +299,12 @@ class RematChoice:
   remat: bool
   peak_without: float | None
   capacity: float | None
+  ran_out: bool = False  # on since the step without it ran out of memory when it ran
 
   def describe(self) -> str:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
+    if self.ran_out:
+      return "remat on: the step without it ran out of device memory when it ran"
     if self.peak_without is None:
       where = "memory" if self.capacity is None else f"{gib(self.capacity)} per chip"
       return f"remat on: without it the step does not fit in {where}"
@@ -326,11 +329,13 @@ class Pretraining:
   auto_remat: each phase's step recomputes each layer in the backward pass only when it would
   not fit a chip's memory otherwise (model_config.remat is then ignored): the step without remat
   is compiled first and its peak memory read (the compile is cached, so a step that fits is
-  compiled once); `remat_choices` holds what was chosen per phase.
+  compiled once); `remat_choices` holds what was chosen per phase. `remat_phases`: phases
+  (0-based) known to need it (their step ran out of memory in an earlier start).
   """
 
   def __init__(self, model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh,
-               phases: Sequence[Phase], objective: str = "mlm_nsp", auto_remat: bool = False):
+               phases: Sequence[Phase], objective: str = "mlm_nsp", auto_remat: bool = False,
+               remat_phases: Sequence[int] = ()):
     self.mesh = mesh
     self.loss = pretraining_loss(model_config, objective)
     self._model_config, self._objective, self._auto_remat = model_config, objective, auto_remat
@@ -340,7 +345,8 @@ class Pretraining:
     self.abstract_state = state_lib.abstract_state(self._init_params_fn, self._optimizer, mesh)
     self.shardings = state_lib.shardings_of(self.abstract_state)
     self._train_steps: dict[tuple[int, bool], MeshStep] = {}
-    self.remat_choices: dict[int, RematChoice] = {}
+    self.remat_choices = {i: RematChoice(True, None, None, ran_out=True)
+                          for i in (remat_phases if auto_remat else ())}
 
   def init_state(self, rng, init_params: Any = None) -> TrainState:
     return state_lib.create_state(self._init_params_fn, self._optimizer, self.mesh, rng,
@@ -364,6 +370,15 @@ class Pretraining:
       return RematChoice(True, None, capacity)
     peak = mfu.compiled_peak_bytes(compiled)
     return RematChoice(capacity is not None and peak > mfu.HEADROOM * capacity, peak, capacity)
+
+  def recompute(self, phase: Phase) -> bool:
+    """After the phase's step ran out of device memory: True where auto had left remat off,
+    and the phase's step recomputes from now on; False where nothing is left to change."""
+    choice = self.remat_choices.get(phase.index)
+    if choice is None or choice.remat:
+      return False
+    self.remat_choices[phase.index] = dataclasses.replace(choice, remat=True, ran_out=True)
+    return True
 
   def train_step(self, phase: Phase) -> MeshStep:
     """The same under every nan_policy (the loop applies it)."""
