@@ -1,4 +1,5 @@
-"""Model FLOPs and model-FLOPs utilisation (MFU) for BERT pretraining.
+"""Model FLOPs and model-FLOPs utilisation (MFU) for BERT pretraining, and what a device
+holds: its peak FLOP/s and memory, a compiled step's peak, XLA's out-of-memory errors.
 
 Training FLOPs of one sequence = 3 x forward (backward is twice the forward), forward = 2 FLOPs
 per multiply-add of every matmul the sequence touches:
