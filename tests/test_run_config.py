@@ -130,12 +130,17 @@ def test_remat_is_true_false_or_auto(words, remat):
   assert got == remat and type(got) is type(remat)
 
 
-def test_a_config_file_may_set_remat_to_a_bool(tmp_path):
-  """common.py's remat is "auto", a string; a user's file built on it may still say True."""
+@pytest.mark.parametrize("base", ["common", "own"])
+def test_a_config_file_may_set_remat_to_a_bool(tmp_path, base):
+  """common.py's remat is "auto", a string; a user's file built on it, or on a ConfigDict of its
+  own, may still say True, and the command line may still say auto."""
   own = tmp_path / "own.py"
-  own.write_text(f"import runpy\ncommon = runpy.run_path({str(CONFIGS / 'common.py')!r})\n"
-                 "def get_config(arg=None):\n  c = common['base_config']()\n"
-                 "  c.model.remat = True\n  return c\n")
+  build = ("  c = common['base_config']()\n  c.model.remat = True\n" if base == "common" else
+           "  d = common['base_config']().to_dict()\n  d['model']['remat'] = True\n"
+           "  c = ml_collections.ConfigDict(d)\n")  # a bool-typed field
+  own.write_text(f"import runpy, ml_collections\n"
+                 f"common = runpy.run_path({str(CONFIGS / 'common.py')!r})\n"
+                 f"def get_config(arg=None):\n{build}  return c\n")
   c = run_config.resolve_config(str(own), [])
   assert run_config.remat_of(c) is True
   assert run_config.remat_of(run_config.resolve_config(str(own), [("model.remat", "auto")])) \

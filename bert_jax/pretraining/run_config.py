@@ -119,6 +119,9 @@ def _bert_field_default(name: str) -> Any:
 _MISSING = object()
 
 
+_WORDS = ("model.remat",)  # fields whose value may be a bool or a word (auto): kept as written
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
   """Applies `a.b.c=value` overrides in order; unknown fields and bad values raise UserError.
 
@@ -145,9 +148,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, s
         continue
       raise UserError(f"{flag}: no such config field; expected one of "
                       f"{', '.join(sorted(node.keys()))}")
-    untyped = (isinstance(node, ml_collections.ConfigDict)
-               and node.get_ref(last).get_type() is object)  # e.g. model.remat: a bool or auto
-    value = text if untyped else _parse_value(flag, node[last], text)
+    value = text if key in _WORDS else _parse_value(flag, node[last], text)
     if isinstance(node, ml_collections.ConfigDict):
       with node.ignore_type():
         setattr(node, last, value)
