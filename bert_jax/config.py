@@ -35,7 +35,8 @@ class BertConfig:
   # Not architecture: how the model runs. Never written to config.json.
   dtype: str = "float32"        # compute dtype, e.g. "bfloat16"
   param_dtype: str = "float32"  # master weights
-  remat: bool = False           # rematerialise each encoder layer in the backward pass
+  remat: bool | str = False     # recompute encoder layers in the backward pass: True (all of
+                                # each), "dots" (all but its weight matmuls' outputs) or False
   attention: str = "auto"       # auto | xla | pallas | splash | cudnn (bert_jax.modeling.attention)
 
   def __post_init__(self):
@@ -45,6 +46,8 @@ class BertConfig:
     if self.attention not in ATTENTIONS:
       raise UserError(f"attention {self.attention!r} is not supported; expected one of "
                       f"{', '.join(ATTENTIONS)}")
+    if self.remat not in REMATS:
+      raise UserError(f"remat {self.remat!r} is not supported; expected True, False or 'dots'")
     if self.hidden_act not in ACTIVATIONS:
       raise UserError(f"hidden_act {self.hidden_act!r} is not supported; expected one of "
                       f"{', '.join(ACTIVATIONS)}")
@@ -74,6 +77,8 @@ class BertConfig:
       raise UserError(f"{source}: {e}") from None
 
 
+# Least recompute first: what model.remat auto tries in turn (training.steps.Pretraining).
+REMATS = (False, "dots", True)
 # auto: fused where the platform has a kernel (modeling.attention.choose); xla: never fused.
 ATTENTIONS = ("auto", "xla", "pallas", "splash", "cudnn")
 # gelu is BERT's exact erf GELU; gelu_new/gelu_pytorch_tanh the tanh approximation.

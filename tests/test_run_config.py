@@ -124,7 +124,7 @@ def test_overrides_parse_to_field_types():
 
 @pytest.mark.parametrize("words, remat", [
     ((), "auto"), (("model.remat=True",), True), (("model.remat=off",), False),
-    (("model.remat=AUTO",), "auto")])
+    (("model.remat=AUTO",), "auto"), (("model.remat=dots",), "dots")])
 def test_remat_is_true_false_or_auto(words, remat):
   got = run_config.remat_of(load("tiny_cpu.py", *words))
   assert got == remat and type(got) is type(remat)
@@ -169,7 +169,7 @@ def test_list_literal_override():
     ("--config.phases=[dict(a=1)]", "expected a Python literal"),
     ("--config.phases=['a']", "expected a list of dicts"),
     ("--config.model.remat=sometimes",
-     "--config.model.remat='sometimes': expected true, false or auto"),
+     "--config.model.remat='sometimes': expected true, false, dots or auto"),
     ("--config.optim.decay_from=middle", "--config.optim.decay_from='middle': expected 'zero'"),
     ("--config.optim.warmup_steps=800", "warmup_steps=800: at or beyond the end of training"),
 ])

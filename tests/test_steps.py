@@ -220,8 +220,11 @@ def test_auto_remat_keeps_activations_that_fit_and_compiles_the_step_once(mesh, 
       batch = sharding.global_batch(synthetic_batch(i), mesh)
       state, _ = step(state, batch, jax.random.PRNGKey(0))
   choice = pretraining.remat_choices[0]
-  assert not choice.remat and 0 < choice.peak_without <= mfu.HEADROOM * choice.capacity
-  assert "remat off: the step needs" in choice.describe()
+  (level, peak), = choice.tried
+  assert choice.remat is False and level is False
+  assert 0 < peak <= mfu.HEADROOM * choice.capacity
+  assert choice.describe().startswith("remat off: ") and " GiB without remat, of " in \
+      choice.describe()
   compiles = [r for r in caplog.records if "XLA compilation of jit(train_step)" in r.getMessage()]
   assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
@@ -231,37 +234,35 @@ def _flops(compiled) -> float:
   return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
 
 
-def test_auto_remat_recomputes_where_the_step_would_not_fit_and_trains_the_same(mesh,
-                                                                                 monkeypatch):
-  monkeypatch.setattr(steps.mfu, "memory_per_device", lambda device: 100e3)  # 100 kB chips
+def test_auto_remat_recomputes_where_the_step_would_not_fit_and_every_level_trains_the_same(
+    mesh, monkeypatch):
+  """Chips too small for the steps below full remat get full remat (both tried). Each level
+  trains the same numbers: "dots" recomputes all but the matmuls, full remat all."""
   cfg = make_cfg()
   phase = make_phases(cfg)[0]
-  auto, plain = _auto(mesh, cfg), steps.Pretraining(tiny_model_config(dropout=0.1), cfg, mesh,
-                                                    make_phases(cfg))
-  assert auto.remat(phase) and not plain.remat(phase)
-  assert auto.remat_choices[0].peak_without > mfu.HEADROOM * 100e3
-  assert "remat on: the step needs" in auto.remat_choices[0].describe()
-  # the forward pass again inside the backward one
-  assert _flops(auto.lower_train_step(phase).compile()) > 1.15 * _flops(
-      plain.lower_train_step(phase).compile())
+  monkeypatch.setattr(steps.mfu, "memory_per_device", lambda device: 100e3)  # 100 kB chips
+  auto = _auto(mesh, cfg)
+  assert auto.remat(phase) is True
+  assert [(level, peak > 100e3) for level, peak in auto.remat_choices[0].tried] == [
+      (False, True), ("dots", True)]
+  levels = [steps.Pretraining(tiny_model_config(dropout=0.1).replace(remat=level), cfg, mesh,
+                              make_phases(cfg)) for level in (False, "dots", True)]
+  flops = [_flops(p.lower_train_step(phase).compile()) for p in levels]
+  assert flops[0] < flops[1] < flops[2] and flops[2] > 1.15 * flops[0]
   results = []
-  for pretraining in (auto, plain):
+  for pretraining in levels:
     state = pretraining.init_state(jax.random.PRNGKey(0))
     state, metrics = pretraining.train_step(phase)(state, synthetic_batch(0),
                                                    jax.random.PRNGKey(1))
     results.append((float(metrics["loss"]), _copy(state.params)))
-  (remat_loss, remat_params), (loss, params) = results
-  assert remat_loss == pytest.approx(loss, rel=1e-6)  # the same dropout bits, recomputed
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_params, params)
+  (loss, params), *recomputed = results
+  for remat_loss, remat_params in recomputed:
+    assert remat_loss == pytest.approx(loss, rel=1e-6)  # the same dropout bits, recomputed
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_params, params)
 
 
-@pytest.mark.parametrize("error, remat", [
-    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
-     "hbm. Used 21.34G of 15.75G hbm.", True),
-    ("INTERNAL: ptxas exited with non-zero error code", None)])
-def test_auto_remat_takes_a_compiler_out_of_memory_as_does_not_fit(mesh, monkeypatch, error,
-                                                                   remat):
-  """TPU compilers refuse a program larger than the chip: remat then; other errors pass."""
+def test_auto_remat_takes_a_compiler_out_of_memory_as_does_not_fit(mesh, monkeypatch):
+  """TPU compilers refuse a program larger than the chip: full remat then."""
   cfg = make_cfg()
   phase = make_phases(cfg)[0]
   pretraining = _auto(mesh, cfg)
@@ -269,17 +270,27 @@ def test_auto_remat_takes_a_compiler_out_of_memory_as_does_not_fit(mesh, monkeyp
 
   class Refused:
     def compile(self):
-      raise RuntimeError(error)
+      raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
+                         "in memory space hbm. Used 21.34G of 15.75G hbm.")
 
   def lower(step, phase):
-    return Refused() if step is pretraining._train_steps.get((1, False)) else real_lower(step,
-                                                                                         phase)
+    refused = [pretraining._train_steps.get((1, level)) for level in (False, "dots")]
+    return Refused() if step in refused else real_lower(step, phase)
 
   monkeypatch.setattr(pretraining, "_lower", lower)
-  if remat is None:
-    with pytest.raises(RuntimeError, match="ptxas"):
-      pretraining.remat(phase)
-    return
-  assert pretraining.remat(phase) is remat
-  assert pretraining.remat_choices[0].describe().startswith(
-      "remat on: without it the step does not fit in")
+  assert pretraining.remat(phase) is True
+  assert pretraining.remat_choices[0].tried == ((False, None), ("dots", None))
+
+
+def test_a_recorded_floor_skips_the_levels_below_and_escalation_stops_at_full(mesh):
+  cfg = make_cfg()
+  phase = make_phases(cfg)[0]
+  pretraining = steps.Pretraining(tiny_model_config(), cfg, mesh, make_phases(cfg),
+                                  auto_remat=True, remat_floors={0: "dots"})
+  assert pretraining.remat(phase) == "dots"
+  choice = pretraining.remat_choices[0]
+  assert [level for level, _ in choice.tried] == ["dots"] and choice.ran_out == (False,)
+  assert choice.describe().startswith("remat dots: ran out of memory without remat, ")
+  assert pretraining.recompute(phase) and pretraining.remat(phase) is True
+  assert pretraining.remat_choices[0].ran_out == (False, "dots")
+  assert not pretraining.recompute(phase)  # nothing left above full remat

@@ -444,14 +444,15 @@ def _assert_params_as_reference(workdir, reference):
 def test_a_step_out_of_memory_without_remat_reruns_its_batch_with_remat(
     prepared, reference, tmp_path, monkeypatch, capsys):
   """model.remat auto left remat off (the step fitted on paper) but the step ran out of memory:
-  the phase recomputes from then on, the same batch runs again, no step is lost, and
-  remat.json keeps later starts from trying again."""
+  the phase recomputes all but the matmuls from then on ("dots"), the same batch runs again, no
+  step is lost, and remat.json keeps later starts from trying again."""
   workdir = _at_the_phase_boundary(reference, tmp_path)
   _phase_2_runs_out_of_memory_without_remat(monkeypatch, take_state=False)
   assert train.main(run_args(prepared, workdir)) == 0
   out = capsys.readouterr().out
-  assert "phase 2: ran out of device memory without remat (RuntimeError: RESOURCE_EXHAUSTED" in out
-  assert json.loads((workdir / "remat.json").read_text()) == {"phases": [1]}
+  assert "phase 2: ran out of device memory with remat off (RuntimeError: RESOURCE_EXHAUSTED" in out
+  assert "; remat dots from now on (remat.json)" in out
+  assert json.loads((workdir / "remat.json").read_text()) == {"phases": {"1": "dots"}}
   assert [r["step"] for r in rows(workdir)] == list(range(1, TOTAL + 1))
   _assert_params_as_reference(workdir, reference)
 
@@ -462,14 +463,13 @@ def test_a_step_out_of_memory_that_took_the_state_stops_and_the_rerun_recomputes
   _phase_2_runs_out_of_memory_without_remat(monkeypatch, take_state=True)
   assert train.main(run_args(prepared, workdir)) == train.EXIT_OUT_OF_MEMORY
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1] == (f"error: phase 2's step ran out of device memory without remat and took "
-                     f"the train state with it; {workdir}/remat.json now makes the phase "
-                     "recompute: rerun the same command to resume from step 14")
+  assert err[-1] == (f"error: phase 2's step ran out of device memory and took the train state "
+                     f"with it; {workdir}/remat.json now gives the phase remat dots: rerun the "
+                     "same command to resume from step 14")
   monkeypatch.undo()
   assert train.main(run_args(prepared, workdir)) == 0
   out = capsys.readouterr().out
-  assert ("phase 2: remat on: the step without it ran out of device memory when it ran "
-          "(model.remat auto)") in out
+  assert "phase 2: remat dots: ran out of memory without remat, " in out
   assert [r["step"] for r in rows(workdir)] == list(range(1, TOTAL + 1))
   _assert_params_as_reference(workdir, reference)
 

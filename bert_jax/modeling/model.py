@@ -278,7 +278,9 @@ class BertEncoder(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, segments: Segments, readout=None):
     c = self.config
-    layer_cls = nn.remat(BertLayer) if c.remat else BertLayer
+    # "dots" keeps the projections' and FFN's matmul outputs (no batch dims: not attention's)
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None
+    layer_cls = nn.remat(BertLayer, policy=policy) if c.remat else BertLayer
     last = c.num_hidden_layers - 1
     for i in range(c.num_hidden_layers):
       x_BTE = layer_cls(c, self.deterministic, name=f"layer_{i}")(

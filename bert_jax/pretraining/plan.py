@@ -226,7 +226,7 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
 
 
 def _remat(pretraining: steps.Pretraining, phase: Phase) -> dict:
-  """remat: whether the step recomputes; remat_auto: why, where model.remat is auto."""
+  """remat: how much the step recomputes; remat_auto: why, where model.remat is auto."""
   choice = pretraining.remat_choices.get(phase.index)
   return dict(remat=pretraining.remat(phase), remat_auto=choice and choice.describe())
 
@@ -236,9 +236,9 @@ def suggestions(cfg: Any, phase: Phase, mesh, memory: dict) -> list[str]:
   out = []
   capacity, peak = memory["capacity"], memory.get("peak")
   state = memory["params"] + memory["opt_state"]
-  if remat_of(cfg) is False:
-    out.append("--config.model.remat=auto (recompute each layer's activations in the backward "
-               "pass in the phases that do not fit without)")
+  if remat_of(cfg) in (False, "dots"):
+    out.append("--config.model.remat=auto (recompute activations in the backward pass, as much "
+               "as each phase needs to fit)")
   if capacity and state > 0.25 * capacity:
     fsdp = mesh.shape["fsdp"] * 2
     out.append(f"--config.mesh.fsdp={fsdp} (shard parameters and optimizer state {fsdp} ways; "
@@ -343,7 +343,7 @@ def setup(cfg: Any, devices: list) -> Setup:
                                  auto_remat=remat_of(cfg) == "auto"))
 
 
-_REMAT_NOTE = {True: ", remat", False: "", "auto": ", remat auto"}
+_REMAT_NOTE = {True: ", remat", "dots": ", remat dots", False: "", "auto": ", remat auto"}
 
 
 def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu: float,

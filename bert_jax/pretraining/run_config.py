@@ -279,15 +279,15 @@ def objective_of(cfg: Any) -> str:
 
 
 def remat_of(cfg: Any) -> bool | str:
-  """model.remat as True, False or "auto" (config files give a bool or a word; the command line
-  a word)."""
+  """model.remat as True, False, "dots" or "auto" (config files give a bool or a word; the
+  command line a word)."""
   value = cfg.model.get("remat", False)
   text = str(value).lower()
   if isinstance(value, bool) or text in _TRUE + _FALSE:
     return text in _TRUE
-  if text != "auto":
-    raise UserError(f"--config.model.remat={value!r}: expected true, false or auto")
-  return "auto"
+  if text not in ("auto", "dots"):
+    raise UserError(f"--config.model.remat={value!r}: expected true, false, dots or auto")
+  return text
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> list:

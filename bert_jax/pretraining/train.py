@@ -29,10 +29,11 @@ from bert_jax.modeling import attention
 from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.pretraining.run_config import objective_of, parse_args, remat_of, resolve_config
 from bert_jax.pretraining.workdir import (REMAT_RECORD, load_init_params, prepare_workdir,
-                                          record_remat_phase)
+                                          record_remat_floor)
 from bert_jax.storage.checkpoint import Checkpointer
 from bert_jax.storage.fileio import as_path, check_writable
 from bert_jax.training.phases import Phase, make_phases, phase_at
+from bert_jax.training.remat import NAMES
 from bert_jax.training import sharding  # sharding.global_batch looked up per call (tests swap it)
 from bert_jax.training.lock import DirLock
 from bert_jax.training.preemption import Preemption
@@ -152,22 +153,26 @@ class Trainer:
     return step
 
   def _step_or_recompute(self, phase: Phase, batch: dict) -> tuple[TrainState, dict]:
-    """The train step on `batch`. Where it runs out of device memory with remat left off by
-    model.remat auto, the phase recomputes from now on (remat.json records it for later
-    starts) and the same batch runs again; _StateLost if the failed step had taken the state."""
+    """The train step on `batch`. Where it runs out of device memory at a remat level that
+    model.remat auto chose below full, the phase recomputes more from now on (remat.json
+    records it for later starts) and the same batch runs again; _StateLost if the failed step
+    had taken the state."""
     try:
       out = self.train_step(self.state, batch, self.base_rng)
       if self.first_step_of_phase:  # a step that does not fit fails here
         jax.block_until_ready(out)
       return out
     except Exception as e:  # XLA's RESOURCE_EXHAUSTED comes as a runtime error
+      before = self.pretraining.remat(phase)
       if not (mfu.out_of_memory(e) and self.pretraining.recompute(phase)):
         raise
       error = first_line(e, 160)
+    level = self.pretraining.remat(phase)
     if self.is_writer:
-      record_remat_phase(self.workdir, phase.index)
-    self.writer.message(f"phase {phase.index + 1}: ran out of device memory without remat "
-                        f"({error}); it recomputes each layer from now on ({REMAT_RECORD})")
+      record_remat_floor(self.workdir, phase.index, level)
+    self.writer.message(f"phase {phase.index + 1}: ran out of device memory with remat "
+                        f"{NAMES[before]} ({error}); remat {NAMES[level]} from now on "
+                        f"({REMAT_RECORD})")
     if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
       raise _StateLost
     self.train_step = self.pretraining.train_step(phase)
@@ -176,9 +181,9 @@ class Trainer:
   def _stop_out_of_memory(self, phase: Phase, step: int) -> int:
     self.ckpt.wait()
     last = self.ckpt.latest_step()
-    print(f"error: phase {phase.index + 1}'s step ran out of device memory without remat and "
-          f"took the train state with it; {self.workdir}/{REMAT_RECORD} now makes the phase "
-          f"recompute: rerun the same command to resume from "
+    print(f"error: phase {phase.index + 1}'s step ran out of device memory and took the train "
+          f"state with it; {self.workdir}/{REMAT_RECORD} now gives the phase remat "
+          f"{NAMES[self.pretraining.remat(phase)]}: rerun the same command to resume from "
           f"{'step ' + str(last) if last is not None else 'the start'}", file=sys.stderr,
           flush=True)
     self.writer.flush()
@@ -237,7 +242,7 @@ class Trainer:
                              async_save=bool(c.async_save))
     self.pretraining = Pretraining(self.plan.model_config, self.cfg, self.mesh, self.plan.phases,
                                    objective_of(self.cfg), auto_remat=remat_of(self.cfg) == "auto",
-                                   remat_phases=self.plan.remat_phases)
+                                   remat_floors=self.plan.remat_floors)
     self.resuming = bool(self.ckpt.all_steps())
     self.skipped_total = 0
     step, data_state = self._restore()

@@ -20,7 +20,7 @@ import jax
 from array_record.python.array_record_module import ArrayRecordReader
 from jax.experimental import multihost_utils
 
-from bert_jax.config import (BertConfig, find_config, get_preset, read_config_json,
+from bert_jax.config import (REMATS, BertConfig, find_config, get_preset, read_config_json,
                              write_config_json)
 from bert_jax.convert import load_pretrained
 from bert_jax.data import records
@@ -45,7 +45,8 @@ class RunPlan:
   model_config: BertConfig
   data_dirs: tuple[str, ...]        # one create-data directory per phase
   manifests: tuple[dict, ...]       # each phase's manifest.json, read once
-  remat_phases: tuple[int, ...] = ()  # whose step ran out of memory without remat (remat.json)
+  # phase index -> the least remat level to try (remat.json: less ran out of memory)
+  remat_floors: dict[int, bool | str] = dataclasses.field(default_factory=dict)
 
 
 def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bool,
@@ -76,32 +77,37 @@ def prepare_workdir(cfg: Any, workdir: str, *, process_count: int, is_writer: bo
     write_config_json(model_config, as_path(workdir) / "config.json")
   plan = RunPlan(phases=phases, config_hash=config_hash(cfg), model_config=model_config,
                  data_dirs=tuple(data_dirs), manifests=tuple(manifests),
-                 remat_phases=recorded_remat_phases(workdir))
+                 remat_floors=recorded_remat_floors(workdir))
   return plan, init_params
 
 
 # --------------------------------------------------------------------------- remat.json
 
-REMAT_RECORD = "remat.json"  # {"phases": [1]}: 0-based phases that must recompute (remat auto)
+REMAT_RECORD = "remat.json"  # {"phases": {"1": "dots"}}: per phase the least level (remat auto)
 
 
-def recorded_remat_phases(workdir: str) -> tuple[int, ...]:
-  """The phases whose step ran out of device memory without remat in an earlier start of this
-  workdir, so that a restart does not run out again."""
+def recorded_remat_floors(workdir: str) -> dict[int, bool | str]:
+  """Per phase (0-based) the least remat level to try: the levels below ran out of device
+  memory in an earlier start of this workdir, and are not tried again."""
   path = as_path(workdir) / REMAT_RECORD
   if not path.exists():
-    return ()
+    return {}
   try:
-    return tuple(sorted({int(i) for i in json.loads(path.read_text(encoding="utf-8"))["phases"]}))
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    floors = {int(i): level for i, level in
+              json.loads(path.read_text(encoding="utf-8"))["phases"].items()}
+    if all(level in REMATS and level is not False for level in floors.values()):
+      return floors
+    raise ValueError(f"levels {sorted(map(str, floors.values()))}, expected dots or true")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     warnings.warn(f"{path}: unreadable ({first_line(e)}); each phase is tried without remat "
                   "again", stacklevel=2)
-    return ()
+    return {}
 
 
-def record_remat_phase(workdir: str, index: int) -> None:
-  phases = sorted(set(recorded_remat_phases(workdir)) | {index})
-  write_json_atomic(as_path(workdir) / REMAT_RECORD, dict(phases=phases))
+def record_remat_floor(workdir: str, index: int, level: bool | str) -> None:
+  floors = {str(i): v for i, v in recorded_remat_floors(workdir).items()}
+  floors[str(index)] = level
+  write_json_atomic(as_path(workdir) / REMAT_RECORD, dict(phases=floors))
 
 
 # --------------------------------------------------------------------------- the vocab
@@ -158,8 +164,10 @@ def model_config_for(cfg: Any, vocab_entries: int, init_config: BertConfig | Non
   """The model of a run: init_from's config (`init_config`) or the preset, plus
   model.overrides, dtype (auto: by `device`, default jax's first), remat (auto: off here, chosen
   per phase by steps.Pretraining) and attention; checked against the vocab's size. No I/O."""
+  remat = remat_of(cfg)
   run = dict(dtype=platforms.compute_dtype(str(cfg.model.dtype), device or jax.devices()[0]),
-             remat=remat_of(cfg) is True, attention=str(cfg.model.get("attention", "auto")))
+             remat=False if remat == "auto" else remat,
+             attention=str(cfg.model.get("attention", "auto")))
   overrides = to_plain(cfg.model.overrides)
   if init_config is not None:
     model_config = init_config.replace(**{**overrides, **run})

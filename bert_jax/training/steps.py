@@ -34,6 +34,7 @@ from bert_jax.devices import mfu
 from bert_jax.errors import UserError
 from bert_jax.modeling import ops
 from bert_jax.modeling.heads import BertForPreTraining
+from bert_jax.training import remat as remat_lib
 from bert_jax.training import state as state_lib
 from bert_jax.training.optim import make_optimizer
 from bert_jax.training.phases import Phase
@@ -292,27 +293,6 @@ def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh, shardings: Any) 
 
 # ----------------------------------------------------------------------------- the whole build
 
-@dataclasses.dataclass(frozen=True)
-class RematChoice:
-  """What remat auto chose for a phase: `remat` on when the step without it would take more
-  than HEADROOM of a chip's memory (`peak_without`; None where the compiler refused it)."""
-  remat: bool
-  peak_without: float | None
-  capacity: float | None
-  ran_out: bool = False  # on since the step without it ran out of memory when it ran
-
-  def describe(self) -> str:
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    if self.ran_out:
-      return "remat on: the step without it ran out of device memory when it ran"
-    if self.peak_without is None:
-      where = "memory" if self.capacity is None else f"{gib(self.capacity)} per chip"
-      return f"remat on: without it the step does not fit in {where}"
-    of = "" if self.capacity is None else f" of {gib(self.capacity)}"
-    return (f"remat {'on' if self.remat else 'off'}: the step needs "
-            f"{gib(self.peak_without)}{of} per chip without it")
-
-
 class Pretraining:
   """One model's pretraining on one mesh, built once: what `bert-jax pretrain` runs and
   `bert-jax plan` compiles. The optimizer, schedule and shardings stay inside.
@@ -326,16 +306,16 @@ class Pretraining:
   eval_step        the jitted deterministic pass returning the loss's sums
   update_step      the update alone (`plan` counts the FLOPs of accumulated steps with it)
 
-  auto_remat: each phase's step recomputes each layer in the backward pass only when it would
-  not fit a chip's memory otherwise (model_config.remat is then ignored): the step without remat
-  is compiled first and its peak memory read (the compile is cached, so a step that fits is
-  compiled once); `remat_choices` holds what was chosen per phase. `remat_phases`: phases
-  (0-based) known to need it (their step ran out of memory in an earlier start).
+  auto_remat: each phase's step recomputes in the backward pass only as much as it must to fit
+  a chip (training/remat.py; model_config.remat is then ignored): the levels' steps are compiled
+  in turn and their peaks read (the compiles are cached, so the chosen step is compiled once);
+  `remat_choices` holds what was chosen per phase. `remat_floors`: phase index -> the least
+  level to try (the ones below ran out of memory in an earlier start).
   """
 
   def __init__(self, model_config: BertConfig, cfg: Any, mesh: jax.sharding.Mesh,
                phases: Sequence[Phase], objective: str = "mlm_nsp", auto_remat: bool = False,
-               remat_phases: Sequence[int] = ()):
+               remat_floors: Mapping[int, bool | str] | None = None):
     self.mesh = mesh
     self.loss = pretraining_loss(model_config, objective)
     self._model_config, self._objective, self._auto_remat = model_config, objective, auto_remat
@@ -344,47 +324,39 @@ class Pretraining:
     self._init_params_fn = _init_params_fn(model_config)
     self.abstract_state = state_lib.abstract_state(self._init_params_fn, self._optimizer, mesh)
     self.shardings = state_lib.shardings_of(self.abstract_state)
-    self._train_steps: dict[tuple[int, bool], MeshStep] = {}
-    self.remat_choices = {i: RematChoice(True, None, None, ran_out=True)
-                          for i in (remat_phases if auto_remat else ())}
+    self._train_steps: dict[tuple[int, bool | str], MeshStep] = {}
+    self._remat_floors = dict(remat_floors or {})
+    self.remat_choices: dict[int, remat_lib.RematChoice] = {}
 
   def init_state(self, rng, init_params: Any = None) -> TrainState:
     return state_lib.create_state(self._init_params_fn, self._optimizer, self.mesh, rng,
                                   init_params=init_params)[0]
 
-  def remat(self, phase: Phase) -> bool:
-    """Whether the phase's step recomputes each layer in the backward pass."""
+  def remat(self, phase: Phase) -> bool | str:
+    """How much the phase's step recomputes in the backward pass (config.REMATS)."""
     if not self._auto_remat:
       return self._model_config.remat
     if phase.index not in self.remat_choices:
-      self.remat_choices[phase.index] = self._choose_remat(phase)
+      self.remat_choices[phase.index] = remat_lib.choose(
+          lambda level: self._lower(self._step(phase.grad_accum, level), phase).compile(),
+          mfu.memory_per_device(self.mesh.devices.flat[0]),
+          self._remat_floors.get(phase.index, False))
     return self.remat_choices[phase.index].remat
 
-  def _choose_remat(self, phase: Phase) -> RematChoice:
-    capacity = mfu.memory_per_device(self.mesh.devices.flat[0])
-    try:
-      compiled = self._lower(self._step(phase.grad_accum, remat=False), phase).compile()
-    except Exception as e:  # XLA TPU refuses a program larger than the chip
-      if not mfu.out_of_memory(e):
-        raise
-      return RematChoice(True, None, capacity)
-    peak = mfu.compiled_peak_bytes(compiled)
-    return RematChoice(capacity is not None and peak > mfu.HEADROOM * capacity, peak, capacity)
-
   def recompute(self, phase: Phase) -> bool:
-    """After the phase's step ran out of device memory: True where auto had left remat off,
-    and the phase's step recomputes from now on; False where nothing is left to change."""
+    """After the phase's step ran out of device memory: True where auto can recompute more, and
+    the phase's step does from now on; False where nothing is left to change."""
     choice = self.remat_choices.get(phase.index)
-    if choice is None or choice.remat:
-      return False
-    self.remat_choices[phase.index] = dataclasses.replace(choice, remat=True, ran_out=True)
-    return True
+    escalated = choice and choice.escalated()
+    if escalated:
+      self.remat_choices[phase.index] = escalated
+    return bool(escalated)
 
   def train_step(self, phase: Phase) -> MeshStep:
     """The same under every nan_policy (the loop applies it)."""
     return self._step(phase.grad_accum, self.remat(phase))
 
-  def _step(self, grad_accum: int, remat: bool) -> MeshStep:
+  def _step(self, grad_accum: int, remat: bool | str) -> MeshStep:
     if (grad_accum, remat) not in self._train_steps:
       if remat not in self._losses:
         self._losses[remat] = pretraining_loss(self._model_config.replace(remat=remat),
