@@ -10,7 +10,7 @@ def get_config(arg=None):
   del arg
   c = common["base_config"]()
   c.model.preset = "large"
-  # model.remat stays auto: 16 GB TPU chips recompute each layer where a phase would not fit
-  # otherwise, 80 GB GPUs hold the paper's batches without it (about 30% less step time by
-  # tools/gpu_roofline.py, README "Pretrain on GPUs").
+  # model.remat stays auto: a v5e-16 keeps phase 1's activations and recomputes all but the
+  # matmuls in phase 2 (remat dots), 80 GB GPUs hold the paper's batches without recomputing
+  # (README, "Plan a pod" and "Pretrain on GPUs").
   return c
