@@ -73,16 +73,18 @@ def synthetic_batch(seed: int, batch: int = BATCH, seq: int = SEQ, pred: int = P
 
 def run_steps(mesh, steps: int, dropout: float, rows=None, grad_accum: int = 1):
   """Trains `steps` steps from seed 0 on `mesh`; rows=(lo, hi) feeds only those rows of each
-  global batch from this process (multi-process). Returns the losses."""
+  global batch from this process (multi-process). Returns the losses. The step is built as
+  `bert-jax pretrain` builds it (model.remat auto: compiled ahead of time to choose)."""
   import jax
   from bert_jax.training.phases import make_phases
   from bert_jax.training import sharding, steps as steps_lib
   cfg = make_cfg()
   model_config = tiny_model_config(dropout)
   phases = make_phases(cfg)
-  pretraining = steps_lib.Pretraining(model_config, cfg, mesh, phases)
+  pretraining = steps_lib.Pretraining(model_config, cfg, mesh, phases, auto_remat=True)
   state = pretraining.init_state(jax.random.PRNGKey(0))
   train_step = pretraining.train_step(dataclasses.replace(phases[0], grad_accum=grad_accum))
+  assert pretraining.remat(phases[0]) is False  # a tiny step fits
   losses = []
   for s in range(steps):
     host = synthetic_batch(100 + s)
