@@ -229,9 +229,11 @@ def test_auto_remat_keeps_activations_that_fit_and_compiles_the_step_once(mesh, 
   assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
 
-def _flops(compiled) -> float:
+def _flops(compiled) -> float | None:
+  """XLA's FLOP count; None where the compiler gives none."""
   analysis = compiled.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def test_auto_remat_recomputes_where_the_step_would_not_fit_and_every_level_trains_the_same(
@@ -245,15 +247,17 @@ def test_auto_remat_recomputes_where_the_step_would_not_fit_and_every_level_trai
   assert auto.remat(phase) is True
   assert [(level, peak > 100e3) for level, peak in auto.remat_choices[0].tried] == [
       (False, True), ("dots", True)]
-  levels = [steps.Pretraining(tiny_model_config(dropout=0.1).replace(remat=level), cfg, mesh,
-                              make_phases(cfg)) for level in (False, "dots", True)]
-  flops = [_flops(p.lower_train_step(phase).compile()) for p in levels]
-  assert flops[0] < flops[1] < flops[2] and flops[2] > 1.15 * flops[0]
+  # each level's step as auto compiled it (full remat: compiled now), on batches placed as the
+  # loop places them, so none is compiled twice
+  levels = [auto._step(phase.grad_accum, level) for level in (False, "dots", True)]
+  flops = [_flops(auto._lower(step, phase).compile()) for step in levels]
+  if None not in flops:  # CPUs and TPUs count them
+    assert flops[0] < flops[1] < flops[2] and flops[2] > 1.15 * flops[0]
   results = []
-  for pretraining in levels:
-    state = pretraining.init_state(jax.random.PRNGKey(0))
-    state, metrics = pretraining.train_step(phase)(state, synthetic_batch(0),
-                                                   jax.random.PRNGKey(1))
+  for step in levels:
+    state = auto.init_state(jax.random.PRNGKey(0))
+    state, metrics = step(state, sharding.global_batch(synthetic_batch(0), mesh),
+                          jax.random.PRNGKey(1))
     results.append((float(metrics["loss"]), _copy(state.params)))
   (loss, params), *recomputed = results
   for remat_loss, remat_params in recomputed:
