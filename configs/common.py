@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "auto"       # compute dtype (params stay float32); auto: bfloat16 where the
                                # chips have bfloat16 matrix units (TPU, Ampere+, AMX), else float32
   c.model.attention = "auto"   # fused kernel where the platform has one (modeling/attention.py)
-  # Recompute each layer's activations in the backward pass: True, False, or auto (per phase:
-  # only where the step would not fit the chips' memory otherwise). A bool or a word.
+  # Recompute activations in the backward pass: True (each layer whole), "dots" (all but the
+  # weight matmuls' outputs), False, or auto (per phase: the least of these that fits the chips;
+  # training/remat.py). A bool or a word.
   c.model.remat = ml_collections.FieldReference("auto", field_type=object)
 
   c.objective = "mlm_nsp"      # "mlm_nsp": the paper's MLM + NSP on sentence pairs | "mlm":
