@@ -41,7 +41,8 @@ def _fake_gcloud(tmp_path: pathlib.Path, describe_state: str | None) -> dict[str
 
 
 def _run(script: pathlib.Path, args: list[str], env: dict[str, str]) -> list[str]:
-  proc = subprocess.run(["bash", str(script), *args], cwd=REPO_ROOT, env=env,
+  # run as the README shows them, so a launcher that lost its executable bit fails here
+  proc = subprocess.run([str(script), *args], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   return proc.stdout.splitlines()
