@@ -86,9 +86,13 @@ fi
 [[ -n "$VOCAB" ]] && PRETRAIN+=("--config.data.vocab=$VOCAB")
 PRETRAIN+=("${EXTRA[@]}")
 
-# Let XLA overlap collectives with compute; keep a little GPU memory for cuDNN/NCCL workspaces.
+# Let XLA overlap collectives with compute; keep a little GPU memory for cuDNN/NCCL workspaces,
+# unless the user chose a fraction (jax refuses its old and new names set together).
 XLA_GPU_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
-GPU_ENV=(XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$XLA_GPU_FLAGS")
+GPU_ENV=("XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$XLA_GPU_FLAGS")
+if [[ -z "${XLA_CLIENT_MEM_FRACTION:-}${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ]]; then
+  GPU_ENV=(XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 "${GPU_ENV[@]}")
+fi
 
 if [[ "$SLURM" -eq 0 ]]; then
   run env "${GPU_ENV[@]}" "${PRETRAIN[@]}"

@@ -144,6 +144,21 @@ def test_gpu_single_node(tmp_path):
   assert "srun" not in cmd
 
 
+@pytest.mark.parametrize("user_env, expected", [
+    ({}, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92"),
+    ({"XLA_CLIENT_MEM_FRACTION": "0.5"}, None),  # jax refuses both names at once
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}, None),
+])
+def test_gpu_memory_fraction_is_the_users_when_set(tmp_path, user_env, expected):
+  env = _fake_gcloud(tmp_path, describe_state=None)
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    env.pop(name, None)
+  env.update(user_env)
+  (cmd,) = _commands(_run(GPU, ["--config", CONFIG, "--workdir", "runs/base", "--dry-run"], env))
+  fractions = [word for word in cmd[:cmd.index("bert-jax")] if "MEM_FRACTION=" in word]
+  assert fractions == ([expected] if expected else [])
+
+
 def test_gpu_slurm_writes_sbatch_script_with_srun(tmp_path):
   env = _fake_gcloud(tmp_path, describe_state=None)
   sbatch_file = tmp_path / "job.sbatch"
