@@ -372,8 +372,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, force: bool = False) -> None:
   return params_dir
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="bert-jax-convert", description="Convert BERT checkpoints between bert-jax (orbax) "
       "and Hugging Face (safetensors) or Google's TF1 checkpoints.")
@@ -395,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("ckpt_dir")
   p.add_argument("hf_dir")
   p.add_argument("--force", action="store_true", help="replace an existing output directory")
-  args = parser.parse_args(argv)
+  return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   if args.command in ("from-hf", "from-tf"):
     from bert_jax.tf1 import is_tf1_dir
     is_source, convert, expected = {
