@@ -6,7 +6,6 @@ the same tests run the compiled kernel."""
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -60,9 +59,9 @@ def _fused(q, k, v, segments, rate, key=KEY, block_q=16, bias=None):
 
 
 # 16-key blocks: at length 32 each spans two quarters of the keys (a hash per element); at 64
-# each is a quarter, and the four at one offset share their hashes (flash.groups). 16-query
+# each is a quarter, and the four at one offset share their hashes (kernel_dropout.groups). 16-query
 # blocks hash again in the backward kernels; 32-query blocks (the GPU's are 64) make the forward
-# kernel write its keep bits for them (flash.packs_keep).
+# kernel write its keep bits for them (kernel_dropout.packs_keep).
 @pytest.mark.parametrize("kind,t,block_q", [("padded", 32, 16), ("packed", 32, 16),
                                             ("packed", 64, 16), ("packed", 64, 32)])
 @pytest.mark.parametrize("rate", [0.0, 0.1])

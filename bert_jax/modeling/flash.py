@@ -1,15 +1,15 @@
 """A flash-attention Pallas kernel with BERT's attention dropout inside it: forward, dK/dV and
 dQ kernels over blocks of queries and keys, no [B,N,T,S] tensor in memory.
 
-Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the
-same Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one
-hash for the four keys that share a counter where blocks allow (`groups`). The forward kernel
-also writes the bits, packed 32 queries to a word (16 in TPU tiles), and the backward kernels
-read them instead of hashing again (`packs_keep`). Two layouts: TPU vector tiles (q, k and v
-as [B,N,T,H] arrays; per-query statistics in 128 lanes, key ids in 8 sublanes, key blocks of
-128), and plain columns and rows (Triton on GPUs) reading the model's fused [B,T,3,N,H]
-projection in place and writing its gradient in place (`Config.fused`). Where it is used, and
-how it is sharded, is `bert_jax.modeling.attention`'s business.
+Dropout draws the very bits `dropout.keep_mask` draws for the [B,N,T,S] probabilities: the same
+Threefry counters, hashed inside the kernel from the element's global (b, n, t, s), one hash for
+the four keys that share a counter where blocks allow (`kernel_dropout.groups`). The forward
+kernel also writes the bits, packed 32 queries to a word (16 in TPU tiles), and the backward
+kernels read them instead of hashing again (`kernel_dropout.packs_keep`). Two layouts: TPU
+vector tiles (q, k and v as [B,N,T,H] arrays; per-query statistics in 128 lanes, key ids in 8
+sublanes, key blocks of 128), and plain columns and rows (Triton on GPUs) reading the model's
+fused [B,T,3,N,H] projection in place and writing its gradient in place (`Config.fused`). Where
+it is used, and how it is sharded, is `bert_jax.modeling.attention`'s business.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from bert_jax.modeling import dropout
+from bert_jax.modeling import dropout, kernel_dropout
 
 _NEG = float(np.finfo(np.float32).min)
 # The order along the fused array's axis 2: the dK/dV kernel writes keys and values as one
@@ -53,102 +53,6 @@ class Config(NamedTuple):
   @property
   def keep_scale(self) -> float:
     return 65536.0 / self.threshold
-
-
-class _Where(NamedTuple):
-  """The global row and head of a kernel instance (read once, at the kernel's top level)."""
-  b: jax.Array
-  n: jax.Array
-
-
-def _where(words_ref) -> _Where:
-  return _Where(pl.program_id(0).astype(jnp.uint32) + words_ref[2],
-                pl.program_id(1).astype(jnp.uint32) + words_ref[3])
-
-
-def groups(cfg: Config, seq_k: int) -> int:
-  """How many key blocks draw their dropout bits from the same hashes: 4 where a block fits in
-  a quarter of the keys (C = S/4; keep_mask's counter of key s is s mod C and its 16-bit word
-  s // C, so the blocks at one offset in the four quarters share their counters, and one
-  Threefry gives all four masks, as in keep_mask), else 1 (a block spans quarters: one hash per
-  element). The kernels visit key blocks as (j, g): block j of quarter g, at j*bk + g*S/4."""
-  return 4 if cfg.block_k <= seq_k // 4 else 1
-
-
-def _keeps(words_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, t0, j, shape,
-           keys_first: bool = False) -> list:
-  """The kept elements of the groups(...) [bq, bk] blocks ([bk, bq] keys first) at queries t0
-  and key-block index j (None for each where nothing is dropped): the bits keep_mask draws for
-  [B, N, T, S] (counter (n*T + t)*C + s mod C under row b, 16-bit word s // C; C = S/4, a
-  power of two, so both are a mask and a shift)."""
-  if cfg.rate <= 0.0:
-    return [None] * groups(cfg, seq_k)
-  b, n = at
-  c = seq_k // 4
-  t_axis, s_axis = (1, 0) if keys_first else (0, 1)
-  t = (t0 + jax.lax.broadcasted_iota(jnp.int32, shape, t_axis)).astype(jnp.uint32)
-  s = j * cfg.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, s_axis)
-  within = (n * np.uint32(seq_q) + t) * np.uint32(c) + (s & (c - 1)).astype(jnp.uint32)
-  hi, lo = dropout.threefry2x32(words_ref[0], words_ref[1], within,
-                                jnp.broadcast_to(b, shape))
-  words = (hi >> 16, hi & 0xFFFF, lo >> 16, lo & 0xFFFF)
-  if groups(cfg, seq_k) == 4:
-    bits = list(words)
-  else:
-    word = s >> (c.bit_length() - 1)
-    bits = [jnp.where(word == 0, words[0], jnp.where(word == 1, words[1],
-                      jnp.where(word == 2, words[2], words[3])))]
-  return [x.astype(jnp.int32) < cfg.threshold for x in bits]
-
-
-def _block_start(cfg: Config, seq_k: int, j, g):
-  """The first key of block j of quarter g (see `groups`)."""
-  return pl.multiple_of(j * cfg.block_k + g * (seq_k // groups(cfg, seq_k)), cfg.block_k)
-
-
-def _per_word(cfg: Config) -> int:
-  """Queries whose keep bits share an int32 word: 32, or 16 in TPU tiles, so that a 128-query
-  block's words are one 8-row tile."""
-  return 32 if cfg.sublanes == 1 else 16
-
-
-def packs_keep(cfg: Config) -> bool:
-  """Whether the forward kernel writes its keep bits for the backward kernels ([B,N,T/w,S]
-  int32, w = `_per_word` queries to a word: 1 or 2 bits per element) instead of their hashing
-  them again: two thirds of the hashing, which bounds the kernels (Threefry's integer work
-  outweighs their matrix work)."""
-  return cfg.rate > 0.0 and cfg.block_q % (_per_word(cfg) * cfg.sublanes) == 0
-
-
-def _pack(keep, per_word: int):
-  """[bq, bk] kept elements -> [bq/w, bk] int32 words: bit r of word v is query w*v + r."""
-  bq, bk = keep.shape
-  bits = keep.astype(jnp.int32).reshape(bq // per_word, per_word, bk)
-  return jnp.sum(bits << jax.lax.broadcasted_iota(jnp.int32, bits.shape, 1), axis=1)
-
-
-def _unpack(words, per_word: int, keys_first: bool):
-  """[bq/w, bk] words -> the [bq, bk] kept elements, or [bk, bq] keys first."""
-  rows, cols = words.shape
-  spread = jnp.broadcast_to(words[:, None, :], (rows, per_word, cols)).reshape(
-      rows * per_word, cols)
-  bits = (spread >> (jax.lax.broadcasted_iota(jnp.int32, spread.shape, 0) & (per_word - 1))) & 1
-  return (bits.T if keys_first else bits) != 0
-
-
-def _backward_keeps(words_ref, bits_ref, at: _Where, cfg: Config, seq_q: int, seq_k: int, i,
-                    j, keys_first: bool) -> list:
-  """The backward kernels' kept elements of the groups(...) blocks at query block i and key
-  block index j: read from the forward's bits where it left them (bits_ref, see packs_keep:
-  all the words of the queries keys first, else the query block's own), else hashed again."""
-  bq, per_word = cfg.block_q, _per_word(cfg)
-  if not bits_ref:
-    shape = (cfg.block_k, bq) if keys_first else (bq, cfg.block_k)
-    return _keeps(words_ref, at, cfg, seq_q, seq_k, i * bq, j, shape, keys_first)
-  words = (pl.ds(pl.multiple_of(i * (bq // per_word), bq // per_word), bq // per_word)
-           if keys_first else slice(None))
-  return [_unpack(bits_ref[0][words, pl.ds(_block_start(cfg, seq_k, j, g), cfg.block_k)],
-                  per_word, keys_first) for g in range(groups(cfg, seq_k))]
 
 
 def _dims(qkv, cfg: Config) -> tuple[int, int, int, int, int]:
@@ -228,18 +132,20 @@ def _reading_biases(kernel):
 
 def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_ref, l_ref,
                 *bits_ref, cfg: Config, seq_q: int, seq_k: int):
-  """bits_ref (where packs_keep): the block's keep bits, [bq/w, S] words (`_per_word`)."""
+  """bits_ref (where packs_keep): the block's keep bits, [bq/w, S] words
+  (`kernel_dropout.per_word`)."""
   bq, bk, lanes = cfg.block_q, cfg.block_k, cfg.lanes
   t0 = pl.program_id(2) * bq
   q, q_ids = q_ref[...], q_ids_ref[...]
   scale = 1.0 / math.sqrt(q.shape[-1])
-  at = _where(words_ref)
-  quarters = groups(cfg, seq_k)
+  at = kernel_dropout.where(words_ref)
+  quarters = kernel_dropout.groups(cfg, seq_k)
 
   def body(j, carry):
-    for g, keep in enumerate(_keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))):
+    keeps = kernel_dropout.keeps(words_ref, at, cfg, seq_q, seq_k, t0, j, (bq, bk))
+    for g, keep in enumerate(keeps):
       m, l, acc = carry
-      s0 = _block_start(cfg, seq_k, j, g)
+      s0 = kernel_dropout.block_start(cfg, seq_k, j, g)
       v = v_ref[pl.ds(s0, bk), :]
       s, _ = _scores(q, k_ref[pl.ds(s0, bk), :], q_ids, kv_ids_ref[:, pl.ds(s0, bk)], scale)
       m_new = jnp.maximum(m, _column(jnp.max(s, axis=1), lanes))
@@ -249,7 +155,7 @@ def _fwd_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, m_
       if keep is not None:
         p = jnp.where(keep, p * cfg.keep_scale, 0.0)
         if bits_ref:
-          bits_ref[0][:, pl.ds(s0, bk)] = _pack(keep, _per_word(cfg))
+          bits_ref[0][:, pl.ds(s0, bk)] = kernel_dropout.pack(keep, kernel_dropout.per_word(cfg))
       acc = acc * _to_width(alpha, acc.shape[1]) + _dot(p.astype(v.dtype), v, (1, 0))
       carry = m_new, l, acc
     return carry
@@ -299,19 +205,20 @@ def _dkv_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m
   bits_ref, grads_ref = refs[:-outputs], refs[-outputs:]
   bq, bk = cfg.block_q, cfg.block_k
   j = pl.program_id(2)
-  at = _where(words_ref)
-  quarters = groups(cfg, seq_k)
+  at = kernel_dropout.where(words_ref)
+  quarters = kernel_dropout.groups(cfg, seq_k)
 
   def body(i, carry):
     t0 = pl.multiple_of(i * bq, bq)
     rows, cols = pl.ds(t0, bq), (slice(None), pl.ds(t0, bq))
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_ids, m, l, delta = (ref[cols] for ref in (q_ids_ref, m_ref, l_ref, delta_ref))
-    keeps = _backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j, keys_first=True)
+    keeps = kernel_dropout.backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j,
+                                          keys_first=True)
     out = []
     for g, keep in enumerate(keeps):
       dk, dv = carry[g]
-      keys = pl.ds(_block_start(cfg, seq_k, j, g), bk)
+      keys = pl.ds(kernel_dropout.block_start(cfg, seq_k, j, g), bk)
       dropped, ds = _probs_grads(cfg, q, k_ref[keys, :], v_ref[keys, :], do, q_ids,
                                  kv_ids_ref[keys, :], m, l, delta, keep, keys_first=True)
       out.append((dk + _dot(ds.astype(q.dtype), q, (1, 0)),
@@ -338,13 +245,14 @@ def _dq_kernel(words_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, m_
   i = pl.program_id(2)
   q, do, q_ids = q_ref[...], do_ref[...], q_ids_ref[...]
   m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
-  at = _where(words_ref)
-  quarters = groups(cfg, seq_k)
+  at = kernel_dropout.where(words_ref)
+  quarters = kernel_dropout.groups(cfg, seq_k)
 
   def body(j, dq):
-    keeps = _backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j, keys_first=False)
+    keeps = kernel_dropout.backward_keeps(words_ref, bits_ref, at, cfg, seq_q, seq_k, i, j,
+                                          keys_first=False)
     for g, keep in enumerate(keeps):
-      cols = pl.ds(_block_start(cfg, seq_k, j, g), bk)
+      cols = pl.ds(kernel_dropout.block_start(cfg, seq_k, j, g), bk)
       k = k_ref[cols, :]
       _, ds = _probs_grads(cfg, q, k, v_ref[cols, :], do, q_ids, kv_ids_ref[:, cols], m, l,
                            delta, keep, keys_first=False)
@@ -386,9 +294,9 @@ def _specs(t, s, h, cfg: Config, blocked: str):
                 q_ids=pl.BlockSpec((sq, bq, lanes), lambda i, j, k: (i, k, 0)),
                 kv_ids=pl.BlockSpec((sq, sub, s), lambda i, j, k: (i, 0, 0)),
                 stats=pl.BlockSpec((sq, sq, bq, lanes), lambda i, j, k: (i, j, k, 0)),
-                bits=pl.BlockSpec((sq, sq, bq // _per_word(cfg), s),
+                bits=pl.BlockSpec((sq, sq, bq // kernel_dropout.per_word(cfg), s),
                                   lambda i, j, k: (i, j, k, 0)))
-  bk, quarters = cfg.block_k, groups(cfg, s)
+  bk, quarters = cfg.block_k, kernel_dropout.groups(cfg, s)
   assert (KEYS, VALUES) == (0, 1)  # block 0 of two along the fused axis
   dkv = ([pl.BlockSpec((sq, quarters, bk, 2, sq, h), lambda i, j, k: (i, 0, k, 0, j, 0))]
          if cfg.fused else
@@ -398,7 +306,8 @@ def _specs(t, s, h, cfg: Config, blocked: str):
               q_ids=pl.BlockSpec((sq, sub, t), lambda i, j, k: (i, 0, 0)),
               kv_ids=pl.BlockSpec((sq, s, lanes), lambda i, j, k: (i, 0, 0)),
               stats=pl.BlockSpec((sq, sq, sub, t), lambda i, j, k: (i, j, 0, 0)),
-              bits=pl.BlockSpec((sq, sq, t // _per_word(cfg), s), lambda i, j, k: (i, j, 0, 0)))
+              bits=pl.BlockSpec((sq, sq, t // kernel_dropout.per_word(cfg), s),
+                                lambda i, j, k: (i, j, 0, 0)))
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg: Config, matmuls: int, dims,
@@ -466,12 +375,13 @@ def _flash_fwd(qkv, bias, q_seg, kv_seg, words, cfg: Config):
       sp := _specs(t, s, h, cfg, "q"))
   row = jax.ShapeDtypeStruct((b, n, t, cfg.lanes), jnp.float32)
   dtype = jax.tree.leaves(qkv)[0].dtype
-  packed = packs_keep(cfg)
+  packed = kernel_dropout.packs_keep(cfg)
+  words_shape = (b, n, t // kernel_dropout.per_word(cfg), s)
   out, m, l, *bits = _call(
       kernel, (b, n, t // cfg.block_q), in_specs + [sp["q_ids"], sp["kv_ids"]],
       [sp["out"], sp["stats"], sp["stats"]] + [sp["bits"]] * packed,
       [jax.ShapeDtypeStruct((b, t, n, h) if cfg.fused else (b, n, t, h), dtype), row, row]
-      + [jax.ShapeDtypeStruct((b, n, t // _per_word(cfg), s), jnp.int32)] * packed, cfg, 2,
+      + [jax.ShapeDtypeStruct(words_shape, jnp.int32)] * packed, cfg, 2,
       dims, words, *operands, _column_tile(q_seg, cfg.lanes), _row_tile(kv_seg, cfg.sublanes))
   # Only the first lane of the statistics is kept for the backward pass.
   return out, (qkv, bias, q_seg, kv_seg, words, out, m[..., 0], l[..., 0], bits)
@@ -484,7 +394,7 @@ def _flash_bwd(cfg: Config, residuals, d_out):
   d_out = d_out.astype(dtype)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = jnp.swapaxes(delta, 1, 2) if cfg.fused else delta  # [B,N,T] as m and l
-  quarters = groups(cfg, s)
+  quarters = kernel_dropout.groups(cfg, s)
   by_quarter = ((b, quarters, s // quarters, 3, n, h) if cfg.fused
                 else (b, n, quarters, s // quarters, h))
   kernel, in_specs, operands = _kernel_and_inputs(
