@@ -2,11 +2,11 @@
 for the [B,N,T,S] probabilities, hashed per block from each element's global (b, n, t, s), one
 Threefry for the four key blocks that share a counter (`groups`); and the forward kernel's bits
 packed into int32 words for the backward kernels (`packs_keep`), which read them back instead of
-hashing again."""
+hashing again. `cfg` is the kernel's `flash.Config`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from bert_jax.modeling import dropout
-
-if TYPE_CHECKING:
-  from bert_jax.modeling.flash import Config
 
 
 class Where(NamedTuple):
@@ -27,10 +24,10 @@ class Where(NamedTuple):
 
 def where(words_ref) -> Where:
   return Where(pl.program_id(0).astype(jnp.uint32) + words_ref[2],
-                pl.program_id(1).astype(jnp.uint32) + words_ref[3])
+               pl.program_id(1).astype(jnp.uint32) + words_ref[3])
 
 
-def groups(cfg: Config, seq_k: int) -> int:
+def groups(cfg, seq_k: int) -> int:
   """How many key blocks draw their dropout bits from the same hashes: 4 where a block fits in
   a quarter of the keys (C = S/4; keep_mask's counter of key s is s mod C and its 16-bit word
   s // C, so the blocks at one offset in the four quarters share their counters, and one
@@ -39,7 +36,7 @@ def groups(cfg: Config, seq_k: int) -> int:
   return 4 if cfg.block_k <= seq_k // 4 else 1
 
 
-def keeps(words_ref, at: Where, cfg: Config, seq_q: int, seq_k: int, t0, j, shape,
+def keeps(words_ref, at: Where, cfg, seq_q: int, seq_k: int, t0, j, shape,
           keys_first: bool = False) -> list:
   """The kept elements of the groups(...) [bq, bk] blocks ([bk, bq] keys first) at queries t0
   and key-block index j (None for each where nothing is dropped): the bits keep_mask draws for
@@ -65,18 +62,18 @@ def keeps(words_ref, at: Where, cfg: Config, seq_q: int, seq_k: int, t0, j, shap
   return [x.astype(jnp.int32) < cfg.threshold for x in bits]
 
 
-def block_start(cfg: Config, seq_k: int, j, g):
+def block_start(cfg, seq_k: int, j, g):
   """The first key of block j of quarter g (see `groups`)."""
   return pl.multiple_of(j * cfg.block_k + g * (seq_k // groups(cfg, seq_k)), cfg.block_k)
 
 
-def per_word(cfg: Config) -> int:
+def per_word(cfg) -> int:
   """Queries whose keep bits share an int32 word: 32, or 16 in TPU tiles, so that a 128-query
   block's words are one 8-row tile."""
   return 32 if cfg.sublanes == 1 else 16
 
 
-def packs_keep(cfg: Config) -> bool:
+def packs_keep(cfg) -> bool:
   """Whether the forward kernel writes its keep bits for the backward kernels ([B,N,T/w,S]
   int32, w = `per_word` queries to a word: 1 or 2 bits per element) instead of their hashing
   them again: two thirds of the hashing, which bounds the kernels (Threefry's integer work
@@ -100,7 +97,7 @@ def unpack(words, w: int, keys_first: bool):
   return (bits.T if keys_first else bits) != 0
 
 
-def backward_keeps(words_ref, bits_ref, at: Where, cfg: Config, seq_q: int, seq_k: int, i,
+def backward_keeps(words_ref, bits_ref, at: Where, cfg, seq_q: int, seq_k: int, i,
                    j, keys_first: bool) -> list:
   """The backward kernels' kept elements of the groups(...) blocks at query block i and key
   block index j: read from the forward's bits where it left them (bits_ref, see packs_keep:
