@@ -1,13 +1,14 @@
 """The README's commands, as a user copies them: each `bert-jax`, `bert-jax-convert` and
 `python -m bert_jax.finetune` line of its bash blocks parses with the command's own parser, a
-pretrain line's config and overrides resolve, and a fine-tuning line's output paths pass the
-checks made before anything loads."""
+pretrain line's config and overrides resolve, a fine-tuning line's output paths pass the
+checks made before anything loads, and each launcher line runs with --dry-run."""
 
 from __future__ import annotations
 
 import pathlib
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -22,8 +23,9 @@ PARSERS = {"train-vocab": vocab.build_parser, "create-data": create.build_parser
            "plan": plan.build_parser}
 
 
-def readme_commands() -> list[list[str]]:
-  """argv of every bert-jax command in the README's bash blocks: continuation lines joined,
+def readme_commands(programs=("bert-jax", "bert-jax-convert", "python -m bert_jax.finetune")
+                    ) -> list[list[str]]:
+  """argv of every command of `programs` in the README's bash blocks: continuation lines joined,
   `&&` chains split, comments dropped, and NAME="..." assignments of the block expanded."""
   text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
   commands = []
@@ -38,8 +40,7 @@ def readme_commands() -> list[list[str]]:
           continue
         argv = [w for word in words
                 for w in (names[word[1:]] if word[1:] in names and word[0] == "$" else [word])]
-        if argv[:1] in (["bert-jax"], ["bert-jax-convert"]) or argv[:3] == [
-            "python", "-m", "bert_jax.finetune"]:
+        if any(argv[:len(p.split())] == p.split() for p in programs):
           commands.append(argv)
   return commands
 
@@ -72,3 +73,20 @@ def test_readme_command_parses(argv, tmp_path, monkeypatch):
     run_config.resolve_config(spec, overrides)
   else:
     PARSERS[argv[1]]().parse_known_args(argv[2:])  # plan's rest: --config overrides
+
+
+LAUNCHES = readme_commands(("launch/tpu_pretrain.sh", "launch/gpu_pretrain.sh"))
+
+
+@pytest.mark.parametrize("argv", LAUNCHES, ids=[a[0] for a in LAUNCHES])
+def test_readme_launcher_runs_dry(argv, tmp_path):
+  """Run as shown, plus --dry-run, with a `gcloud` that finds the TPU VM ready."""
+  (tmp_path / "gcloud").write_text("#!/usr/bin/env bash\n"
+                                   '[[ " $* " == *" describe "* ]] && echo READY\nexit 0\n')
+  (tmp_path / "gcloud").chmod(0o755)
+  env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+  split = argv.index("--") if "--" in argv else len(argv)
+  proc = subprocess.run([*argv[:split], "--dry-run", *argv[split:]], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert "bert-jax pretrain" in proc.stdout
