@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,31 @@ def test_layer_norm_matches_flax_layer_norm_values_and_gradients():
                 _value_and_grads(reference, (x, scale, bias), k[3]), 2e-5)
   assert ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16).dtype == jnp.bfloat16
 
+
+
+def test_layer_norm_backward_on_gpus_reads_its_saved_statistics():
+  """Compiled for an H100 on this host (the plan-gpu extra): LayerNorm's backward makes no
+  float32 array of the input's shape. XLA's GPU compiler recomputed the mean there and wrote
+  x_hat * g out in float32 for the scale's gradient, once per LayerNorm of every step."""
+  from bert_jax.devices import gpu_targets
+  try:
+    devices = gpu_targets.devices("h100:1")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("data",)),
+                                          jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((8, 128, 256), jnp.bfloat16, sharding=replicated)
+  vector = jax.ShapeDtypeStruct((256,), jnp.float32, sharding=replicated)
+
+  def loss(x, scale, bias):
+    y = ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16)
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  entry = grads.lower(x, vector, vector).compile().as_text().split("\nENTRY", 1)[1]
+  backward = [line for line in entry.splitlines()
+              if re.search(r"= f32\[8,128,256\]\S* fusion\(", line) and "transpose(jvp" in line]
+  assert backward == []
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_attention_matches_autodiff_with_padding_and_dropout(rate):
