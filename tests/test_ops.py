@@ -56,10 +56,9 @@ def test_layer_norm_matches_flax_layer_norm_values_and_gradients():
 
 
 
-def test_layer_norm_backward_on_gpus_reads_its_saved_statistics():
-  """Compiled for an H100 on this host (the plan-gpu extra): LayerNorm's backward makes no
-  float32 array of the input's shape. XLA's GPU compiler recomputed the mean there and wrote
-  x_hat * g out in float32 for the scale's gradient, once per LayerNorm of every step."""
+def _compiled_for_an_h100(fn, *shapes) -> str:
+  """The entry computation of jit(fn) compiled for an H100 on this host (jax's CUDA plugin, the
+  plan-gpu extra), for arguments of `shapes` ((shape, dtype) pairs)."""
   from bert_jax.devices import gpu_targets
   try:
     devices = gpu_targets.devices("h100:1")
@@ -67,18 +66,39 @@ def test_layer_norm_backward_on_gpus_reads_its_saved_statistics():
     pytest.skip(str(e))
   replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("data",)),
                                           jax.sharding.PartitionSpec())
-  x = jax.ShapeDtypeStruct((8, 128, 256), jnp.bfloat16, sharding=replicated)
-  vector = jax.ShapeDtypeStruct((256,), jnp.float32, sharding=replicated)
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in shapes]
+  return jax.jit(fn).lower(*args).compile().as_text().split("\nENTRY", 1)[1]
 
+
+def test_layer_norm_backward_on_gpus_reads_its_saved_statistics():
+  """LayerNorm's backward compiled for a GPU makes no float32 array of the input's shape.
+  XLA's GPU compiler recomputed the mean there and wrote x_hat * g out in float32 for the
+  scale's gradient, once per LayerNorm of every step."""
   def loss(x, scale, bias):
     y = ops.layer_norm(x, scale, bias, 1e-12, jnp.bfloat16)
     return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  entry = grads.lower(x, vector, vector).compile().as_text().split("\nENTRY", 1)[1]
+  entry = _compiled_for_an_h100(jax.grad(loss, argnums=(0, 1, 2)), ((8, 128, 256), jnp.bfloat16),
+                                ((256,), jnp.float32), ((256,), jnp.float32))
   backward = [line for line in entry.splitlines()
               if re.search(r"= f32\[8,128,256\]\S* fusion\(", line) and "transpose(jvp" in line]
   assert backward == []
+
+
+def test_bias_gradient_on_gpus_is_a_reduction_that_fuses_with_its_producer():
+  """Compiled for a GPU, a bias gradient is a sum over rows, computed in the fusion that makes
+  the gradient (here GELU's backward): no matmul by a ones vector reading it once more (the
+  CPU's fast form), and one fusion for the two."""
+  def loss(x, bias):
+    return jnp.sum(jnp.square(ops.gelu(ops.add_bias(x, bias)).astype(jnp.float32)))
+
+  # FFN-sized: at smaller sizes XLA turns the ones matmul into a reduction itself
+  entry = _compiled_for_an_h100(jax.grad(loss, argnums=(0, 1)), ((32, 128, 3072), jnp.bfloat16),
+                                ((3072,), jnp.bfloat16))
+  kernels = re.findall(r"= \S+ (fusion|custom-call)\(.*?calls=%(\S+?),", entry)
+  assert not any("gemm" in called or "dot" in called for _, called in kernels), kernels
+  assert len(kernels) <= 2, kernels
+
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_attention_matches_autodiff_with_padding_and_dropout(rate):
