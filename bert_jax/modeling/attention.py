@@ -200,9 +200,9 @@ def flash_attention(kvq_BT3NH, q_seg_BT, kv_seg_BS, words, *, bias_3NH=None,
   # TPU: statistics as [rows, 128] lane tiles and key ids as [8, keys] sublane tiles (as splash
   # keeps them), blocks of one lane tile; elsewhere plain columns and rows, 64 queries and 32
   # keys, or a quarter of them where that is fewer (at least 16): one dropout hash then serves
-  # four blocks (kernel_dropout.groups). Compiled for an H200, ptxas spills at most 64 bytes per thread
-  # there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB with
-  # 128 x 64 blocks and a hash per element.
+  # four blocks (kernel_dropout.groups). Compiled for an H200, ptxas spills at most 64 bytes per
+  # thread there (the dK/dV kernel's four pairs of accumulators, at length 512), against 2.3 KB
+  # with 128 x 64 blocks and a hash per element.
   block_q = block_q or (128 if tpu else 64)
   block_k = block_k or (128 if tpu else max(16, min(32, t // 4)))
   cfg = flash.Config(rate=rate, interpret=interpret, block_q=min(block_q, t),
