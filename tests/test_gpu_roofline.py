@@ -1,4 +1,5 @@
-"""tools/gpu_roofline.py: the bytes and matmul FLOPs it reads from a compiled GPU program."""
+"""bert_jax/devices/roofline.py and tools/gpu_roofline.py: the bytes and matmul FLOPs read from a
+compiled GPU program, and the bound they give."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tools"))
 
 import gpu_roofline  # noqa: E402
+
+from bert_jax.devices import roofline  # noqa: E402
 
 # A compiled program's text as XLA prints it (trimmed): a matmul fusion, a kernel writing a
 # buffer in place, a loop whose body holds an elementwise fusion, and instructions that are no
@@ -50,7 +53,7 @@ ENTRY %main (a: bf16[64,32], b: bf16[32,16], c: bf16[8,128]) -> f32[] {
 
 
 def test_kernels_count_each_kernels_bytes_and_matmul_flops():
-  rows = {row["name"]: row for row in gpu_roofline.kernels(_HLO)}
+  rows = {row["name"]: row for row in roofline.kernels(_HLO)}
   assert set(rows) == {"gemm_fusion_dot.7", "pallas_call.9", "loop_add_fusion.3", "copy.10"}
   gemm = rows["gemm_fusion_dot.7"]
   assert gemm["kind"] == "gemm_fusion_dot" and gemm["result"] == "f32[64,16]"
@@ -59,8 +62,9 @@ def test_kernels_count_each_kernels_bytes_and_matmul_flops():
   # the buffer written in place counts once, as the result; a is read
   assert rows["pallas_call.9"] == dict(name="pallas_call.9", kind="pallas_call",
                                        result="bf16[8,128]", bytes=8 * 128 * 2 + 64 * 32 * 2,
-                                       flops=0.0)
+                                       flops=0.0, loop=False)
   assert rows["loop_add_fusion.3"]["bytes"] == 2 * 64 * 16 * 4  # the loop's body, once
+  assert rows["loop_add_fusion.3"]["loop"] and not rows["gemm_fusion_dot.7"]["loop"]
   assert rows["copy.10"]["bytes"] == 2 * 64 * 16 * 4
 
 
@@ -68,11 +72,20 @@ def test_bound_takes_the_larger_of_traffic_and_matmul_per_kernel():
   rows = [dict(name="a", kind="gemm", result="x", bytes=1e9, flops=4e12),
           dict(name="b", kind="loop", result="y", bytes=2e9, flops=0.0),
           dict(name="c", kind="loop", result="y", bytes=1e9, flops=0.0)]
-  out = gpu_roofline.bound(rows, bandwidth=1e12, peak=1e15)
+  out = roofline.bound(rows, bandwidth=1e12, peak=1e15)
   assert out["ms"] == pytest.approx(4.0 + 2.0 + 1.0)
   assert [g["group"] for g in out["groups"]] == ["gemm x", "loop y"]
   assert out["groups"][1] == dict(group="loop y", kernels=2, ms=pytest.approx(3.0), gb=3.0)
 
+
+
+def test_bound_counts_a_loops_kernels_once_per_trip():
+  """Gradient accumulation's loop body runs once per micro-batch; the program shows it once."""
+  rows = [dict(name="update", kind="loop", result="x", bytes=1e9, flops=0.0, loop=False),
+          dict(name="body", kind="gemm", result="y", bytes=1e9, flops=4e12, loop=True)]
+  out = roofline.bound(rows, bandwidth=1e12, peak=1e15, trips=8)
+  assert out["ms"] == pytest.approx(1.0 + 8 * 4.0)
+  assert out["kernels"] == 9 and out["tflop"] == pytest.approx(32.0)
 
 @pytest.mark.parametrize("argv,named", [
     (["--config", "configs/tiny_cpu.py", "--topology", "v5e:2x2"], "--topology v5e:2x2"),
@@ -106,7 +119,7 @@ def test_a_compiled_gpu_step_holds_the_models_matmul_flops():
   for attention in ("xla", "pallas"):
     compiled = gpu_roofline.compile_step(config, overrides + [("model.attention", attention)],
                                          target, 1)
-    steps[attention] = gpu_roofline.kernels(compiled.as_text())
+    steps[attention] = roofline.kernels(compiled.as_text())
   model_config = plan.model_config_of(resolve_config(config, overrides))
   model_flops = 16 * mfu.train_flops_per_sequence(model_config, 128, 20)
   flops = {k: sum(row["flops"] for row in rows) for k, rows in steps.items()}

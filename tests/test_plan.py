@@ -124,7 +124,8 @@ def test_accumulated_flops_scale_with_the_micro_batches(v5e):
 def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
   """h100:2 (one host of two): the step compiled on this CPU host from a description of the
   GPU (jax's CUDA plugin). XLA counts no FLOPs there: the report says so and times the step by
-  the model's FLOPs."""
+  the model's FLOPs, and bounds it by its kernels too (devices/roofline.py): each at the H100's
+  HBM bandwidth or peak, slower than the matmuls alone."""
   from bert_jax.devices import gpu_targets
   try:
     gpu_targets.devices("h100:1")
@@ -141,8 +142,12 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
   flops = phase["flops"]
   assert flops["compiled_per_chip"] is None and flops["ratio"] is None
   assert phase["bound"]["step_s"] == pytest.approx(flops["model_per_chip"] / 989e12)
+  assert phase["roofline"]["step_s"] > phase["bound"]["step_s"]
+  assert phase["roofline"]["mfu"] == pytest.approx(
+      phase["bound"]["step_s"] / phase["roofline"]["step_s"])
   report["config"] = ""
-  assert "compiled ? (the compiler counts none)" in plan.format_report(report)
+  text = plan.format_report(report)
+  assert "compiled ? (the compiler counts none)" in text and "at the roofline" in text
 
 
 def test_cudnn_attention_on_a_gpu_plan_without_cudnn_is_one_line_and_exit_2(capsys):

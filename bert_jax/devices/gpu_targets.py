@@ -51,6 +51,12 @@ def parse(name: str) -> tuple[str, int, int] | None:
   return match.group(1), int(match.group(2) or 1), int(match.group(3))
 
 
+def bandwidth_of(device_kind: str) -> float | None:
+  """HBM bytes/s of a GPU by its device_kind (a live one, or one compiled for); None for
+  devices not in GPUS."""
+  return next((gpu.bandwidth for gpu in GPUS.values() if gpu.device_name == device_kind), None)
+
+
 def target_config(gpu: Gpu) -> str:
   """The GpuTargetConfigProto (text format) XLA compiles for."""
   major, minor = gpu.capability

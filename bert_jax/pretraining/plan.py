@@ -36,7 +36,7 @@ import numpy as np
 
 from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
-from bert_jax.devices import gpu_targets, hostmem, mfu, platforms
+from bert_jax.devices import gpu_targets, hostmem, mfu, platforms, roofline
 from bert_jax.errors import UserError, cli_entry
 from bert_jax.pretraining.run_config import (objective_of, parse_overrides, remat_of,
                                              resolve_config)
@@ -56,6 +56,7 @@ class Target:
   kind: str                    # device_kind, e.g. "TPU v5 lite"
   memory_per_chip: float | None
   peak_flops: float | None     # per chip (dense bf16 for accelerators)
+  bandwidth: float | None = None  # HBM bytes/s per chip, for NVIDIA GPUs (devices/roofline.py)
 
 
 # ----------------------------------------------------------------------------- topology
@@ -107,7 +108,7 @@ def load_target(name: str) -> Target:
       raise UserError(f"--topology {name}: {str(e).splitlines()[0][:200]}") from None
   device = devices[0]
   return Target(name, devices, device.device_kind, mfu.memory_per_device(device),
-                mfu.peak_flops_per_device(device))
+                mfu.peak_flops_per_device(device), gpu_targets.bandwidth_of(device.device_kind))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -219,6 +220,11 @@ def plan_phase(model_config: BertConfig, cfg: Any, phase: Phase, mesh,
     rate = lambda s: dict(step_s=s, sequences_per_s=phase.batch_size / s,
                           tokens_per_s=phase.batch_size * phase.seq_len / s)
     out["bound"] = rate(bound_s)
+    if target.bandwidth:  # XLA counts no GPU FLOPs, and a GPU step is far from matmuls alone
+      roofline_s = roofline.bound(roofline.kernels(compiled.as_text()), target.bandwidth,
+                                  target.peak_flops, trips=phase.grad_accum)["ms"] / 1e3
+      out["roofline"] = dict(rate(roofline_s),
+                             mfu=model_flops / (target.peak_flops * roofline_s))
     out["at_mfu"] = dict(rate(at_mfu_s), mfu=assumed_mfu, phase_s=phase.num_steps * at_mfu_s)
   if not fits:
     out["suggestions"] = suggestions(cfg, phase, mesh, memory)
@@ -306,7 +312,10 @@ def format_report(report: dict) -> str:
       ratio = "" if f["ratio"] is None else f" (ratio {f['ratio']:.2f})"
       lines.append(f"  FLOPs per chip per step: compiled {compiled}, model "
                    f"{f['model_per_chip']:.3e}{ratio}")
-    for key, label in (("bound", "at peak (bound)"), ("at_mfu", "at {mfu:.0%} MFU")):
+    for key, label in (("bound", "at peak (bound)"),
+                       ("roofline", "at the roofline (each kernel at HBM bandwidth or peak; "
+                                    "MFU {mfu:.1%} at most)"),
+                       ("at_mfu", "at {mfu:.0%} MFU")):
       if key in p:
         r = p[key]
         lines.append(f"  {label.format(**r)}: {_ms(r['step_s'])} per step, "
