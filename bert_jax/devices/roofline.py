@@ -7,8 +7,8 @@ A bound to compare programs by, not a forecast of their speed: it takes every ke
 the roofline; a Pallas kernel's FLOPs are not in its call (only its bytes count), nor is its
 integer work; an operand a kernel reads in part (a block of it, or a buffer it writes in place)
 counts whole, and a loop's body as often as `bound` is told it runs. What it shows well is
-traffic that a change adds or removes: a slice, a transpose, a copy. `bert-jax plan` prints it for GPU targets and
-`tools/gpu_roofline.py` per kind of kernel.
+traffic that a change adds or removes: a slice, a transpose, a copy. `bert-jax plan` prints it
+for GPU targets and `tools/gpu_roofline.py` per kind of kernel.
 """
 
 from __future__ import annotations
