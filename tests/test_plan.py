@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
 
+from bert_jax.errors import UserError  # noqa: E402
 from bert_jax.pretraining import plan  # noqa: E402
 from bert_jax.pretraining.run_config import resolve_config  # noqa: E402
 from bert_jax.training import sharding, steps  # noqa: E402
@@ -121,7 +122,7 @@ def test_accumulated_flops_scale_with_the_micro_batches(v5e):
   assert four == pytest.approx(4 * one, rel=0.03)
 
 
-def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
+def test_plan_compiles_for_nvidia_gpus_without_one(capsys, monkeypatch):
   """h100:2 (one host of two): the step compiled on this CPU host from a description of the
   GPU (jax's CUDA plugin). XLA counts no FLOPs there: the report says so and times the step by
   the model's FLOPs, and bounds it by its kernels too (devices/roofline.py): each at the H100's
@@ -131,12 +132,16 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
     gpu_targets.devices("h100:1")
   except RuntimeError as e:
     pytest.skip(str(e))
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    monkeypatch.delenv(name, raising=False)
   assert plan.main(["--config", TINY, "--topology", "h100:2", "--phase", "1", "--json",
                     "--config.model.attention=xla"] + [f"--config.{k}={v}" for k, v in SHORT]) == 0
   report = json.loads(capsys.readouterr().out)
   (phase,) = report["phases"]
   assert report["target"]["kind"] == gpu_targets.GPUS["h100"].device_name
-  assert report["target"]["memory_per_chip"] == 80 * 2**30 and phase["fits"]
+  # what jax's allocator takes of the 80 GiB by default, as a live GPU's bytes_limit says
+  assert report["target"]["memory_per_chip"] == 0.75 * 80 * 2**30 and phase["fits"]
+  assert report["target"]["memory_fraction"] == 0.75
   assert phase["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
   assert phase["memory"]["arguments"] == pytest.approx(3 * 4 * _param_count(_cfg()), rel=0.05)
   flops = phase["flops"]
@@ -148,6 +153,29 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys):
   report["config"] = ""
   text = plan.format_report(report)
   assert "compiled ? (the compiler counts none)" in text and "at the roofline" in text
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("XLA_CLIENT_MEM_FRACTION", "0.92", 0.92 * 80 * 2**30),
+    ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5", 0.5 * 80 * 2**30),
+    ("XLA_CLIENT_MEM_FRACTION", "1.5", None), ("XLA_PYTHON_CLIENT_MEM_FRACTION", "abc", None)])
+def test_a_gpu_targets_memory_is_the_allocators_share(monkeypatch, name, value, expected):
+  """A run's allocator takes XLA_CLIENT_MEM_FRACTION of each GPU (launch/gpu_pretrain.sh sets
+  0.92): planned for, a GPU holds that share; a value jax cannot take is one line, exit 2, where
+  jax's CUDA plugin would fail to start with a traceback."""
+  from bert_jax.devices import gpu_targets
+  try:
+    gpu_targets.devices("h100:1")
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  for other in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    monkeypatch.delenv(other, raising=False)
+  monkeypatch.setenv(name, value)
+  if expected is None:
+    with pytest.raises(UserError, match=f"{name}={value}: expected a fraction"):
+      plan.load_target("h100:1")
+  else:
+    assert plan.load_target("h100:1").memory_per_chip == pytest.approx(expected)
 
 
 def test_cudnn_attention_on_a_gpu_plan_without_cudnn_is_one_line_and_exit_2(capsys):

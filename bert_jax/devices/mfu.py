@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax.config import BertConfig
+from bert_jax.errors import UserError
 
 
 def forward_macs_per_sequence(config: BertConfig, seq_len: int, max_predictions: int) -> int:
@@ -67,9 +68,30 @@ MEMORY_BYTES = (
 )
 
 
+# The share of a GPU's memory that jax's allocator takes unless XLA_CLIENT_MEM_FRACTION (or
+# the older XLA_PYTHON_CLIENT_MEM_FRACTION) says otherwise: a live GPU's bytes_limit.
+GPU_MEMORY_FRACTION = 0.75
+
+
+def gpu_memory_fraction() -> float:
+  """The share of each GPU's memory that jax will allocate in this environment."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    value = os.environ.get(name)
+    if value:
+      try:
+        fraction = float(value)
+      except ValueError:
+        fraction = -1.0
+      if not 0.0 < fraction <= 1.0:
+        raise UserError(f"{name}={value}: expected a fraction of GPU memory in (0, 1]")
+      return fraction
+  return GPU_MEMORY_FRACTION
+
+
 def memory_per_device(device) -> float | None:
-  """Bytes one device can hold: what XLA reports it may allocate, else the table above; for a
-  CPU device, the host's physical memory."""
+  """Bytes one device can hold: what XLA reports it may allocate, else the table above (for a
+  GPU compiled for without one, the share jax's allocator would take of it); for a CPU device,
+  the host's physical memory."""
   stats = None
   try:
     stats = device.memory_stats()
@@ -80,7 +102,8 @@ def memory_per_device(device) -> float | None:
   if device.platform == "cpu":
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
   kind = device.device_kind.lower()
-  return next((float(b) for name, b in MEMORY_BYTES if name.lower() in kind), None)
+  table = next((float(b) for name, b in MEMORY_BYTES if name.lower() in kind), None)
+  return table * gpu_memory_fraction() if table and device.platform == "gpu" else table
 
 
 # What a step may take of a device's memory when planned or chosen (remat auto): the rest is for

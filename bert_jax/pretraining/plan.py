@@ -82,6 +82,7 @@ def load_target(name: str) -> Target:
   if name == "local":
     devices = jax.devices()
   elif gpu_targets.parse(name):
+    mfu.gpu_memory_fraction()  # a bad XLA_CLIENT_MEM_FRACTION breaks jax's CUDA plugin itself
     try:
       devices = gpu_targets.devices(name)
     except RuntimeError as e:
@@ -287,8 +288,11 @@ def _duration(seconds: float) -> str:
 def format_report(report: dict) -> str:
   t = report["target"]
   peak = "?" if not t["peak_flops"] else f"{t['peak_flops'] / 1e12:.0f}"
+  share = ("" if not t.get("memory_fraction") else f" ({t['memory_fraction']:.0%} of its memory, "
+           "what jax's allocator takes: XLA_CLIENT_MEM_FRACTION)")
   lines = [f"{report['config']} on {t['name']}: {t['chips']} x {t['kind']}, "
-           f"{_size(t['memory_per_chip'])} and {peak} TFLOP/s per chip; model {report['model']}"]
+           f"{_size(t['memory_per_chip'])}{share} and {peak} TFLOP/s per chip; model "
+           f"{report['model']}"]
   for p in report["phases"]:
     m = p["memory"]
     lines.append(f"phase {p['phase']}: seq {p['seq_len']}, batch {p['batch_size']} "
@@ -368,7 +372,9 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
       f"{model_config.hidden_size}, vocab {model_config.vocab_size}"
       f"{_REMAT_NOTE[remat_of(cfg)]}, {model_config.dtype}",
       target=dict(name=target.name, chips=len(target.devices), kind=target.kind,
-                  memory_per_chip=target.memory_per_chip, peak_flops=target.peak_flops),
+                  memory_per_chip=target.memory_per_chip, peak_flops=target.peak_flops,
+                  memory_fraction=mfu.gpu_memory_fraction() if gpu_targets.parse(target.name)
+                  else None),
       mfu=assumed_mfu, phases=results, fits=all(r["fits"] for r in results),
       schedule_s=sum(timed) if phase_numbers is None and len(timed) == len(results) else None)
 
