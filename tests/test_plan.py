@@ -122,11 +122,9 @@ def test_accumulated_flops_scale_with_the_micro_batches(v5e):
   assert four == pytest.approx(4 * one, rel=0.03)
 
 
-def test_plan_compiles_for_nvidia_gpus_without_one(capsys, monkeypatch):
-  """h100:2 (one host of two): the step compiled on this CPU host from a description of the
-  GPU (jax's CUDA plugin). XLA counts no FLOPs there: the report says so and times the step by
-  the model's FLOPs, and bounds it by its kernels too (devices/roofline.py): each at the H100's
-  HBM bandwidth or peak, slower than the matmuls alone."""
+def _gpu_plan_without_memory_fraction(monkeypatch):
+  """Skips where jax's CUDA plugin cannot compile for a GPU here; clears the allocator's
+  memory fraction from the environment."""
   from bert_jax.devices import gpu_targets
   try:
     gpu_targets.devices("h100:1")
@@ -134,6 +132,15 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys, monkeypatch):
     pytest.skip(str(e))
   for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
     monkeypatch.delenv(name, raising=False)
+
+
+def test_plan_compiles_for_nvidia_gpus_without_one(capsys, monkeypatch):
+  """h100:2 (one host of two): the step compiled on this CPU host from a description of the
+  GPU (jax's CUDA plugin). XLA counts no FLOPs there: the report says so and times the step by
+  the model's FLOPs, and bounds it by its kernels too (devices/roofline.py): each at the H100's
+  HBM bandwidth or peak, slower than the matmuls alone."""
+  from bert_jax.devices import gpu_targets
+  _gpu_plan_without_memory_fraction(monkeypatch)
   assert plan.main(["--config", TINY, "--topology", "h100:2", "--phase", "1", "--json",
                     "--config.model.attention=xla"] + [f"--config.{k}={v}" for k, v in SHORT]) == 0
   report = json.loads(capsys.readouterr().out)
@@ -163,13 +170,7 @@ def test_a_gpu_targets_memory_is_the_allocators_share(monkeypatch, name, value, 
   """A run's allocator takes XLA_CLIENT_MEM_FRACTION of each GPU (launch/gpu_pretrain.sh sets
   0.92): planned for, a GPU holds that share; a value jax cannot take is one line, exit 2, where
   jax's CUDA plugin would fail to start with a traceback."""
-  from bert_jax.devices import gpu_targets
-  try:
-    gpu_targets.devices("h100:1")
-  except RuntimeError as e:
-    pytest.skip(str(e))
-  for other in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
-    monkeypatch.delenv(other, raising=False)
+  _gpu_plan_without_memory_fraction(monkeypatch)
   monkeypatch.setenv(name, value)
   if expected is None:
     with pytest.raises(UserError, match=f"{name}={value}: expected a fraction"):
