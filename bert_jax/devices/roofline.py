@@ -105,16 +105,15 @@ def bound(rows: list[dict], bandwidth: float, peak: float, trips: int = 1) -> di
   kernels `trips` times (gradient accumulation's micro-batches); and the same per group of
   kernels (kind and result), most costly first."""
   groups = collections.defaultdict(lambda: dict(kernels=0, ms=0.0, gb=0.0))
+  tflop = 0.0
   for row in rows:
     times = trips if row.get("loop") else 1
-    ms = 1e3 * max(row["bytes"] / bandwidth, row["flops"] / peak) * times
     group = groups[f"{row['kind']} {row['result'][:60]}"]
     group["kernels"] += times
-    group["ms"] += ms
+    group["ms"] += 1e3 * max(row["bytes"] / bandwidth, row["flops"] / peak) * times
     group["gb"] += row["bytes"] * times / 1e9
+    tflop += row["flops"] * times / 1e12
   ranked = sorted(groups.items(), key=lambda kv: -kv[1]["ms"])
-  return dict(kernels=sum(g["kernels"] for g in groups.values()),
-              ms=sum(g["ms"] for g in groups.values()),
-              gb=sum(g["gb"] for g in groups.values()),
-              tflop=sum(row["flops"] * (trips if row.get("loop") else 1) for row in rows) / 1e12,
+  total = lambda key: sum(g[key] for g in groups.values())
+  return dict(kernels=total("kernels"), ms=total("ms"), gb=total("gb"), tflop=tflop,
               groups=[dict(group=k, **v) for k, v in ranked])

@@ -57,6 +57,8 @@ class Target:
   memory_per_chip: float | None
   peak_flops: float | None     # per chip (dense bf16 for accelerators)
   bandwidth: float | None = None  # HBM bytes/s per chip, for NVIDIA GPUs (devices/roofline.py)
+  # of a GPU compiled for without one: the share of its memory a run's allocator takes
+  memory_fraction: float | None = None
 
 
 # ----------------------------------------------------------------------------- topology
@@ -79,10 +81,12 @@ def _quiet_fd2():
 def load_target(name: str) -> Target:
   """`local` (this machine's devices), an NVIDIA GPU topology (`h100:8`, `h200:2x8`; see
   devices/gpu_targets.py) or a TPU topology as get_topology_desc names it."""
+  fraction = None
   if name == "local":
     devices = jax.devices()
   elif gpu_targets.parse(name):
-    mfu.gpu_memory_fraction()  # a bad XLA_CLIENT_MEM_FRACTION breaks jax's CUDA plugin itself
+    # read before jax's CUDA plugin starts: a bad XLA_CLIENT_MEM_FRACTION breaks the plugin
+    fraction = mfu.gpu_memory_fraction()
     try:
       devices = gpu_targets.devices(name)
     except RuntimeError as e:
@@ -109,7 +113,8 @@ def load_target(name: str) -> Target:
       raise UserError(f"--topology {name}: {str(e).splitlines()[0][:200]}") from None
   device = devices[0]
   return Target(name, devices, device.device_kind, mfu.memory_per_device(device),
-                mfu.peak_flops_per_device(device), gpu_targets.bandwidth_of(device.device_kind))
+                mfu.peak_flops_per_device(device), gpu_targets.bandwidth_of(device.device_kind),
+                fraction)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -373,8 +378,7 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
       f"{_REMAT_NOTE[remat_of(cfg)]}, {model_config.dtype}",
       target=dict(name=target.name, chips=len(target.devices), kind=target.kind,
                   memory_per_chip=target.memory_per_chip, peak_flops=target.peak_flops,
-                  memory_fraction=mfu.gpu_memory_fraction() if gpu_targets.parse(target.name)
-                  else None),
+                  memory_fraction=target.memory_fraction),
       mfu=assumed_mfu, phases=results, fits=all(r["fits"] for r in results),
       schedule_s=sum(timed) if phase_numbers is None and len(timed) == len(results) else None)
 
