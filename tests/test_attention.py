@@ -171,7 +171,9 @@ def test_each_platform_takes_its_path():
   assert attention.choose("auto", "gpu", 0.1, False, full) == "cudnn"  # evaluation
   assert attention.choose("auto", "gpu", 0.0, True, full, "float32") == "xla"
   assert attention.choose("auto", "gpu", 0.0, True, full, packed=True) == "xla"
-  assert attention.choose("auto", "gpu", 0.1, True, full) == "xla"  # pallas: by name only
+  assert attention.choose("auto", "gpu", 0.1, True, full) == "pallas"  # cuDNN cannot drop
+  assert attention.choose("auto", "gpu", 0.1, True, (96, 96, 64)) == "xla"  # no power of two
+  assert attention.choose("auto", "gpu", 0.1, True, (128, 128, 48)) == "xla"
   assert attention.choose("pallas", "gpu", 0.1, True, full) == "pallas"
   assert attention.choose("pallas", "gpu", 0.1, True, (1, 128, 64)) == "xla"  # [CLS] readout
   assert attention.choose("auto", "tpu", 0.0, True, full) == "splash"
@@ -185,7 +187,8 @@ def test_each_platform_takes_its_path():
     attention.choose("splash", "tpu", 0.1, True, full)
   assert "inside the kernel" in attention.describe("pallas", "gpu", 0.1)
   assert "inside the kernel" in attention.describe("auto", "tpu", 0.1)
-  assert "materialised" in attention.describe("auto", "gpu", 0.1)
+  assert "inside the kernel" in attention.describe("auto", "gpu", 0.1)
+  assert "materialised" in attention.describe("xla", "gpu", 0.1)
   assert "cuDNN" in attention.describe("auto", "gpu", 0.0)
 
 

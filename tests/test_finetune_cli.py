@@ -501,3 +501,22 @@ def test_regression_with_accumulation_and_export(tmp_path, vocab):
   predicted = [float(l.split("\t")[1])
                for l in (out / "predictions.tsv").read_text().splitlines()[1:]]
   np.testing.assert_allclose(predicted, torch_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_flag_trains_through_the_kernel_as_through_xla(shared_data, tmp_path, vocab,
+                                                                  capfd):
+  """--attention pallas (interpreted on this CPU; auto takes it on GPUs and TPUs) trains and
+  evaluates packed classification rows as the XLA path does: the same dropout bits, the same
+  validation loss to float noise."""
+  train, dev = sst2_slice(shared_data, tmp_path, 16, 8)
+  losses, logs = {}, {}
+  for path in ("xla", "pallas"):
+    out = tmp_path / path
+    assert main(["--task", "classification", "--vocab", vocab, "--train-file", train,
+                 "--validation-file", dev, "--output-dir", str(out), *TINY,
+                 "--attention", path]) == 0
+    losses[path] = json.loads((out / "metrics.json").read_text())["validation_loss"]
+    logs[path] = capfd.readouterr().err
+  assert losses["pallas"] == pytest.approx(losses["xla"], rel=1e-5)
+  assert "training fused Pallas kernel (attention dropout 0.1 inside" in logs["pallas"]
+  assert "training unfused XLA" in logs["xla"]

@@ -8,6 +8,7 @@ import json
 import sys
 
 from bert_jax.devices import hostmem, platforms, xla_cache
+from bert_jax.config import ATTENTIONS
 from bert_jax.errors import cli_entry
 from bert_jax.finetune import TASK_NAMES
 from bert_jax.finetune.run_config import positive
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "where the device has bfloat16 matrix units (a TPU's MXU, NVIDIA Ampere "
                       "or newer, a CPU's AMX / AVX-512 BF16: about 2x faster fine-tuning), "
                       "float32 elsewhere")
+  p.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                 help="attention path; auto: fused where the device has a kernel (the Pallas "
+                      "kernel with attention dropout, else cuDNN or splash), xla: never fused")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   g = p.add_argument_group("classification")
   g.add_argument("--text-column", help="name or 0-based index (default: sentence/text/...)")

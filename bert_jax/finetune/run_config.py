@@ -61,6 +61,7 @@ class FinetuneConfig:
   mesh: str
   compilation_cache: str
   dtype: str                       # auto | float32 | bfloat16
+  attention: str                   # auto | xla | pallas | splash | cudnn
   eval_every: int
   max_train_rows: int | None
   quiet: bool

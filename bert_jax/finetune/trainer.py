@@ -32,7 +32,7 @@ from bert_jax.finetune.evaluate import make_eval_step, run_batches, task_loss
 from bert_jax.finetune.featurize import Features
 from bert_jax.finetune.run_config import FinetuneConfig
 from bert_jax.finetune.tasks import TASKS, Task
-from bert_jax.modeling import attention
+from bert_jax.modeling import attention, kernel_check
 from bert_jax.storage.fileio import check_writable, write_json_atomic
 from bert_jax.training import sharding, steps
 from bert_jax.training import state as state_lib
@@ -90,7 +90,7 @@ class Runner:
                       "is for the [CLS] heads (classification)")
     self.model_config, self.pretrained, self.tokenizer, self.vocab = load_init(cfg)
     self.model_config = self.model_config.replace(
-        dtype=platforms.compute_dtype(cfg.dtype, jax.devices()[0]))
+        dtype=platforms.compute_dtype(cfg.dtype, jax.devices()[0]), attention=cfg.attention)
     if cfg.max_seq_length > self.model_config.max_position_embeddings:
       raise UserError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's "
                       f"max_position_embeddings {self.model_config.max_position_embeddings}")
@@ -115,6 +115,10 @@ class Runner:
                                  mc.attention_probs_dropout_prob, mc.dtype),
             file=sys.stderr)
     self.buckets = make_buckets(cfg.max_seq_length, cfg.smallest_bucket)
+    checked = kernel_check.verify(self.model_config, [cfg.max_seq_length] if self.packed
+                                  else self.buckets)
+    if checked and self.process_index == 0:
+      print(checked, file=sys.stderr)
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs
     self.is_writer = self.process_index == 0
 

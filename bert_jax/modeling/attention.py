@@ -15,13 +15,13 @@ the fused and unfused paths train identically for a given key; the bits of an el
 on its global (b, n, t, s), whatever the mesh.
 
 The kernel is chosen by the platform of the mesh the step is traced under (`target_platform`),
-so `bert-jax plan` compiles the TPU path on any host. On TPUs the Pallas kernel (its TPU layout
-checked in interpret mode; compiled, never yet run on a chip) trains the paper's recipe. On
-GPUs it compiles through Triton (a BERT-base step for an H200 in as long as the unfused one,
-`bert-jax plan --topology h200:1`), but its speed there is not yet measured: until it is,
-`auto` takes it nowhere on GPUs, which train attention dropout through the XLA path and say so
-in the run's log; the fast recipe (attention dropout 0, configs/bert_base_fast.py) is fused
-there.
+so `bert-jax plan` compiles the TPU path on any host. With attention dropout (the paper's
+recipe) `auto` takes the Pallas kernel on TPUs (Mosaic) and GPUs (Triton): both compile here
+(`bert-jax plan --topology v5e:2x2|h200:1`) and are checked in interpret mode, and before a run
+trains through a compiled kernel, `kernel_check.verify` runs it once on the device at the run's
+lengths against the XLA path with the same bits (a kernel that differs stops the run, naming
+`attention=xla`). Without dropout (the fast recipe, configs/bert_base_fast.py) they take
+splash attention and cuDNN.
 cuDNN reads a padding mask as lengths: padding at the end, as every batch made here.
 """
 
@@ -69,9 +69,10 @@ def target_platform() -> str:
 def choose(implementation: str, platform: str, rate: float, training: bool,
            shape: tuple[int, int, int], dtype: str = "bfloat16", packed: bool = False) -> str:
   """The path one attention call takes: "xla", "pallas", "splash" or "cudnn". `shape` is
-  (T, S, H). "auto" fuses where a kernel fits: on TPUs splash, or the Pallas kernel when
-  attention dropout is on; on GPUs cuDNN (16-bit, padded rows) when nothing is dropped; the
-  XLA path elsewhere and for shapes the kernels do not take."""
+  (T, S, H). "auto" fuses where a kernel fits: with attention dropout the Pallas kernel (on
+  TPUs and GPUs; kernel_check.verify runs it on the device before a run trains through it),
+  without it splash on TPUs and cuDNN on GPUs (16-bit, padded rows); the XLA path elsewhere
+  and for shapes the kernels do not take."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
@@ -85,11 +86,11 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   fits_splash = t % 128 == 0 and s % 128 == 0
   fits_cudnn = dtype in ("bfloat16", "float16") and not packed and h <= 128 and h % 8 == 0
   if implementation == "auto":
-    if platform == "gpu" and fits_cudnn and not dropping:
+    if dropping:
+      return "pallas" if platform in ("gpu", "tpu") and fits_pallas else "xla"
+    if platform == "gpu" and fits_cudnn:
       return "cudnn"
-    if platform == "tpu" and fits_splash:
-      return "pallas" if dropping and fits_pallas else "splash"
-    return "xla"
+    return "splash" if platform == "tpu" and fits_splash else "xla"
   if implementation in ("splash", "cudnn") and dropping:
     raise ValueError(f"attention {implementation} has no dropout: set "
                      "attention_probs_dropout_prob=0 (the fast recipe) or attention=auto")

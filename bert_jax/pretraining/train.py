@@ -25,7 +25,7 @@ import ml_collections
 from bert_jax.data.pipeline import make_iterator
 from bert_jax.devices import hostmem, mfu, platforms, xla_cache
 from bert_jax.errors import UserError, cli_entry, first_line
-from bert_jax.modeling import attention
+from bert_jax.modeling import attention, kernel_check
 from bert_jax.pretraining.metric_writer import IntervalMetrics, MetricWriter
 from bert_jax.pretraining.run_config import objective_of, parse_args, remat_of, resolve_config
 from bert_jax.pretraining.workdir import (REMAT_RECORD, load_init_params, prepare_workdir,
@@ -93,6 +93,9 @@ class Trainer:
     self.writer.message(f"{platforms.describe_dtype(str(self.cfg.model.dtype), device)}; "
                         + attention.describe(mc.attention, device.platform,
                                              mc.attention_probs_dropout_prob, mc.dtype))
+    checked = kernel_check.verify(mc, [p.seq_len for p in self.plan.phases if p.end_step > step])
+    if checked:
+      self.writer.message(checked)
     self._prepare_loop(step)
     self.preemption = Preemption()
     self.preemption.install()
