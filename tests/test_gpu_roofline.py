@@ -16,8 +16,8 @@ import gpu_roofline  # noqa: E402
 from bert_jax.devices import roofline  # noqa: E402
 
 # A compiled program's text as XLA prints it (trimmed): a matmul fusion, a kernel writing a
-# buffer in place, a loop whose body holds an elementwise fusion, and instructions that are no
-# kernels (parameters, bitcasts, tuples).
+# buffer in place, a loop whose body holds an elementwise fusion, a fusion that slices a buffer
+# (an all-reduce's, say) and instructions that are no kernels (parameters, bitcasts, tuples).
 _HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %fused_dot (p0: bf16[64,32], p1: bf16[32,16]) -> f32[64,16] {
@@ -29,6 +29,14 @@ _HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
 %fused_add (q0: f32[64,16]) -> f32[64,16] {
   %q0 = f32[64,16]{1,0} parameter(0)
   ROOT %add.2 = f32[64,16]{1,0} add(%q0, %q0)
+}
+
+%wrapped_slice_computation (s0: f32[4096], s1: f32[16]) -> f32[48] {
+  %s0 = f32[4096]{0} parameter(0)
+  %slice.1 = f32[16]{0} slice(%s0), slice={[0:16]}
+  %slice.2 = f32[16]{0} slice(%s0), slice={[16:32]}
+  %s1 = f32[16]{0} parameter(1)
+  ROOT %concatenate.3 = f32[48]{0} concatenate(%slice.1, %slice.2, %s1), dimensions={0}
 }
 
 %body (b0: (s32[], f32[64,16])) -> (s32[], f32[64,16]) {
@@ -47,6 +55,9 @@ ENTRY %main (a: bf16[64,32], b: bf16[32,16], c: bf16[8,128]) -> f32[] {
   %bitcast.8 = bf16[1024]{0} bitcast(%c)
   %pallas_call.9 = bf16[8,128]{1,0} custom-call(%a, %c), custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{}: (1, {})}
   %loop = (s32[], f32[64,16]{1,0}) while(%t), condition=%cond, body=%body
+  %d = f32[4096]{0} parameter(3)
+  %e = f32[16]{0} parameter(4)
+  %wrapped_slice.11 = f32[48]{0} fusion(%d, %e), kind=kLoop, calls=%wrapped_slice_computation
   ROOT %copy.10 = f32[64,16]{1,0} copy(%gemm_fusion_dot.7)
 }
 """
@@ -54,7 +65,10 @@ ENTRY %main (a: bf16[64,32], b: bf16[32,16], c: bf16[8,128]) -> f32[] {
 
 def test_kernels_count_each_kernels_bytes_and_matmul_flops():
   rows = {row["name"]: row for row in roofline.kernels(_HLO)}
-  assert set(rows) == {"gemm_fusion_dot.7", "pallas_call.9", "loop_add_fusion.3", "copy.10"}
+  assert set(rows) == {"gemm_fusion_dot.7", "pallas_call.9", "loop_add_fusion.3", "copy.10",
+                       "wrapped_slice.11"}
+  # a buffer read only through slices counts as the slices' bytes; a plain operand whole
+  assert rows["wrapped_slice.11"]["bytes"] == 48 * 4 + 2 * 16 * 4 + 16 * 4
   gemm = rows["gemm_fusion_dot.7"]
   assert gemm["kind"] == "gemm_fusion_dot" and gemm["result"] == "f32[64,16]"
   assert gemm["bytes"] == 64 * 16 * 4 + 64 * 32 * 2 + 32 * 16 * 2

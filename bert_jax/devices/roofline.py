@@ -5,8 +5,9 @@ bandwidth and FLOPs / peak is the kernel's bound, and the step's is their sum.
 
 A bound to compare programs by, not a forecast of their speed: it takes every kernel to run at
 the roofline; a Pallas kernel's FLOPs are not in its call (only its bytes count), nor is its
-integer work; an operand a kernel reads in part (a block of it, or a buffer it writes in place)
-counts whole, and a loop's body as often as `bound` is told it runs. What it shows well is
+integer work; an operand that a fusion reads only through slices counts as those slices,
+any other that a kernel reads in part (a Pallas call's blocks) counts whole, and a loop's body
+as often as `bound` is told it runs. What it shows well is
 traffic that a change adds or removes: a slice, a transpose, a copy. `bert-jax plan` prints it
 for GPU targets and `tools/gpu_roofline.py` per kind of kernel.
 """
@@ -66,6 +67,19 @@ def _dot_flops(comps: dict, name: str) -> float:
   return flops
 
 
+def _parameter_reads(lines: list[str]) -> dict[int, int]:
+  """Bytes a fused computation reads of each parameter that it reads only through slices
+  (a slice of a gradient buffer, say): those slices' sizes, not the whole operand's."""
+  parsed = [m for m in map(_INSTRUCTION.match, lines) if m]
+  reads = {}
+  for param in (m for m in parsed if m.group(3) == "parameter"):
+    users = [m for m in parsed if re.search(rf"%{re.escape(param.group(1))}\b", m.group(4))]
+    if users and all(u.group(3) in ("slice", "dynamic-slice") and
+                     u.group(4).startswith(f"%{param.group(1)}") for u in users):
+      reads[int(param.group(4))] = sum(_nbytes(u.group(2)) for u in users)
+  return reads
+
+
 def kernels(hlo: str) -> list[dict]:
   """Each kernel of the compiled program's entry computation (and of its loops' bodies, once):
   its name, kind, result, bytes moved, matmul FLOPs and whether it is in a loop."""
@@ -83,12 +97,15 @@ def kernels(hlo: str) -> list[dict]:
       if op == "while":
         walk(re.search(r"body=%([\w.\-]+)", rest).group(1), True)
         continue
-      operands = dict.fromkeys(re.findall(r"%([\w.\-]+)", m.group(4)))
-      # a buffer written in place (output_to_operand_aliasing) is counted once, as the result
-      aliased = set(re.findall(r"\{[\d,]*\}: \((\d+)", rest))
-      moved = _nbytes(result) + sum(_nbytes(types.get(o, "")) for i, o in enumerate(operands)
-                                    if str(i) not in aliased)
+      operands = re.findall(r"%([\w.\-]+)", m.group(4))
       called = re.search(r"calls=%([\w.\-]+)", rest)
+      reads = _parameter_reads(comps[called.group(1)]) if called else {}
+      # a buffer written in place (output_to_operand_aliasing) is counted once, as the result;
+      # an operand passed twice is read once
+      aliased = set(re.findall(r"\{[\d,]*\}: \((\d+)", rest))
+      read = {o: reads.get(i, _nbytes(types.get(o, ""))) for i, o in enumerate(operands)
+              if str(i) not in aliased}
+      moved = _nbytes(result) + sum(read.values())
       kind = re.sub(r"(\.\d+)+$", "", m.group(1)) if op == "fusion" else op
       if "xla.gpu.triton" in rest and op == "custom-call":
         kind = "pallas_call"
