@@ -169,8 +169,13 @@ def test_each_platform_takes_its_path():
   full = (128, 128, 64)
   assert attention.choose("auto", "gpu", 0.0, True, full) == "cudnn"
   assert attention.choose("auto", "gpu", 0.1, False, full) == "cudnn"  # evaluation
-  assert attention.choose("auto", "gpu", 0.0, True, full, "float32") == "xla"
-  assert attention.choose("auto", "gpu", 0.0, True, full, packed=True) == "xla"
+  # where cuDNN does not fit (float32, packed rows), the Pallas kernel without dropout
+  assert attention.choose("auto", "gpu", 0.0, True, full, "float32") == "pallas"
+  assert attention.choose("auto", "gpu", 0.1, False, full, packed=True) == "pallas"
+  assert attention.choose("auto", "gpu", 0.0, True, (96, 96, 64), packed=True) == "xla"
+  # by name: the kernel where it fits, else the XLA path (cuDNN cannot keep packed rows apart)
+  assert attention.choose("cudnn", "gpu", 0.0, False, full, packed=True) == "xla"
+  assert attention.choose("splash", "gpu", 0.0, False, full) == "xla"
   assert attention.choose("auto", "gpu", 0.1, True, full) == "pallas"  # cuDNN cannot drop
   assert attention.choose("auto", "gpu", 0.1, True, (96, 96, 64)) == "xla"  # no power of two
   assert attention.choose("auto", "gpu", 0.1, True, (128, 128, 48)) == "xla"
@@ -190,6 +195,8 @@ def test_each_platform_takes_its_path():
   assert "inside the kernel" in attention.describe("auto", "gpu", 0.1)
   assert "materialised" in attention.describe("xla", "gpu", 0.1)
   assert "cuDNN" in attention.describe("auto", "gpu", 0.0)
+  assert attention.describe("auto", "gpu", 0.1, packed=True).endswith(
+      "evaluation fused Pallas kernel")
 
 
 def _tiny(**kw):

@@ -38,23 +38,28 @@ def test_a_right_kernel_passes_and_a_wrong_one_fails(monkeypatch):
   assert kernel_check.max_error(32, 16, "bfloat16", 0.1) > 10 * kernel_check.TOLERANCE
 
 
-def test_the_lengths_checked_are_those_the_kernel_trains():
-  cfg = _config()
-  assert kernel_check.kernel_lengths(cfg, "gpu", [16, 32, 48, 128, 384, 512]) == [16, 32, 128,
-                                                                                    512]
-  assert kernel_check.kernel_lengths(cfg, "tpu", [64, 128, 512]) == [128, 512]
-  assert kernel_check.kernel_lengths(cfg, "cpu", [128]) == []  # interpreted: the tests' form
-  assert kernel_check.kernel_lengths(cfg.replace(attention_probs_dropout_prob=0.0), "gpu",
-                                     [128]) == []  # cuDNN
-  assert kernel_check.kernel_lengths(cfg.replace(attention="xla"), "gpu", [128]) == []
+def test_the_cases_checked_are_those_the_runs_steps_take():
+  cfg = _config()  # heads of 16, bfloat16, attention dropout 0.1
+  lengths = [16, 32, 48, 128, 384, 512]
+  assert kernel_check.kernel_cases(cfg, "gpu", lengths) == [(16, 0.1), (32, 0.1), (128, 0.1),
+                                                            (512, 0.1)]  # evaluation: cuDNN
+  assert kernel_check.kernel_cases(cfg, "gpu", [128], packed=True) == [(128, 0.0), (128, 0.1)]
+  assert kernel_check.kernel_cases(cfg, "tpu", [64, 128, 512]) == [(128, 0.1), (512, 0.1)]
+  assert kernel_check.kernel_cases(cfg, "cpu", [128]) == []  # interpreted: the tests' form
+  fast = cfg.replace(attention_probs_dropout_prob=0.0)
+  assert kernel_check.kernel_cases(fast, "gpu", [128]) == []  # cuDNN
+  assert kernel_check.kernel_cases(fast.replace(dtype="float32"), "gpu", [128]) == [(128, 0.0)]
+  assert kernel_check.kernel_cases(cfg.replace(attention="xla"), "gpu", [128]) == []
 
 
 def test_verify_logs_a_line_or_stops_the_run(monkeypatch):
   cfg = _config(hidden_size=32, num_attention_heads=2)  # heads of 16
-  line = kernel_check.verify(cfg, [32, 32], device=GPU)
-  assert line.startswith("attention kernel checked on this gpu at length 32: within ")
+  line = kernel_check.verify(cfg, [32, 32], packed=True, device=GPU)
+  assert line.startswith("attention kernel checked on this gpu at length 32 (dropout 0.0), "
+                         "32 (dropout 0.1): within ")
   assert kernel_check.verify(cfg.replace(attention="xla"), [32], device=GPU) is None
   _flip_the_kernels_bits(monkeypatch)
-  with pytest.raises(UserError, match=r"NVIDIA H200.* at length 32 .*attention=xla") as e:
+  with pytest.raises(UserError, match=r"NVIDIA H200.* at length 32, dropout 0.1 .*"
+                                      r"--attention xla") as e:
     kernel_check.verify(cfg, [32], device=GPU)
   assert "\n" not in str(e.value)

@@ -112,11 +112,11 @@ class Runner:
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
             f"{platforms.describe_dtype(cfg.dtype, device)}; "
             + attention.describe(mc.attention, device.platform,
-                                 mc.attention_probs_dropout_prob, mc.dtype),
+                                 mc.attention_probs_dropout_prob, mc.dtype, self.packed),
             file=sys.stderr)
     self.buckets = make_buckets(cfg.max_seq_length, cfg.smallest_bucket)
     checked = kernel_check.verify(self.model_config, [cfg.max_seq_length] if self.packed
-                                  else self.buckets)
+                                  else self.buckets, self.packed)
     if checked and self.process_index == 0:
       print(checked, file=sys.stderr)
     self.train_rows = self.eval_rows = 0  # a packed run's rows per step, set by _epochs

@@ -71,8 +71,10 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   """The path one attention call takes: "xla", "pallas", "splash" or "cudnn". `shape` is
   (T, S, H). "auto" fuses where a kernel fits: with attention dropout the Pallas kernel (on
   TPUs and GPUs; kernel_check.verify runs it on the device before a run trains through it),
-  without it splash on TPUs and cuDNN on GPUs (16-bit, padded rows); the XLA path elsewhere
-  and for shapes the kernels do not take."""
+  without it splash on TPUs and cuDNN on GPUs (16-bit, padded rows; the Pallas kernel for
+  packed rows and float32); the XLA path elsewhere. A kernel asked for by name runs where it
+  fits, and the XLA path takes the calls it does not (a [CLS] readout, a TPU kernel on a GPU),
+  as the run's log says (`describe`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
@@ -84,26 +86,27 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   fits_pallas = power_of_two(t) and power_of_two(s) and (
       t % 128 == 0 and s % 128 == 0 if platform == "tpu" else power_of_two(h))
   fits_splash = t % 128 == 0 and s % 128 == 0
-  fits_cudnn = dtype in ("bfloat16", "float16") and not packed and h <= 128 and h % 8 == 0
+  fits_cudnn = (platform == "gpu" and dtype in ("bfloat16", "float16") and not packed
+                and h <= 128 and h % 8 == 0)
+  fits = dict(pallas=fits_pallas, splash=platform == "tpu" and fits_splash, cudnn=fits_cudnn,
+              xla=True)
   if implementation == "auto":
-    if dropping:
-      return "pallas" if platform in ("gpu", "tpu") and fits_pallas else "xla"
-    if platform == "gpu" and fits_cudnn:
-      return "cudnn"
-    return "splash" if platform == "tpu" and fits_splash else "xla"
-  if implementation in ("splash", "cudnn") and dropping:
+    if platform not in ("gpu", "tpu"):
+      return "xla"
+    fast = "splash" if platform == "tpu" else "cudnn"
+    implementation = "pallas" if dropping or not fits[fast] else fast
+  elif implementation in ("splash", "cudnn") and dropping:
     raise ValueError(f"attention {implementation} has no dropout: set "
                      "attention_probs_dropout_prob=0 (the fast recipe) or attention=auto")
-  if implementation == "pallas" and not fits_pallas:
-    return "xla"
-  return implementation
+  return implementation if fits[implementation] else "xla"
 
 
-def describe(implementation: str, platform: str, rate: float, dtype: str = "bfloat16") -> str:
+def describe(implementation: str, platform: str, rate: float, dtype: str = "bfloat16",
+             packed: bool = False) -> str:
   """One line for a run's log: the attention path training takes at full length, and its
   dropout."""
-  train = choose(implementation, platform, rate, True, (128, 128, 64), dtype)
-  evaluate = choose(implementation, platform, rate, False, (128, 128, 64), dtype)
+  train, evaluate = (choose(implementation, platform, rate, training, (128, 128, 64), dtype,
+                            packed) for training in (True, False))
   where = {"pallas": "fused Pallas kernel", "splash": "fused splash kernel",
            "cudnn": "fused cuDNN kernel", "xla": "unfused XLA"}
   if rate > 0.0:

@@ -26,14 +26,17 @@ TOLERANCE = 0.02
 ROWS, HEADS = 2, 2
 
 
-def kernel_lengths(model_config, platform: str, lengths) -> list[int]:
-  """The lengths whose training steps go through the compiled Pallas kernel."""
+def kernel_cases(model_config, platform: str, lengths, packed: bool = False
+                 ) -> list[tuple[int, float]]:
+  """(length, dropout rate) of each compiled Pallas kernel a run's steps take: training's at
+  the model's rate, evaluation's (packed rows, float32 on GPUs) without dropout."""
   if platform not in ("gpu", "tpu"):  # the CPU interprets it: the tests' form
     return []
-  head_dim = model_config.hidden_size // model_config.num_attention_heads
-  return sorted({t for t in lengths if attention.choose(
-      model_config.attention, platform, model_config.attention_probs_dropout_prob, True,
-      (t, t, head_dim), model_config.dtype) == "pallas"})
+  mc = model_config
+  rate, head_dim = mc.attention_probs_dropout_prob, mc.hidden_size // mc.num_attention_heads
+  return sorted({(t, rate if training else 0.0) for t in lengths for training in (True, False)
+                 if attention.choose(mc.attention, platform, rate, training, (t, t, head_dim),
+                                     mc.dtype, packed) == "pallas"})
 
 
 def max_error(t: int, head_dim: int, dtype: str, rate: float, seed: int = 0) -> float:
@@ -72,28 +75,29 @@ def max_error(t: int, head_dim: int, dtype: str, rate: float, seed: int = 0) -> 
   return worst
 
 
-def verify(model_config, lengths, device=None) -> str | None:
-  """Runs the kernel at each length a run trains through it (see `kernel_lengths`) on
-  `device`'s platform (default: this process's first device): a line for the run's log, None
-  where no step takes the kernel. A kernel that differs from the XLA path by more than
-  TOLERANCE raises a UserError naming the way around it."""
+def verify(model_config, lengths, packed: bool = False, device=None) -> str | None:
+  """Runs the kernel for each of a run's `kernel_cases` on `device`'s platform (default: this
+  process's first device): a line for the run's log, None where no step takes the kernel. A
+  kernel that differs from the XLA path by more than TOLERANCE raises a UserError naming the
+  way around it."""
   device = device or jax.local_devices()[0]
-  todo = kernel_lengths(model_config, device.platform, lengths)
-  if not todo:
+  cases = kernel_cases(model_config, device.platform, lengths, packed)
+  if not cases:
     return None
   start = time.perf_counter()
   worst = 0.0
-  for t in todo:
-    error = max_error(t, model_config.hidden_size // model_config.num_attention_heads,
-                      model_config.dtype, model_config.attention_probs_dropout_prob)
+  head_dim = model_config.hidden_size // model_config.num_attention_heads
+  for t, rate in cases:
+    error = max_error(t, head_dim, model_config.dtype, rate)
     if not error <= TOLERANCE:
       raise UserError(
           f"attention: the Pallas kernel compiled for this {device.platform} "
           f"({device.device_kind}, jax {jax.__version__}) differs from the XLA path by "
-          f"{error:.3g} of the largest value at length {t} (expected at most {TOLERANCE}): "
-          "train with attention=xla (pretrain: --config.model.attention=xla; finetune: "
-          "--attention xla) and report it")
+          f"{error:.3g} of the largest value at length {t}, dropout {rate} (expected at most "
+          f"{TOLERANCE}): train with attention=xla (pretrain: --config.model.attention=xla; "
+          "finetune: --attention xla) and report it")
     worst = max(worst, error)
-  return (f"attention kernel checked on this {device.platform} at length "
-          f"{', '.join(map(str, todo))}: within {worst:.1e} of the XLA path, forward and "
-          f"gradients ({time.perf_counter() - start:.1f} s)")
+  checked = ", ".join(f"{t} (dropout {rate})" for t, rate in cases)
+  return (f"attention kernel checked on this {device.platform} at length {checked}: within "
+          f"{worst:.1e} of the XLA path, forward and gradients "
+          f"({time.perf_counter() - start:.1f} s)")
