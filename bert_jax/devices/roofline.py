@@ -69,7 +69,8 @@ def _dot_flops(comps: dict, name: str) -> float:
 
 def _parameter_reads(lines: list[str]) -> dict[int, int]:
   """Bytes a fused computation reads of each parameter that it reads only through slices
-  (a slice of a gradient buffer, say): those slices' sizes, not the whole operand's."""
+  (a slice of a gradient buffer, say): those slices' sizes (at most the operand's: slices may
+  overlap)."""
   parsed = [m for m in map(_INSTRUCTION.match, lines) if m]
   reads = {}
   for param in (m for m in parsed if m.group(3) == "parameter"):
@@ -103,8 +104,8 @@ def kernels(hlo: str) -> list[dict]:
       # a buffer written in place (output_to_operand_aliasing) is counted once, as the result;
       # an operand passed twice is read once
       aliased = set(re.findall(r"\{[\d,]*\}: \((\d+)", rest))
-      read = {o: reads.get(i, _nbytes(types.get(o, ""))) for i, o in enumerate(operands)
-              if str(i) not in aliased}
+      read = {o: min(reads.get(i, math.inf), _nbytes(types.get(o, "")))
+              for i, o in enumerate(operands) if str(i) not in aliased}
       moved = _nbytes(result) + sum(read.values())
       kind = re.sub(r"(\.\d+)+$", "", m.group(1)) if op == "fusion" else op
       if "xla.gpu.triton" in rest and op == "custom-call":
