@@ -313,6 +313,25 @@ def test_failed_setup_leaves_nothing_that_blocks_the_corrected_rerun(prepared, t
   assert prepare_vocab(cfg, str(workdir), is_writer=True) == str(workdir / "vocab.txt")
 
 
+def test_a_wrong_attention_kernel_stops_the_run_before_any_state(prepared, tmp_path, capsys,
+                                                                 monkeypatch):
+  """On a GPU or TPU the run first checks the compiled Pallas kernel (kernel_check): here the
+  check is run on this CPU's interpreted kernel, made to draw other dropout bits."""
+  from bert_jax.modeling import attention, kernel_check
+  cases = kernel_check.kernel_cases
+  monkeypatch.setattr(kernel_check, "kernel_cases",
+                      lambda mc, platform, *a: cases(mc.replace(attention="pallas"), "gpu", *a))
+  kernel = attention.flash_attention
+  monkeypatch.setattr(attention, "flash_attention",
+                      lambda kvq, q, kv, words, **kw: kernel(kvq, q, kv, words ^ 1, **kw))
+  workdir = tmp_path / "w"
+  assert train.main(run_args(prepared, workdir)) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: attention: the Pallas kernel compiled for this cpu") and \
+      "at length 32, dropout 0.1" in err and "--config.model.attention=xla" in err
+  assert "\n" not in err and not rows(workdir) and not (workdir / "checkpoints").exists()
+
+
 def test_corrupt_or_truncated_phase_2_shard_is_one_line_before_training(prepared, tmp_path,
                                                                         capsys):
   vocab, (d32, d64) = prepared

@@ -93,9 +93,8 @@ class Trainer:
     self.writer.message(f"{platforms.describe_dtype(str(self.cfg.model.dtype), device)}; "
                         + attention.describe(mc.attention, device.platform,
                                              mc.attention_probs_dropout_prob, mc.dtype))
-    checked = kernel_check.verify(mc, [p.seq_len for p in self.plan.phases if p.end_step > step])
-    if checked:
-      self.writer.message(checked)
+    if self.kernel_checked:
+      self.writer.message(self.kernel_checked)
     self._prepare_loop(step)
     self.preemption = Preemption()
     self.preemption.install()
@@ -231,6 +230,9 @@ class Trainer:
     self.mesh = sharding.make_mesh(int(self.cfg.mesh.data), int(self.cfg.mesh.fsdp),
                                    int(self.cfg.mesh.tensor))
     sharding.check_batches_split(self.plan.phases, self.mesh)
+    # before any state is built: a kernel compiled wrongly for this device stops the run here
+    self.kernel_checked = kernel_check.verify(self.plan.model_config,
+                                              [p.seq_len for p in self.plan.phases])
     return init_params
 
   def _start_state(self, init_params: Any) -> tuple[int, Any]:
