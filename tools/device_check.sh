@@ -5,7 +5,8 @@
 #
 #   tools/device_check.sh [--cpu] [--out DIR]
 #
-# GPU mode (default), sized to finish within about 8 minutes on one H200: attention alone
+# GPU mode (default), sized to finish within about 8 minutes on one H200: the attention tests
+# and the check a run makes of the kernel (bert_jax/modeling/kernel_check.py), attention alone
 # (compile and step time of xla / pallas / cudnn, tools/bench_attention.py), then
 #   BERT-base 128 x 256, BERT-base 512 x 64, BERT-large 128 x 64, bfloat16, attention xla
 #   (unfused, dropout 0.1), fast (auto, attention dropout 0: cuDNN) and pallas (dropout inside),
@@ -97,6 +98,13 @@ run_tests() {  # the GPU's own run of the tests (tests/conftest.py pins float32 
 }
 
 run_tests 150 tests_attention tests/test_attention.py
+# the check a GPU run makes before it trains through the kernel (kernel_check), with its time
+if [ "$mode" = gpu ] && t=$(limit 120 kernel_check); then
+  timed "$t" "$work/kernel_check.log" "$python" -c 'from bert_jax.config import BertConfig
+from bert_jax.modeling import kernel_check
+print(kernel_check.verify(BertConfig(dtype="bfloat16"), [128, 512]))'
+  echo "kernel_check: $(tail -1 "$work/kernel_check.log")"
+fi
 # attention alone: compile and step times apart, per implementation
 for rate in 0.1 0.0; do
   impls="xla pallas"; [ "$rate" = 0.0 ] && impls="xla pallas cudnn"
@@ -168,6 +176,8 @@ for name in ("tests_attention", "tests"):
     # where anything failed or it timed out, the log's last lines (the whole is in the tarball)
     passed = re.search(r"\d+ passed", last) and not re.search(r"failed|error", last)
     report[name] = last if passed else tail(path, 3000)
+if os.path.exists(os.path.join(work, "kernel_check.log")):
+  report["kernel_check"] = tail(os.path.join(work, "kernel_check.log"), 1500).strip()
 try:
   report["plan"] = json.load(open(os.path.join(work, "plan.json")))
 except (OSError, ValueError):
