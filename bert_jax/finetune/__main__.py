@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from bert_jax.devices import hostmem, platforms, xla_cache
 from bert_jax.config import ATTENTIONS
+from bert_jax.devices import hostmem, platforms, xla_cache
 from bert_jax.errors import cli_entry
 from bert_jax.finetune import TASK_NAMES
 from bert_jax.finetune.run_config import positive
