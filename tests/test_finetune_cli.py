@@ -503,20 +503,22 @@ def test_regression_with_accumulation_and_export(tmp_path, vocab):
   np.testing.assert_allclose(predicted, torch_scores, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_flag_trains_through_the_kernel_as_through_xla(shared_data, tmp_path, vocab,
-                                                                  capfd):
-  """--attention pallas (interpreted on this CPU; auto takes it on GPUs and TPUs) trains and
-  evaluates packed classification rows as the XLA path does: the same dropout bits, the same
-  validation loss to float noise."""
+def test_attention_and_remat_flags_change_the_path_not_the_result(shared_data, tmp_path, vocab,
+                                                                   capfd):
+  """--attention pallas (interpreted on this CPU; auto takes it on GPUs and TPUs) and --remat on
+  train and evaluate packed classification rows as the default XLA path does: the same dropout
+  bits, the same validation loss to float noise."""
   train, dev = sst2_slice(shared_data, tmp_path, 16, 8)
   losses, logs = {}, {}
-  for path in ("xla", "pallas"):
-    out = tmp_path / path
+  for name, flags in [("xla", ["--attention", "xla"]), ("pallas", ["--attention", "pallas"]),
+                      ("remat", ["--attention", "xla", "--remat", "on"])]:
+    out = tmp_path / name
     assert main(["--task", "classification", "--vocab", vocab, "--train-file", train,
-                 "--validation-file", dev, "--output-dir", str(out), *TINY,
-                 "--attention", path]) == 0
-    losses[path] = json.loads((out / "metrics.json").read_text())["validation_loss"]
-    logs[path] = capfd.readouterr().err
+                 "--validation-file", dev, "--output-dir", str(out), *TINY, *flags]) == 0
+    losses[name] = json.loads((out / "metrics.json").read_text())["validation_loss"]
+    logs[name] = capfd.readouterr().err
   assert losses["pallas"] == pytest.approx(losses["xla"], rel=1e-5)
+  assert losses["remat"] == pytest.approx(losses["xla"], rel=1e-5)
   assert "training fused Pallas kernel (attention dropout 0.1 inside" in logs["pallas"]
-  assert "training unfused XLA" in logs["xla"]
+  assert "training unfused XLA" in logs["xla"] and "remat" not in logs["xla"]
+  assert "remat on: each layer recomputed" in logs["remat"]

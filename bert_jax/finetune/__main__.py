@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--attention", choices=ATTENTIONS, default="auto",
                  help="attention path; auto: fused where the device has a kernel (the Pallas "
                       "kernel with attention dropout, else cuDNN or splash), xla: never fused")
+  p.add_argument("--remat", choices=("off", "dots", "on"), default="off",
+                 help="recompute each encoder layer in the backward pass (on: about a third "
+                      "more FLOPs; dots: keeps the weight matmuls' outputs, about 5%% more) for "
+                      "batches or lengths whose activations do not fit the device")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   g = p.add_argument_group("classification")
   g.add_argument("--text-column", help="name or 0-based index (default: sentence/text/...)")

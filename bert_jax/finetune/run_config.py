@@ -62,6 +62,7 @@ class FinetuneConfig:
   compilation_cache: str
   dtype: str                       # auto | float32 | bfloat16
   attention: str                   # auto | xla | pallas | splash | cudnn
+  remat: str                       # off | dots | on
   eval_every: int
   max_train_rows: int | None
   quiet: bool

@@ -39,6 +39,7 @@ from bert_jax.training import state as state_lib
 from bert_jax.training.lock import DirLock
 from bert_jax.training.optim import finetune_optimizer
 from bert_jax.training.preemption import Preemption
+from bert_jax.training.remat import LEVELS, NAMES
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -90,7 +91,8 @@ class Runner:
                       "is for the [CLS] heads (classification)")
     self.model_config, self.pretrained, self.tokenizer, self.vocab = load_init(cfg)
     self.model_config = self.model_config.replace(
-        dtype=platforms.compute_dtype(cfg.dtype, jax.devices()[0]), attention=cfg.attention)
+        dtype=platforms.compute_dtype(cfg.dtype, jax.devices()[0]), attention=cfg.attention,
+        remat=LEVELS[cfg.remat])
     if cfg.max_seq_length > self.model_config.max_position_embeddings:
       raise UserError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's "
                       f"max_position_embeddings {self.model_config.max_position_embeddings}")
@@ -112,8 +114,9 @@ class Runner:
       print(f"mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} device(s); "
             f"{platforms.describe_dtype(cfg.dtype, device)}; "
             + attention.describe(mc.attention, device.platform,
-                                 mc.attention_probs_dropout_prob, mc.dtype, self.packed),
-            file=sys.stderr)
+                                 mc.attention_probs_dropout_prob, mc.dtype, self.packed)
+            + (f"; remat {NAMES[mc.remat]}: each layer recomputed in the backward pass"
+               if mc.remat else ""), file=sys.stderr)
     self.buckets = make_buckets(cfg.max_seq_length, cfg.smallest_bucket)
     checked = kernel_check.verify(self.model_config, [cfg.max_seq_length] if self.packed
                                   else self.buckets, self.packed)

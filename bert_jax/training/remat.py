@@ -18,6 +18,7 @@ from bert_jax.config import REMATS
 from bert_jax.devices import mfu
 
 NAMES = {False: "off", "dots": "dots", True: "on"}
+LEVELS = {name: level for level, name in NAMES.items()}  # fine-tuning's --remat off|dots|on
 _LABELS = {False: "without remat", "dots": "with dots", True: "with full remat"}
 
 
