@@ -15,6 +15,7 @@ import pytest
 
 from _mesh_worker import state_copies
 from bert_jax.config import BertConfig
+from bert_jax.errors import UserError
 from bert_jax.modeling import attention, dropout, ops
 from bert_jax.modeling.heads import BertForPreTraining
 
@@ -175,7 +176,10 @@ def test_each_platform_takes_its_path():
   assert attention.choose("auto", "gpu", 0.0, True, (96, 96, 64), packed=True) == "xla"
   # by name: the kernel where it fits, else the XLA path (cuDNN cannot keep packed rows apart)
   assert attention.choose("cudnn", "gpu", 0.0, False, full, packed=True) == "xla"
-  assert attention.choose("splash", "gpu", 0.0, False, full) == "xla"
+  with pytest.raises(UserError, match="attention splash runs on TPUs only, not on this gpu"):
+    attention.choose("splash", "gpu", 0.0, False, full)
+  with pytest.raises(UserError, match="attention cudnn runs on NVIDIA GPUs only, not on this cpu"):
+    attention.describe("cudnn", "cpu", 0.0)
   assert attention.choose("auto", "gpu", 0.1, True, full) == "pallas"  # cuDNN cannot drop
   assert attention.choose("auto", "gpu", 0.1, True, (96, 96, 64)) == "xla"  # no power of two
   assert attention.choose("auto", "gpu", 0.1, True, (128, 128, 48)) == "xla"
@@ -188,7 +192,7 @@ def test_each_platform_takes_its_path():
   assert attention.choose("auto", "tpu", 0.1, True, (64, 64, 64)) == "xla"  # no full tile
   assert attention.choose("auto", "cpu", 0.1, True, full) == "xla"
   assert attention.choose("xla", "gpu", 0.1, True, full) == "xla"
-  with pytest.raises(ValueError, match="splash has no dropout"):
+  with pytest.raises(UserError, match="splash has no dropout"):
     attention.choose("splash", "tpu", 0.1, True, full)
   assert "inside the kernel" in attention.describe("pallas", "gpu", 0.1)
   assert "inside the kernel" in attention.describe("auto", "tpu", 0.1)

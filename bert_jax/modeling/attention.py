@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from bert_jax.config import ATTENTIONS
+from bert_jax.errors import UserError
 from bert_jax.modeling import dropout, flash, ops
 
 IMPLEMENTATIONS = ATTENTIONS
+_ONLY_ON = {"splash": ("tpu", "TPUs"), "cudnn": ("gpu", "NVIDIA GPUs")}  # the Pallas kernel: any
 _MIN_BLOCK = 16  # Triton's smallest dot operand side
 
 
@@ -73,8 +75,9 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   TPUs and GPUs; kernel_check.verify runs it on the device before a run trains through it),
   without it splash on TPUs and cuDNN on GPUs (16-bit, padded rows; the Pallas kernel for
   packed rows and float32); the XLA path elsewhere. A kernel asked for by name runs where it
-  fits, and the XLA path takes the calls it does not (a [CLS] readout, a TPU kernel on a GPU),
-  as the run's log says (`describe`)."""
+  fits, and the XLA path takes the calls it does not (a [CLS] readout; packed rows for cuDNN),
+  as the run's log says (`describe`); splash off a TPU, cuDNN off a GPU, or either with
+  dropout, is a UserError."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
@@ -86,18 +89,19 @@ def choose(implementation: str, platform: str, rate: float, training: bool,
   fits_pallas = power_of_two(t) and power_of_two(s) and (
       t % 128 == 0 and s % 128 == 0 if platform == "tpu" else power_of_two(h))
   fits_splash = t % 128 == 0 and s % 128 == 0
-  fits_cudnn = (platform == "gpu" and dtype in ("bfloat16", "float16") and not packed
-                and h <= 128 and h % 8 == 0)
-  fits = dict(pallas=fits_pallas, splash=platform == "tpu" and fits_splash, cudnn=fits_cudnn,
-              xla=True)
+  fits_cudnn = dtype in ("bfloat16", "float16") and not packed and h <= 128 and h % 8 == 0
+  fits = dict(pallas=fits_pallas, splash=fits_splash, cudnn=fits_cudnn, xla=True)
   if implementation == "auto":
     if platform not in ("gpu", "tpu"):
       return "xla"
     fast = "splash" if platform == "tpu" else "cudnn"
     implementation = "pallas" if dropping or not fits[fast] else fast
-  elif implementation in ("splash", "cudnn") and dropping:
-    raise ValueError(f"attention {implementation} has no dropout: set "
-                     "attention_probs_dropout_prob=0 (the fast recipe) or attention=auto")
+  elif implementation in _ONLY_ON and platform != _ONLY_ON[implementation][0]:
+    raise UserError(f"attention {implementation} runs on {_ONLY_ON[implementation][1]} only, "
+                    f"not on this {platform}: use attention=auto (or xla)")
+  elif implementation in _ONLY_ON and dropping:
+    raise UserError(f"attention {implementation} has no dropout: set "
+                    "attention_probs_dropout_prob=0 (the fast recipe) or attention=auto")
   return implementation if fits[implementation] else "xla"
 
 
