@@ -94,6 +94,8 @@ def test_plan_compiles_and_its_figures_match_the_analytic_ones(topology, fsdp):
   report = plan.plan(cfg, target, None, 0.4)
   (phase,) = report["phases"]
   assert report["fits"] and phase["fits"]
+  assert report["attention"] == ("attention on tpu: training fused Pallas kernel (attention "
+                                 "dropout 0.1 inside the kernel), evaluation fused splash kernel")
   assert phase["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp, "tensor": 1}
   # float32 params + AdamW's two float32 moments, split fsdp ways (the batch is tiny).
   analytic = 3 * 4 * _param_count(cfg) / fsdp
@@ -160,6 +162,7 @@ def test_plan_compiles_for_nvidia_gpus_without_one(capsys, monkeypatch):
   report["config"] = ""
   text = plan.format_report(report)
   assert "compiled ? (the compiler counts none)" in text and "at the roofline" in text
+  assert report["attention"].startswith("attention on gpu: training unfused XLA")
 
 
 @pytest.mark.parametrize("name, value, expected", [

@@ -38,6 +38,7 @@ from bert_jax.config import BertConfig
 from bert_jax.data.batch import abstract_batch
 from bert_jax.devices import gpu_targets, hostmem, mfu, platforms, roofline
 from bert_jax.errors import UserError, cli_entry
+from bert_jax.modeling import attention
 from bert_jax.pretraining.run_config import (objective_of, parse_overrides, remat_of,
                                              resolve_config)
 from bert_jax.storage.fileio import as_path
@@ -297,7 +298,7 @@ def format_report(report: dict) -> str:
            "what jax's allocator takes: XLA_CLIENT_MEM_FRACTION)")
   lines = [f"{report['config']} on {t['name']}: {t['chips']} x {t['kind']}, "
            f"{_size(t['memory_per_chip'])}{share} and {peak} TFLOP/s per chip; model "
-           f"{report['model']}"]
+           f"{report['model']}; {report['attention']}"]
   for p in report["phases"]:
     m = p["memory"]
     lines.append(f"phase {p['phase']}: seq {p['seq_len']}, batch {p['batch_size']} "
@@ -376,6 +377,9 @@ def plan(cfg: Any, target: Target, phase_numbers: list[int] | None, assumed_mfu:
       config=config_name, model=f"{model_config.num_hidden_layers} x "
       f"{model_config.hidden_size}, vocab {model_config.vocab_size}"
       f"{_REMAT_NOTE[remat_of(cfg)]}, {model_config.dtype}",
+      attention=attention.describe(model_config.attention, target.devices[0].platform,
+                                   model_config.attention_probs_dropout_prob,
+                                   model_config.dtype),
       target=dict(name=target.name, chips=len(target.devices), kind=target.kind,
                   memory_per_chip=target.memory_per_chip, peak_flops=target.peak_flops,
                   memory_fraction=target.memory_fraction),
