@@ -1,11 +1,13 @@
 """The Pallas attention kernel run once on the device before a run trains through it.
 
 On TPUs and GPUs the kernel is compiled (Mosaic, Triton), which the CPU tests cannot run: they
-check its logic in interpret mode. So before training, each length a run's steps will take
-through the compiled kernel is run once on the device, at two rows and two heads, against the
-unfused XLA path with the same dropout bits, forward and gradients. A compiler or driver that
-builds the kernel wrongly then stops the run at once, naming `attention=xla`, instead of
-training on wrong attention for days. It costs a small compile per length (one per phase)."""
+check its logic in interpret mode. So before training, each length (and dropout rate) a run's
+steps will take through the compiled kernel is run once on the device, at two rows and two
+heads, against the unfused XLA path with the same dropout bits, forward and gradients. A
+compiler or driver that builds the kernel wrongly then stops the run at once, naming
+`attention=xla`, instead of training on wrong attention for days. It costs a small compile per
+case (a pretraining run has one per phase; compiled for an H100 on a CPU host, the kernel's
+forward and gradients take 0.3 to 3 s in bfloat16)."""
 
 from __future__ import annotations
 
