@@ -23,7 +23,7 @@ def _config(**kw):
 GPU = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
 
 
-def _flip_the_kernels_bits(monkeypatch):
+def flip_the_kernels_bits(monkeypatch):
   """The kernel with its dropout key's first word flipped: other bits than the XLA path's,
   what a miscompiled hash would draw."""
   kernel = attention.flash_attention
@@ -34,7 +34,7 @@ def _flip_the_kernels_bits(monkeypatch):
 def test_a_right_kernel_passes_and_a_wrong_one_fails(monkeypatch):
   assert kernel_check.max_error(32, 16, "float32", 0.1) < 1e-5
   assert kernel_check.max_error(32, 16, "bfloat16", 0.1) < kernel_check.TOLERANCE / 2
-  _flip_the_kernels_bits(monkeypatch)
+  flip_the_kernels_bits(monkeypatch)
   assert kernel_check.max_error(32, 16, "bfloat16", 0.1) > 10 * kernel_check.TOLERANCE
 
 
@@ -58,7 +58,7 @@ def test_verify_logs_a_line_or_stops_the_run(monkeypatch):
   assert line.startswith("attention kernel checked on this gpu at length 32 (dropout 0.0), "
                          "32 (dropout 0.1): within ")
   assert kernel_check.verify(cfg.replace(attention="xla"), [32], device=GPU) is None
-  _flip_the_kernels_bits(monkeypatch)
+  flip_the_kernels_bits(monkeypatch)
   with pytest.raises(UserError, match=r"NVIDIA H200.* at length 32, dropout 0.1 .*"
                                       r"--attention xla") as e:
     kernel_check.verify(cfg, [32], device=GPU)

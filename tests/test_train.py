@@ -317,13 +317,12 @@ def test_a_wrong_attention_kernel_stops_the_run_before_any_state(prepared, tmp_p
                                                                  monkeypatch):
   """On a GPU or TPU the run first checks the compiled Pallas kernel (kernel_check): here the
   check is run on this CPU's interpreted kernel, made to draw other dropout bits."""
-  from bert_jax.modeling import attention, kernel_check
+  from bert_jax.modeling import kernel_check
+  from test_kernel_check import flip_the_kernels_bits
   cases = kernel_check.kernel_cases
   monkeypatch.setattr(kernel_check, "kernel_cases",
                       lambda mc, platform, *a: cases(mc.replace(attention="pallas"), "gpu", *a))
-  kernel = attention.flash_attention
-  monkeypatch.setattr(attention, "flash_attention",
-                      lambda kvq, q, kv, words, **kw: kernel(kvq, q, kv, words ^ 1, **kw))
+  flip_the_kernels_bits(monkeypatch)
   workdir = tmp_path / "w"
   assert train.main(run_args(prepared, workdir)) == 2
   err = capsys.readouterr().err.strip()

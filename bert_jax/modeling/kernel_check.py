@@ -35,10 +35,10 @@ def kernel_cases(model_config, platform: str, lengths, packed: bool = False
   if platform not in ("gpu", "tpu"):  # the CPU interprets it: the tests' form
     return []
   mc = model_config
-  rate, head_dim = mc.attention_probs_dropout_prob, mc.hidden_size // mc.num_attention_heads
+  rate = mc.attention_probs_dropout_prob
   return sorted({(t, rate if training else 0.0) for t in lengths for training in (True, False)
-                 if attention.choose(mc.attention, platform, rate, training, (t, t, head_dim),
-                                     mc.dtype, packed) == "pallas"})
+                 if attention.choose(mc.attention, platform, rate, training,
+                                     (t, t, mc.head_dim), mc.dtype, packed) == "pallas"})
 
 
 def max_error(t: int, head_dim: int, dtype: str, rate: float, seed: int = 0) -> float:
@@ -88,9 +88,8 @@ def verify(model_config, lengths, packed: bool = False, device=None) -> str | No
     return None
   start = time.perf_counter()
   worst = 0.0
-  head_dim = model_config.hidden_size // model_config.num_attention_heads
   for t, rate in cases:
-    error = max_error(t, head_dim, model_config.dtype, rate)
+    error = max_error(t, model_config.head_dim, model_config.dtype, rate)
     if not error <= TOLERANCE:
       raise UserError(
           f"attention: the Pallas kernel compiled for this {device.platform} "
